@@ -178,3 +178,10 @@ def test_truncation_keeps_partially_learnable_examples(chatml_tokenizer):
     (short,), stats = tokenize_records(chatml_tokenizer, [record], max_length=cut)
     assert stats.truncated == 1 and stats.dropped == 0
     assert short.input_ids == full.input_ids[:cut] and short.labels == full.labels[:cut]
+
+
+def test_conversation_opening_with_the_assistant_skips_an_injected_system_prompt(chatml_tokenizer):
+    # Plain text converted to chat is a lone assistant turn; SmolLM2's template still injects its system.
+    example = tokenize_chat(chatml_tokenizer, [{"role": "assistant", "content": "Hello! How can I help you?"}])
+    assert example.text.startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    assert learnable_runs(example) == ["Hello! How can I help you?<|im_end|>"]

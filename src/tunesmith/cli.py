@@ -76,14 +76,14 @@ def _highlight(example, color: bool) -> str:
 
 
 def cmd_data_preview(args) -> int:
-    from .data.formats import read_records, to_chat
+    from .data.formats import kind_of, read_records, to_chat
     from .data.tokenize import tokenize_records
     from .models import load_tokenizer
 
     records = read_records(args.file, **_read_options(args))
-    if records and "text" in records[0] and "label" in records[0]:
-        raise UsageError(f"{args.file} holds classification records; preview shows generation (chat or "
-                         "completion) data")
+    kind = kind_of(records[0])
+    if kind not in ("chat", "completion"):
+        raise UsageError(f"{args.file} holds {kind} records; preview shows generation (chat or completion) data")
     if args.to == "chat":
         records = [to_chat(r) for r in records]
     tokenizer = load_tokenizer(args.model)
@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="tunesmith: %(levelname)s: %(message)s")
+    if not args.verbose:  # transformers' per-load progress bars are noise next to a streamed reply
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except (DataError, MaskError, TemplateError, ModelNotFoundError, FileExistsError, FileNotFoundError) as err:

@@ -127,9 +127,11 @@ def _assistant_spans(tokenizer, messages, template, text, stops: list[str]) -> d
     for i, message in enumerate(messages):
         if not _learnable(message):
             continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, chat_template=template) if i else ""
+        # An empty conversation cannot be rendered (and a template may inject a system prompt before a
+        # first assistant turn), so a conversation that opens with the assistant is searched for instead.
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, chat_template=template) if i else None
         through = render_chat(tokenizer, messages[:i + 1], chat_template=template)
-        if text.startswith(through) and through.startswith(before) and len(through) > len(before):
+        if before is not None and text.startswith(through) and through.startswith(before) and len(through) > len(before):
             start, end = len(before), len(through)
         else:  # the template does not render conversations prefix-consistently: search for the content
             if located is None:
