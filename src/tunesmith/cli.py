@@ -143,6 +143,41 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _format_metric(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def print_comparison(metrics: dict) -> None:
+    """Before/after table of the eval metrics a run recorded."""
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    names = list(dict.fromkeys([*before, *after]))
+    if not names:
+        return
+    print(f"{'metric':20} {'before':>10} {'after':>10}")
+    for name in names:
+        print(f"{name:20} {_format_metric(before.get(name, '-')):>10} {_format_metric(after.get(name, '-')):>10}")
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    run = train(args.config, args.overrides, resume=args.resume)
+    if run.metrics:
+        train_metrics = run.metrics.get("train", {})
+        print(f"run saved to {run.path} ({train_metrics.get('wall_seconds', 0):.0f} s of training, "
+              f"{train_metrics.get('trainable_parameters', 0):,} trainable parameters)")
+        print_comparison(run.metrics)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.run, args.output, merge=args.merge, force=args.force)
+    print(f"exported {args.run} to {out}" + (" (adapter merged)" if args.merge else ""))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import EMBEDDED
 
@@ -209,16 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the reply only when complete")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="train as a YAML config says; evaluates before and after")
+    p.add_argument("config", help="YAML recipe (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. method.r=16")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a run as a standalone model or a plain peft adapter")
+    p.add_argument("run")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("models", help="list the embedded models")
     p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
     from .data.formats import DataError
     from .data.templates import TemplateError
     from .data.tokenize import MaskError
+    from .export import ExportError
     from .models import ModelNotFoundError
+    from .train import RunError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -229,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (DataError, MaskError, TemplateError, ModelNotFoundError, FileExistsError, FileNotFoundError) as err:
+    except (DataError, MaskError, TemplateError, ModelNotFoundError, ConfigError, RunError, ExportError,
+            FileExistsError, FileNotFoundError) as err:
         print(f"tunesmith: error: {err}", file=sys.stderr)
         return 1
     except UsageError as err:

@@ -134,3 +134,44 @@ def generate(model, tokenizer, *, prompt: str | None = None, messages: list[dict
         if on_text:
             on_text(piece)
     return result[0]
+
+
+def generate_batch(model, tokenizer, requests: list[dict], *, params: SamplingParams | None = None,
+                   chat_template: str | None = None, batch_size: int = 16) -> list[Generation]:
+    """Generate for many requests ({"prompt": ...} or {"messages": [...]}) in left-padded batches.
+
+    Greedy unless the params sample; stop sequences cut each reply. Used by evaluation."""
+    import torch
+
+    params = params or SamplingParams()
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sorted(stops)[0]
+    encoded = [prompt_ids(tokenizer, prompt=r.get("prompt"), messages=r.get("messages"),
+                          chat_template=chat_template) for r in requests]
+    results: list[Generation] = []
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        # Left padding: every prompt ends at the same position, so new tokens line up across the batch.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=model.device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, eos_token_id=sorted(stops) or None,
+                                 pad_token_id=pad, **params.generate_kwargs())
+        for ids, row in zip(chunk, out[:, width:].tolist()):
+            results.append(_finish(tokenizer, row, stops, params, len(ids)))
+    return results
+
+
+def _finish(tokenizer, new: list[int], stops: set[int], params: SamplingParams, n_prompt: int) -> Generation:
+    """Trim one generated row at its first stop token or stop sequence and say why it ended."""
+    end = next((i for i, t in enumerate(new) if t in stops), None)
+    tokens = new if end is None else new[:end]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    hits = [text.find(s) for s in params.stop if s and s in text]
+    if hits:
+        text = text[:min(hits)]
+    finish = "stop" if end is not None or hits else "length"
+    return Generation(text, finish, n_prompt, len(tokens) + (end is not None))

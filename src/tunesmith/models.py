@@ -158,6 +158,50 @@ def load_causal_lm(name: str, *, dtype=None, **kwargs):
     return model
 
 
+def load_for_task(name: str, task: str, labels: list[str] | None = None, *, tokenizer=None):
+    """The base model for a training task: a causal LM for sft, or the model with a freshly initialised
+    classification head (sequence for `classify`, token for `ner`) sized to `labels`."""
+    if task == "sft":
+        return load_causal_lm(name)
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForTokenClassification
+    label2id = {label: i for i, label in enumerate(labels or [])}
+    model = auto.from_pretrained(resolve(name), num_labels=len(label2id), label2id=label2id,
+                                 id2label={i: label for label, i in label2id.items()}, dtype="float32")
+    # Decoder classifiers pool the last non-pad token, so they need to know which id is padding.
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def run_info(path: str | Path) -> dict | None:
+    """The run.json of a tunesmith run directory, or None for anything else."""
+    info = Path(path) / "run.json"
+    return json.loads(info.read_text()) if info.is_file() else None
+
+
+def load_run(path: str | Path):
+    """(model, tokenizer, info) for a run directory: the full model, or the base model with its adapter (and
+    trained head) attached. Needs nothing but the path."""
+    info = run_info(path)
+    if info is None:
+        raise ModelNotFoundError(f"{path} is not a tunesmith run (no run.json)")
+    tokenizer = load_tokenizer(str(path))
+    if info["peft"]:
+        from peft import PeftModel
+
+        base = load_for_task(info["base_model"], info["task"], info.get("labels"), tokenizer=tokenizer)
+        model = PeftModel.from_pretrained(base, str(path))
+    else:
+        model = load_for_task(str(path), info["task"], info.get("labels"), tokenizer=tokenizer)
+    model.eval()
+    return model, tokenizer, info
+
+
 def load(name: str, **kwargs):
-    """(model, tokenizer) for generation."""
+    """(model, tokenizer) for generation; `name` may also be a tunesmith run directory."""
+    if run_info(name) is not None:
+        model, tokenizer, _ = load_run(name)
+        return model, tokenizer
     return load_causal_lm(name, **kwargs), load_tokenizer(name)

@@ -293,3 +293,41 @@ def tokenize_records(tokenizer, records, *, max_length: int | None = None, chat_
         log.warning("%s: %d of %d examples had no learnable token left after truncation to max_length=%d "
                     "and were dropped", source, stats.dropped, stats.examples, max_length)
     return out, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classification and token tagging (encoder or decoder with a head)
+# ---------------------------------------------------------------------------------------------------------
+
+def encode_classification(tokenizer, records, label2id, max_length) -> list[dict]:
+    out = []
+    for r in records:
+        enc = tokenizer(r["text"], truncation=True, max_length=max_length)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "labels": label2id[r["label"]]})
+    return out
+
+
+def encode_tagging(tokenizer, records, label2id, max_length) -> list[dict]:
+    """Words joined by spaces and tokenized with offsets; each word's tag goes on its first sub-token and
+    every other sub-token gets -100. Works for any fast tokenizer (no `is_split_into_words` quirks)."""
+    out = []
+    for r in records:
+        starts, text = {}, ""
+        for word, tag in zip(r["tokens"], r["tags"]):
+            text += " " if text else ""
+            starts[len(text)] = label2id[tag]
+            text += word
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        labels, seen = [], set()
+        for start, end in enc["offset_mapping"]:
+            # Byte-level BPE puts the space before a word into its first token: skip it to find the word.
+            while start < end and text[start] == " ":
+                start += 1
+            if end > start and start in starts and start not in seen:
+                seen.add(start)
+                labels.append(starts[start])
+            else:
+                labels.append(-100)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return out

@@ -1,0 +1,57 @@
+"""Export a run for use without tunesmith: a standalone model that plain transformers loads (LoRA-style
+adapters merged into the weights), or the adapter directory that plain peft loads onto its base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .models import load_run, resolve
+
+_UNMERGEABLE = ("prefix", "prompt")  # soft prompts live outside the weights: there is nothing to merge into
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False) -> Path:
+    """Write `run` to `out` (atomically; an existing `out` is replaced only with force). Returns `out`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    model, tokenizer, info = load_run(run)
+    if merge and not info["peft"]:
+        raise ExportError(f"{run} is a {info['method']} run: its weights are already standalone; export without --merge")
+    if merge and info["method"] in _UNMERGEABLE:
+        raise ExportError(f"{info['method']} tuning learns virtual tokens, which cannot be merged into the weights; "
+                          "export the adapter instead (without --merge)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if merge:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if info["peft"] and not merge:
+            _point_adapter_at_base(tmp, info["base_model"])
+        for extra in ("README.md",):
+            (tmp / extra).unlink(missing_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _point_adapter_at_base(directory: Path, base: str) -> None:
+    """peft records the base by the path it was loaded from; make it one plain peft can load again (the
+    resolved local directory of an embedded model, or the hub id)."""
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = resolve(base)
+    config_file.write_text(json.dumps(config, indent=2))

@@ -1,0 +1,403 @@
+"""The one training loop, for every task and method, on transformers' `Trainer`.
+
+`train(config)` reads and tokenizes the data, loads the base model for the task, applies the method
+(methods.py), scores the base model on the eval split, trains with atomic checkpoints that `--resume`
+picks up, then writes a self-describing run directory:
+
+    run/
+      adapter_model.safetensors + adapter_config.json   (PEFT methods)  or  model.safetensors + config.json
+      tokenizer files (incl. chat_template.jinja)
+      train_config.yaml   the resolved config
+      run.json            task, base model, method, label map, chat-template fingerprint, versions
+      log.jsonl           one line per log/eval event: step, loss, lr, eval metrics
+      metrics.json        {"before": ..., "after": ..., "train": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, load_config, save_config
+from .data.formats import kind_of, read_records, to_chat, to_completion
+from .data.templates import chat_template_for, template_fingerprint
+from .data.tokenize import encode_classification, encode_tagging, tokenize_records
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+COMPLETE = "tunesmith-complete"  # written last into a checkpoint: only marked checkpoints are resumed from
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start as asked (e.g. its directory already holds another run)."""
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+
+def _read(path: str, cfg: TrainConfig) -> list[dict]:
+    return read_records(path, format=cfg.data.format, text_column=cfg.data.text_column,
+                        label_column=cfg.data.label_column)
+
+
+def load_splits(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records: the eval file, or a seeded split of train when there is none."""
+    train = _read(cfg.data.train, cfg)
+    if cfg.data.eval:
+        return train, _read(cfg.data.eval, cfg)
+    if cfg.data.eval_fraction <= 0:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(len(train) * cfg.data.eval_fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+_EXPECTED_KIND = {"classify": ("classification",), "ner": ("tagging",), "sft": ("chat", "completion")}
+
+
+def check_kind(records: list[dict], cfg: TrainConfig, source: str) -> None:
+    kind = kind_of(records[0])
+    if kind not in _EXPECTED_KIND[cfg.task]:
+        raise ConfigError(f"{source}: holds {kind} records, but task {cfg.task} trains on "
+                          f"{' or '.join(_EXPECTED_KIND[cfg.task])} data")
+
+
+def sft_records(records: list[dict], cfg: TrainConfig) -> list[dict]:
+    convert = {"chat": to_chat, "completion": to_completion}.get(cfg.data.sft_format)
+    return [convert(r) for r in records] if convert else records
+
+
+def label_list(records: list[dict], task: str) -> list[str]:
+    """Sorted label names (classify) or tags (ner, with O first), so ids are stable across runs."""
+    if task == "classify":
+        return sorted({r["label"] for r in records})
+    tags = {t for r in records for t in r["tags"]}
+    return ["O"] + sorted(tags - {"O"})
+
+
+def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: list[str] | None, source: str):
+    """Model inputs for one split. sft: input ids + loss-masked labels (packed into rows when asked)."""
+    if cfg.task == "sft":
+        examples, stats = tokenize_records(tokenizer, sft_records(records, cfg), max_length=cfg.max_length,
+                                           chat_template=cfg.data.chat_template, source=source)
+        return [e.features() for e in examples], stats
+    label2id = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({r.get("label") for r in records if cfg.task == "classify" and r["label"] not in label2id}
+                     | {t for r in records if cfg.task == "ner" for t in r["tags"] if t not in label2id})
+    if unknown:
+        raise ConfigError(f"{source}: labels {unknown} do not occur in the training data")
+    encode = encode_classification if cfg.task == "classify" else encode_tagging
+    return encode(tokenizer, records, label2id, cfg.max_length), None
+
+
+def collator(cfg: TrainConfig, tokenizer):
+    from .data.packing import PackedCollator, PaddingCollator
+
+    if cfg.task == "sft":
+        return PackedCollator(tokenizer.pad_token_id) if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if cfg.task == "classify":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForTokenClassification(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# callbacks and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+def _callbacks():
+    """Built lazily so importing tunesmith does not import transformers' Trainer."""
+    from transformers import ProgressCallback, TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Appends every log/eval event to run/log.jsonl (main process only)."""
+
+        def __init__(self, path: Path):
+            self.path = path
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                entry = {"step": state.global_step, **{k: v for k, v in logs.items() if k != "total_flos"}}
+                if "learning_rate" in entry:
+                    entry["lr"] = entry.pop("learning_rate")
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+
+    class Progress(ProgressCallback):
+        """transformers' bar (steps and ETA) with the latest loss on it instead of printed dicts."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and v is not None}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    class AdaLora(TrainerCallback):
+        """AdaLoRA's rank budget is reallocated from gradient importance after each optimizer step, before
+        the gradients are zeroed (peft's documented loop; Trainer does not call it on its own)."""
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            peft_model = model.module if hasattr(model, "module") else model
+            peft_model.base_model.update_and_allocate(state.global_step)
+
+    return JsonlLog, Progress, AdaLora
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints that were fully written (carry the COMPLETE marker), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and (p / COMPLETE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class RunTrainer(Trainer):
+        """Trainer whose checkpoints are atomic for resuming: the marker file is written (via rename) only after
+        transformers has written weights, optimizer, scheduler, RNG and trainer state; old checkpoints are
+        renamed away before deletion so a half-deleted one is never mistaken for a usable one."""
+
+        keep: int = 2
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if not self.args.should_save:
+                return
+            directory = Path(self.args.output_dir)
+            current = directory / f"checkpoint-{self.state.global_step}"
+            tmp = current / f".{COMPLETE}.tmp"
+            tmp.write_text(json.dumps({"step": self.state.global_step}))
+            os.replace(tmp, current / COMPLETE)
+            best = self.state.best_model_checkpoint
+            for old in complete_checkpoints(directory)[:-self.keep]:
+                if best and Path(best).resolve() == old.resolve():
+                    continue
+                trash = old.with_name(f".deleting-{old.name}")
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    return RunTrainer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------
+
+def _claim(run_dir: Path, resume: bool) -> None:
+    """Never overwrite what a user has: a finished run or someone else's files stop a new run here."""
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        if not complete_checkpoints(checkpoints):
+            raise RunError(f"{run_dir}: no complete checkpoint to resume from")
+        return
+    if (run_dir / RUN_FILE).exists():
+        raise RunError(f"{run_dir} already holds a finished run; set output_dir to a new directory")
+    if complete_checkpoints(checkpoints):
+        raise RunError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                       "or set output_dir to a new directory")
+    if run_dir.exists() and any(p.name != "checkpoints" for p in run_dir.iterdir()):
+        raise RunError(f"{run_dir} exists and is not empty; set output_dir to a new directory")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    watch = cfg.early_stopping
+    greater = watch.greater_is_better if watch and watch.greater_is_better is not None else (
+        watch is not None and not watch.metric.endswith("loss"))
+    return TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
+        seed=cfg.seed, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=None,  # RunTrainer rotates, atomically
+        eval_strategy="steps" if cfg.eval_steps and has_eval else "no", eval_steps=cfg.eval_steps,
+        load_best_model_at_end=bool(watch), metric_for_best_model=watch.metric if watch else None,
+        greater_is_better=greater if watch else None, report_to="none", remove_unused_columns=False,
+        use_cpu=not _cuda(), ddp_backend="gloo" if not _cuda() and _world_size() > 1 else None,
+        dataloader_num_workers=0, disable_tqdm=not _is_main())
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _eval_metrics_fn(task: str, labels: list[str] | None):
+    """Trainer's compute_metrics for classify/ner evaluation during training (sft uses eval_loss)."""
+    if task == "sft":
+        return None
+    from .evaluate import classification_metrics, ner_metrics
+
+    def compute(pred):
+        logits, gold = pred.predictions, pred.label_ids
+        argmax = logits.argmax(-1)
+        if task == "classify":
+            return classification_metrics([labels[g] for g in gold], [labels[p] for p in argmax], labels)
+        pairs = [[(labels[g], labels[p]) for g, p in zip(gr, pr) if g != -100] for gr, pr in zip(gold, argmax)]
+        return ner_metrics([[g for g, _ in row] for row in pairs], [[p for _, p in row] for row in pairs])
+
+    return compute
+
+
+def _score(model, tokenizer, cfg: TrainConfig, records, labels) -> dict:
+    from .evaluate import evaluate_records
+
+    if not records:
+        return {}
+    records = records[: cfg.eval_limit] if cfg.eval_limit else records
+    result = evaluate_records(model, tokenizer, sft_records(records, cfg) if cfg.task == "sft" else records, cfg.task,
+                              labels=labels, chat_template=cfg.data.chat_template, max_length=cfg.max_length,
+                              max_new_tokens=cfg.eval_max_new_tokens)
+    return result.metrics
+
+
+def _run_info(cfg: TrainConfig, tokenizer, labels, template) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+    from .models import EMBEDDED
+
+    base = cfg.model if cfg.model in EMBEDDED or not Path(cfg.model).exists() else str(Path(cfg.model).resolve())
+    return {"task": cfg.task, "base_model": base, "method": cfg.method.name,
+            "peft": cfg.method.name in ("lora", "adalora", "ia3", "prefix", "prompt"),
+            "labels": labels, "chat_template_fingerprint": template_fingerprint(template) if template else None,
+            "versions": {"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                         "torch": torch.__version__}}
+
+
+def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False) -> Run:
+    """Train as configured and return the run (its directory and metrics). See the module docstring."""
+    from transformers import EarlyStoppingCallback, ProgressCallback, set_seed
+
+    from .data.packing import pack
+    from .methods import prepare, trainable_parameters
+    from .models import load_for_task, load_tokenizer, resolve
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
+    run_dir = Path(cfg.output_dir)
+    checkpoints = run_dir / "checkpoints"
+    _claim(run_dir, resume)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_records, eval_records = load_splits(cfg)
+    check_kind(train_records, cfg, cfg.data.train)
+    if eval_records:
+        check_kind(eval_records, cfg, cfg.data.eval or cfg.data.train)
+    labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
+    train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
+    eval_features, _ = build_features(cfg, tokenizer, eval_records, labels, cfg.data.eval or "eval split") \
+        if eval_records else ([], None)
+    if cfg.packing:
+        train_features = pack(train_features, cfg.max_length)
+        eval_features = pack(eval_features, cfg.max_length) if eval_features else []
+
+    per_step = cfg.batch_size * cfg.grad_accum * _world_size()
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_features) / per_step))
+    template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
+
+    model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
+    model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
+    metrics: dict = {}
+    before_file = run_dir / "metrics_before.json"
+    if cfg.evaluate_before and _is_main():
+        if before_file.exists():
+            metrics["before"] = json.loads(before_file.read_text())
+        else:
+            metrics["before"] = _score(model, tokenizer, cfg, eval_records, labels)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            before_file.write_text(json.dumps(metrics["before"], indent=2))
+    model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
+    trainable, total = trainable_parameters(model)
+
+    JsonlLog, Progress, AdaLora = _callbacks()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [JsonlLog(run_dir / "log.jsonl")]
+    if cfg.method.name == "adalora":
+        callbacks.append(AdaLora())
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping.patience))
+    trainer = _trainer_class()(
+        model=model, args=_training_args(cfg, checkpoints, bool(eval_features)), train_dataset=train_features,
+        eval_dataset=eval_features or None, data_collator=collator(cfg, tokenizer), callbacks=callbacks,
+        compute_metrics=_eval_metrics_fn(cfg.task, labels))
+    trainer.keep = cfg.save_total_limit
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(Progress())
+
+    resume_from = None
+    if resume:
+        resume_from = str(complete_checkpoints(checkpoints)[-1])
+        _truncate_log(run_dir / "log.jsonl", int(resume_from.rsplit("-", 1)[1]))
+        log.warning("resuming from %s", resume_from)
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        done = complete_checkpoints(checkpoints)
+        hint = f"continue from {done[-1].name} with --resume" if done else "no checkpoint was complete yet"
+        raise RunError(f"training interrupted at step {trainer.state.global_step}; {hint}") from None
+    wall = time.perf_counter() - started
+
+    if _is_main():
+        if template:
+            tokenizer.chat_template = template  # the run carries the template it was trained with
+        trainer.save_model(str(run_dir))
+        tokenizer.save_pretrained(str(run_dir))
+        for extra in ("training_args.bin", "README.md"):  # a pickle and peft's empty model card: not artifacts
+            (run_dir / extra).unlink(missing_ok=True)
+        labels_info = _run_info(cfg, tokenizer, labels, template)
+        (run_dir / RUN_FILE).write_text(json.dumps(labels_info, indent=2))
+        save_config(cfg, run_dir / "train_config.yaml")
+        metrics["train"] = {**result.metrics, "wall_seconds": wall, "trainable_parameters": trainable,
+                            "total_parameters": total, "examples": len(train_records),
+                            "tokens": getattr(stats, "tokens", None),
+                            "learnable_tokens": getattr(stats, "learnable_tokens", None),
+                            "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
+        metrics["after"] = _score(trainer.model, tokenizer, cfg, eval_records, labels)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        before_file.unlink(missing_ok=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return Run(run_dir, metrics)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed from; they will be written again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
