@@ -154,13 +154,14 @@ def _slots(rng: random.Random) -> dict[str, str]:
     month, day = rng.choice(MONTHS), rng.randrange(1, 29)
     return {
         "product": "the " + product_name(rng), "product_bare": product_name(rng),
-        "product2_bare": product_name(rng), "bike": "the " + product_name(rng, "bike"),
+        "bike2_bare": product_name(rng, "bike"), "bike": "the " + product_name(rng, "bike"),
         "bike_bare": product_name(rng, "bike"), "part": "the " + product_name(rng, "part"),
         "part_bare": product_name(rng, "part"), "wear": "the " + product_name(rng, "wear"),
         "wear_bare": product_name(rng, "wear"), "gear": "the " + product_name(rng, "gear"),
         "gear_bare": product_name(rng, "gear"),
         "city": rng.choice(CITIES), "name": rng.choice(NAMES), "carrier": rng.choice(CARRIERS),
-        "color": rng.choice(COLORS), "days": str(rng.randrange(3, 16)), "amount": f"{rng.randrange(9, 400)}.{rng.choice(['00', '99', '49', '95'])}",
+        "color": rng.choice(COLORS), "days": str(rng.randrange(3, 16)),
+        "amount": f"{rng.randrange(9, 400)}.{rng.choice(['00', '99', '49', '95'])}",
         "size": rng.choice(["S", "M", "L", "XL", "medium", "large", "small", "54 cm", "56 cm"]),
         "height": rng.choice(["5'7\"", "5'11\"", "6'2\"", "5'4\"", "172 cm", "185 cm", "about 6 foot", "163cm"]),
         "when_past": rng.choice(["yesterday", "last week", "on Monday", "two weeks ago", f"on {month} {day}",
@@ -255,10 +256,11 @@ CHAT = {
         "Does {part} fit {spec}?", "Is {part} compatible with {spec}?",
         "What size {bike_bare} should I get? I'm {height}.", "Do you have {wear} in {color}?",
         "How much does {gear} weigh?", "Is {gear} waterproof?", "Will {product} be back in stock soon?",
-        "What's the difference between the {product_bare} and the {product2_bare}?",
+        "What's the difference between the {bike_bare} and the {bike2_bare}?",
         "Does {bike} come with pedals?", "Can I fit a rear rack on {bike}?",
         "Does {wear} run small or true to size?", "Is {gear} any good for bikepacking?",
-        "What's the max tire width on {bike}?", "Quick question about {product} from {order}: does it come with a manual?",
+        "What's the max tire width on {bike}?",
+        "Quick question about {product} from {order}: does it come with a manual?",
         "I bought {gear} in {order}, does it have a warranty?",
         "Does {part} work with {spec}?"],
         extra=["I'm pretty new to this.", "I ride mostly gravel.", "I'm about {height}.",
@@ -274,7 +276,7 @@ CHAT = {
         extra=["Sorry about that.", "I found it cheaper at a shop in {city}.", "It hasn't shipped yet I think.",
                "My plans changed."]),
 }
-DAMAGE = ["cracked", "bent", "badly scratched", "dented", "snapped", "broken", "torn", "leaking", "smashed"]
+DAMAGE = ["cracked", "bent", "badly scratched", "dented", "snapped", "broken", "torn", "scuffed", "smashed"]
 PIECES = ["frame", "rear wheel", "derailleur hanger", "brake lever", "handlebar", "buckle", "zipper", "lens",
           "clip", "valve"]
 SPECS = ["a 12-speed Shimano drivetrain", "my 2019 Trek Fuel EX", "a 1x setup", "Boost 148 hubs",
@@ -304,7 +306,8 @@ def _chat_row(rng: random.Random, i: int) -> dict:
     greeting, closing = rng.choice(GREETINGS), rng.choice(CLOSINGS)
     signature = rng.choice(NAMES) if rng.random() < 0.3 else ""
     if rng.random() < 0.3 and greeting:  # email style, on separate lines
-        text = "\n\n".join(filter(None, [greeting, " ".join(sentences), "\n".join(filter(None, [closing, signature]))]))
+        sign_off = "\n".join(filter(None, [closing, signature]))
+        text = "\n\n".join(filter(None, [greeting, " ".join(sentences), sign_off]))
     else:
         text = _greet(greeting, " ".join(filter(None, [*sentences, closing, signature and f"- {signature}"])))
     oid = order_id(rng) if has_id else None
@@ -321,27 +324,33 @@ def _chat_row(rng: random.Random, i: int) -> dict:
 # House style: "{Brand} {Series} {CODE} {N-Speed | size} {Part}[, Size S] ({Color})": brand and series as
 # the maker writes them, model code upper case, speed as "12-Speed", color last in parentheses, SKU and
 # supplier noise dropped. Catalogue rows: (brand, series, code, spec kind, parts, spec values, colors).
+DRIVETRAIN = ["Rear Derailleur", "Cassette", "Shifter", "Crankset"]
+TIRE_COLORS = ["Black", "Black/Tan"]
 TITLE_CATALOGUE = [
-    ("Shimano", "Deore", "M6100", "speed", ["Rear Derailleur", "Cassette", "Shifter", "Crankset"], [12], ["Black", "Silver"]),
-    ("Shimano", "SLX", "M7100", "speed", ["Rear Derailleur", "Cassette", "Shifter", "Crankset"], [12], ["Black", "Gray"]),
-    ("Shimano", "XT", "M8100", "speed", ["Rear Derailleur", "Cassette", "Shifter", "Crankset"], [12], ["Black", "Silver"]),
+    ("Shimano", "Deore", "M6100", "speed", DRIVETRAIN, [12], ["Black", "Silver"]),
+    ("Shimano", "SLX", "M7100", "speed", DRIVETRAIN, [12], ["Black", "Gray"]),
+    ("Shimano", "XT", "M8100", "speed", DRIVETRAIN, [12], ["Black", "Silver"]),
     ("Shimano", "Ultegra", "R8000", "speed", ["Rear Derailleur", "Cassette", "Crankset"], [11], ["Gray", "Black"]),
     ("Shimano", "105", "R7000", "speed", ["Rear Derailleur", "Cassette", "Crankset"], [11], ["Black", "Silver"]),
     ("Shimano", "Tiagra", "4700", "speed", ["Rear Derailleur", "Cassette", "Shifter"], [10], ["Black", "Silver"]),
     ("Shimano", "GRX", "RX810", "speed", ["Rear Derailleur", "Crankset"], [11], ["Gray", "Black"]),
-    ("SRAM", "GX Eagle", "", "speed", ["Rear Derailleur", "Cassette", "Chain", "Shifter"], [12], ["Black", "Gold", "Silver"]),
+    ("SRAM", "GX Eagle", "", "speed", ["Rear Derailleur", "Cassette", "Chain", "Shifter"], [12],
+     ["Black", "Gold", "Silver"]),
     ("SRAM", "NX Eagle", "", "speed", ["Rear Derailleur", "Cassette", "Chain"], [12], ["Black", "Silver"]),
     ("SRAM", "Rival", "AXS", "speed", ["Rear Derailleur", "Crankset"], [12], ["Black", "Gray"]),
     ("Campagnolo", "Chorus", "", "speed", ["Rear Derailleur", "Cassette", "Chain"], [12], ["Black", "Silver"]),
     ("KMC", "", "X12", "speed", ["Chain"], [12], ["Silver", "Gold", "Black"]),
     ("KMC", "", "X11", "speed", ["Chain"], [11], ["Silver", "Black"]),
     ("KMC", "", "X10", "speed", ["Chain"], [10], ["Silver", "Gold"]),
-    ("Maxxis", "Minion", "DHF", "tire", ["Tire"], [("29", "2.5"), ("27.5", "2.5"), ("29", "2.3")], ["Black", "Black/Tan"]),
-    ("Maxxis", "Rekon", "", "tire", ["Tire"], [("29", "2.4"), ("29", "2.6"), ("27.5", "2.8")], ["Black", "Black/Tan"]),
-    ("Continental", "Grand Prix", "5000", "tire", ["Tire"], [("700", "25c"), ("700", "28c"), ("700", "32c")], ["Black", "Black/Tan"]),
-    ("Schwalbe", "Marathon Plus", "", "tire", ["Tire"], [("700", "35c"), ("700", "38c"), ("26", "2.0")], ["Black", "Black/Reflex"]),
-    ("WTB", "Byway", "", "tire", ["Tire"], [("650b", "47"), ("700", "40c")], ["Black", "Black/Tan"]),
-    ("Panaracer", "GravelKing", "SK", "tire", ["Tire"], [("700", "38c"), ("700", "43c"), ("650b", "48")], ["Black", "Black/Brown"]),
+    ("Maxxis", "Minion", "DHF", "tire", ["Tire"], [("29", "2.5"), ("27.5", "2.5"), ("29", "2.3")], TIRE_COLORS),
+    ("Maxxis", "Rekon", "", "tire", ["Tire"], [("29", "2.4"), ("29", "2.6"), ("27.5", "2.8")], TIRE_COLORS),
+    ("Continental", "Grand Prix", "5000", "tire", ["Tire"], [("700", "25c"), ("700", "28c"), ("700", "32c")],
+     TIRE_COLORS),
+    ("Schwalbe", "Marathon Plus", "", "tire", ["Tire"], [("700", "35c"), ("700", "38c"), ("26", "2.0")],
+     ["Black", "Black/Reflex"]),
+    ("WTB", "Byway", "", "tire", ["Tire"], [("650b", "47"), ("700", "40c")], TIRE_COLORS),
+    ("Panaracer", "GravelKing", "SK", "tire", ["Tire"], [("700", "38c"), ("700", "43c"), ("650b", "48")],
+     ["Black", "Black/Brown"]),
     ("Giro", "Syntax", "MIPS", "size", ["Helmet"], ["S", "M", "L"], ["Matte Black", "White", "Red"]),
     ("Bell", "Falcon XRV", "MIPS", "size", ["Helmet"], ["S", "M", "L", "XL"], ["Matte Black", "Gloss Blue"]),
     ("POC", "Ventral Air", "MIPS", "size", ["Helmet"], ["S", "M", "L"], ["White", "Orange", "Matte Black"]),
@@ -370,14 +379,17 @@ PART_ALIASES = {
     "Shorts": ["shorts", "SHORTS", "short"], "Jersey": ["jersey", "JERSEY", "Jersey"],
     "Bib Shorts": ["bib shorts", "BIB SHORTS", "bibshort"], "Jacket": ["jacket", "JACKET", "jkt"],
     "Gloves": ["gloves", "GLOVES", "glove"], "Floor Pump": ["floor pump", "FLOOR PUMP", "track pump"],
-    "Front Light": ["front light", "FRONT LIGHT", "headlight"], "Bike Computer": ["bike computer", "GPS computer", "BIKE COMPUTER"],
+    "Front Light": ["front light", "FRONT LIGHT", "headlight"],
+    "Bike Computer": ["bike computer", "GPS computer", "BIKE COMPUTER"],
     "Backpack": ["backpack", "BACKPACK", "pack"], "Headlamp": ["headlamp", "HEADLAMP", "head torch"],
     "U-Lock": ["u-lock", "U LOCK", "ulock"], "Chain Lock": ["chain lock", "CHAIN LOCK"],
-    "Repair Stand": ["repair stand", "REPAIR STAND", "workstand"], "Flat Pedals": ["flat pedals", "FLAT PEDALS", "flats"],
+    "Repair Stand": ["repair stand", "REPAIR STAND", "workstand"],
+    "Flat Pedals": ["flat pedals", "FLAT PEDALS", "flats"],
     "Panniers": ["panniers", "PANNIERS", "pannier pair"], "Bike Rack": ["bike rack", "hitch rack", "BIKE RACK"],
 }
 COLOR_ALIASES = {"Black": ["black", "BLK", "blk", "BLACK"], "Silver": ["silver", "SLV", "SILVER"],
-                 "Gray": ["gray", "grey", "GRY", "GREY"], "Gold": ["gold", "GLD", "GOLD"], "White": ["white", "WHT", "WHITE"],
+                 "Gray": ["gray", "grey", "GRY", "GREY"], "Gold": ["gold", "GLD", "GOLD"],
+                 "White": ["white", "WHT", "WHITE"],
                  "Red": ["red", "RED", "rd"], "Blue": ["blue", "BLU", "BLUE"], "Orange": ["orange", "ORG", "ORANGE"],
                  "Navy": ["navy", "NAVY", "NVY"], "Tan": ["tan", "TAN"], "Reflex": ["reflex", "REFLEX"],
                  "Brown": ["brown", "BRN"], "Green": ["green", "GRN"], "Olive": ["olive", "OLV"]}
@@ -410,7 +422,8 @@ def _messy_spec(kind: str, value, rng: random.Random) -> tuple[str, str]:
         messy_width = width[:-1] + rng.choice(["c", "C", ""]) if width.endswith("c") else width
         messy_wheel = wheel.upper() if wheel.endswith("b") and rng.random() < 0.4 else wheel
         sep = rng.choice(["x", " x ", "X", " X ", "*"])
-        return f"{messy_wheel}{sep}{messy_width}" + rng.choice(["", "", '"']) * (not width.endswith("c")), f"{wheel} x {width}"
+        inches = rng.choice(["", "", '"']) if not width.endswith("c") else ""
+        return f"{messy_wheel}{sep}{messy_width}{inches}", f"{wheel} x {width}"
     if kind == "size":
         return rng.choice(["sz ", "size ", "SIZE: ", "Sz.", ""]) + rng.choice(SIZE_ALIASES[value]), value
     return "", ""
@@ -467,7 +480,8 @@ TOPICS = {
         "Can I pay with {payment}?", "I need an invoice for order {oid} for my company.",
         "Promo code {code} isn't working.", "There's a charge of ${amount} I don't recognize.",
         "Why was I charged sales tax?", "Can I split the payment into installments?",
-        "My gift card balance looks wrong.", "The price of the {product_bare} dropped the day after I bought it, can you adjust it?",
+        "My gift card balance looks wrong.",
+        "The price of the {product_bare} dropped the day after I bought it, can you adjust it?",
         "Do you charge my card when I order or when it ships?", "Can I change the card used on order {oid}?",
         "The total at checkout was higher than my cart.", "I got billed ${amount} but the order was ${amount2}.",
         "Is there a student discount?", "Can you resend the receipt for order {oid}?"],
@@ -475,7 +489,7 @@ TOPICS = {
         "Does {part} fit {spec}?", "Is {gear} waterproof?", "What size {bike_bare} do I need? I'm {height}.",
         "Does {wear} come in {color}?", "How heavy is {gear}?", "Is {bike} good for commuting?",
         "What's the weight limit on {bike}?", "Will {product} be back in stock?",
-        "Which is better for touring, the {product_bare} or the {product2_bare}?",
+        "Which is better for touring, the {bike_bare} or the {bike2_bare}?",
         "Does {gear} include the mounting bracket?", "What's the warranty on {product}?",
         "Is {part} compatible with {spec}?", "Does {wear} run small?", "Can {bike} take 2.4 inch tires?",
         "How bright is {gear} on the lowest setting?"],
@@ -593,7 +607,8 @@ def _entity(slot: str, rng: random.Random) -> list[tuple[str, str | None]]:
         prep, date = _date(rng, slot.split("_")[1].lower(), on=slot.startswith("ON"))
         return [(prep, None), (date, "DATE")] if prep else [(date, "DATE")]
     value = {"PRODUCT": lambda: product_name(rng), "BRAND": lambda: rng.choice(BRANDS),
-             "CITY": lambda: rng.choice(CITIES), "ORDER": lambda: order_id(rng), "NAME": lambda: rng.choice(NAMES)}[slot]()
+             "CITY": lambda: rng.choice(CITIES), "ORDER": lambda: order_id(rng),
+             "NAME": lambda: rng.choice(NAMES)}[slot]()
     return [(value, None if slot == "NAME" else slot)]
 
 
@@ -607,7 +622,9 @@ def _ner_row(rng: random.Random, i: int) -> dict:
                 pass
             used.add(parts[-1][0])
         for words, kind in parts:
-            text += (" " if text and words and not text.endswith((" ", "#", "(")) and words[0].isalnum() else "") + words
+            # a space between a slot and its neighbours, unless one is already there or it is "#", "(", "."
+            glued = not text or text.endswith((" ", "#", "(")) or not words[:1].isalnum()
+            text += ("" if glued else " ") + words
             new = TOKEN.findall(words)
             tokens += new
             tags += [f"{'B' if k == 0 else 'I'}-{kind}" if kind else "O" for k in range(len(new))]
@@ -678,7 +695,8 @@ def write(out, *, force: bool = False) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory to write into (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="directory to write into (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args(argv)
     try:

@@ -57,7 +57,7 @@ def test_regenerating_gives_the_committed_bytes(generated):
     written = sorted(str(p.relative_to(generated)) for p in generated.rglob("*") if p.is_file())
     assert written == sorted(FILES)
     for name in FILES:
-        assert (generated / name).read_bytes() == (DATA / name).read_bytes(), f"{name} differs: rerun make_data.py --force"
+        assert (generated / name).read_bytes() == (DATA / name).read_bytes(), f"{name}: run make_data.py --force"
 
 
 def test_refuses_to_overwrite_without_force(make_data, generated, tmp_path, capsys):

@@ -215,8 +215,15 @@ def test_packed_collator_pads_with_a_segment_of_its_own_and_no_attention_mask():
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert all(t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"].tolist() == [[0, 1, 2, 3, 4, 100, 101, 102], [200, 201, 202, 203, 300, 301, 7, 7]]
-    assert batch["labels"].tolist() == [[-100, 1, 2, 3, 4, -100, 101, 102], [-100, 201, 202, 203, -100, 301, -100, -100]]
+    assert batch["labels"].tolist() == [[-100, 1, 2, 3, 4, -100, 101, 102],
+                                        [-100, 201, 202, 203, -100, 301, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]]
+    # What transformers makes of it: segment ids per token, attention only within equal ids. The padding is a
+    # third segment even though it follows a segment with the same positions.
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0, 0, 0, 0, 0, 1, 1, 1],
+                                                                           [0, 0, 0, 0, 1, 1, 2, 2]]
 
 
 def test_padding_collator_right_pads_with_an_attention_mask():
