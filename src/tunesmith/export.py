@@ -21,6 +21,8 @@ class ExportError(RuntimeError):
 def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False) -> Path:
     """Write `run` to `out` (atomically; an existing `out` is replaced only with force). Returns `out`."""
     out = Path(out)
+    if out.resolve() == Path(run).resolve() or Path(run).resolve() in out.resolve().parents:
+        raise ExportError(f"{out} is the run itself (or inside it); export to another directory")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     model, tokenizer, info = load_run(run)
