@@ -26,6 +26,19 @@ SMOLLM2_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One intra-op thread for tiny models (thread hand-off costs more than their matmuls); the real
+    embedded models in integration tests keep torch's default."""
+    import torch
+
+    default = torch.get_num_threads()
+    if request.node.get_closest_marker("integration") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(default)
+
+
 @pytest.fixture(scope="session")
 def bpe():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -102,8 +102,6 @@ def test_accelerate_launch_trains_data_parallel(assets, tmp_path):
     assert_trained_once_on_two_processes(tmp_path / "run", done, evaluate_before=False)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py runs _claim() on every rank: a rank that starts after rank 0 has "
-                                       "written metrics_before.json finds the run directory non-empty and exits")
 def test_a_slow_starting_rank_still_joins_the_run(assets, tmp_path):
     config = write_config(assets, tmp_path, evaluate_before=True)
     script = tmp_path / "slow_rank.py"

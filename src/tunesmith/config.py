@@ -93,7 +93,8 @@ class PromptMethod(Strict):
 
 Method = Annotated[Union[FullMethod, FreezeMethod, LoraMethod, AdaLoraMethod, IA3Method, PrefixMethod,
                          PromptMethod], Field(discriminator="name")]
-PEFT_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt")
+METHOD_NAMES = tuple(cls.model_fields["name"].annotation.__args__[0] for cls in Method.__origin__.__args__)
+PEFT_METHODS = tuple(name for name in METHOD_NAMES if name not in ("full", "freeze"))
 
 
 class EarlyStopping(Strict):
@@ -138,7 +139,11 @@ class TrainConfig(Strict):
             raise ValueError("early_stopping needs eval_steps (how often to evaluate)")
         if self.packing and self.task != "sft":
             raise ValueError("packing only applies to task: sft")
-        if self.task != "sft" and self.method.name == "prefix" and self.task == "ner":
+        if self.packing and self.method.name in ("prefix", "prompt"):
+            # peft drops (prompt) or shifts (prefix, which also adds a KV cache) the position ids that keep packed
+            # examples apart, so every example would silently attend to the ones packed before it.
+            raise ValueError(f"packing does not work with {self.method.name} tuning; set packing: false")
+        if self.task == "ner" and self.method.name == "prefix":
             raise ValueError("prefix tuning is not supported for ner by peft; use prompt or lora")
         return self
 
@@ -168,7 +173,7 @@ def _known_keys(model: type[BaseModel], path: tuple, raw: dict) -> list[str]:
     """Field names valid at `path` (for 'did you mean' suggestions); under `method`, those of the named method."""
     if path == ("method",):
         name = (raw.get("method") or {}).get("name")
-        methods = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in Method.__origin__.__args__}
+        methods = dict(zip(METHOD_NAMES, Method.__origin__.__args__))
         if name in methods:
             return [k for k in methods[name].model_fields if k != "name"] + ["name"]
     fields = model.model_fields
@@ -187,8 +192,9 @@ def _known_keys(model: type[BaseModel], path: tuple, raw: dict) -> list[str]:
 def _explain(err: ValidationError, source: str, lines: dict[tuple, int], raw: dict) -> str:
     out = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {
-            "full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt"} and e["loc"][0] == "method"))
+        # A discriminated union puts the method's name into the error location: method.lora.r -> method.r
+        loc = tuple(str(p) for i, p in enumerate(e["loc"]) if not (i == 1 and e["loc"][0] == "method"
+                                                                     and p in METHOD_NAMES))
         key = ".".join(loc) or "(top level)"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{source}:{line}" if line else source

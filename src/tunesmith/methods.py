@@ -85,12 +85,21 @@ def _wrap(model, peft_config):
     return get_peft_model(model, peft_config)
 
 
+def _excluded_heads(task: str, target_modules) -> list[str] | None:
+    """peft's "all-linear" leaves the classifier head out for SEQ_CLS only: for TOKEN_CLS it adapts the head too
+    and then fails to make it trainable ("modules_to_save cannot be applied to modules of type lora.Linear")."""
+    if task == "ner" and isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        return ["classifier", "score"]
+    return None
+
+
 def prepare_lora(model, method, *, task, **_):
     from peft import LoraConfig
 
     return _wrap(model, LoraConfig(
         task_type=_PEFT_TASK[task], r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-        target_modules=method.target_modules, use_dora=method.dora, use_rslora=method.rslora))
+        target_modules=method.target_modules, exclude_modules=_excluded_heads(task, method.target_modules),
+        use_dora=method.dora, use_rslora=method.rslora))
 
 
 def prepare_adalora(model, method, *, task, total_steps: int, **_):
@@ -107,7 +116,7 @@ def prepare_adalora(model, method, *, task, total_steps: int, **_):
         task_type=_PEFT_TASK[task], init_r=method.init_r, target_r=method.target_r, tinit=tinit,
         tfinal=tfinal, deltaT=method.delta_t, total_step=total_steps, lora_alpha=method.alpha,
         lora_dropout=method.dropout, target_modules=method.target_modules,
-        orth_reg_weight=method.orth_reg_weight))
+        exclude_modules=_excluded_heads(task, method.target_modules), orth_reg_weight=method.orth_reg_weight))
 
 
 def prepare_ia3(model, method, *, task, **_):

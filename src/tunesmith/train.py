@@ -22,11 +22,12 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, load_config, save_config
+from .config import PEFT_METHODS, ConfigError, TrainConfig, load_config, save_config
 from .data.formats import kind_of, read_records, to_chat, to_completion
 from .data.templates import chat_template_for, template_fingerprint
 from .data.tokenize import encode_classification, encode_tagging, tokenize_records
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 COMPLETE = "tunesmith-complete"  # written last into a checkpoint: only marked checkpoints are resumed from
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# peft checkpoints neither AdaLoRA's importance scores nor loads an adapter already cut to its rank pattern.
+_NO_ADALORA_RESUME = "AdaLoRA runs cannot be resumed (peft does not checkpoint the rank budget); start a new run"
 
 
 class RunError(RuntimeError):
@@ -143,13 +146,45 @@ def _callbacks():
                     f.write(json.dumps(entry) + "\n")
 
     class Progress(ProgressCallback):
-        """transformers' bar (steps and ETA) with the latest loss on it instead of printed dicts."""
+        """transformers' bar (steps and ETA) with the latest loss on it instead of printed dicts. Where stderr
+        is not a terminal (CI logs, files) a bar is a mess of carriage returns: plain lines are printed instead."""
+
+        def __init__(self):
+            super().__init__()
+            self.plain = not sys.stderr.isatty()
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            if not self.plain:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.plain:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if not self.plain:
+                super().on_train_end(args, state, control, **kwargs)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if not self.plain:
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and v is not None}
-                if shown:
-                    self.training_bar.set_postfix(shown, refresh=False)
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and v is not None}
+            if not shown:
+                return
+            if not self.plain and self.training_bar is not None:
+                self.training_bar.set_postfix(shown, refresh=False)
+            elif self.plain:
+                elapsed = time.perf_counter() - self.started
+                eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+                values = " ".join(f"{k} {v}" for k, v in shown.items())
+                print(f"step {state.global_step}/{state.max_steps} {values} "
+                      f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
 
     class AdaLora(TrainerCallback):
         """AdaLoRA's rank budget is reallocated from gradient importance after each optimizer step, before
@@ -180,6 +215,14 @@ def _trainer_class():
         renamed away before deletion so a half-deleted one is never mistaken for a usable one."""
 
         keep: int = 2
+        # Summed training loss of every step so far, carried across resumes in the marker: transformers' own
+        # `train_loss` only averages the steps run since the last resume.
+        loss_sum: float = 0.0
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self.loss_sum += loss.item()  # no extra sync: Trainer already checks every step's loss for nan/inf
+            return loss
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
@@ -188,7 +231,7 @@ def _trainer_class():
             directory = Path(self.args.output_dir)
             current = directory / f"checkpoint-{self.state.global_step}"
             tmp = current / f".{COMPLETE}.tmp"
-            tmp.write_text(json.dumps({"step": self.state.global_step}))
+            tmp.write_text(json.dumps({"step": self.state.global_step, "loss_sum": self.loss_sum}))
             os.replace(tmp, current / COMPLETE)
             best = self.state.best_model_checkpoint
             for old in complete_checkpoints(directory)[:-self.keep]:
@@ -217,8 +260,16 @@ def _claim(run_dir: Path, resume: bool) -> None:
     if complete_checkpoints(checkpoints):
         raise RunError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
                        "or set output_dir to a new directory")
-    if run_dir.exists() and any(p.name != "checkpoints" for p in run_dir.iterdir()):
+    if run_dir.exists() and any(p.name not in _LEFTOVERS for p in run_dir.iterdir()):
         raise RunError(f"{run_dir} exists and is not empty; set output_dir to a new directory")
+    # What is left is only ours, from a run stopped before its first complete checkpoint: start it afresh.
+    for name in _LEFTOVERS:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+# Files a run writes before its first complete checkpoint; nothing a user made.
+_LEFTOVERS = ("checkpoints", "log.jsonl", "metrics_before.json")
 
 
 def _world_size() -> int:
@@ -294,7 +345,7 @@ def _run_info(cfg: TrainConfig, tokenizer, labels, template) -> dict:
 
     base = cfg.model if cfg.model in EMBEDDED or not Path(cfg.model).exists() else str(Path(cfg.model).resolve())
     return {"task": cfg.task, "base_model": base, "method": cfg.method.name,
-            "peft": cfg.method.name in ("lora", "adalora", "ia3", "prefix", "prompt"),
+            "peft": cfg.method.name in PEFT_METHODS,
             "labels": labels, "chat_template_fingerprint": template_fingerprint(template) if template else None,
             "versions": {"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
                          "torch": torch.__version__}}
@@ -311,7 +362,10 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
     run_dir = Path(cfg.output_dir)
     checkpoints = run_dir / "checkpoints"
-    _claim(run_dir, resume)
+    if resume and cfg.method.name == "adalora":
+        raise RunError(f"{run_dir}: {_NO_ADALORA_RESUME}")
+    if _is_main():  # other ranks would see rank 0's first files and refuse the directory
+        _claim(run_dir, resume)
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -363,7 +417,10 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     resume_from = None
     if resume:
         resume_from = str(complete_checkpoints(checkpoints)[-1])
-        _truncate_log(run_dir / "log.jsonl", int(resume_from.rsplit("-", 1)[1]))
+        # nan (unknown, and stays so) for a checkpoint marked before loss_sum was recorded
+        trainer.loss_sum = json.loads(Path(resume_from, COMPLETE).read_text()).get("loss_sum", math.nan)
+        if _is_main():
+            _truncate_log(run_dir / "log.jsonl", int(resume_from.rsplit("-", 1)[1]))
         log.warning("resuming from %s", resume_from)
     started = time.perf_counter()
     try:
@@ -371,10 +428,15 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     except KeyboardInterrupt:
         done = complete_checkpoints(checkpoints)
         hint = f"continue from {done[-1].name} with --resume" if done else "no checkpoint was complete yet"
+        if cfg.method.name == "adalora":
+            hint = _NO_ADALORA_RESUME
         raise RunError(f"training interrupted at step {trainer.state.global_step}; {hint}") from None
     wall = time.perf_counter() - started
+    train_metrics = dict(result.metrics)
+    if resume_from and not math.isnan(trainer.loss_sum):
+        train_metrics["train_loss"] = trainer.loss_sum / max(trainer.state.global_step, 1)
 
-    if _is_main():
+    if trainer.is_world_process_zero():
         if template:
             tokenizer.chat_template = template  # the run carries the template it was trained with
         trainer.save_model(str(run_dir))
@@ -384,7 +446,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         labels_info = _run_info(cfg, tokenizer, labels, template)
         (run_dir / RUN_FILE).write_text(json.dumps(labels_info, indent=2))
         save_config(cfg, run_dir / "train_config.yaml")
-        metrics["train"] = {**result.metrics, "wall_seconds": wall, "trainable_parameters": trainable,
+        metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
                             "total_parameters": total, "examples": len(train_records),
                             "tokens": getattr(stats, "tokens", None),
                             "learnable_tokens": getattr(stats, "learnable_tokens", None),
