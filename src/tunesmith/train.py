@@ -297,7 +297,9 @@ def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool):
         load_best_model_at_end=bool(watch), metric_for_best_model=watch.metric if watch else None,
         greater_is_better=greater if watch else None, report_to="none", remove_unused_columns=False,
         use_cpu=not _cuda(), ddp_backend="gloo" if not _cuda() and _world_size() > 1 else None,
-        dataloader_num_workers=0, disable_tqdm=not _is_main())
+        dataloader_num_workers=0, disable_tqdm=not _is_main(),
+        # Packed rows have no attention mask and hold only a sliver of padding: count every token there.
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding")
 
 
 def _cuda() -> bool:
@@ -446,7 +448,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         labels_info = _run_info(cfg, tokenizer, labels, template)
         (run_dir / RUN_FILE).write_text(json.dumps(labels_info, indent=2))
         save_config(cfg, run_dir / "train_config.yaml")
+        seen = trainer.state.num_input_tokens_seen
         metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
+                            "tokens_seen": seen, "tokens_per_second": seen / max(result.metrics.get("train_runtime", wall), 1e-9),
                             "total_parameters": total, "examples": len(train_records),
                             "tokens": getattr(stats, "tokens", None),
                             "learnable_tokens": getattr(stats, "learnable_tokens", None),
