@@ -21,16 +21,6 @@ from tunesmith.models import load_run
 from tunesmith.train import COMPLETE, RunError, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: a second intra-op thread only adds contention (one linear layer
-    goes from ~35 us to several ms under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # tiny assets, saved once: a causal LM and a BERT encoder (model name in a config = their directory) + data
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`python -m tunesmith` (and `accelerate launch -m tunesmith ...`) runs the CLI."""
+"""`python -m tunesmith` runs the CLI; so do `torchrun --nproc_per_node N -m tunesmith train ...` and
+`accelerate launch --multi_gpu --num_processes N -m tunesmith train ...` for data-parallel training."""
 
 import sys
 
