@@ -82,15 +82,20 @@ def plain_tokenizer(bpe):
     return _wrap(bpe, eos_token="<|endoftext|>")
 
 
-@pytest.fixture
-def tiny_lm(chatml_tokenizer):
-    """A randomly initialised 2-layer Llama with the tiny tokenizer's vocabulary."""
+def build_tiny_llama(tokenizer, seed: int = 0, **config):
+    """A randomly initialised 2-layer Llama (hidden 32) with `tokenizer`'s vocabulary and special ids."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(chatml_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, eos_token_id=chatml_tokenizer.eos_token_id,
-                         pad_token_id=chatml_tokenizer.pad_token_id, bos_token_id=chatml_tokenizer.bos_token_id)
-    return LlamaForCausalLM(config).eval()
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
+
+
+@pytest.fixture
+def tiny_lm(chatml_tokenizer):
+    """A randomly initialised 2-layer Llama with the tiny tokenizer's vocabulary."""
+    return build_tiny_llama(chatml_tokenizer).eval()

@@ -12,28 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SMOLLM2_TEMPLATE, _wrap
+from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
 
 BIN = Path(sys.executable).parent
 TRAIN_EXAMPLES = 32
 BATCH_SIZE = 4
 STEPS = 3
 RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
-             "tokenizer_config.json", "train_config.yaml", "run.json", "log.jsonl", "metrics.json"}
+             "tokenizer_config.json", "train_config.yaml", "run.json", "log.jsonl", "metrics.json",
+             "predictions.jsonl"}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, bpe):
     """A tiny Llama directory and chat data (32 train, 4 eval records)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("distributed")
     tokenizer = _wrap(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id))
+    model = build_tiny_llama(tokenizer)
     model.save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
     chat = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMOLLM2_TEMPLATE, _wrap
+from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
 
 from tunesmith.cli import main
 from tunesmith.export import ExportError, export
@@ -35,14 +35,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm_dir(workdir, bpe):
     """A tiny random Llama with the ChatML test tokenizer, saved as a plain transformers checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = _wrap(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id))
+    model = build_tiny_llama(tokenizer)
     path = workdir / "tiny-llama"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import tunesmith.train
+from conftest import build_tiny_llama
 from tunesmith.data.templates import CHAT_TEMPLATES
 from tunesmith.data.tokenize import encode_tagging
 from tunesmith.models import load_run
@@ -41,17 +42,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def assets(bpe, tmp_path_factory) -> Assets:
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("assets")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe.__class__.from_str(bpe.to_str()),
                                         eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>",
                                         chat_template=CHAT_TEMPLATES["chatml"])
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id))
+    llama = build_tiny_llama(tokenizer)
     assert not llama.config.tie_word_embeddings  # so freeze can show embeddings and LM head apart
     bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128,
@@ -343,7 +340,8 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
     run, _ = run_train(cfg, callbacks=[Saves()])
     # Checkpoints were written and marked complete during training, then removed at the end.
     assert saved == [{"checkpoint-2": True}, {"checkpoint-2": True, "checkpoint-4": True}]
-    assert {p.name for p in run.path.iterdir()} == RUN_FILES | {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in run.path.iterdir()} == RUN_FILES | {"adapter_config.json", "adapter_model.safetensors",
+                                                                "predictions.jsonl"}
 
     log = [json.loads(line) for line in (run.path / "log.jsonl").read_text().splitlines()]
     losses = [e for e in log if "loss" in e]
@@ -354,7 +352,11 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
 
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics.keys() == {"before", "after", "train"} and metrics == run.metrics
-    assert metrics["before"].keys() == metrics["after"].keys() == {"exact_match", "loss", "perplexity"}
+    scores = {"exact_match", "bleu", "rouge_l", "loss", "perplexity"}
+    assert metrics["before"].keys() == scores | {"before_kind"} and metrics["after"].keys() == scores
+    assert metrics["before"]["before_kind"] == "zero-shot"
+    predictions = [json.loads(line) for line in (run.path / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and predictions[0].keys() == {"input", "gold", "prediction", "correct"}
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
     assert metrics["train"]["examples"] == 12 and metrics["train"]["learnable_tokens"] > 0
     assert 0 < metrics["train"]["trainable_parameters"] < metrics["train"]["total_parameters"]

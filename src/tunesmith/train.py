@@ -10,7 +10,8 @@ picks up, then writes a self-describing run directory:
       train_config.yaml   the resolved config
       run.json            task, base model, method, label map, chat-template fingerprint, versions
       log.jsonl           one line per log/eval event: step, loss, lr, eval metrics
-      metrics.json        {"before": ..., "after": ..., "train": ...}
+      metrics.json        {"before": ..., "after": ..., "train": ...} ("before_kind" says what "before" scored)
+      predictions.jsonl   the trained model on the eval split: input, gold, prediction, correct
 """
 
 from __future__ import annotations
@@ -139,7 +140,11 @@ def _callbacks():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                entry = {"step": state.global_step, **{k: v for k, v in logs.items() if k != "total_flos"}}
+                # Trainer puts its running speed metrics into every step's logs when it counts tokens; only
+                # tokens/s is worth a line per step, the rest belongs to the final summary (with train_loss).
+                noise = {"total_flos"} | ({"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+                                          if "train_loss" not in logs else set())
+                entry = {"step": state.global_step, **{k: v for k, v in logs.items() if k not in noise}}
                 if "learning_rate" in entry:
                     entry["lr"] = entry.pop("learning_rate")
                 with self.path.open("a", encoding="utf-8") as f:
@@ -325,16 +330,36 @@ def _eval_metrics_fn(task: str, labels: list[str] | None):
     return compute
 
 
-def _score(model, tokenizer, cfg: TrainConfig, records, labels) -> dict:
+def _score(model, tokenizer, cfg: TrainConfig, records, labels):
+    """The Evaluation of `model` on the eval records (at most eval_limit of them), or None without records."""
     from .evaluate import evaluate_records
 
     if not records:
-        return {}
+        return None
     records = records[: cfg.eval_limit] if cfg.eval_limit else records
-    result = evaluate_records(model, tokenizer, sft_records(records, cfg) if cfg.task == "sft" else records, cfg.task,
-                              labels=labels, chat_template=cfg.data.chat_template, max_length=cfg.max_length,
-                              max_new_tokens=cfg.eval_max_new_tokens)
-    return result.metrics
+    return evaluate_records(model, tokenizer, sft_records(records, cfg) if cfg.task == "sft" else records, cfg.task,
+                            labels=labels, chat_template=cfg.data.chat_template, max_length=cfg.max_length,
+                            max_new_tokens=cfg.eval_max_new_tokens)
+
+
+def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_records, labels) -> dict:
+    """The base model's score, and what kind of score it is: sft is zero-shot with the same chat template; a
+    classifier on a causal-LM base with `prompting` set is scored through the language model (verbalizers);
+    otherwise a classifier's "before" is its untrained, randomly initialised head."""
+    from .evaluate import _is_causal_lm
+
+    if not eval_records:
+        return {}
+    if cfg.task == "classify" and cfg.prompting is not None and _is_causal_lm(cfg.model):
+        from .models import load_causal_lm
+        from .prompting import classify_by_prompting
+
+        records = eval_records[: cfg.eval_limit] if cfg.eval_limit else eval_records
+        result = classify_by_prompting(load_causal_lm(cfg.model), tokenizer, records, labels, cfg.prompting,
+                                       pool=train_records, seed=cfg.seed)
+        return {**result.metrics, "before_kind": f"{result.metrics.pop('prompting')} prompting (verbalizer)"}
+    kind = "zero-shot" if cfg.task == "sft" else "untrained head"
+    return {**_score(model, tokenizer, cfg, eval_records, labels).metrics, "before_kind": kind}
 
 
 def _run_info(cfg: TrainConfig, tokenizer, labels, template) -> dict:
@@ -395,7 +420,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         if before_file.exists():
             metrics["before"] = json.loads(before_file.read_text())
         else:
-            metrics["before"] = _score(model, tokenizer, cfg, eval_records, labels)
+            metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
             run_dir.mkdir(parents=True, exist_ok=True)
             before_file.write_text(json.dumps(metrics["before"], indent=2))
     model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
@@ -455,7 +480,11 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
                             "tokens": getattr(stats, "tokens", None),
                             "learnable_tokens": getattr(stats, "learnable_tokens", None),
                             "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
-        metrics["after"] = _score(trainer.model, tokenizer, cfg, eval_records, labels)
+        after = _score(trainer.model, tokenizer, cfg, eval_records, labels)
+        metrics["after"] = after.metrics if after else {}
+        if after:
+            with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in after.predictions)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         before_file.unlink(missing_ok=True)
         shutil.rmtree(checkpoints, ignore_errors=True)
