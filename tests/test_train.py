@@ -467,3 +467,54 @@ def test_packed_sft_run_trains_and_writes_the_run(assets, tmp_path):
     assert not trainer.model.config.use_cache  # a KV cache would turn per-example attention off
     assert [step for step, _ in logged_losses(run.path)] == [1, 2, 3]
     assert {p.name for p in run.path.iterdir()} == RUN_FILES | {"adapter_config.json", "adapter_model.safetensors"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation during training, held-out splits and the sft format switch
+# ---------------------------------------------------------------------------------------------------------
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(assets, tmp_path):
+    # learning_rate ~0: eval_macro_f1 never improves, so training stops after 1 + patience evaluations.
+    run, trainer = run_train(config(assets, tmp_path / "run", model=str(assets.bert), task="classify",
+                                    data={"train": str(assets.classify), "eval": str(assets.classify)},
+                                    max_steps=30, eval_steps=1, learning_rate=1e-12,
+                                    early_stopping={"metric": "eval_macro_f1", "patience": 2}))
+    assert trainer.state.global_step == 3
+    evals = [json.loads(line) for line in (run.path / "log.jsonl").read_text().splitlines()
+             if "eval_macro_f1" in line]
+    assert [e["step"] for e in evals] == [1, 2, 3]
+
+
+def test_eval_fraction_is_a_seeded_split_of_train(assets):
+    from tunesmith.config import load_config
+    from tunesmith.train import load_splits
+
+    cfg = load_config({"model": str(assets.lm), "data": {"train": str(assets.chat), "eval_fraction": 0.25}})
+    train_a, eval_a = load_splits(cfg)
+    train_b, eval_b = load_splits(cfg)
+    assert (train_a, eval_a) == (train_b, eval_b) and len(eval_a) == 4 and len(train_a) == 12
+    assert not [r for r in eval_a if r in train_a]
+    _, eval_c = load_splits(load_config({"model": str(assets.lm), "seed": 1,
+                                         "data": {"train": str(assets.chat), "eval_fraction": 0.25}}))
+    assert eval_c != eval_a
+
+
+def test_sft_format_converts_records_before_tokenizing(assets, tmp_path):
+    from tunesmith.data.formats import read_records
+    from tunesmith.config import load_config
+    from tunesmith.train import sft_records
+
+    records = read_records(assets.chat)
+    cfg = load_config({"model": str(assets.lm), "data": {"train": str(assets.chat), "sft_format": "completion"}})
+    assert sft_records(records, cfg)[0] == {"prompt": "What is 0+0?", "completion": "It is 0."}
+    run = train(config(assets, tmp_path / "run", data={"train": str(assets.chat), "eval_fraction": 0,
+                                                       "sft_format": "completion"}))
+    assert (run.path / "run.json").exists()
+
+
+def test_wrong_data_kind_for_the_task_is_a_sentence(assets, tmp_path):
+    from tunesmith.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"classify.jsonl: holds classification records, but task sft trains on "
+                                          r"chat or completion data"):
+        train(config(assets, tmp_path / "run", data={"train": str(assets.classify), "eval_fraction": 0}))
