@@ -1,0 +1,123 @@
+"""Load test for `tunesmith serve`: N concurrent streaming chat clients against one server, with dynamic
+batching on (--max-batch 16) and off (--max-batch 1). Reports aggregate generated tokens/s and median/p90
+time to first token. Run: .venv/bin/python benchmarks/serve_load.py [--model NAME] [--requests 2] [--threads 1]
+
+Recorded (2026-11-23, `--threads 1`, on a 2-core x86_64 CPU machine that was also running two other jobs,
+load average 5.5; 2 streamed greedy chat requests per client, max_tokens 32, smollm2-135m-instruct):
+
+    batching   clients  tokens/s  TTFT p50  TTFT p90  wall s
+    on (16)          1       6.2     0.36s     0.38s     3.2
+    on (16)          4       9.9     2.16s     6.32s    15.3
+    on (16)         16      26.6     6.68s     8.67s    28.8
+    off (1)          1       8.7     0.29s     0.31s     2.3
+    off (1)          4       8.7     5.57s     7.63s    17.4
+    off (1)         16       9.5    36.72s    41.26s    80.4
+
+Batches run to completion before the next one starts (no continuous batching), so a request that arrives
+while a batch decodes waits for it: that is the TTFT at 4 and 16 clients."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Say hello in Spanish.",
+             "What is a cat?", "Why is the sky blue?", "Count to five.", "What is Python?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--model", model, "--port", str(port),
+                             "--max-batch", str(max_batch), "--conversations", ":memory:"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> tuple[float, int]:
+    """(time to first token, completion tokens) of one streamed chat request."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return (first if first is not None else time.perf_counter() - started), tokens
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def worker(c: int):
+            return [await one(client, model, QUESTIONS[(c + r) % len(QUESTIONS)], max_tokens) for r in range(requests)]
+
+        started = time.perf_counter()
+        results = [x for per in await asyncio.gather(*(worker(c) for c in range(clients))) for x in per]
+        wall = time.perf_counter() - started
+    ttfts = sorted(t for t, _ in results)
+    return {"tokens_per_s": sum(n for _, n in results) / wall, "ttft_median": statistics.median(ttfts),
+            "ttft_p90": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--threads", type=int, help="torch threads in the server (default: torch's); 1 avoids "
+                        "OpenMP oversubscription on a machine that is busy with other work")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    import torch
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), load average "
+          f"{os.getloadavg()[0]:.1f}; model {args.model}; "
+          f"{args.requests} streamed chat requests per client, max_tokens {args.max_tokens}, greedy")
+    print(f"{'batching':10} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'wall s':>7}")
+    for label, max_batch in (("on (16)", 16), ("off (1)", 1)):
+        proc, url = start(args.model, max_batch, args.threads)
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            asyncio.run(load(url, model, 1, 1, 4))  # warm-up
+            for clients in counts:
+                r = asyncio.run(load(url, model, clients, args.requests, args.max_tokens))
+                print(f"{label:10} {clients:7d} {r['tokens_per_s']:9.1f} {r['ttft_median']:8.2f}s "
+                      f"{r['ttft_p90']:8.2f}s {r['wall']:7.1f}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Tiny on-disk assets for the server tests: a base model directory and trained-looking runs (LoRA, IA3,
+prompt tuning, a classifier), written the way `tunesmith.train` writes them (weights, tokenizer, run.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONTEXT = 128  # small, so the context-window boundaries are cheap to reach
+
+
+def tokenizer_from(bpe):
+    from conftest import SMOLLM2_TEMPLATE
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe.__class__.from_str(bpe.to_str()), eos_token="<|im_end|>",
+                                        bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _config(tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id)
+
+
+def write_base(bpe, directory: Path) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tokenizer_from(bpe)
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_run(base: Path, directory: Path, method: str, *, fingerprint: str | None = "auto") -> Path:
+    """A peft run of `method` (lora, ia3, prompt_tuning, prefix_tuning) with non-trivial weights, plus run.json."""
+    import torch
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.data.templates import chat_template_for, template_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = {"lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+              "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                       feedforward_modules=["down_proj"], init_ia3_weights=False),
+              "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+              "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)}[method]()
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, config)
+    if method == "ia3":  # IA3 starts as the identity; scale it so the run really differs from the base
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "ia3_l" in name:
+                    p.mul_(3.0)
+    peft_model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if fingerprint == "auto":
+        fingerprint = template_fingerprint(chat_template_for(tokenizer))
+    info = {"task": "sft", "base_model": str(base), "method": method, "peft": True, "labels": None,
+            "chat_template_fingerprint": fingerprint}
+    (directory / "run.json").write_text(json.dumps(info))
+    return directory
+
+
+def write_classifier(base: Path, directory: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = _config(tokenizer)
+    config.num_labels, config.id2label, config.label2id = 2, {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    torch.manual_seed(2)
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "run.json").write_text(json.dumps({"task": "classify", "base_model": str(base), "method": "full",
+                                                    "peft": False, "labels": ["neg", "pos"],
+                                                    "chat_template_fingerprint": None}))
+    return directory
