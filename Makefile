@@ -1,5 +1,5 @@
 # The README's quick start: `make demo` (set up + main job) and `make test` (set up + whole test suite).
-.PHONY: setup demo test
+.PHONY: setup demo test compare-demo
 
 # Checked when the recipe runs, after setup may have installed it.
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
@@ -16,3 +16,12 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# The two demo comparisons (docs/compare.md); their reports are copied to docs/compare/. A re-run skips the
+# entries that already finished: delete runs/compare-* first to measure everything afresh.
+compare-demo: setup
+	env $(RUN_ENV) .venv/bin/tunesmith compare examples/compare-ticket-topics.yaml
+	env $(RUN_ENV) .venv/bin/tunesmith compare examples/compare-support-chat.yaml
+	for name in ticket-topics support-chat; do \
+		mkdir -p docs/compare/$$name && cp runs/compare-$$name/report.* runs/compare-$$name/*.png docs/compare/$$name/; \
+	done

@@ -7,6 +7,9 @@ from .data.templates import PromptTemplate, render_chat, select_shots
 from .data.tokenize import MaskError, tokenize_chat, tokenize_completion, tokenize_records
 from .generate import Generation, SamplingParams, generate, stream
 from .models import EMBEDDED, load, load_causal_lm, load_tokenizer, resolve
+from .serve import load_engine, serve
+from .evaluate import Evaluation, evaluate
+from .compare import compare
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,4 +18,21 @@ __all__ = [
     "MaskError", "tokenize_chat", "tokenize_completion", "tokenize_records",
     "Generation", "SamplingParams", "generate", "stream",
     "EMBEDDED", "load", "load_causal_lm", "load_tokenizer", "resolve",
+    "ServeSettings", "create_app", "load_engine", "serve",
+    "evaluate", "Evaluation", "PromptingConfig", "classify_by_prompting", "compare",
 ]
+
+# Prompting loads torch at import; it is imported when first asked for, like the server.
+_LAZY = {"PromptingConfig": ".config", "classify_by_prompting": ".prompting"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in ("create_app", "ServeSettings"):  # FastAPI loads only when the server is asked for
+        import importlib
+
+        return getattr(importlib.import_module(".serve.app", __name__), name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

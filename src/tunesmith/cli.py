@@ -150,7 +150,8 @@ def _format_metric(value) -> str:
 def print_comparison(metrics: dict) -> None:
     """Before/after table of the eval metrics a run recorded."""
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
-    names = list(dict.fromkeys([*before, *after]))
+    names = [n for n in dict.fromkeys([*before, *after])
+             if isinstance(before.get(n, after.get(n)), (int, float)) and n != "examples"]
     if not names:
         return
     print(f"{'metric':20} {'before':>10} {'after':>10}")
@@ -175,6 +176,63 @@ def cmd_export(args) -> int:
 
     out = export(args.run, args.output, merge=args.merge, force=args.force)
     print(f"exported {args.run} to {out}" + (" (adapter merged)" if args.merge else ""))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeSettings, parse_adapters, serve
+
+    settings = ServeSettings(api_key=args.api_key, conversations=args.conversations,
+                             max_body_bytes=args.max_body_bytes)
+    print(f"tunesmith: serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port, settings=settings,
+          chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
+          context_window=args.context_window)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import SamplingParams
+    from .models import load
+    from .serve.chat import chat_repl
+
+    model, tokenizer = load(args.adapter or args.model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    from .generate import SamplingParams
+    from .metrics import scalars
+
+    prompting = None
+    if args.prompting or args.shots or args.calibrate:
+        import yaml
+
+        prompting = yaml.safe_load(Path(args.prompting).read_text()) if args.prompting else {}
+        prompting.update({k: v for k, v in {"shots": args.shots, "calibrate": args.calibrate or None}.items() if v})
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                            stop=args.stop or [])
+    result = evaluate(args.model, args.data, task=args.task, prompting=prompting, train_data=args.train_data,
+                      output_dir=args.output, limit=args.limit, chat_template=args.chat_template, params=params,
+                      normalize=args.normalize, seed=args.seed or 0)
+    for name, value in scalars(result.metrics).items():
+        print(f"{name:20} {_format_metric(value)}")
+    if args.output:
+        print(f"metrics and predictions written to {args.output}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    report = compare(args.config)
+    from .report import markdown_table
+
+    print(markdown_table(report["table"]["header"], report["table"]["rows"]))
+    print(f"report written to {Path(report['output_dir']) / 'report.html'}")
     return 0
 
 
@@ -257,6 +315,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("serve", help="serve the model and adapters over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help="base model: embedded name, directory or hub id")
+    p.add_argument("--adapter", action="append", metavar="NAME=RUN", help="serve a trained run under NAME "
+                   "(repeatable); clients pick it with model=NAME")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together (1 = batching off)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--context-window", type=int, help="default: the model's max_position_embeddings")
+    p.add_argument("--conversations", default="tunesmith-conversations.sqlite",
+                   help="SQLite file for /v1/conversations (default: ./tunesmith-conversations.sqlite)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a model or a trained run in the terminal")
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL)
+    p.add_argument("--adapter", metavar="RUN", help="a trained run directory (its base model is loaded)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="score a model or run on held-out data; writes metrics and predictions")
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help="embedded name, directory, hub id or tunesmith run")
+    p.add_argument("--data", required=True, help="held-out data (any format `data validate` reads)")
+    p.add_argument("--task", choices=["sft", "classify", "ner"], help="default: the run's, else from the data")
+    p.add_argument("-o", "--output", help="directory for metrics.json and predictions.jsonl")
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--prompting", help="YAML file with prompting settings (template, instruction, verbalizer, "
+                                       "format, shots, calibrate); classify on a causal LM uses label words")
+    p.add_argument("--shots", type=int, help="k-shot prompting with exemplars from --train-data")
+    p.add_argument("--train-data", help="where k-shot exemplars come from")
+    p.add_argument("--calibrate", action="store_true", help="contextual calibration of label-word scores")
+    p.add_argument("--normalize", action="store_true", help="exact match after lowercasing and dropping punctuation")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="run several ways to adapt on one task and write a side-by-side report")
+    p.add_argument("config", help="comparison YAML (see examples/compare-*.yaml); finished entries are skipped")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("models", help="list the embedded models")
     p.set_defaults(func=cmd_models)
     return parser
@@ -268,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     from .data.templates import TemplateError
     from .data.tokenize import MaskError
     from .export import ExportError
+    from .evaluate import EvaluateError
     from .models import ModelNotFoundError
     from .train import RunError
+    from .serve.adapters import ServeError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -281,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, MaskError, TemplateError, ModelNotFoundError, ConfigError, RunError, ExportError,
-            FileExistsError, FileNotFoundError) as err:
+            FileExistsError, FileNotFoundError, ServeError, EvaluateError) as err:
         print(f"tunesmith: error: {err}", file=sys.stderr)
         return 1
     except UsageError as err:

@@ -103,6 +103,26 @@ class EarlyStopping(Strict):
     greater_is_better: bool | None = Field(None, description="default: False for *loss, else True")
 
 
+class PromptingConfig(Strict):
+    """Prompting without training: zero- or k-shot, through the language model. For classify, each label is
+    scored by the log-likelihood of its label words after the prompt (no free generation)."""
+
+    template: str = Field("{{ text }}", description="Jinja2 for the query; fields come from the record, plus "
+                                                    "`labels` (the label names, comma-separated)")
+    instruction: str = Field("", description="text before the shots and the query (the system message in chat "
+                                             "format); may use `labels`")
+    format: Literal["chat", "completion"] = Field("chat", description="lay the prompt out as chat messages "
+                                                                      "(chat models) or as plain text")
+    verbalizer: dict[str, Union[str, list[str]]] | None = Field(
+        None, description="classify: label -> label word(s) scored after the prompt (default: the label's own "
+                          "name); a label's score is the log of the summed probability of its words")
+    shots: int = Field(0, ge=0, description="exemplars from the training data shown before each query")
+    shot_strategy: Literal["first", "random"] = Field("random", description="which exemplars (seeded)")
+    calibrate: bool = Field(False, description="classify: contextual calibration (Zhao et al. 2021): divide "
+                                               "by the label probabilities given content-free inputs")
+    calibration_inputs: list[str] = Field(["N/A", "", "[MASK]"], description="content-free inputs, averaged")
+
+
 class TrainConfig(Strict):
     model: str = Field(DEFAULT_CHAT_MODEL, description="embedded name, directory or hub id")
     task: Literal["sft", "classify", "ner"] = Field("sft", description="generation (sft), sequence "
@@ -132,6 +152,9 @@ class TrainConfig(Strict):
     evaluate_before: bool = Field(True, description="score the untrained base model on the eval split first")
     eval_max_new_tokens: int = Field(64, gt=0, description="sft: generation length when scoring replies")
     eval_limit: int | None = Field(None, gt=0, description="score at most this many eval examples")
+    prompting: PromptingConfig | None = Field(
+        None, description="classify with a causal-LM base: score the 'before' through the language model "
+                          "(zero/k-shot with verbalizers) instead of the untrained head")
 
     @model_validator(mode="after")
     def _check(self):
