@@ -17,3 +17,10 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && command -v apt
         || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1)) \
         || echo "setup: libtcmalloc-minimal4 not installed (optional; training is ~30% slower without it)" >&2
 fi
+# Headless Chromium lets the test suite open the compare report's HTML (the test skips without it). Best
+# effort, like tcmalloc: ~70 s the first time.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q chromium >/dev/null 2>&1 \
+        || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+        || echo "setup: chromium not installed (optional; the report screenshot test will be skipped)" >&2
+fi
