@@ -99,3 +99,12 @@ def build_tiny_llama(tokenizer, seed: int = 0, **config):
 def tiny_lm(chatml_tokenizer):
     """A randomly initialised 2-layer Llama with the tiny tokenizer's vocabulary."""
     return build_tiny_llama(chatml_tokenizer).eval()
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_lm, chatml_tokenizer):
+    """The tiny Llama and ChatML tokenizer saved as a plain transformers directory (a model "name")."""
+    path = tmp_path / "tiny-model"
+    tiny_lm.save_pretrained(path)
+    chatml_tokenizer.save_pretrained(path)
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tunesmith.cli import main
 
@@ -14,14 +13,6 @@ GOOD = {"messages": [{"role": "user", "content": "What is the capital of France?
 
 def write(path, lines):
     path.write_text("".join(json.dumps(x) + "\n" if not isinstance(x, str) else x + "\n" for x in lines))
-    return path
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_lm, chatml_tokenizer):
-    path = tmp_path / "tiny-model"
-    tiny_lm.save_pretrained(path)
-    chatml_tokenizer.save_pretrained(path)
     return path
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
 

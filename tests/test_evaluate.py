@@ -17,14 +17,6 @@ REVIEWS = [{"text": "great movie, loved it", "label": "positive"}, {"text": "bor
            {"text": "it was fine", "label": "neutral"}]
 
 
-@pytest.fixture
-def model_dir(tmp_path, tiny_lm, chatml_tokenizer):
-    path = tmp_path / "tiny-model"
-    tiny_lm.save_pretrained(path)
-    chatml_tokenizer.save_pretrained(path)
-    return path
-
-
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
