@@ -1,5 +1,5 @@
 # The README's quick start: `make demo` (set up + main job) and `make test` (set up + whole test suite).
-.PHONY: setup demo test compare-demo
+.PHONY: setup demo test compare-demo lock
 
 # Checked when the recipe runs, after setup may have installed it.
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
@@ -25,3 +25,10 @@ compare-demo: setup
 	for name in ticket-topics support-chat; do \
 		mkdir -p docs/compare/$$name && cp runs/compare-$$name/report.* runs/compare-$$name/*.png docs/compare/$$name/; \
 	done
+
+# Re-resolve requirements.lock to the newest releases pyproject.toml's ranges allow (pip-tools, in its own
+# throw-away venv). Commit a lock update on its own, and only with `make test` green on it.
+lock:
+	[ -x .lockenv/bin/pip-compile ] || (python3 -m venv .lockenv && .lockenv/bin/pip install -q pip-tools)
+	.lockenv/bin/pip-compile --upgrade --quiet --extra test --constraint lock-constraints.txt --strip-extras \
+		--allow-unsafe --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml

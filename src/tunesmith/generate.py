@@ -37,6 +37,29 @@ class Generation:
     completion_tokens: int
 
 
+def _peft_cache_compat(model) -> None:
+    """Let peft's prefix tuning see transformers' generation cache (idempotent, per model instance).
+
+    From transformers 5.24 `generate` passes the KV cache to the model as `cache=` (`past_key_values=` is a
+    deprecated alias). peft (0.21) still looks for `past_key_values` in the prepared inputs: finding none, it
+    injects the prefix as `past_key_values` beside transformers' empty `cache`, and transformers keeps the
+    empty cache, so the prefix is silently dropped. Renaming the key in the prepared inputs lets peft find
+    the cache, inject the prefix at the first step and leave the filled cache alone afterwards; the model's
+    forward maps `past_key_values` back to `cache`. Tested against the forward pass training uses."""
+    inner = getattr(model, "base_model_prepare_inputs_for_generation", None)
+    if inner is None or getattr(inner, "_tunesmith_compat", False):
+        return
+
+    def prepare(*args, **kwargs):
+        inputs = inner(*args, **kwargs)
+        if "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    prepare._tunesmith_compat = True
+    model.base_model_prepare_inputs_for_generation = prepare
+
+
 def prompt_ids(tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
                chat_template: str | None = None) -> list[int]:
     """Token ids for a completion prompt or a chat conversation (with the generation prompt appended)."""
@@ -81,6 +104,7 @@ def stream(model, tokenizer, *, prompt: str | None = None, messages: list[dict] 
     from transformers import TextIteratorStreamer
 
     params = params or SamplingParams()
+    _peft_cache_compat(model)
     ids = prompt_ids(tokenizer, prompt=prompt, messages=messages, chat_template=chat_template)
     input_ids = torch.tensor([ids], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -144,6 +168,7 @@ def generate_batch(model, tokenizer, requests: list[dict], *, params: SamplingPa
     import torch
 
     params = params or SamplingParams()
+    _peft_cache_compat(model)
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sorted(stops)[0]
     encoded = [prompt_ids(tokenizer, prompt=r.get("prompt"), messages=r.get("messages"),

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import TunesmithError
 from ..data.templates import chat_template_for, template_fingerprint
 from .engine import Engine, Served
 
 
-class ServeError(Exception):
+class ServeError(TunesmithError):
     """A server that cannot start as asked: the message names the run and what to do."""
 
 
@@ -57,16 +58,19 @@ def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_temp
             continue
         config = PeftConfig.from_pretrained(str(run))
         use_cache = not config.is_prompt_learning
+        # peft keys weights by adapter name and warns that a name inside its parameter prefix (a run served
+        # as "prefix" or "lora") may reinitialise weights on load: the served name never reaches peft.
+        internal = f"run{len(served)}"
         if shared is None:
-            shared = PeftModel.from_pretrained(base, str(run), adapter_name=name)
+            shared = PeftModel.from_pretrained(base, str(run), adapter_name=internal)
             served[model] = Served(shared)  # the base now lives inside the PeftModel
-            served[name] = Served(shared, name, use_cache=use_cache, run=str(run))
+            served[name] = Served(shared, internal, use_cache=use_cache, run=str(run))
         elif config.peft_type == shared.peft_type:
-            shared.load_adapter(str(run), adapter_name=name)
-            served[name] = Served(shared, name, use_cache=use_cache, run=str(run))
+            shared.load_adapter(str(run), adapter_name=internal)
+            served[name] = Served(shared, internal, use_cache=use_cache, run=str(run))
         else:
-            own = PeftModel.from_pretrained(load_for_task(model, "sft"), str(run), adapter_name=name)
-            served[name] = Served(own.eval(), name, use_cache=use_cache, run=str(run))
+            own = PeftModel.from_pretrained(load_for_task(model, "sft"), str(run), adapter_name=internal)
+            served[name] = Served(own.eval(), internal, use_cache=use_cache, run=str(run))
     for entry in served.values():
         entry.module.eval()
     window = context_window or getattr(base.config, "max_position_embeddings", None) or 2048
