@@ -137,7 +137,7 @@ def test_method_keys_belong_to_the_named_method():
 
 def test_early_stopping_needs_eval_steps():
     assert error({"data": DATA, "early_stopping": {"patience": 2}}) == [
-        "config: (top level): Value error, early_stopping needs eval_steps (how often to evaluate)"]
+        "config: (top level): early_stopping needs eval_steps (how often to evaluate)"]
     cfg = load_config({"data": DATA, "early_stopping": {"patience": 2}, "eval_steps": 10})
     assert cfg.early_stopping.metric == "eval_loss"
 
@@ -149,7 +149,7 @@ def test_early_stopping_needs_eval_steps():
     ({"task": "ner", "method": "prefix"}, "prefix tuning is not supported for ner by peft; use prompt or lora"),
 ])
 def test_combinations_that_cannot_train_are_refused(settings, message):
-    assert error({"data": DATA, **settings}) == [f"config: (top level): Value error, {message}"]
+    assert error({"data": DATA, **settings}) == [f"config: (top level): {message}"]
 
 
 def test_packing_with_lora_is_fine():

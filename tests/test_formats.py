@@ -231,11 +231,12 @@ def test_openai_chat_problems(tmp_path, bad, expected):
     ("completion", {"prompt": "p", "completion": ""}, "data.jsonl:2: completion: empty completion"),
     ("completion", {"prompt": 1, "completion": "c"}, "data.jsonl:2: prompt: prompt must be a string, got number"),
     ("completion", {"completion": "c"}, "data.jsonl:2: prompt: missing prompt"),
-    ("alpaca", {"instruction": " ", "output": "o"}, "data.jsonl:2: instruction: empty instruction"),
+    ("alpaca", {"instruction": "i", "output": " "}, "data.jsonl:2: output: empty output"),
     ("alpaca", {"instruction": "i", "output": ["o"]}, "data.jsonl:2: output: output must be a string, got list"),
     ("alpaca", {"instruction": "i", "input": 3, "output": "o"}, "data.jsonl:2: input: input must be a string, got number"),
     ("alpaca", {"instruction": "i", "output": "o", "history": [["only one"]]},
-     "data.jsonl:2: history[0]: history turn must be a [user, assistant] pair of non-empty strings"),
+     "data.jsonl:2: history[0]: history turn must be a [user, assistant] pair of strings"),
+    ("alpaca", {"instruction": "i", "output": "o", "history": [["Hi", " "]]}, "data.jsonl:2: history[0][1]: empty message"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
      "data.jsonl:2: conversations[1].from: unknown speaker 'bot' (expected one of human, user, gpt, assistant, "
      "chatgpt, model, bing, bard, system)"),
@@ -336,6 +337,191 @@ def test_text_invalid_utf8_drops_only_its_paragraph(tmp_path):
     problems: list[Problem] = []
     assert [r["completion"] for r in iter_records(path, problems=problems)] == ["one", "three"]
     assert [str(p) for p in problems] == ["corpus.txt:3: invalid UTF-8 (byte 0xc3 at column 3)"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# empty system and user content: allowed (as OpenAI allows it), with a warning; empty assistant: an error
+# ---------------------------------------------------------------------------------------------------------
+
+SYSTEM_WARNING = ("empty system content (allowed, but it renders as an empty system turn; drop the message if "
+                  "none is meant)")
+USER_WARNING = "empty user content (allowed, but the reply that follows then answers nothing)"
+
+
+def test_empty_system_content_validates_with_a_warning_naming_file_line_and_field(tmp_path):
+    empty_system = msg({"role": "system", "content": ""}, USER, ASSISTANT)
+    report = validate(write(tmp_path, "data.jsonl", [CHAT, empty_system]))
+    assert (report.ok, report.count, report.problems) == (True, 2, [])
+    assert [str(w) for w in report.warnings] == [f"data.jsonl:2: messages[0].content: {SYSTEM_WARNING}"]
+    assert str(report).splitlines()[1:] == [f"data.jsonl:2: messages[0].content: {SYSTEM_WARNING}"]
+    assert read_records("data.jsonl")[1] == empty_system  # kept as written
+
+
+def test_empty_user_content_is_a_warning(tmp_path):
+    report = validate(write(tmp_path, "data.jsonl", [msg({"role": "user", "content": " \n"}, ASSISTANT)]))
+    assert report.ok and [str(w) for w in report.warnings] == [f"data.jsonl:1: messages[0].content: {USER_WARNING}"]
+
+
+@pytest.mark.parametrize("content", ["", " "])
+def test_empty_assistant_content_is_still_an_error(tmp_path, content):
+    path = write(tmp_path, "data.jsonl", [CHAT, msg({"role": "system", "content": ""}, USER,
+                                                    {"role": "assistant", "content": content})])
+    report = validate(path)
+    assert [str(p) for p in report.problems] == ["data.jsonl:2: messages[2].content: empty message"]
+    assert [str(w) for w in report.warnings] == [f"data.jsonl:2: messages[0].content: {SYSTEM_WARNING}"]
+    with pytest.raises(DataError, match="data.jsonl:2: messages.2..content: empty message"):
+        read_records(path)
+
+
+def test_sharegpt_empty_system_and_human_turns_are_warnings(tmp_path):
+    row = {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": ""},
+                             {"from": "gpt", "value": "b"}]}
+    path = write(tmp_path, "data.jsonl", [row])
+    warnings: list[Problem] = []
+    assert list(iter_records(path, problems=[], warnings=warnings)) == [{"messages": [
+        {"role": "system", "content": ""}, {"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}]
+    assert [str(w) for w in warnings] == [f"data.jsonl:1: conversations[0].value: {SYSTEM_WARNING}",
+                                          f"data.jsonl:1: conversations[1].value: {USER_WARNING}"]
+
+
+def test_alpaca_empty_instruction_uses_the_input_and_warns_only_when_both_are_empty(tmp_path):
+    rows = [{"instruction": "", "input": "Translate: chat", "output": "cat"},
+            {"instruction": " ", "input": "", "output": "hi"},
+            {"instruction": "i", "output": "o", "history": [["", "Hello"]]}]
+    report = validate(write(tmp_path, "data.jsonl", rows))
+    assert (report.ok, report.count) == (True, 3)
+    assert [str(w) for w in report.warnings] == [
+        "data.jsonl:2: instruction: empty instruction and input: the user turn is empty (allowed, but the reply "
+        "that follows then answers nothing)", f"data.jsonl:3: history[0][0]: {USER_WARNING}"]
+    assert [r["messages"][0] for r in read_records("data.jsonl")] == [
+        {"role": "user", "content": "Translate: chat"}, {"role": "user", "content": " "},
+        {"role": "user", "content": ""}]
+
+
+def test_read_records_logs_warnings_in_one_line_and_keeps_them_out_of_problems(tmp_path, caplog):
+    empty_system = msg({"role": "system", "content": ""}, USER, ASSISTANT)
+    path = write(tmp_path, "data.jsonl", [empty_system] * 3)
+    problems: list[Problem] = []
+    with caplog.at_level("WARNING", logger="tunesmith.data.formats"):
+        assert len(read_records(path, problems=problems)) == 3
+    assert problems == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"3 warning(s) in data.jsonl, the first: data.jsonl:1: messages[0].content: {SYSTEM_WARNING} "
+        "(`tunesmith data validate data.jsonl` lists them all)"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile input: a file:line problem, never a traceback
+# ---------------------------------------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+NESTED = "arrays and objects nested {} deep, more than Python's json module can read"
+LONG_INT = "a 5000-digit integer, over Python's limit of 4300 digits (write it as a string)"
+NUL = "NUL byte at column {}: text files have none (is this file UTF-16 or binary? tunesmith reads UTF-8)"
+LONE = "unpaired surrogate escape \\ud83d is not a Unicode character (half of an emoji cut in two?)"
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (DEEP, f"data.jsonl:2: invalid JSON: {NESTED.format(100_000)} (column 100000)"),
+    ('{"messages": ' + DEEP + "}", f"data.jsonl:2: invalid JSON: {NESTED.format(100_001)} (column 100013)"),
+    ('{"messages": [], "n": ' + "9" * 5000 + "}", f"data.jsonl:2: invalid JSON: {LONG_INT} (column 23)"),
+    ('{"messages": [], "n": -' + "9" * 5000 + "}", f"data.jsonl:2: invalid JSON: {LONG_INT} (column 23)"),
+    (b'{"messages"\x00: []}', "data.jsonl:2: " + NUL.format(12)),
+    (b'{"messages": "\xff"}', "data.jsonl:2: invalid UTF-8 (byte 0xff at column 15)"),
+    ('{"messages": [{"role": "user", "content": "a\\ud83d"}, {"role": "assistant", "content": "b"}]}',
+     f"data.jsonl:2: invalid JSON: {LONE} (column 45)"),
+    ('"a string"', "data.jsonl:2: record must be a JSON object, got string"),
+    ("null", "data.jsonl:2: record must be a JSON object, got null"),
+    ("3", "data.jsonl:2: record must be a JSON object, got number"),
+    (json.dumps(msg({"role": ["user"], "content": "x"}, ASSISTANT)),
+     "data.jsonl:2: messages[0].role: role must be a string, got list"),
+    (json.dumps(msg({"role": "x" * 100, "content": "x"}, ASSISTANT)),
+     f"data.jsonl:2: messages[0].role: unknown role '{'x' * 60}…' (expected system, user or assistant)"),
+])
+def test_hostile_jsonl_line_is_a_problem_on_its_line(tmp_path, bad, expected):
+    good = json.dumps(CHAT).encode() + b"\n"
+    path = write(tmp_path, "data.jsonl", good + (bad if isinstance(bad, bytes) else bad.encode()) + b"\n" + good)
+    report = validate(path)
+    assert (report.format, report.count, [str(p) for p in report.problems]) == ("openai-chat", 2, [expected])
+
+
+def test_valid_json_that_only_looks_hostile_is_read(tmp_path):
+    odd = CHAT | {"n": float("9" * 5000 + ".5"), "deep": json.loads("[" * 100 + "]" * 100),
+                  "escaped": "\\ud83d and \U0001F600", "nul": "\x00"}
+    text = json.dumps(odd).replace('"n": Infinity', '"n": ' + "9" * 5000 + ".5")  # a float has no digit limit
+    assert "\\ud83d\\ude00" in text and "\\u0000" in text  # escaped pairs, an escaped backslash and NUL
+    assert read_records(write(tmp_path, "data.jsonl", [text])) == [CHAT]
+
+
+def test_hostile_line_alone_still_names_its_line_when_detection_fails(tmp_path):
+    with pytest.raises(DataError) as err:
+        detect_format(write(tmp_path, "data.jsonl", DEEP + "\n"))
+    assert str(err.value).splitlines()[1:] == [
+        f"data.jsonl:1: invalid JSON: {NESTED.format(100_000)} (column 100000)",
+        "data.jsonl: no record is a JSON object, so the format cannot be detected"]
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (DEEP, f"data.json:4: invalid JSON: {NESTED.format(100_001)} (column 100002)"),  # its deepest bracket
+    ('{"n":\n    ' + "9" * 5000 + "}", f"data.json:5: invalid JSON: {LONG_INT} (column 5)"),
+    ('{"instruction": "a\x00"}', "data.json:4: " + NUL.format(21)),
+    ('{"instruction": "\\ud83d", "output": "o"}', f"data.json:4: invalid JSON: {LONE} (column 20)"),
+])
+def test_hostile_json_array_is_a_problem_on_its_line(tmp_path, bad, expected):
+    record = json.dumps({"instruction": "i", "output": "o"})
+    path = write(tmp_path, "data.json", f"[\n  {record},\n  {record},\n  {bad}\n]\n")
+    assert detect_format(path) == "alpaca"
+    assert problems_of(path) == [expected]
+
+
+def test_hostile_first_record_of_a_json_array_names_its_line(tmp_path):
+    with pytest.raises(DataError) as err:
+        detect_format(write(tmp_path, "data.json", f"[\n{DEEP}\n]"))
+    assert str(err.value).splitlines()[1] == f"data.json:2: invalid JSON: {NESTED.format(100_001)} (column 100000)"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("data.jsonl", json.dumps(CHAT) + "\n"), ("data.json", json.dumps([CHAT])), ("data.csv", "text,label\na,b\n"),
+    ("data.txt", "para\n"), ("data.conll", "A O\n")])
+def test_a_bom_at_the_start_is_accepted(tmp_path, name, content):
+    path = write(tmp_path, name, b"\xef\xbb\xbf" + content.encode())
+    assert read_records(path) == read_records(write(tmp_path, "plain" + name[4:], content))
+
+
+def test_nul_bytes_in_line_formats_are_problems_on_their_line(tmp_path):
+    assert problems_of(write(tmp_path, "data.csv", b"text,label\na\x00,b\nc,d\n")) == ["data.csv:2: " + NUL.format(2)]
+    assert problems_of(write(tmp_path, "corpus.txt", b"one\n\ntw\x00o\n\n3\n")) == ["corpus.txt:3: " + NUL.format(3)]
+    assert problems_of(write(tmp_path, "data.conll", b"A O\n\nB\x00 O\n\nC O\n")) == ["data.conll:3: " + NUL.format(2)]
+    assert read_records("data.csv", problems=[]) == [{"text": "c", "label": "d"}]
+    assert read_records("data.conll", problems=[]) == [{"tokens": [t], "tags": ["O"]} for t in "AC"]
+
+
+def test_utf16_files_are_named_as_such(tmp_path):
+    path = write(tmp_path, "data.csv", "text,label\na,b\n".encode("utf-16-le"))  # no BOM: NULs between ASCII
+    assert problems_of(path) == ["data.csv:1: " + NUL.format(2)]
+    path = write(tmp_path, "data.jsonl", (json.dumps(CHAT) + "\n").encode("utf-16"))
+    assert validate(path).problems[0] == Problem(
+        "data.jsonl", 1, None, "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+
+
+def test_csv_field_over_the_csv_size_limit_names_the_line_its_row_starts(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    path = write(tmp_path, "data.csv", f'text,label\na,b\n"{"x" * (limit + 1)}\nmore",c\nd,e\n')
+    assert problems_of(path) == [f"data.csv:3: a field of the row starting here is over the csv module's limit of "
+                                 f"{limit} characters (is a quote opened here never closed?)"]
+
+
+def test_parse_json_turns_every_unreadable_input_into_a_json_decode_error():
+    from tunesmith.data.readers import parse_json
+
+    for text, message, column in [(DEEP, NESTED.format(100_000), 100_000), ("9" * 5000, LONG_INT, 1),
+                                  ('{"a": [1, "\\ud83d"]}', LONE, 12), ("{oops", None, 2)]:
+        with pytest.raises(json.JSONDecodeError) as err:
+            parse_json(text)
+        assert (message or err.value.msg, err.value.colno) == (err.value.msg, column)
+    assert parse_json('{"a": "\\ud83d\\ude00 \\\\ud83d"}') == {"a": "\U0001F600 \\ud83d"}
 
 
 def test_problem_rendering():

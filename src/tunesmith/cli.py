@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 
-class UsageError(Exception):
-    """A user mistake in the command line: printed as one sentence, exit code 2."""
+from .errors import TunesmithError, UsageError
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -29,6 +28,8 @@ def cmd_data_validate(args) -> int:
     failed = 0
     for path in args.files:
         report = validate(path, **_read_options(args))
+        for warning in report.warnings:
+            print(f"{warning} (warning)", file=sys.stderr)
         if report.problems:
             failed += 1
             for problem in report.problems:
@@ -108,10 +109,12 @@ def cmd_data_preview(args) -> int:
 
 def _load_messages(value: str) -> list[dict]:
     """--messages takes a JSON list, a JSON object with "messages", or a path to a file holding either."""
+    from .data.readers import parse_json
+
     path = Path(value)
     text = path.read_text(encoding="utf-8") if not value.lstrip().startswith(("[", "{")) and path.is_file() else value
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError as err:
         where = str(path) if text is not value else "--messages"
         raise UsageError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
@@ -168,7 +171,21 @@ def cmd_train(args) -> int:
         print(f"run saved to {run.path} ({train_metrics.get('wall_seconds', 0):.0f} s of training, "
               f"{train_metrics.get('trainable_parameters', 0):,} trainable parameters)")
         print_comparison(run.metrics)
+        _print_next_steps(run.path)
     return 0
+
+
+def _print_next_steps(run_path) -> None:
+    """The two commands to talk to a generative run just made."""
+    from .models import run_info
+
+    info = run_info(run_path) or {}
+    if info.get("task") != "sft":
+        return
+    name = Path(run_path).name
+    print(f"\nchat with it:  tunesmith chat --model {run_path}")
+    print(f"serve it:      tunesmith serve --model {info['base_model']} --adapter {name}={run_path}\n"
+          f"               (OpenAI API on http://127.0.0.1:8000/v1, model name {name!r})")
 
 
 def cmd_export(args) -> int:
@@ -184,7 +201,7 @@ def cmd_serve(args) -> int:
 
     settings = ServeSettings(api_key=args.api_key, conversations=args.conversations,
                              max_body_bytes=args.max_body_bytes)
-    print(f"tunesmith: serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(f"tunesmith: loading {args.model} to serve it on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port, settings=settings,
           chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
           context_window=args.context_window)
@@ -207,12 +224,13 @@ def cmd_eval(args) -> int:
     from .generate import SamplingParams
     from .metrics import scalars
 
+    from .config import load_prompting
+
+    if args.shots and not args.train_data:
+        raise UsageError(f"--shots {args.shots} needs --train-data FILE to take the exemplars from")
     prompting = None
     if args.prompting or args.shots or args.calibrate:
-        import yaml
-
-        prompting = yaml.safe_load(Path(args.prompting).read_text()) if args.prompting else {}
-        prompting.update({k: v for k, v in {"shots": args.shots, "calibrate": args.calibrate or None}.items() if v})
+        prompting = load_prompting(args.prompting or {}, shots=args.shots, calibrate=args.calibrate or None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                             stop=args.stop or [])
     result = evaluate(args.model, args.data, task=args.task, prompting=prompting, train_data=args.train_data,
@@ -370,16 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data.formats import DataError
-    from .data.templates import TemplateError
-    from .data.tokenize import MaskError
-    from .export import ExportError
-    from .evaluate import EvaluateError
-    from .models import ModelNotFoundError
-    from .train import RunError
-    from .serve.adapters import ServeError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="tunesmith: %(levelname)s: %(message)s")
@@ -389,16 +397,23 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (DataError, MaskError, TemplateError, ModelNotFoundError, ConfigError, RunError, ExportError,
-            FileExistsError, FileNotFoundError, ServeError, EvaluateError) as err:
-        print(f"tunesmith: error: {err}", file=sys.stderr)
-        return 1
     except UsageError as err:
         print(f"tunesmith: error: {err}", file=sys.stderr)
         return 2
+    except (TunesmithError, OSError) as err:
+        # Every user-facing error derives from TunesmithError; OSError covers files that cannot be read or
+        # written. Anything else is a bug and keeps its traceback.
+        print(f"tunesmith: error: {_sentence(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
+
+
+def _sentence(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror.lower()}"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,26 @@ Each entry runs in its own Python process by default (`isolate: true`), so its p
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from .config import ConfigError, PromptingConfig, Strict, TrainConfig, _merge, dump_config, load_config
+from .config import (ConfigError, PromptingConfig, Strict, TrainConfig, _merge, dump_config, load_config, read_yaml,
+                     validate)
+from .errors import TunesmithError
 
 # The headline metric(s) per task, shown in the table and the plot.
 MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
 
+
+
+class CompareError(TunesmithError, RuntimeError):
+    """A comparison that could not finish (an entry failed)."""
 
 class Entry(Strict):
     name: str = Field(description="a short name, also the entry's directory", pattern=r"^[A-Za-z0-9._-]+$")
@@ -61,16 +67,12 @@ class CompareConfig(Strict):
 
 def load_compare(source: str | Path | dict) -> CompareConfig:
     """A validated CompareConfig; every entry's TrainConfig is validated too, errors naming the entry."""
-    name = "config" if isinstance(source, dict) else str(source)
-    if not isinstance(source, dict):
-        if not Path(source).is_file():
-            raise ConfigError(f"{source}: no such comparison config")
-        source = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
-    try:
-        cfg = CompareConfig.model_validate(source)
-    except ValidationError as err:
-        raise ConfigError(f"{name}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                 for e in err.errors())) from None
+    if isinstance(source, dict):
+        name, lines = "config", {}
+    else:
+        name = str(source)
+        source, lines = read_yaml(source, "comparison config")
+    cfg = validate(CompareConfig, source, name, lines)
     for entry in cfg.entries:
         entry_config(cfg, entry, source=name)
     return cfg
@@ -162,8 +164,8 @@ def compare(config: CompareConfig | str | Path | dict, *, log=print) -> dict:
         if cfg.isolate:
             code = subprocess.call([sys.executable, "-c", _CHILD, str(directory)])
             if code != 0:
-                raise RuntimeError(f"entry {entry.name} failed (exit code {code}); fix it and re-run "
-                                   "(finished entries are skipped)")
+                raise CompareError(f"entry {entry.name} failed (exit code {code}; its error is printed above); "
+                                   "fix it and re-run (finished entries are skipped)")
             results.append(json.loads((directory / "result.json").read_text()))
         else:
             results.append(run_entry(directory))
@@ -171,8 +173,18 @@ def compare(config: CompareConfig | str | Path | dict, *, log=print) -> dict:
 
 
 # One entry in its own process (not `-m tunesmith.compare`: the package has already imported this module).
-_CHILD = ("import logging, sys; logging.basicConfig(level=logging.WARNING, format='tunesmith: %(levelname)s: "
-          "%(message)s'); from tunesmith.compare import run_entry; run_entry(sys.argv[1])")
+_CHILD = "import sys; from tunesmith.compare import _child_main; sys.exit(_child_main(sys.argv[1]))"
+
+
+def _child_main(directory: str) -> int:
+    """Run one isolated entry; a user-facing error is one `tunesmith: error:` line, as in the CLI."""
+    logging.basicConfig(level=logging.WARNING, format="tunesmith: %(levelname)s: %(message)s")
+    try:
+        run_entry(directory)
+    except (TunesmithError, OSError) as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # run one entry by hand: python -m tunesmith.compare OUT/ENTRY

@@ -12,10 +12,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import TunesmithError
 from .models import DEFAULT_CHAT_MODEL
 
 
-class ConfigError(ValueError):
+class ConfigError(TunesmithError, ValueError):
     """A config that cannot be used; the message names the file, the key and (when known) the line."""
 
 
@@ -194,8 +195,8 @@ def _line_map(text: str) -> dict[tuple, int]:
 
 def _known_keys(model: type[BaseModel], path: tuple, raw: dict) -> list[str]:
     """Field names valid at `path` (for 'did you mean' suggestions); under `method`, those of the named method."""
-    if path == ("method",):
-        name = (raw.get("method") or {}).get("name")
+    if model is TrainConfig and path == ("method",):
+        name = (raw.get("method") or {}).get("name") if isinstance(raw.get("method"), dict) else None
         methods = dict(zip(METHOD_NAMES, Method.__origin__.__args__))
         if name in methods:
             return [k for k in methods[name].model_fields if k != "name"] + ["name"]
@@ -212,7 +213,9 @@ def _known_keys(model: type[BaseModel], path: tuple, raw: dict) -> list[str]:
     return list(fields)
 
 
-def _explain(err: ValidationError, source: str, lines: dict[tuple, int], raw: dict) -> str:
+def _explain(err: ValidationError, source: str, lines: dict[tuple, int], raw: dict,
+             model: type[BaseModel] = None) -> str:
+    model = model or TrainConfig
     out = []
     for e in err.errors():
         # A discriminated union puts the method's name into the error location: method.lora.r -> method.r
@@ -222,13 +225,57 @@ def _explain(err: ValidationError, source: str, lines: dict[tuple, int], raw: di
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
-            known = _known_keys(TrainConfig, loc[:-1], raw)
+            known = _known_keys(model, loc[:-1], raw)
             guess = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f"; did you mean '{guess[0]}'?" if guess else (f"; known keys: {', '.join(known)}" if known else "")
             out.append(f"{where}: {key}: unknown key{hint}")
         else:
-            out.append(f"{where}: {key}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{where}: {key}: {msg}")
     return "\n".join(out)
+
+
+def read_yaml(path: str | Path, what: str = "config") -> tuple[dict, dict[tuple, int]]:
+    """The mapping in a YAML file and the 1-based line of every key path in it. Every YAML file tunesmith
+    reads goes through here, so a syntax error or a wrong shape is a `file:line` ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a {what} is YAML text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {what} is a mapping of keys to values, not a {type(raw).__name__}")
+    return raw, _line_map(text)
+
+
+def validate(model: type[BaseModel], raw: dict, source: str = "config", lines: dict[tuple, int] | None = None):
+    """`model` validated from `raw`; every problem becomes one `source:line: key: message` line of a ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, not a {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source, lines or {}, raw, model)) from None
+
+
+def load_prompting(source: str | Path | dict, **overrides) -> PromptingConfig:
+    """A validated PromptingConfig from a YAML file (or a dict), with keyword overrides (None = keep)."""
+    if isinstance(source, dict):
+        raw, name, lines = dict(source), "prompting", {}
+    else:
+        (raw, lines), name = read_yaml(source, "prompting config"), str(source)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(PromptingConfig, raw, name, lines)
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -258,26 +305,11 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> TrainCo
     if isinstance(source, dict):
         raw, name, lines = source, "config", {}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        text = path.read_text(encoding="utf-8")
-        name, lines = str(path), _line_map(text)
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML: "
-                              f"{getattr(err, 'problem', err)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config is a mapping of keys to values, not a {type(raw).__name__}")
+        (raw, lines), name = read_yaml(source, "config"), str(source)
     raw = _merge(raw, parse_overrides(list(overrides)))
     if isinstance(raw.get("method"), str):  # `method: lora` is shorthand for `method: {name: lora}`
         raw["method"] = {"name": raw["method"]}
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_explain(err, name, lines, raw)) from None
+    return validate(TrainConfig, raw, name, lines)
 
 
 def dump_config(config: BaseModel) -> str:

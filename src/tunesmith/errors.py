@@ -12,5 +12,5 @@ class TunesmithError(Exception):
     that says what was wrong, where (file:line: field when there is one) and, when it helps, what to do."""
 
 
-class UsageError(TunesmithError):
+class UsageError(TunesmithError, ValueError):
     """A mistake in how a command was called (conflicting or missing options)."""

@@ -11,12 +11,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .batching import batches, device_of, pad
 from .data.tokenize import IGNORE_INDEX, encode_classification, encode_tagging, tokenize_records
+from .errors import TunesmithError
 from .generate import SamplingParams, generate_batch
 from .metrics import classification_metrics, exact_match, generation_metrics, ner_metrics
+from .progress import Progress
 
 
-class EvaluateError(ValueError):
+class EvaluateError(TunesmithError, ValueError):
     """Data or a model that cannot be scored as asked; the message says what to change."""
 
 
@@ -46,63 +49,61 @@ def _inference(fn):
     return wrapper
 
 
-def _batches(features: list[dict], size: int, pad_id: int):
-    import torch
-
-    for start in range(0, len(features), size):
-        chunk = features[start:start + size]
-        width = max(len(f["input_ids"]) for f in chunk)
-        ids = torch.tensor([f["input_ids"] + [pad_id] * (width - len(f["input_ids"])) for f in chunk])
-        mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in chunk])
-        yield chunk, ids, mask
-
-
 @_inference
-def learnable_loss(model, tokenizer, records, *, chat_template=None, max_length=512, batch_size=8) -> float:
+def learnable_loss(model, tokenizer, records, *, chat_template=None, max_length=512, batch_size=8,
+                   desc: str = "loss") -> float:
     """Mean cross-entropy over learnable tokens only (the same mask as training), summed across the set."""
     import torch
 
     examples, _ = tokenize_records(tokenizer, records, max_length=max_length, chat_template=chat_template,
-                                   source="eval")
+                                   source="eval", generation_config=getattr(model, "generation_config", None))
     feats = [e.features() for e in examples]
     total, count = 0.0, 0
-    for chunk, ids, mask in _batches(feats, batch_size, tokenizer.pad_token_id):
-        labels = torch.tensor([f["labels"] + [IGNORE_INDEX] * (ids.shape[1] - len(f["labels"])) for f in chunk])
-        # Prompt tuning prepends virtual tokens to the logits; the last seq positions are the real tokens.
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1]  # (batch, seq-1, vocab)
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        total += loss.item()
-        count += int((target != IGNORE_INDEX).sum())
+    device = device_of(model)
+    with Progress(desc, len(feats)) as progress:
+        for chunk, ids, mask in batches(feats, batch_size, tokenizer.pad_token_id, device=device, progress=progress):
+            labels, _ = pad([f["labels"] for f in chunk], IGNORE_INDEX, width=ids.shape[1], device=device)
+            # Prompt tuning prepends virtual tokens to the logits; the last seq positions are the real tokens.
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1]  # (batch, seq-1, vocab)
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            total += loss.item()
+            count += int((target != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
 def evaluate_generation(model, tokenizer, records, *, chat_template=None, max_length=512, max_new_tokens=64,
-                        params: SamplingParams | None = None, normalize: bool = False, batch_size=16) -> Evaluation:
+                        params: SamplingParams | None = None, normalize: bool = False, batch_size=16,
+                        desc: str = "scoring") -> Evaluation:
     """Generate a reply for each record's prompt (greedy unless `params` sample) and compare with its gold
     reply; the loss is over the gold reply's learnable tokens, with the training mask."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
     requests, golds = zip(*(split_reference(r) for r in records)) if records else ((), ())
-    outputs = generate_batch(model, tokenizer, list(requests), params=params, chat_template=chat_template,
-                             batch_size=batch_size)
+    with Progress(f"{desc}: generating", len(requests)) as progress:
+        outputs = generate_batch(model, tokenizer, list(requests), params=params, chat_template=chat_template,
+                                 batch_size=batch_size, progress=progress)
     texts = [out.text for out in outputs]
     predictions = [{"input": req, "gold": gold, "prediction": text,
                     "correct": exact_match(text, gold, normalized=normalize)}
                    for req, gold, text in zip(requests, golds, texts)]
-    loss = learnable_loss(model, tokenizer, records, chat_template=chat_template, max_length=max_length)
+    loss = learnable_loss(model, tokenizer, records, chat_template=chat_template, max_length=max_length,
+                          desc=f"{desc}: loss")
     metrics = {**generation_metrics(texts, list(golds), normalized=normalize),
                "loss": loss, "perplexity": math.exp(min(loss, 50))}
     return Evaluation(metrics, predictions)
 
 
 @_inference
-def evaluate_classification(model, tokenizer, records, labels, *, max_length=512, batch_size=32) -> Evaluation:
+def evaluate_classification(model, tokenizer, records, labels, *, max_length=512, batch_size=32,
+                            desc: str = "scoring") -> Evaluation:
     label2id = {label: i for i, label in enumerate(labels)}
     feats = encode_classification(tokenizer, records, label2id, max_length)
     predicted = []
-    for _, ids, mask in _batches(feats, batch_size, tokenizer.pad_token_id):
-        predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
+    with Progress(desc, len(feats)) as progress:
+        for _, ids, mask in batches(feats, batch_size, tokenizer.pad_token_id, device=device_of(model),
+                                    progress=progress):
+            predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
     names = [labels[i] for i in predicted]
     golds = [r["label"] for r in records]
     predictions = [{"input": r["text"], "gold": g, "prediction": p, "correct": g == p}
@@ -111,15 +112,18 @@ def evaluate_classification(model, tokenizer, records, labels, *, max_length=512
 
 
 @_inference
-def evaluate_tagging(model, tokenizer, records, labels, *, max_length=512, batch_size=32) -> Evaluation:
+def evaluate_tagging(model, tokenizer, records, labels, *, max_length=512, batch_size=32,
+                     desc: str = "scoring") -> Evaluation:
     label2id = {label: i for i, label in enumerate(labels)}
     feats = encode_tagging(tokenizer, records, label2id, max_length)
     golds, preds, predictions = [], [], []
-    for chunk, ids, mask in _batches(feats, batch_size, tokenizer.pad_token_id):
-        argmax = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
-        for f, row in zip(chunk, argmax):
-            words = [labels[p] for p, gold in zip(row, f["labels"]) if gold != IGNORE_INDEX]
-            preds.append(words)
+    with Progress(desc, len(feats)) as progress:
+        for chunk, ids, mask in batches(feats, batch_size, tokenizer.pad_token_id, device=device_of(model),
+                                        progress=progress):
+            argmax = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
+            for f, row in zip(chunk, argmax):
+                words = [labels[p] for p, gold in zip(row, f["labels"]) if gold != IGNORE_INDEX]
+                preds.append(words)
     for record, words in zip(records, preds):
         words = words + ["O"] * (len(record["tags"]) - len(words))  # words cut by truncation count as O
         golds.append(record["tags"])
@@ -129,17 +133,18 @@ def evaluate_tagging(model, tokenizer, records, labels, *, max_length=512, batch
 
 
 def evaluate_records(model, tokenizer, records, task: str, *, labels=None, chat_template=None, max_length=512,
-                     max_new_tokens=64, params: SamplingParams | None = None, normalize: bool = False) -> Evaluation:
-    """Score `model` on `records` for `task` (sft, classify or ner)."""
+                     max_new_tokens=64, params: SamplingParams | None = None, normalize: bool = False,
+                     desc: str = "scoring") -> Evaluation:
+    """Score `model` on `records` for `task` (sft, classify or ner); progress is shown as `desc`."""
     was_training = model.training
     model.eval()
     try:
         if task == "sft":
             return evaluate_generation(model, tokenizer, records, chat_template=chat_template, max_length=max_length,
-                                       max_new_tokens=max_new_tokens, params=params, normalize=normalize)
+                                       max_new_tokens=max_new_tokens, params=params, normalize=normalize, desc=desc)
         if task == "classify":
-            return evaluate_classification(model, tokenizer, records, labels, max_length=max_length)
-        return evaluate_tagging(model, tokenizer, records, labels, max_length=max_length)
+            return evaluate_classification(model, tokenizer, records, labels, max_length=max_length, desc=desc)
+        return evaluate_tagging(model, tokenizer, records, labels, max_length=max_length, desc=desc)
     finally:
         model.train(was_training)
 
@@ -171,7 +176,7 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
     the language model with `prompting` (a PromptingConfig or a mapping; default: zero-shot, label names as
     label words); `train_data` supplies its k-shot exemplars. With `output_dir`, writes metrics.json and
     predictions.jsonl there."""
-    from .config import PromptingConfig
+    from .config import PromptingConfig, load_prompting
     from .data.formats import kind_of, read_records
     from .models import load_causal_lm, load_run, load_tokenizer, run_info
 
@@ -183,7 +188,11 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
     task = task or (info or {}).get("task") or _TASK_OF_KIND[kind_of(records[0])]
     pool = (list(train_data) if isinstance(train_data, list) else read_records(train_data)) if train_data else []
     if isinstance(prompting, dict):
-        prompting = PromptingConfig.model_validate(prompting)
+        prompting = load_prompting(prompting)
+    if prompting is not None and prompting.shots > len(pool):
+        raise EvaluateError(f"{prompting.shots}-shot prompting needs at least {prompting.shots} exemplars from "
+                            f"the training data, but {'it has ' + str(len(pool)) if train_data else 'none was given'}"
+                            " (give train_data, or --train-data on the command line)")
     labels = labels or (info or {}).get("labels")
     if task == "classify" and not labels:
         labels = sorted({r["label"] for r in records} | {r["label"] for r in pool})

@@ -9,12 +9,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import TunesmithError
 from .models import load_run, resolve
 
 _UNMERGEABLE = ("prefix", "prompt")  # soft prompts live outside the weights: there is nothing to merge into
 
 
-class ExportError(RuntimeError):
+class ExportError(TunesmithError, RuntimeError):
     pass
 
 

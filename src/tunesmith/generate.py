@@ -161,16 +161,19 @@ def generate(model, tokenizer, *, prompt: str | None = None, messages: list[dict
 
 
 def generate_batch(model, tokenizer, requests: list[dict], *, params: SamplingParams | None = None,
-                   chat_template: str | None = None, batch_size: int = 16) -> list[Generation]:
+                   chat_template: str | None = None, batch_size: int = 16, progress=None) -> list[Generation]:
     """Generate for many requests ({"prompt": ...} or {"messages": [...]}) in left-padded batches.
 
-    Greedy unless the params sample; stop sequences cut each reply. Used by evaluation."""
+    Greedy unless the params sample; stop sequences cut each reply. Used by evaluation; `progress` (a
+    progress.Progress) advances by each batch's size."""
     import torch
+
+    from .batching import device_of, pad
 
     params = params or SamplingParams()
     _peft_cache_compat(model)
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sorted(stops)[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sorted(stops)[0]
     encoded = [prompt_ids(tokenizer, prompt=r.get("prompt"), messages=r.get("messages"),
                           chat_template=chat_template) for r in requests]
     results: list[Generation] = []
@@ -178,15 +181,16 @@ def generate_batch(model, tokenizer, requests: list[dict], *, params: SamplingPa
         torch.manual_seed(params.seed)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
         # Left padding: every prompt ends at the same position, so new tokens line up across the batch.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=model.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=model.device)
+        input_ids, attention = pad(chunk, pad_id, side="left", device=device_of(model))
+        width = input_ids.shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention, eos_token_id=sorted(stops) or None,
-                                 pad_token_id=pad, **params.generate_kwargs())
+                                 pad_token_id=pad_id, **params.generate_kwargs())
         for ids, row in zip(chunk, out[:, width:].tolist()):
             results.append(_finish(tokenizer, row, stops, params, len(ids)))
+        if progress is not None:
+            progress.update(len(chunk))
     return results
 
 

@@ -8,6 +8,8 @@ import logging
 
 import torch
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # peft's task types, by tunesmith task. For SEQ_CLS/TOKEN_CLS peft also trains and saves the fresh head
@@ -36,7 +38,7 @@ def _blocks(model) -> torch.nn.ModuleList:
     Llama, bert.encoder.layer for BERT), found structurally so any architecture works."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no stack of layers to freeze partially; use method full")
+        raise ConfigError(f"{type(model).__name__} has no stack of layers to freeze partially; use method full")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
@@ -71,7 +73,7 @@ def prepare_freeze(model, method, *, task, **_):
         for p in head_parameters(model):
             p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("freeze with train_layers: 0 and train_head: false trains nothing")
+        raise ConfigError("freeze with train_layers: 0 and train_head: false trains nothing")
     return model
 
 
@@ -110,7 +112,7 @@ def prepare_adalora(model, method, *, task, total_steps: int, **_):
     tinit = method.tinit if method.tinit is not None else max(total_steps // 10, 0)
     tfinal = method.tfinal if method.tfinal is not None else max(total_steps // 5, 0)
     if tinit >= total_steps - tfinal:
-        raise ValueError(f"adalora: tinit ({tinit}) + tfinal ({tfinal}) leave no budgeting phase in "
+        raise ConfigError(f"adalora: tinit ({tinit}) + tfinal ({tfinal}) leave no budgeting phase in "
                          f"{total_steps} steps; lower them or train longer")
     return _wrap(model, AdaLoraConfig(
         task_type=_PEFT_TASK[task], init_r=method.init_r, target_r=method.target_r, tinit=tinit,

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import TunesmithError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "minilm-l6"
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(TunesmithError, RuntimeError):
     """A model name that is neither embedded-and-installed, a local directory, nor loadable."""
 
 

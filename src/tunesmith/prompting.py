@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from .batching import device_of
+from .batching import pad as pad_rows
 from .config import PromptingConfig
 from .data.templates import PromptTemplate, select_shots
 from .evaluate import EvaluateError, Evaluation, evaluate_generation
 from .generate import prompt_ids
 from .metrics import classification_metrics
+from .progress import Progress
 
 
 def label_words(config: PromptingConfig, labels: list[str]) -> dict[str, list[str]]:
@@ -55,9 +58,8 @@ def classification_prompt(tokenizer, record: dict, config: PromptingConfig, labe
 def _forward(model, rows: list[list[int]], pad_id: int, positions: list[int]) -> torch.Tensor:
     """Log-probabilities (batch, len(positions), vocab) at `positions` of right-padded rows."""
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
-    keep = torch.tensor(positions, device=model.device)
+    ids, mask = pad_rows(rows, pad_id, device=device_of(model))
+    keep = torch.tensor(positions, device=ids.device)
     if hasattr(model, "peft_config"):
         # Prompt tuning prepends virtual tokens to the logits; the last `width` positions are the real tokens.
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:][:, keep]
@@ -68,7 +70,7 @@ def _forward(model, rows: list[list[int]], pad_id: int, positions: list[int]) ->
 
 @torch.inference_mode()
 def word_log_likelihoods(model, tokenizer, prompts: list[list[int]], words: list[list[int]], *,
-                         batch_size: int = 8) -> torch.Tensor:
+                         batch_size: int = 8, desc: str = "scoring label words") -> torch.Tensor:
     """(n_prompts, n_words): log P(word's tokens | prompt), summed over the word's tokens.
 
     Single-token words are read off one forward pass of the prompt; a multi-token word needs the prompt
@@ -76,15 +78,26 @@ def word_log_likelihoods(model, tokenizer, prompts: list[list[int]], words: list
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = torch.zeros(len(prompts), len(words))
     single = [j for j, w in enumerate(words) if len(w) == 1]
-    if single:
-        first = torch.tensor([words[j][0] for j in single])
-        for start in range(0, len(prompts), batch_size):
-            rows = prompts[start:start + batch_size]
-            positions = sorted({len(r) - 1 for r in rows})
-            logp = _forward(model, rows, pad, positions)
-            last = logp[torch.arange(len(rows)), torch.tensor([positions.index(len(r) - 1) for r in rows])]
-            out[start:start + len(rows), single] = last[:, first].cpu()  # (batch, single words)
     jobs = [(i, j) for i in range(len(prompts)) for j, w in enumerate(words) if len(w) > 1]
+    with Progress(desc, (len(prompts) if single else 0) + len(jobs), unit="row") as progress:
+        if single:
+            _single_words(model, prompts, words, single, pad, batch_size, out, progress)
+        _multi_token_words(model, prompts, words, jobs, pad, batch_size, out, progress)
+    return out
+
+
+def _single_words(model, prompts, words, single, pad, batch_size, out, progress) -> None:
+    first = torch.tensor([words[j][0] for j in single])
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start:start + batch_size]
+        positions = sorted({len(r) - 1 for r in rows})
+        logp = _forward(model, rows, pad, positions)
+        last = logp[torch.arange(len(rows)), torch.tensor([positions.index(len(r) - 1) for r in rows])]
+        out[start:start + len(rows), single] = last[:, first].cpu()  # (batch, single words)
+        progress.update(len(rows))
+
+
+def _multi_token_words(model, prompts, words, jobs, pad, batch_size, out, progress) -> None:
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         # the token at position p is predicted by the logits at p - 1
@@ -94,7 +107,7 @@ def word_log_likelihoods(model, tokenizer, prompts: list[list[int]], words: list
         for row, ((i, j), ps) in enumerate(zip(chunk, needed)):
             cols = torch.tensor([positions.index(p) for p in ps])
             out[i, j] = logp[row, cols, torch.tensor(words[j])].sum().cpu()
-    return out
+        progress.update(len(chunk))
 
 
 def label_scores(model, tokenizer, prompts: list[list[int]], words: dict[str, list[str]], *,

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import TunesmithError
 from .config import PEFT_METHODS, ConfigError, TrainConfig, load_config, save_config
 from .data.formats import kind_of, read_records, to_chat, to_completion
 from .data.templates import chat_template_for, template_fingerprint
@@ -41,7 +42,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _NO_ADALORA_RESUME = "AdaLoRA runs cannot be resumed (peft does not checkpoint the rank budget); start a new run"
 
 
-class RunError(RuntimeError):
+class RunError(TunesmithError, RuntimeError):
     """A run that cannot start as asked (e.g. its directory already holds another run)."""
 
 
@@ -256,6 +257,8 @@ def _trainer_class():
 def _claim(run_dir: Path, resume: bool) -> None:
     """Never overwrite what a user has: a finished run or someone else's files stop a new run here."""
     checkpoints = run_dir / "checkpoints"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"output_dir {run_dir} is a file, not a directory; set output_dir to a new directory")
     if resume:
         if not complete_checkpoints(checkpoints):
             raise RunError(f"{run_dir}: no complete checkpoint to resume from")
@@ -330,7 +333,7 @@ def _eval_metrics_fn(task: str, labels: list[str] | None):
     return compute
 
 
-def _score(model, tokenizer, cfg: TrainConfig, records, labels):
+def _score(model, tokenizer, cfg: TrainConfig, records, labels, desc: str):
     """The Evaluation of `model` on the eval records (at most eval_limit of them), or None without records."""
     from .evaluate import evaluate_records
 
@@ -339,7 +342,7 @@ def _score(model, tokenizer, cfg: TrainConfig, records, labels):
     records = records[: cfg.eval_limit] if cfg.eval_limit else records
     return evaluate_records(model, tokenizer, sft_records(records, cfg) if cfg.task == "sft" else records, cfg.task,
                             labels=labels, chat_template=cfg.data.chat_template, max_length=cfg.max_length,
-                            max_new_tokens=cfg.eval_max_new_tokens)
+                            max_new_tokens=cfg.eval_max_new_tokens, desc=f"{desc}: {len(records)} held-out")
 
 
 def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_records, labels) -> dict:
@@ -359,7 +362,8 @@ def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_record
                                        pool=train_records, seed=cfg.seed)
         return {**result.metrics, "before_kind": f"{result.metrics.pop('prompting')} prompting (verbalizer)"}
     kind = "zero-shot" if cfg.task == "sft" else "untrained head"
-    return {**_score(model, tokenizer, cfg, eval_records, labels).metrics, "before_kind": kind}
+    return {**_score(model, tokenizer, cfg, eval_records, labels, desc="before (base model)").metrics,
+            "before_kind": kind}
 
 
 def _run_info(cfg: TrainConfig, tokenizer, labels, template) -> dict:
@@ -417,12 +421,11 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     metrics: dict = {}
     before_file = run_dir / "metrics_before.json"
     if cfg.evaluate_before and _is_main():
-        if before_file.exists():
-            metrics["before"] = json.loads(before_file.read_text())
-        else:
+        metrics["before"] = _read_json(before_file)  # kept from an interrupted attempt of this run
+        if metrics["before"] is None:
             metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
             run_dir.mkdir(parents=True, exist_ok=True)
-            before_file.write_text(json.dumps(metrics["before"], indent=2))
+            write_json(before_file, metrics["before"])
     model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
     trainable, total = trainable_parameters(model)
 
@@ -471,7 +474,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         for extra in ("training_args.bin", "README.md"):  # a pickle and peft's empty model card: not artifacts
             (run_dir / extra).unlink(missing_ok=True)
         labels_info = _run_info(cfg, tokenizer, labels, template)
-        (run_dir / RUN_FILE).write_text(json.dumps(labels_info, indent=2))
+        write_json(run_dir / RUN_FILE, labels_info)
         save_config(cfg, run_dir / "train_config.yaml")
         seen = trainer.state.num_input_tokens_seen
         metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
@@ -480,19 +483,50 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
                             "tokens": getattr(stats, "tokens", None),
                             "learnable_tokens": getattr(stats, "learnable_tokens", None),
                             "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
-        after = _score(trainer.model, tokenizer, cfg, eval_records, labels)
+        after = _score(trainer.model, tokenizer, cfg, eval_records, labels, desc="after (trained)")
         metrics["after"] = after.metrics if after else {}
         if after:
             with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in after.predictions)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(run_dir / "metrics.json", metrics)
         before_file.unlink(missing_ok=True)
         shutil.rmtree(checkpoints, ignore_errors=True)
     return Run(run_dir, metrics)
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed from; they will be written again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """Drop log lines written after the checkpoint being resumed from (they will be written again), and a
+    half-written last line left by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a whole file atomically: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def _read_json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable (truncated by a kill: recomputed)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as err:
+        log.warning("%s is unreadable (%s); computing it again", path, err)
+        return None

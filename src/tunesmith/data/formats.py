@@ -5,7 +5,8 @@ classification and tagging. A reader per file format (in `readers.py`, registere
 file into a stream of them; `detect_format` picks the reader from the extension and, for JSON, the keys
 of the first record. Bad records become `Problem`s naming file, line and field, and every problem in a
 file is found in one pass: `iter_records` streams the good records and raises one `DataError` listing
-all the problems at the end.
+all the problems at the end. Data that is allowed but suspect (an empty system or user message, which
+OpenAI's format accepts) gives warnings instead: listed by `validate`, logged by `iter_records`.
 
 Conversion mapping (also in docs/formats.md):
 - completion -> chat: [user: prompt, assistant: completion]; an empty prompt gives [assistant: completion]
@@ -21,15 +22,20 @@ Conversion mapping (also in docs/formats.md):
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, TypedDict
 
+from ..errors import TunesmithError, UsageError
 from .readers import (CONLL_SUFFIXES, CSV_SUFFIXES, FORMATS, JSON_SUFFIXES, Problem, ReadOptions, Reader,
-                      first_object, has_content)
+                      first_object, has_content, json_values)
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "FORMATS", "Problem", "DataError", "Report", "Reader", "Message", "ChatRecord",
            "CompletionRecord", "ClassificationRecord", "TaggingRecord", "kind_of", "detect_format",
@@ -76,10 +82,12 @@ KINDS = tuple(_KIND_KEYS)
 EMPTY = "empty file: no records"
 
 
-class DataError(ValueError):
+class DataError(TunesmithError, ValueError):
     """Bad input data. `problems` holds every problem found; str() is a summary line, then one per line."""
 
-    def __init__(self, problems: Iterable[Problem] = (), message: str | None = None):
+    def __init__(self, problems: Iterable[Problem] | str = (), message: str | None = None):
+        if isinstance(problems, str):  # DataError("a sentence"), like any other exception
+            problems, message = (), problems
         self.problems, self._message = list(problems), message
         if message is None:
             n, files = len(self.problems), ", ".join(dict.fromkeys(p.file for p in self.problems))
@@ -128,9 +136,12 @@ def detect_format(path) -> str:
                                  f"{suffix or '(none)'!r}: expected one of {known}, or pass --format")])
     found = first_object(path)
     if found is None:
-        message = ("no record is a JSON object, so the format cannot be detected"
-                   if has_content(path) else EMPTY)
-        raise DataError([Problem(str(path), None, None, message)])
+        if not has_content(path):
+            raise DataError([Problem(str(path), None, None, EMPTY)])
+        # Say why, with places: lines that don't parse at all are the usual reason (the first few will do).
+        unreadable = itertools.islice((item for item in json_values(path) if isinstance(item, Problem)), 3)
+        raise DataError([*unreadable, Problem(str(path), None, None, "no record is a JSON object, so the format "
+                                                                   "cannot be detected")])
     number, unit, record = found
     for keys, name in _SHAPES:
         if all(key in record for key in keys):
@@ -146,33 +157,40 @@ def _format(path, format: str | None) -> str:
     if format is None:
         return detect_format(path)
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     return format
 
 
 def iter_records(path, *, format: str | None = None, text_column: str = "text", label_column: str = "label",
-                 delimiter: str | None = None, problems: list[Problem] | None = None) -> Iterator[dict]:
+                 delimiter: str | None = None, problems: list[Problem] | None = None,
+                 warnings: list[Problem] | None = None) -> Iterator[dict]:
     """Stream the valid records of `path` as internal records.
 
     Invalid records are skipped; their problems are appended to `problems` if given, else collected and
-    raised as one DataError after the last record. The format is resolved now, so an undetectable file
-    raises here rather than on the first next().
+    raised as one DataError after the last record. Warnings (records read, but suspect) are appended to
+    `warnings` if given, else summed up in one logged line. The format is resolved now, so an undetectable
+    file raises here rather than on the first next().
     """
     reader = FORMATS[_format(path, format)]
-    return _stream(Path(path), reader, ReadOptions(text_column, label_column, delimiter), problems)
+    return _stream(Path(path), reader, ReadOptions(text_column, label_column, delimiter), problems, warnings)
 
 
-def _stream(path: Path, reader: Reader, options: ReadOptions, sink: list | None) -> Iterator[dict]:
+def _stream(path: Path, reader: Reader, options: ReadOptions, sink: list | None,
+            warning_sink: list | None) -> Iterator[dict]:
     found = [] if sink is None else sink
-    before, count = len(found), 0
+    warned = [] if warning_sink is None else warning_sink
+    before, count, warnings = len(found), 0, len(warned)
     for item in reader(path, options):
         if isinstance(item, Problem):
-            found.append(item)
+            (warned if item.warning else found).append(item)
         else:
             count += 1
             yield item
     if count == 0 and len(found) == before:
         found.append(Problem(str(path), None, None, EMPTY))
+    if warning_sink is None and warned:  # one line, not one per record: a file can hold millions
+        logger.warning("%d warning(s) in %s, the first: %s (`tunesmith data validate %s` lists them all)",
+                       len(warned) - warnings, path, warned[warnings], path)
     if sink is None and found:
         raise DataError(found)
 
@@ -189,6 +207,7 @@ class Report:
     kind: str | None
     count: int  # valid records
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # allowed but suspect; they don't make it not ok
 
     @property
     def ok(self) -> bool:
@@ -196,18 +215,20 @@ class Report:
 
     def __str__(self) -> str:
         head = f"{self.path}: {self.count} valid {self.kind or 'unknown'} records ({self.format or 'unknown format'})"
-        return "\n".join([f"{head}, {len(self.problems)} problem(s)", *map(str, self.problems)])
+        return "\n".join([f"{head}, {len(self.problems)} problem(s), {len(self.warnings)} warning(s)",
+                          *map(str, self.problems), *map(str, self.warnings)])
 
 
 def validate(path, **kw) -> Report:
     """Check a whole file; bad data ends up in the report, never raised (a missing file still raises)."""
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     try:
         name = _format(path, kw.pop("format", None))
     except DataError as err:
         return Report(str(path), None, None, 0, err.problems)
-    count = sum(1 for _ in iter_records(path, format=name, problems=problems, **kw))
-    return Report(str(path), name, FORMATS[name].kind, count, problems)
+    count = sum(1 for _ in iter_records(path, format=name, problems=problems, warnings=warnings, **kw))
+    return Report(str(path), name, FORMATS[name].kind, count, problems, warnings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,7 +309,7 @@ def convert_file(src, dst, *, to: str, force: bool = False, **read_kw) -> int:
     iter_records' options (format, text_column, label_column, delimiter). Returns the record count.
     """
     if to not in _CONVERTERS:
-        raise ValueError(f"cannot convert to {to!r}: expected one of {', '.join(_CONVERTERS)}")
+        raise DataError(f"cannot convert to {to!r}: expected one of {', '.join(_CONVERTERS)}")
     if "problems" in read_kw:
         raise TypeError("convert_file() takes no problems list: it writes nothing if there are any")
     name = _format(src, read_kw.pop("format", None))

@@ -127,12 +127,8 @@ class PaddingCollator:
     pad_token_id: int
 
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        longest = max(len(example["input_ids"]) for example in examples)
-        batch = {"input_ids": [], "labels": [], "attention_mask": []}
-        for example in examples:
-            length = len(example["input_ids"])
-            pad = longest - length
-            batch["input_ids"].append([*example["input_ids"], *[self.pad_token_id] * pad])
-            batch["labels"].append([*example["labels"], *[IGNORE_INDEX] * pad])
-            batch["attention_mask"].append([1] * length + [0] * pad)
-        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+        from ..batching import pad
+
+        input_ids, attention_mask = pad([e["input_ids"] for e in examples], self.pad_token_id)
+        labels, _ = pad([e["labels"] for e in examples], IGNORE_INDEX, width=input_ids.shape[1])
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

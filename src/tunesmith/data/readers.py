@@ -4,6 +4,10 @@ A reader never raises for bad data. It yields either a valid record (a plain dic
 documented in `formats`) or a `Problem` naming file, line and field, then moves on, so one pass over a
 file finds every problem. Line formats are read lazily as bytes and decoded one line at a time, so a
 line of invalid UTF-8 doesn't hide the lines after it.
+
+Hostile input is bad data too: nesting deeper than Python's recursion limit, integers longer than its
+int-to-str limit, NUL bytes and unpaired surrogate escapes each become a Problem at their line, never a
+traceback (see `parse_json`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import csv
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
@@ -38,6 +43,7 @@ class Problem:
     field: str | None
     message: str
     unit: str = "line"  # "record" in a JSON array file, where `line` is the 1-based record number
+    warning: bool = False  # allowed but suspect (e.g. an empty system message): the record is still read
 
     def __str__(self) -> str:
         where = self.file
@@ -55,7 +61,14 @@ class ReadOptions:
 
 
 Item = Union[dict, Problem]
-Issues = list  # (field, message) pairs found in one JSON record
+
+
+class Issues(list):
+    """The (field, message) errors found in one JSON record; `warnings` holds the pairs that don't reject it."""
+
+    def __init__(self):
+        super().__init__()
+        self.warnings: list[tuple[str, str]] = []
 
 
 @dataclass(frozen=True)
@@ -73,23 +86,42 @@ class Reader:
 # sources: lines and JSON values, each with its place in the file
 # ---------------------------------------------------------------------------------------------------------
 
-def _lines(path: Path, keepends: bool = False) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
-    """(1-based line number, text) per line; the text is the decode error where a line isn't UTF-8."""
+@dataclass(frozen=True)
+class _BadLine:
+    """A line that is not UTF-8 text: why, and the line with the bad bytes replaced (for the CSV reader)."""
+
+    message: str
+    text: str
+
+
+def _lines(path: Path, keepends: bool = False) -> Iterator[tuple[int, str | _BadLine]]:
+    """(1-based line number, text) per line; a _BadLine where a line isn't UTF-8 or holds a NUL byte."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)  # Excel and Notepad write one
             try:
                 text = raw.decode("utf-8")
+                problem = _nul(raw)
             except UnicodeDecodeError as err:
-                yield number, err
-                continue
-            yield number, text if keepends else text.rstrip("\r\n")
+                text, problem = raw.decode("utf-8", errors="replace"), _bad_utf8(err, number == 1)
+            if not keepends:
+                text = text.rstrip("\r\n")
+            yield number, _BadLine(problem, text.replace("\0", "\ufffd")) if problem else text
 
 
-def _bad_utf8(path: Path, number: int, err: UnicodeDecodeError) -> Problem:
-    return Problem(str(path), number, None,
-                   f"invalid UTF-8 (byte 0x{err.object[err.start]:02x} at column {err.start + 1})")
+def _bad_utf8(err: UnicodeDecodeError, first_line: bool = False) -> str:
+    if first_line and err.object.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+    return f"invalid UTF-8 (byte 0x{err.object[err.start]:02x} at column {err.start + 1})"
+
+
+def _nul(raw: bytes) -> str | None:
+    # Python's csv and str accept NUL as data, so without this a UTF-16 file (ASCII with a NUL after each
+    # character) would be read as garbage text, or fail later with a baffling "no 'text' column".
+    at = raw.find(b"\0")
+    return None if at < 0 else (f"NUL byte at column {at + 1}: text files have none (is this file UTF-16 "
+                                "or binary? tunesmith reads UTF-8)")
 
 
 def _is_array(path: Path) -> bool:
@@ -97,29 +129,131 @@ def _is_array(path: Path) -> bool:
         return f.read(1024).removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"["
 
 
+# Skips a JSON string whole (so brackets and digits inside it don't count), else one bracket or number.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|-?\d+(\.\d+)?([eE][-+]?\d+)?')
+# Backslashes before a \uD800-\uDFFF escape: an odd run is the escape itself, an even one is "\\" + text.
+_SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, except that everything Python's json module cannot (or should not) read is a
+    json.JSONDecodeError with a position: nesting beyond the recursion limit (a RecursionError from json),
+    an integer over sys.get_int_max_str_digits() digits (a ValueError), and an unpaired surrogate escape
+    such as "\\ud83d" (accepted by json, but not Unicode: writing it as UTF-8 fails later)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        depth, at = _deepest(text)
+        raise json.JSONDecodeError(f"arrays and objects nested {depth} deep, more than Python's json module "
+                                   "can read", text, at) from None
+    except ValueError as err:  # an integer over Python's int max str digits
+        raise json.JSONDecodeError(*_long_integer(text, err)) from None
+    # Only an escape can make a surrogate (raw UTF-8 can't encode one), and json joins every proper pair.
+    if "\\u" in text and _has_surrogate(value):
+        at, code = _lone_surrogate(text)
+        raise json.JSONDecodeError(f"unpaired surrogate escape \\u{code:04x} is not a Unicode character (half of "
+                                   "an emoji cut in two?)", text, at)
+    return value
+
+
+def _deepest(text: str) -> tuple[int, int]:
+    """The greatest nesting depth in `text` and the offset of the first bracket that reaches it."""
+    depth = deepest = at = 0
+    for match in _JSON_TOKEN.finditer(text):
+        char = match.group()
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, match.start()
+        elif char in "]}":
+            depth -= 1
+    return deepest, at
+
+
+def _long_integer(text: str, err: ValueError) -> tuple[str, str, int]:
+    limit = sys.get_int_max_str_digits()
+    for match in _JSON_TOKEN.finditer(text):
+        digits = match.group().lstrip("-")
+        # json hands only integers to int(); a fraction or exponent makes it a float, which has no limit.
+        if digits[:1].isdigit() and not (match.group(1) or match.group(2)) and len(digits) > limit:
+            return (f"a {len(digits)}-digit integer, over Python's limit of {limit} digits (write it as a string)",
+                    text, match.start())
+    return str(err), text, 0
+
+
+def _has_surrogate(value: Any) -> bool:
+    stack = [value]  # a loop, not recursion: the value may be nested nearly as deep as the recursion limit
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack += item
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return False
+
+
+def _lone_surrogate(text: str) -> tuple[int, int]:
+    """Offset and code of the first unpaired surrogate escape in JSON text that holds one."""
+    # Outside a string a backslash is a syntax error json has already raised, so every escape found here
+    # is inside a string. json pairs a high surrogate with a low one that follows it; any other is alone.
+    escapes = [(m.start(2) - 2, int(m.group(2), 16)) for m in _SURROGATE_ESCAPE.finditer(text)
+               if len(m.group(1)) % 2]
+    i = 0
+    while i < len(escapes):
+        at, code = escapes[i]
+        if code < 0xDC00 and i + 1 < len(escapes) and escapes[i + 1][0] == at + 6 and escapes[i + 1][1] >= 0xDC00:
+            i += 2
+            continue
+        return at, code
+    return 0, 0xFFFD  # not reached: _has_surrogate found one
+
+
+def _invalid_json(path: Path, err: json.JSONDecodeError, line: int | None = None) -> Problem:
+    return Problem(str(path), line or err.lineno, None, f"invalid JSON: {err.msg} (column {err.colno})")
+
+
 def _jsonl_values(path: Path) -> Iterator[Problem | tuple[int, str, Any]]:
     for number, text in _lines(path):
-        if isinstance(text, UnicodeDecodeError):
-            yield _bad_utf8(path, number, text)
+        if isinstance(text, _BadLine):
+            yield Problem(str(path), number, None, text.message)
         elif text.strip():
             try:
-                yield number, "line", json.loads(text)
+                yield number, "line", parse_json(text)
             except json.JSONDecodeError as err:
-                yield Problem(str(path), number, None, f"invalid JSON: {err.msg} (column {err.colno})")
+                yield _invalid_json(path, err, number)
 
 
 def _array_values(path: Path) -> Iterator[Problem | tuple[int, str, Any]]:
     # A JSON array can only be parsed whole; its problems are placed by record number, not line.
     data = path.read_bytes()
     try:
-        values = json.loads(data.decode("utf-8-sig"))
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        yield _bad_utf8(path, data.count(b"\n", 0, err.start) + 1, err)
+        yield Problem(str(path), data.count(b"\n", 0, err.start) + 1, None, _bad_utf8(err))
         return
+    nul = data.find(b"\0")
+    if nul >= 0:
+        start = data.rfind(b"\n", 0, nul) + 1
+        yield Problem(str(path), data.count(b"\n", 0, nul) + 1, None, _nul(data[start:nul + 1]))
+        return
+    try:
+        values = parse_json(text)
     except json.JSONDecodeError as err:
-        yield Problem(str(path), err.lineno, None, f"invalid JSON: {err.msg} (column {err.colno})")
+        yield _invalid_json(path, err)
         return
     yield from ((number, "record", value) for number, value in enumerate(values, 1))
+
+
+def json_values(path: Path) -> Iterator[Problem | tuple[int, str, Any]]:
+    """(number, unit, value) per JSON value of a .json/.jsonl file, or a Problem where one can't be read."""
+    return _array_values(path) if _is_array(path) else _jsonl_values(path)
 
 
 def first_object(path: Path) -> tuple[int, str, dict] | None:
@@ -131,7 +265,7 @@ def first_object(path: Path) -> tuple[int, str, dict] | None:
         start += len(text[start:]) - len(text[start:].lstrip())
         try:
             value, _ = json.JSONDecoder().raw_decode(text, start)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # see parse_json; the reader reports it with its place
             return None
         return (1, "record", value) if isinstance(value, dict) else None
     return next((item for item in _jsonl_values(path)
@@ -149,7 +283,7 @@ def has_content(path: Path) -> bool:
 
 def _json_reader(parse: Callable[[dict, Issues], dict | None]) -> Callable[[Path, ReadOptions], Iterator[Item]]:
     def read(path: Path, options: ReadOptions) -> Iterator[Item]:
-        for item in _array_values(path) if _is_array(path) else _jsonl_values(path):
+        for item in json_values(path):
             if isinstance(item, Problem):
                 yield item
                 continue
@@ -157,8 +291,10 @@ def _json_reader(parse: Callable[[dict, Issues], dict | None]) -> Callable[[Path
             if not isinstance(obj, dict):
                 yield Problem(str(path), number, None, f"record must be a JSON object, got {_type(obj)}", unit)
                 continue
-            issues: Issues = []
+            issues = Issues()
             record = parse(obj, issues)
+            yield from (Problem(str(path), number, field, message, unit, warning=True)
+                        for field, message in issues.warnings)
             if issues:
                 yield from (Problem(str(path), number, field, message, unit) for field, message in issues)
             else:
@@ -176,9 +312,18 @@ def _type(value: Any) -> str:
                                                                                           type(value).__name__)
 
 
+def _show(value: Any) -> str:
+    """A value as a message quotes it: a string in quotes, cut short (a line can be megabytes), a list or
+    object by its type (its repr could be huge, or nested too deep to print), other scalars as JSON."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:60] + "…")
+    return _type(value) if isinstance(value, (list, dict)) else json.dumps(value)
+
+
 def _text(obj: dict, key: str, issues: Issues, where: str = "", *, optional: bool = False,
-          allow_empty: bool = False, empty: str | None = None) -> str | None:
-    """obj[key] if it is a string (non-blank unless allow_empty), else None with an issue; null = missing."""
+          allow_empty: bool = False, empty: str | None = None, warn_empty: str | None = None) -> str | None:
+    """obj[key] if it is a string (non-blank unless allow_empty), else None with an issue; null = missing.
+    With `warn_empty`, a blank string is kept and that message becomes a warning instead."""
     field = f"{where}.{key}" if where else key
     value = obj.get(key)
     if value is None:
@@ -189,6 +334,9 @@ def _text(obj: dict, key: str, issues: Issues, where: str = "", *, optional: boo
         issues.append((field, f"{key} must be a string, got {_type(value)}"))
         return None
     if not allow_empty and not value.strip():
+        if warn_empty:
+            issues.warnings.append((field, warn_empty))
+            return value
         issues.append((field, empty or f"empty {key}"))
         return None
     return value
@@ -207,6 +355,13 @@ def _list(obj: dict, key: str, issues: Issues) -> list | None:
     return None
 
 
+# OpenAI's fine-tuning format accepts empty system and user content, so tunesmith does too, with a warning;
+# an empty assistant message is still an error: it is the training target.
+_ALLOWED_BUT = {"system": "(allowed, but it renders as an empty system turn; drop the message if none is meant)",
+                "user": "(allowed, but the reply that follows then answers nothing)"}
+_EMPTY_TURN = {role: f"empty {role} content {why}" for role, why in _ALLOWED_BUT.items()}
+
+
 def _message(m: Any, where: str, issues: Issues) -> dict | None:
     if not isinstance(m, dict):
         issues.append((where, f"message must be an object, got {_type(m)}"))
@@ -214,15 +369,19 @@ def _message(m: Any, where: str, issues: Issues) -> dict | None:
     role = m.get("role")
     if role is None:
         issues.append((f"{where}.role", "missing role"))
+    elif not isinstance(role, str):
+        issues.append((f"{where}.role", f"role must be a string, got {_type(role)}"))
     elif role not in ROLES:
-        issues.append((f"{where}.role", f"unknown role {role!r} (expected system, user or assistant)"))
-    message = {"role": role, "content": _text(m, "content", issues, where, empty="empty message")}
+        issues.append((f"{where}.role", f"unknown role {_show(role)} (expected system, user or assistant)"))
+    warn_empty = _EMPTY_TURN.get(role) if isinstance(role, str) else None  # a list or object can't be a key
+    content = _text(m, "content", issues, where, empty="empty message", warn_empty=warn_empty)
+    message = {"role": role, "content": content}
     if "weight" in m:  # OpenAI's fine-tuning format: 0 = shown to the model but not learned
         weight = message["weight"] = m["weight"]
         if role != "assistant":
-            issues.append((f"{where}.weight", f"weight is only allowed on assistant messages, not {role!r}"))
+            issues.append((f"{where}.weight", f"weight is only allowed on assistant messages, not {_show(role)}"))
         elif type(weight) is not int or weight not in (0, 1):
-            issues.append((f"{where}.weight", f"weight must be 0 or 1, got {json.dumps(weight)}"))
+            issues.append((f"{where}.weight", f"weight must be 0 or 1, got {_show(weight)}"))
     return message
 
 
@@ -259,18 +418,26 @@ def _history(obj: dict, issues: Issues) -> list[dict]:
         return []
     messages = []
     for i, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) and s.strip() for s in pair)):
-            issues.append((f"history[{i}]", "history turn must be a [user, assistant] pair of non-empty strings"))
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            issues.append((f"history[{i}]", "history turn must be a [user, assistant] pair of strings"))
             continue
+        if not pair[1].strip():
+            issues.append((f"history[{i}][1]", "empty message"))
+        elif not pair[0].strip():
+            issues.warnings.append((f"history[{i}][0]", _EMPTY_TURN["user"]))
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return messages
 
 
 def _parse_alpaca(obj: dict, issues: Issues) -> dict:
-    instruction = _text(obj, "instruction", issues)
+    instruction = _text(obj, "instruction", issues, allow_empty=True)
     extra = _text(obj, "input", issues, optional=True, allow_empty=True)
     output = _text(obj, "output", issues)
-    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    parts = [part for part in (instruction, extra) if part and part.strip()]
+    if instruction is not None and not parts:
+        issues.warnings.append(("instruction", f"empty instruction and input: the user turn is empty "
+                                               f"{_ALLOWED_BUT['user']}"))
+    user = "\n\n".join(parts) or instruction
     return {"messages": _system(obj, issues) + _history(obj, issues)
             + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
 
@@ -289,10 +456,13 @@ def _parse_sharegpt(obj: dict, issues: Issues) -> dict | None:
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         if speaker is None:
             issues.append((f"{where}.from", "missing from"))
+        elif not isinstance(speaker, str):
+            issues.append((f"{where}.from", f"from must be a string, got {_type(speaker)}"))
         elif role is None:
-            issues.append((f"{where}.from", f"unknown speaker {speaker!r} (expected one of "
+            issues.append((f"{where}.from", f"unknown speaker {_show(speaker)} (expected one of "
                                             f"{', '.join(SHAREGPT_ROLES)})"))
-        messages.append({"role": role, "content": _text(turn, "value", issues, where, empty="empty message")})
+        messages.append({"role": role, "content": _text(turn, "value", issues, where, empty="empty message",
+                                                        warn_empty=_EMPTY_TURN.get(role))})
     _require_learnable(messages, "conversations", issues)
     return {"messages": messages}
 
@@ -342,8 +512,8 @@ def _read_text(path: Path, options: ReadOptions) -> Iterator[Item]:
     lines, broken = [], False
     # A blank line after the last line flushes the last paragraph, so the loop needs no tail case.
     for number, text in itertools.chain(_lines(path), [(0, "")]):
-        if isinstance(text, UnicodeDecodeError):
-            yield _bad_utf8(path, number, text)
+        if isinstance(text, _BadLine):
+            yield Problem(str(path), number, None, text.message)
             broken = True
         elif text.strip():
             lines.append(text)
@@ -357,8 +527,8 @@ def _read_conll(path: Path, options: ReadOptions) -> Iterator[Item]:
     """`token ... tag` per line (token first, tag last, so 4-column CoNLL-2003 works), blank between sentences."""
     tokens, tags, broken = [], [], False
     for number, text in itertools.chain(_lines(path), [(0, "")]):  # the extra blank flushes the last sentence
-        if isinstance(text, UnicodeDecodeError):
-            yield _bad_utf8(path, number, text)
+        if isinstance(text, _BadLine):
+            yield Problem(str(path), number, None, text.message)
             broken = True
             continue
         columns = text.split()
@@ -369,10 +539,10 @@ def _read_conll(path: Path, options: ReadOptions) -> Iterator[Item]:
         elif columns[0] == "-DOCSTART-":
             continue
         elif len(columns) == 1:
-            yield Problem(str(path), number, None, f"expected 'token tag' but found one column {columns[0]!r}")
+            yield Problem(str(path), number, None, f"expected 'token tag' but found one column {_show(columns[0])}")
             broken = True
         elif not _TAG.fullmatch(columns[-1]):
-            yield Problem(str(path), number, None, f"tag {columns[-1]!r} is not IOB/BIOES-shaped (expected O, "
+            yield Problem(str(path), number, None, f"tag {_show(columns[-1])} is not IOB/BIOES-shaped (expected O, "
                                                    "or B-, I-, E-, S-, L- or U- and a type, e.g. B-PER)")
             broken = True
         else:
@@ -384,9 +554,9 @@ def _csv_lines(path: Path, bad: list) -> Iterator[str]:
     """Lines for the csv module; an undecodable line is noted in `bad` (and fed on, replaced) so that
     the row it belongs to can be reported with the right line number."""
     for number, text in _lines(path, keepends=True):
-        if isinstance(text, UnicodeDecodeError):
-            bad.append(_bad_utf8(path, number, text))
-            text = text.object.decode("utf-8", errors="replace")
+        if isinstance(text, _BadLine):
+            bad.append(Problem(str(path), number, None, text.message))
+            text = text.text
         yield text
 
 
@@ -402,8 +572,12 @@ def _rows(path: Path, options: ReadOptions) -> Iterator[Problem | tuple[int, lis
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as err:  # e.g. a NUL byte or a field over the csv module's size limit
-            yield Problem(str(path), reader.line_num, None, f"unreadable CSV: {err}")
+        except csv.Error as err:  # a field over the csv module's size limit; the reader can't resync after it
+            message = f"unreadable CSV: {err}"
+            if "field limit" in str(err):
+                message = (f"a field of the row starting here is over the csv module's limit of "
+                           f"{csv.field_size_limit()} characters (is a quote opened here never closed?)")
+            yield Problem(str(path), end + 1, None, message)
             return
         start, end = end + 1, reader.line_num
         if bad:
