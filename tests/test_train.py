@@ -418,6 +418,27 @@ def test_resume_reproduces_an_uninterrupted_run(method, assets, tmp_path):
     assert not (b / "checkpoints").exists()
 
 
+def test_resume_survives_a_half_written_log_line_and_a_truncated_before_score(assets, tmp_path, capsys):
+    """A kill can cut log.jsonl mid-line or metrics_before.json mid-write: resume drops the partial line and
+    scores "before" again, and the progress of each scoring phase is shown as plain lines (not a terminal)."""
+    run_dir = tmp_path / "run"
+    cfg = config(assets, run_dir, max_steps=4, save_steps=2, evaluate_before=True,
+                 data={"train": str(assets.chat), "eval_fraction": 0.25}, eval_max_new_tokens=4)
+    with pytest.raises(RunError, match="interrupted at step 4"):
+        run_train(cfg, callbacks=[CtrlC(4)])
+    before = json.loads((run_dir / "metrics_before.json").read_text())
+    (run_dir / "metrics_before.json").write_text(json.dumps(before)[:20])
+    with (run_dir / "log.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')
+    capsys.readouterr()
+    run, _ = run_train(cfg, resume=True)
+    assert run.metrics["before"]["loss"] == pytest.approx(before["loss"])
+    assert [step for step, _ in logged_losses(run_dir)] == [1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert "before (base model): 4 held-out: generating 4/4" in err
+    assert "after (trained): 4 held-out: loss 4/4" in err
+
+
 def test_adalora_runs_refuse_to_resume(assets, tmp_path):
     cfg = config(assets, tmp_path / "run", method={"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1,
                                                     "tfinal": 1}, max_steps=6, save_steps=2)

@@ -2,6 +2,7 @@
 
 The Python API; the `tunesmith` command is a thin layer over these functions."""
 
+from .errors import TunesmithError, UsageError
 from .data.formats import DataError, convert_file, read_records, validate, write_jsonl
 from .data.templates import PromptTemplate, render_chat, select_shots
 from .data.tokenize import MaskError, tokenize_chat, tokenize_completion, tokenize_records
@@ -13,6 +14,7 @@ from .compare import compare
 
 __version__ = "0.1.0"
 __all__ = [
+    "TunesmithError", "UsageError",
     "DataError", "convert_file", "read_records", "validate", "write_jsonl",
     "PromptTemplate", "render_chat", "select_shots",
     "MaskError", "tokenize_chat", "tokenize_completion", "tokenize_records",
