@@ -108,3 +108,93 @@ def model_dir(tmp_path, tiny_lm, chatml_tokenizer):
     tiny_lm.save_pretrained(path)
     chatml_tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizers whose turns end with something other than EOS, all sharing one vocabulary of special tokens,
+# so every template's markers are special tokens in every one of them (what user data must never forge).
+# ---------------------------------------------------------------------------------------------------------
+
+EXTRA_SPECIALS = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|end_of_text|>"]
+
+# Llama-3.1's layout: a system header with a date, printed even without a system message; content trimmed.
+LLAMA31_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n' + system + '<|eot_id|>' }}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Gemma 3's layout: assistant is "model", the system message is folded into the first user turn, user and
+# model content is trimmed, and turns end with <end_of_turn> while EOS is <eos>.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _wrap_all_specials(bpe, **kwargs):
+    extended = bpe.__class__.from_str(bpe.to_str())
+    extended.add_special_tokens(EXTRA_SPECIALS)
+    return _wrap(extended, **kwargs)
+
+
+@pytest.fixture
+def bare_chatml_tokenizer(bpe):
+    """ChatML with no default system prompt, EOS = <|im_end|>."""
+    from tunesmith.data.templates import CHAT_TEMPLATES
+
+    return _wrap_all_specials(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                              chat_template=CHAT_TEMPLATES["chatml"])
+
+
+@pytest.fixture
+def smollm2_tokenizer(bpe):
+    """SmolLM2's template (injects a default system prompt), EOS = <|im_end|>."""
+    return _wrap_all_specials(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
+
+
+@pytest.fixture
+def llama31_tokenizer(bpe):
+    """Llama-3.1 style: date header, turns end with <|eot_id|>, EOS = <|end_of_text|>."""
+    return _wrap_all_specials(bpe, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
+                              chat_template=LLAMA31_TEMPLATE)
+
+
+@pytest.fixture
+def gemma_tokenizer(bpe):
+    """Gemma style: turns end with <end_of_turn>, EOS = <eos>, BOS = <bos>."""
+    return _wrap_all_specials(bpe, eos_token="<eos>", bos_token="<bos>", chat_template=GEMMA_TEMPLATE)
+
+
+# Phi-3-mini's template: turns end with <|end|> and the whole conversation with EOS (<|endoftext|>), so earlier
+# turns are not prefixes of the whole; its role and end tokens strip the whitespace to their right.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+@pytest.fixture
+def phi3_tokenizer(bpe):
+    """Phi-3 style: rstrip control tokens, turns end with <|end|>, EOS = <|endoftext|>."""
+    from tokenizers import AddedToken
+
+    extended = bpe.__class__.from_str(bpe.to_str())
+    extended.add_special_tokens(EXTRA_SPECIALS + [AddedToken(t, rstrip=True, normalized=False, special=True)
+                                                  for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")])
+    return _wrap(extended, eos_token="<|endoftext|>", chat_template=PHI3_TEMPLATE)

@@ -10,6 +10,7 @@ from tunesmith.data.templates import (
     TemplateError,
     chat_template_for,
     render_chat,
+    render_chat_spans,
     select_shots,
 )
 
@@ -222,3 +223,56 @@ def test_prompt_messages_render_through_the_chat_template(tiny_tokenizer):
         "User: Review: Not bad at all.\nSentiment:\n\n"
         "Assistant:"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where each message's content sits in the rendering
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nBe nice.<|im_end|>\n' }}{% endif %}"
+                  "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                  "{% endfor %}")
+
+
+def test_render_chat_spans_are_positions_not_search_hits(tiny_tokenizer):
+    # A search for "<|im_end|>" finds the injected system prompt's marker; the span is the user's own.
+    text, spans = render_chat_spans(tiny_tokenizer, [{"role": "user", "content": "<|im_end|>"}],
+                                    chat_template=DEFAULT_SYSTEM)
+    assert text == "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\n<|im_end|><|im_end|>\n"
+    start = len("<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\n")
+    assert spans == [(0, start, start + len("<|im_end|>"))]
+    assert text.find("<|im_end|>") < start
+
+
+def test_render_chat_spans_follow_trimming_and_folding(tiny_tokenizer):
+    # Gemma-like: system folded into the first user turn, user content trimmed, generation prompt appended.
+    template = ("{{ '<bos>' }}{% for m in messages[1:] %}{{ '<start_of_turn>' + m['role'] + '\n' }}"
+                "{% if loop.first %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+                "{{ m['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "  <end_of_turn>\n"}]
+    text, spans = render_chat_spans(tiny_tokenizer, messages, add_generation_prompt=True, chat_template=template)
+    assert text == "<bos><start_of_turn>user\nBe brief. \n\n<end_of_turn><end_of_turn>\n<start_of_turn>model\n"
+    assert [(i, text[start:end]) for i, start, end in spans] == [(0, "Be brief. "), (1, "<end_of_turn>")]
+
+
+def test_render_chat_spans_list_every_place_a_content_is_printed(tiny_tokenizer):
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}(last: {{ messages[-1]['content'] }})"
+    text, spans = render_chat_spans(tiny_tokenizer, [{"role": "user", "content": "a"},
+                                                     {"role": "user", "content": "a"}], chat_template=template)
+    assert text == "[a][a](last: a)"
+    assert spans == [(0, 1, 2), (1, 4, 5), (1, 13, 14)]
+
+
+def test_render_chat_spans_unaffected_by_content_that_spells_a_placeholder(tiny_tokenizer):
+    messages = [{"role": "user", "content": "\ue0001\ue001"}, {"role": "user", "content": "b"}]
+    text, spans = render_chat_spans(tiny_tokenizer, messages, chat_template=CHAT_TEMPLATES["chatml"])
+    assert [(i, text[start:end]) for i, start, end in spans] == [(0, "\ue0001\ue001"), (1, "b")]
+
+
+def test_render_chat_spans_none_when_the_template_rewrites_content(tiny_tokenizer):
+    template = "{% for m in messages %}{{ m['content'] | replace('a', 'b') }};{% endfor %}"
+    assert render_chat_spans(tiny_tokenizer, [{"role": "user", "content": "a"}], chat_template=template) == ("b;", None)
+    # Content the rewrite leaves alone still aligns.
+    assert render_chat_spans(tiny_tokenizer, [{"role": "user", "content": "c"}], chat_template=template) == (
+        "c;", [(0, 0, 1)])

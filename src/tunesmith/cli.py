@@ -79,7 +79,7 @@ def _highlight(example, color: bool) -> str:
 def cmd_data_preview(args) -> int:
     from .data.formats import kind_of, read_records, to_chat
     from .data.tokenize import tokenize_records
-    from .models import load_tokenizer
+    from .models import load_generation_config, load_tokenizer
 
     records = read_records(args.file, **_read_options(args))
     kind = kind_of(records[0])
@@ -89,7 +89,8 @@ def cmd_data_preview(args) -> int:
         records = [to_chat(r) for r in records]
     tokenizer = load_tokenizer(args.model)
     examples, stats = tokenize_records(tokenizer, records, max_length=args.max_length,
-                                       chat_template=args.chat_template, source=args.file)
+                                       chat_template=args.chat_template, source=args.file,
+                                       generation_config=load_generation_config(args.model))
     color = args.color if args.color is not None else sys.stdout.isatty()
     for n, example in enumerate(examples[: args.limit], start=1):
         print(f"── example {n}: {len(example.input_ids)} tokens, {example.num_learnable} learnable ──")

@@ -159,6 +159,17 @@ def load_causal_lm(name: str, *, dtype=None, **kwargs):
     return model
 
 
+def load_generation_config(name: str):
+    """The model's generation config (its stop tokens end a chat turn, e.g. Gemma's <end_of_turn>), or None
+    for a model that ships none. Read without loading the weights."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(resolve(name))
+    except (OSError, ValueError):
+        return None
+
+
 def load_for_task(name: str, task: str, labels: list[str] | None = None, *, tokenizer=None):
     """The base model for a training task: a causal LM for sft, or the model with a freshly initialised
     classification head (sequence for `classify`, token for `ner`) sized to `labels`."""

@@ -101,8 +101,11 @@ def label_list(records: list[dict], task: str) -> list[str]:
 def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: list[str] | None, source: str):
     """Model inputs for one split. sft: input ids + loss-masked labels (packed into rows when asked)."""
     if cfg.task == "sft":
+        from .models import load_generation_config
+
         examples, stats = tokenize_records(tokenizer, sft_records(records, cfg), max_length=cfg.max_length,
-                                           chat_template=cfg.data.chat_template, source=source)
+                                           chat_template=cfg.data.chat_template, source=source,
+                                           generation_config=load_generation_config(cfg.model))
         return [e.features() for e in examples], stats
     label2id = {label: i for i, label in enumerate(labels)}
     unknown = sorted({r.get("label") for r in records if cfg.task == "classify" and r["label"] not in label2id}

@@ -1,10 +1,12 @@
-"""Prompt building: chat rendering through the model's own chat template (with small named fallbacks),
-and Jinja2 prompt templates with zero- or k-shot exemplars for the completion format."""
+"""Prompt building: chat rendering through the model's own chat template (with small named fallbacks), with
+the exact place of each message's content in the rendering, and Jinja2 prompt templates with zero- or k-shot
+exemplars for the completion format."""
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -12,6 +14,7 @@ from typing import Literal
 import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
+from ..errors import TunesmithError
 
 # ---------------------------------------------------------------------------------------------------------
 # Chat templates
@@ -69,6 +72,56 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     )
 
 
+# Placeholders for message content: private-use characters have no case and no whitespace, so they pass
+# through `| upper`, `| trim` and the like unchanged, and no real text contains them by accident.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
+                      chat_template: str | None = None) -> tuple[str, list[tuple[int, int, int]] | None]:
+    """`render_chat`, plus where each message's content sits in the text: `(message index, start, end)` for
+    every place the template prints it, in text order. None when the template changes content beyond
+    trimming whitespace (e.g. drops old reasoning), so the spans cannot be known exactly.
+
+    The spans come from positions, never from searching the text for the content (a search can match the
+    template's own text, e.g. a default system prompt's `<|im_end|>`): the conversation is rendered a second
+    time with a unique placeholder for each content, the template's own text is what lies between the
+    placeholders, and the real rendering must be exactly those pieces with each content put back, as given
+    or stripped where the template trims."""
+    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                       chat_template=chat_template)
+    contents = [m["content"] for m in messages]
+    tag = _OPEN
+    while any(tag in c for c in contents):  # a tag no content contains: the placeholders cannot collide
+        tag += _OPEN
+    marked = [{**m, "content": f"{tag}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    skeleton = render_chat(tokenizer, marked, add_generation_prompt=add_generation_prompt,
+                           chat_template=chat_template)
+    # pieces = [template text, message index, template text, message index, ..., template text]
+    pieces = re.split(f"{re.escape(tag)}([0-9]+){re.escape(_CLOSE)}", skeleton)
+    return text, _align(text, pieces, contents)
+
+
+def _align(text: str, pieces: list[str], contents: list[str]) -> list[tuple[int, int, int]] | None:
+    if not text.startswith(pieces[0]):
+        return None
+    spans, at = [], len(pieces[0])
+    for index, after in zip(pieces[1::2], pieces[2::2]):
+        index = int(index)
+        if index >= len(contents):
+            return None
+        content = contents[index]
+        # As given first, then as Jinja's `trim` (str.strip) and its one-sided forms would print it.
+        for printed in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if text.startswith(printed, at) and text.startswith(after, at + len(printed)):
+                break
+        else:
+            return None
+        spans.append((index, at, at + len(printed)))
+        at += len(printed) + len(after)
+    return spans if at == len(text) else None
+
+
 def template_fingerprint(template: str) -> str:
     """A short stable hash of a chat template, saved with trained runs so a mismatch can be detected."""
     return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
@@ -83,7 +136,7 @@ def template_fingerprint(template: str) -> str:
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
-class TemplateError(ValueError):
+class TemplateError(TunesmithError, ValueError):
     """A prompt template that does not parse, or that needs a field a record lacks."""
 
 
@@ -174,13 +227,13 @@ def select_shots(pool: Sequence[Mapping], k: int, *, strategy: Literal["first", 
     """k exemplars from `pool`: the first k, or a seeded random sample. Records equal to `exclude` (the query
     itself) are never chosen, so a query never appears as its own shot."""
     if strategy not in ("first", "random"):
-        raise ValueError(f"Unknown shot selection strategy {strategy!r}; use 'first' or 'random'.")
+        raise TemplateError(f"Unknown shot selection strategy {strategy!r}; use 'first' or 'random'.")
     if k < 0:
-        raise ValueError(f"The number of shots must be 0 or more, not {k}.")
+        raise TemplateError(f"The number of shots must be 0 or more, not {k}.")
     candidates = [r for r in pool if exclude is None or r != exclude]
     if k > len(candidates):
         excluded = f" after excluding the query ({len(pool) - len(candidates)} removed)" if exclude is not None else ""
-        raise ValueError(f"Asked for {k} shots but the pool has only {len(candidates)} "
+        raise TemplateError(f"Asked for {k} shots but the pool has only {len(candidates)} "
                          f"exemplar{'s' * (len(candidates) != 1)}{excluded}.")
     if strategy == "first":
         return candidates[:k]

@@ -1,34 +1,40 @@
 """Token ids and the loss mask, in one place: labels sit exactly on what the model should learn to say.
 
-Chat: the conversation is rendered once with the chat template and tokenized jointly. Each learnable
-assistant message (weight 1) is located in the rendered text by rendering prefixes of the conversation:
-`render(messages[:i], add_generation_prompt=True)` ends where message i's text starts and
+Chat: the conversation is rendered once with the chat template and tokenized jointly. Where each message's
+content sits in that text is known exactly, from a second rendering with placeholders (`render_chat_spans`),
+never by searching for it. Each learnable assistant message (weight 1) is located by rendering prefixes of
+the conversation: `render(messages[:i], add_generation_prompt=True)` ends where message i's text starts and
 `render(messages[:i+1])` ends after its end-of-turn marker. That works for any template that renders a
-conversation as the concatenation of its turns (ChatML, Llama 3, templates that inject a default system
-prompt or trim whitespace), with no `{% generation %}` tags. The span is then cut right after the last stop
-token in it (`<|im_end|>`, `<|eot_id|>`, EOS), so the model learns to stop but not the newline the template
-prints after it. Templates that re-render history differently (e.g. dropping old reasoning) fall back to
-locating the message content in the text.
+conversation as the concatenation of its turns (ChatML, Llama 3, Gemma, templates that inject a default
+system prompt or trim whitespace), with no `{% generation %}` tags; templates that re-render earlier turns
+differently use the message's exact content span instead. The turn ends right after the first stop token
+after the content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, EOS; see `tokenize_chat`), so the model
+learns to stop but not the newline the template prints after it.
 
 Completion: prompt and completion are tokenized as one string, so the boundary token is what the model
 will see; every token that covers any completion character is learnable, plus an appended EOS.
 
-The mask is checked, not trusted (`MaskError` names the example), and special-token strings inside
-message content are tokenized as plain text so user data cannot forge a role.
+The mask is checked, not trusted (`MaskError` names the example). Special-token strings inside message
+content are tokenized as plain text, in training and at serving alike, so user data cannot forge a role: only
+the template's own text can yield a control token. A template that changes content beyond trimming cannot be
+aligned with its content, so content holding a special-token string is refused there.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
-from .templates import chat_template_for, render_chat
+from ..errors import TunesmithError
+from .templates import chat_template_for, render_chat, render_chat_spans
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # what transformers' loss functions skip
 
 
-class MaskError(ValueError):
+class MaskError(TunesmithError, ValueError):
     """A loss mask that came out empty or misaligned: training on it would silently learn nothing."""
 
 
@@ -60,16 +66,16 @@ def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Encoding with special-token strings in user data kept as plain text
+# Encoding with special-token strings in message content kept as plain text
 # ---------------------------------------------------------------------------------------------------------
 
-def _special_strings(tokenizer) -> list[str]:
-    return [t for t in tokenizer.all_special_tokens + list(_added_special(tokenizer)) if t]
-
-
-def _added_special(tokenizer):
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """Every special token's string and id: the named ones (EOS, BOS, ...) and the added tokens marked
+    special (`<|im_start|>`, `<end_of_turn>`), which `all_special_tokens` does not always list."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return {tok.content for tok in decoder.values() if getattr(tok, "special", False)}
+    found = {tok.content: i for i, tok in decoder.items() if getattr(tok, "special", False)}
+    found.update(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    return {token: i for token, i in found.items() if token and i is not None}
 
 
 def _encode(tokenizer, text: str, *, add_special_tokens: bool, split_special: bool = False):
@@ -78,38 +84,73 @@ def _encode(tokenizer, text: str, *, add_special_tokens: bool, split_special: bo
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _encode_protected(tokenizer, text: str, plain: list[tuple[int, int]]):
-    """Tokenize `text` jointly, then re-tokenize each `plain` character span (user content that contains a
-    special-token string) with special tokens split, so `<|im_start|>system` in a message is just text.
+def _encode_protected(tokenizer, text: str, contents: list[tuple[int, int]]):
+    """Tokenize `text` jointly, then re-tokenize with special tokens split the tokens covering each message
+    content (`contents`: disjoint (start, end) character spans in text order) that a special token touches,
+    so `<|im_start|>system` typed in a message is just text while the template's own markers stay special.
 
-    Only the tokens covering such a span are replaced, so merges everywhere else stay those of the joint
-    tokenization."""
+    Merges everywhere else stay those of the joint tokenization. Linear in the text, because the server
+    encodes every prompt with it: touched contents and their covering tokens are found by bisection over
+    sorted offsets, the replacements tokenized in one batch, and the ids rebuilt in one pass."""
     ids, offsets = _encode(tokenizer, text, add_special_tokens=False)
-    for start, end in sorted(plain, reverse=True):  # right to left keeps earlier indices valid
-        covering = [i for i, (s, e) in enumerate(offsets) if e > start and s < end and e > s]
-        if not covering:
-            continue
-        first, last = covering[0], covering[-1]
-        lo, hi = offsets[first][0], offsets[last][1]
-        sub_ids, sub_offsets = _encode(tokenizer, text[lo:hi], add_special_tokens=False, split_special=True)
-        ids[first:last + 1] = sub_ids
-        offsets[first:last + 1] = [(s + lo, e + lo) for s, e in sub_offsets]
-    return ids, offsets
+    special = {i: token for token, i in _special_tokens(tokenizer).items()}
+    # A control token with lstrip/rstrip (Phi-3's `<|end|>`) also covers the whitespace beside it, which may be
+    # a content's edge; its offsets become its own string's, so that it sits on the template's side.
+    for t, token in enumerate(ids):
+        if token in special:
+            s, e = offsets[t]
+            at = text.find(special[token], s, e)
+            if at >= 0:
+                offsets[t] = (at, at + len(special[token]))
+
+    starts = [start for start, _ in contents]
+    touched = set()
+    for token, (s, e) in zip(ids, offsets):
+        if token in special:
+            k = bisect_left(starts, e) - 1  # the last content starting before this token ends
+            while k >= 0 and contents[k][1] > s:
+                touched.add(k)
+                k -= 1
+    begins, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    runs: list[list[int]] = []  # [first, last] token indices to re-tokenize, merged where they overlap
+    for k in sorted(touched):
+        start, end = contents[k]
+        first, last = bisect_right(ends, start), bisect_left(begins, end) - 1
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], last)
+        elif first <= last:
+            runs.append([first, last])
+    if not runs:
+        return ids, offsets
+    plain = _encode_plain(tokenizer, [text[offsets[first][0]:offsets[last][1]] for first, last in runs])
+    # Checked, not trusted: a tokenizer that ignores split_special_tokens, or whose plain-text merges reach a
+    # control token, would hand the content a role after all.
+    if forged := next((i for sub_ids, _ in plain for i in sub_ids if i in special), None):
+        raise MaskError(f"the tokenizer turns the plain text of a message into the control token "
+                        f"{special[forged]!r}, so message content cannot be kept from forging a role")
+    out_ids, out_offsets, done = [], [], 0
+    for (first, last), (sub_ids, sub_offsets) in zip(runs, plain):
+        lo = offsets[first][0]
+        out_ids += ids[done:first] + sub_ids
+        out_offsets += offsets[done:first] + [(s + lo, e + lo) for s, e in sub_offsets]
+        done = last + 1
+    return out_ids + ids[done:], out_offsets + offsets[done:]
 
 
-def _find_contents(text: str, messages: list[dict], wanted) -> dict[int, tuple[int, int]]:
-    """Character span of each wanted message's content in the rendered text, searched in order so an
-    earlier identical string cannot be matched. Templates may trim content, so the stripped form is used."""
-    spans, cursor = {}, 0
-    for i, message in enumerate(messages):
-        content = message["content"].strip()
-        at = text.find(content, cursor)
-        if at < 0:
-            continue
-        cursor = at + len(content)
-        if wanted(i, message):
-            spans[i] = (at, cursor)
-    return spans
+def _encode_plain(tokenizer, pieces: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Ids and offsets of each piece with special tokens split, tokenized as if mid-text: after a newline
+    that is then dropped, so a SentencePiece tokenizer adds no prefix space (transformers'
+    `encode_marked_chat` uses the same trick). A piece the newline merges into is tokenized alone."""
+    newline, _ = _encode(tokenizer, "\n", add_special_tokens=False, split_special=True)
+    enc = tokenizer(["\n" + piece for piece in pieces], add_special_tokens=False, return_offsets_mapping=True,
+                    split_special_tokens=True)
+    out, n = [], len(newline)
+    for piece, ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"]):
+        if ids[:n] == newline and (len(ids) == n or offsets[n][0] >= 1):
+            out.append((ids[n:], [(s - 1, e - 1) for s, e in offsets[n:]]))
+        else:
+            out.append(_encode(tokenizer, piece, add_special_tokens=False, split_special=True))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,76 +161,115 @@ def _learnable(message: dict) -> bool:
     return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
-def _assistant_spans(tokenizer, messages, template, text, stops: list[str]) -> dict[int, tuple[int, int]]:
+def _render(tokenizer, messages, template, *, add_generation_prompt=False):
+    """The rendered text and each content's exact (message index, start, end) span, or None for a template
+    that changes content. Plain content is fine then, but content holding a special-token string could not
+    be told apart from the template's text, so it is refused rather than guessed at."""
+    text, spans = render_chat_spans(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                    chat_template=template)
+    if spans is None:
+        specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, specials)) or "(?!)")
+        for i, message in enumerate(messages):
+            if found := pattern.search(message["content"]):
+                raise MaskError(
+                    f"message {i} ({message['role']}) contains the special-token string {found.group()!r}, and "
+                    "the chat template changes message content (beyond trimming whitespace), so it cannot be "
+                    "kept as plain text; remove it from the data or use a template that prints content as given")
+    return text, spans
+
+
+def _content_spans(spans) -> list[tuple[int, int]]:
+    return [(start, end) for _, start, end in spans or () if end > start]
+
+
+def _turn_end_ids(tokenizer, messages, text, spans) -> set[int]:
+    """Special tokens the template prints right after every assistant message, e.g. Gemma's `<end_of_turn>`
+    (whose EOS is `<eos>`) or Llama 3's `<|eot_id|>` (EOS `<|end_of_text|>`)."""
+    specials, common = _special_tokens(tokenizer), None
+    for k, (i, _, end) in enumerate(spans or ()):
+        if messages[i]["role"] != "assistant":
+            continue
+        # Between two contents there is only template text.
+        after = text[end:spans[k + 1][1] if k + 1 < len(spans) else len(text)].lstrip()
+        here = {tid for token, tid in specials.items() if after.startswith(token)}
+        common = here if common is None else common & here
+    return common or set()
+
+
+def _assistant_spans(tokenizer, messages, template, text, spans, stops) -> dict[int, tuple[int, int]]:
     """Character span [start, end) of each learnable assistant turn, ending right after its stop token."""
-    spans: dict[int, tuple[int, int]] = {}
-    located = None
+    printed: dict[int, list[tuple[int, int, int]]] = {}  # index -> (start, end, next content's start)
+    for k, (i, start, end) in enumerate(spans or ()):
+        printed.setdefault(i, []).append((start, end, spans[k + 1][1] if k + 1 < len(spans) else len(text)))
+    turns: dict[int, tuple[int, int]] = {}
     for i, message in enumerate(messages):
         if not _learnable(message):
             continue
         # An empty conversation cannot be rendered (and a template may inject a system prompt before a
-        # first assistant turn), so a conversation that opens with the assistant is searched for instead.
+        # first assistant turn), so a conversation that opens with the assistant uses its content span.
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, chat_template=template) if i else None
         through = render_chat(tokenizer, messages[:i + 1], chat_template=template)
         if before is not None and text.startswith(through) and through.startswith(before) and len(through) > len(before):
             start, end = len(before), len(through)
-        else:  # the template does not render conversations prefix-consistently: search for the content
-            if located is None:
-                located = _find_contents(text, messages, lambda j, m: _learnable(m))
-            if i not in located:
-                raise MaskError(f"message {i} (assistant): its content does not appear in the rendered text")
-            start, content_end = located[i]
-            hits = [(text.find(s, content_end), s) for s in stops if text.find(s, content_end) >= 0]
-            end = min(hits)[0] + len(min(hits)[1]) if hits else content_end
-        spans[i] = (start, _cut_after_last_stop(text, start, end, stops, i))
-    return spans
+            # The stop token is looked for after the content only: the content may spell one as text.
+            inside = [e for s, e, _ in printed.get(i, ()) if start <= s and e <= end]
+            turns[i] = (start, _cut_after_stop(text, inside[-1] if inside else start, end, stops, i))
+        elif len(printed.get(i, ())) == 1:
+            # Prefixes of the conversation are not prefixes of the whole (the template re-renders history,
+            # or injects text before a first assistant turn): the turn is the exact content span plus the
+            # template's text up to the first stop token after it.
+            start, content_end, next_start = printed[i][0]
+            turns[i] = (start, _cut_after_stop(text, content_end, next_start, stops, i))
+        else:
+            raise MaskError(f"message {i} (assistant): the chat template neither renders the conversation turn "
+                            "by turn nor prints this message's content exactly once, so its turn cannot be located")
+    return turns
 
 
-def _cut_after_last_stop(text: str, start: int, end: int, stops: list[str], index: int) -> int:
-    """Trim the span after its last stop-token string: the newline a template prints after `<|im_end|>`
-    is not something the model has to say, since generation has stopped by then."""
-    segment = text[start:end]
-    last = max(((segment.rfind(s) + len(s)) for s in stops if segment.rfind(s) >= 0), default=-1)
-    if last < 0:
+def _cut_after_stop(text: str, tail: int, end: int, stops: list[str], index: int) -> int:
+    """End the turn right after the first stop-token string in the template's text[tail:end], where
+    generation stops: the newline a template prints after `<|im_end|>`, or an EOS it adds after the
+    end-of-turn token (Phi-3), is not something the model has to say."""
+    segment = text[tail:end]
+    found = [(at, at + len(s)) for at, s in ((segment.find(s), s) for s in stops) if at >= 0]
+    if not found:
         raise MaskError(
             f"message {index} (assistant): the chat template ends the turn without a stop token "
             f"({', '.join(stops) or 'the tokenizer has no EOS'}), so a trained model would never learn to stop; "
-            "use a template that closes assistant turns with EOS (e.g. chat_template='plain')")
-    return start + last
+            "pass the model's generation_config if its end-of-turn token is not EOS, or use a template that "
+            "closes assistant turns with EOS (e.g. chat_template='plain')")
+    return tail + min(found)[1]
 
 
 def tokenize_chat(tokenizer, messages: list[dict], *, chat_template: str | None = None,
                   generation_config=None) -> Example:
-    """Input ids of the rendered conversation, labels only on learnable assistant turns (incl. stop token)."""
+    """Input ids of the rendered conversation, labels only on learnable assistant turns (incl. stop token).
+
+    A turn ends with a stop token: the tokenizer's EOS or one of `generation_config.eos_token_id`. Pass the
+    model's generation_config when its turns end with something other than EOS (Gemma's `<end_of_turn>`,
+    Llama 3's `<|eot_id|>`), since that is what generation will stop on. Without one (or without an
+    eos_token_id in it), a special token that the template prints right after every assistant message in
+    this conversation also counts, so such templates still train to stop."""
     template = chat_template_for(tokenizer, chat_template)
-    text = render_chat(tokenizer, messages, chat_template=template)
+    text, spans = _render(tokenizer, messages, template)
     stop_ids = stop_token_ids(tokenizer, generation_config)
+    if getattr(generation_config, "eos_token_id", None) is None:
+        stop_ids |= _turn_end_ids(tokenizer, messages, text, spans)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
-    spans = _assistant_spans(tokenizer, messages, template, text, stops)
-    ids, offsets = _encode_protected(tokenizer, text, _forged_spans(tokenizer, text, messages))
+    turns = _assistant_spans(tokenizer, messages, template, text, spans, stops)
+    ids, offsets = _encode_protected(tokenizer, text, _content_spans(spans))
 
     labels = [IGNORE_INDEX] * len(ids)
-    for index, (start, end) in spans.items():
-        covered = [t for t, (s, e) in enumerate(offsets) if e > start and s < end and e > s]
+    begins, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    for index, (start, end) in turns.items():
+        covered = [t for t in range(bisect_right(ends, start), bisect_left(begins, end)) if ends[t] > begins[t]]
         _check_turn(tokenizer, ids, covered, messages[index], index, stop_ids)
         for t in covered:
             labels[t] = ids[t]
-    if not spans:
+    if not turns:
         raise MaskError("no assistant message with weight 1: nothing to learn from")
     return Example(ids, labels, text, offsets)
-
-
-def _forged_spans(tokenizer, text, messages) -> list[tuple[int, int]]:
-    specials = _special_strings(tokenizer)
-    suspicious = lambda i, m: any(s in m["content"] for s in specials)  # noqa: E731
-    if not any(suspicious(i, m) for i, m in enumerate(messages)):
-        return []
-    found = _find_contents(text, messages, suspicious)
-    missing = [i for i, m in enumerate(messages) if suspicious(i, m) and i not in found]
-    if missing:
-        raise MaskError(f"message {missing[0]} contains a special-token string and could not be located in "
-                        "the rendered text to keep it as plain text")
-    return list(found.values())
 
 
 def _check_turn(tokenizer, ids, covered, message, index, stop_ids) -> None:
@@ -205,10 +285,10 @@ def _check_turn(tokenizer, ids, covered, message, index, stop_ids) -> None:
 
 def encode_chat_prompt(tokenizer, messages: list[dict], *, chat_template: str | None = None) -> list[int]:
     """Ids of a conversation followed by the generation prompt, ready for the model to answer.
-    Special-token strings in content stay plain text, as in training."""
+    Special-token strings in content stay plain text, as in training; linear in the conversation's size."""
     template = chat_template_for(tokenizer, chat_template)
-    text = render_chat(tokenizer, messages, add_generation_prompt=True, chat_template=template)
-    ids, _ = _encode_protected(tokenizer, text, _forged_spans(tokenizer, text, messages))
+    text, spans = _render(tokenizer, messages, template, add_generation_prompt=True)
+    ids, _ = _encode_protected(tokenizer, text, _content_spans(spans))
     return ids
 
 
