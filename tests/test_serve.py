@@ -298,16 +298,16 @@ def test_requests_arriving_together_are_generated_together_and_match_alone(engin
     assert together[:3] == alone  # left padding and position ids leave each row's result unchanged
 
 
-def test_full_queue_answers_429_with_retry_after(engine):
+def test_more_choices_than_the_queue_holds_is_a_400_not_a_retryable_429(engine):
     from starlette.testclient import TestClient
 
     from tunesmith.serve import Engine, create_app
 
     small = Engine(engine.models, engine.tokenizer, context_window=CONTEXT, max_queue=2)
     with TestClient(create_app(small)) as c:
-        r = chat(c, n=3)
-        assert_envelope(r, 429)
-        assert r.headers["retry-after"] == "1"
+        assert assert_envelope(chat(c, n=3), 400, "n")["code"] == "too_many_completions"
+        r = c.post("/v1/completions", json={"model": BASE, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert_envelope(r, 400, "n")
         assert chat(c, n=2).status_code == 200
     small.stop()
 

@@ -198,10 +198,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeSettings, parse_adapters, serve
+    from .serve import ServeSettings, parse_adapters, resolve_api_key, serve
 
-    settings = ServeSettings(api_key=args.api_key, conversations=args.conversations,
-                             max_body_bytes=args.max_body_bytes)
+    settings = ServeSettings(api_key=resolve_api_key(args.api_key, args.api_key_file),
+                             conversations=args.conversations, max_body_bytes=args.max_body_bytes)
     print(f"tunesmith: loading {args.model} to serve it on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port, settings=settings,
           chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable); clients pick it with model=NAME")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (visible in "
+                   "`ps`: prefer --api-key-file or $TUNESMITH_API_KEY)")
+    p.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (surrounding whitespace ignored)")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together (1 = batching off)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--context-window", type=int, help="default: the model's max_position_embeddings")

@@ -1,12 +1,18 @@
 """The OpenAI-compatible server: `create_app` (routes), `Engine` (batched generation), `load_engine`
-(base model + adapters), the conversation store and the terminal chat. FastAPI loads only when the app is
-asked for, so the CLI's other commands do not pay for it."""
+(base model + adapters), `resolve_api_key` (flag, file or environment), the conversation store and the
+terminal chat. FastAPI loads only when the app is asked for, so the CLI's other commands do not pay for it."""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from .adapters import ServeError, load_engine, parse_adapters
 from .engine import Engine, Served
 
+API_KEY_ENV = "TUNESMITH_API_KEY"
+
 __all__ = ["APIError", "Engine", "ServeError", "ServeSettings", "Served", "create_app", "load_engine",
-           "parse_adapters", "serve"]
+           "parse_adapters", "resolve_api_key", "serve"]
 
 
 def __getattr__(name: str):
@@ -28,3 +34,32 @@ def serve(model: str, adapters: dict[str, str] | None = None, *, host: str = "12
     engine = load_engine(model, adapters, chat_template=chat_template, context_window=context_window,
                          max_batch=max_batch, max_queue=max_queue)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
+
+
+def resolve_api_key(value: str | None = None, file: str | Path | None = None,
+                    env: Mapping[str, str] | None = None) -> str | None:
+    """The server's API key: `value` (--api-key, which every user of the machine sees in `ps`), else the
+    contents of `file` (--api-key-file), else $TUNESMITH_API_KEY; None when none is set (no authentication).
+    Surrounding whitespace (a file's trailing newline) is dropped; an empty key is an error, not "no key"."""
+    env = os.environ if env is None else env
+    if value is not None and file is not None:
+        raise ServeError("give the API key with --api-key or --api-key-file, not both")
+    if file is not None:
+        source = f"the API key file {file}"
+        try:
+            key = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ServeError(f"cannot read {source}: {getattr(err, 'strerror', None) or err}") from None
+    elif value is not None:
+        source, key = "--api-key", value
+    elif env.get(API_KEY_ENV) is not None:
+        source, key = f"${API_KEY_ENV}", env[API_KEY_ENV]
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise ServeError(f"{source} is empty: give a key, or none at all to serve without authentication")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise ServeError(f"{source}: the API key must be printable ASCII without spaces (it travels in an HTTP "
+                         "header)")
+    return key

@@ -2,11 +2,14 @@
 in-process and `tunesmith serve` runs it under uvicorn.
 
 Every request is validated completely before anything is queued or streamed; every error leaves in
-OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`."""
+OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for anything the
+client can fix. CPU work that grows with the request (parsing, chat rendering, tokenization) runs in worker
+threads, so one large request never stalls the event loop (other requests, /health)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
@@ -16,22 +19,25 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from ..data.tokenize import encode_chat_prompt
+from ..data.templates import render_chat
+from ..data.tokenize import MaskError, encode_chat_prompt
 from ..generate import prompt_ids
-from .conversations import ConversationStore, fit_history
+from .adapters import ServeError
+from .conversations import ConversationStore, KeyReused, TurnGate, fit_history, pinned
 from .engine import Engine, Event, QueueFull, Request
-from .schemas import ChatRequest, CompletionRequest, ConversationCreate
-
+from .schemas import BodyError, ChatRequest, CompletionRequest, ConversationCreate, error_param, parse
 
 @dataclass
 class ServeSettings:
-    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer KEY`
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer KEY`; no /docs
     max_body_bytes: int = 1_000_000  # larger bodies are answered 413
     conversations: str = ":memory:"  # SQLite file for /v1/conversations
     completion_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    chat_max_tokens: int = 1024  # chat reply budget without max_tokens, capped by what is left of the window
     reply_reserve: int | None = None  # conversation reply budget without max_tokens (default: a quarter of the window)
 
 
@@ -53,6 +59,86 @@ _TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_req
 
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Prompts:
+    """Prompt token ids, with the context window checked before tokenizing. No token covers more characters
+    than the longest entry of the vocabulary, so a text of C characters has at least C / longest tokens: a
+    prompt that certainly overflows the window is refused after rendering, without tokenizing it (tokenizing
+    with special-token protection costs seconds for megabytes). Called in worker threads."""
+
+    def __init__(self, engine: Engine):
+        self.tokenizer, self.template, self.window = engine.tokenizer, engine.chat_template, engine.context_window
+        self.longest = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
+
+    def budget(self, n_prompt: int, max_tokens: int | None, default: int | None, param: str, *,
+               at_least: bool = False) -> int:
+        """Tokens the reply may have; context_length_exceeded if the prompt (and max_tokens) do not fit."""
+        window, size = self.window, f"at least {n_prompt}" if at_least else f"{n_prompt}"
+        if n_prompt >= window:
+            raise APIError(400, f"This model's maximum context length is {window} tokens, but the {param} has "
+                           f"{size} tokens, leaving no room for a reply.", param=param, code="context_length_exceeded")
+        if max_tokens is None:
+            return min(default or window, window - n_prompt)
+        if n_prompt + max_tokens > window:
+            raise APIError(400, f"This model's maximum context length is {window} tokens, but {size} tokens are in "
+                           f"the {param} and {max_tokens} were requested for the completion. Reduce the {param} or "
+                           "max_tokens.", param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def _at_least(self, text: str) -> int:
+        return -(-len(text) // self.longest)
+
+    def _render(self, messages: list[dict]) -> str:
+        try:
+            return render_chat(self.tokenizer, messages, add_generation_prompt=True, chat_template=self.template)
+        except Exception as err:  # a template that rejects this conversation (e.g. roles out of order)
+            raise APIError(400, f"The chat template cannot render these messages: {err}", param="messages") from None
+
+    def _encode(self, messages: list[dict]) -> list[int]:
+        try:
+            return encode_chat_prompt(self.tokenizer, messages, chat_template=self.template)
+        except MaskError as err:  # content that could only be kept from forging a role by refusing it
+            raise APIError(400, f"These messages cannot be encoded safely: {err}", param="messages") from None
+
+    def count(self, messages: list[dict]) -> int:
+        """Prompt tokens of `messages`, or a lower bound when that is already more than the window."""
+        if (low := self._at_least(self._render(messages))) > self.window:
+            return low
+        return len(self._encode(messages))
+
+    def chat(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
+        self.budget(self._at_least(self._render(messages)), max_tokens, None, "messages", at_least=True)
+        return self._encode(messages)
+
+    def completion(self, prompt: str, max_tokens: int | None = None) -> list[int]:
+        self.budget(self._at_least(prompt), max_tokens, None, "prompt", at_least=True)
+        ids = prompt_ids(self.tokenizer, prompt=prompt)
+        if not ids:  # an empty prompt: generate from the start of a document, as OpenAI does
+            start = next((t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) if t is not None), None)
+            if start is None:
+                raise APIError(400, "The prompt is empty and this model has no start-of-text token to begin from; "
+                               "send some text.", param="prompt")
+            ids = [start]
+        return ids
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events; `on_close` callbacks run however the response ends: done, failed or hung up on
+    (also when the body never started, where a generator's `finally` would not run)."""
+
+    def __init__(self, chunks, on_close: list):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass  # the client hung up: nobody to tell
+        finally:
+            for callback in self.on_close:
+                callback()
 
 
 class _Job:
@@ -87,23 +173,22 @@ class _Job:
             yield event
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _param(loc) -> str | None:
-    """`messages.0.role` from a pydantic error location, without the union branch tags (`str`, `list[str]`)."""
-    parts = [str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS)]
-    return ".".join(parts) or None
-
-
 def _sse(data) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def _fingerprint(data: dict) -> str:
+    """What an idempotent retry must repeat: the whole body but how the reply is delivered (stream or not)."""
+    content = {k: v for k, v in data.items() if k not in ("stream", "stream_options")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
-    store = ConversationStore(settings.conversations)
-    tokenizer, window = engine.tokenizer, engine.context_window
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ServeError("an empty API key would let anyone in: give a key, or None to serve without one")
+    store, turns, prompts = ConversationStore(settings.conversations), TurnGate(), _Prompts(engine)
+    window = engine.context_window
 
     async def lifespan(app):
         engine.start()
@@ -111,7 +196,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         engine.stop()
         store.close()
 
-    app = FastAPI(title="tunesmith", lifespan=lifespan)
+    # With a key, the interactive docs go (a browser cannot send the key to them) and the schema needs the key.
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
+    app = FastAPI(title="tunesmith", lifespan=lifespan, **docs)
     app.state.engine, app.state.store = engine, store
 
     @app.exception_handler(APIError)
@@ -121,7 +208,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     @app.exception_handler(RequestValidationError)
     async def _validation(request, err):  # FastAPI would answer 422; OpenAI answers 400
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        return APIError(400, first["msg"], param=_param(first["loc"][1:])).response()
+        return APIError(400, first["msg"], param=error_param(first["loc"][1:])).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request, err):
@@ -141,28 +228,33 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                            "'Authorization: Bearer KEY'.", code="invalid_api_key", type="authentication_error")
 
     async def read(request: HTTPRequest, schema):
-        """The body, size-checked before it is read in full, parsed as a JSON object and validated."""
+        """(validated body, its JSON object): size-checked before it is read in full, parsed in a thread."""
         limit = settings.max_body_bytes
         too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        if not (request.headers.get("content-length") or "0").isdigit():
+            raise APIError(400, "The Content-Length header must be a number of bytes.")
         if int(request.headers.get("content-length") or 0) > limit:
             raise too_big
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
+        body = bytearray()
         try:
-            data = json.loads(body)
-        except ValueError:
-            raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_big
+        except ClientDisconnect:  # nobody is left to answer; no traceback for a client that hung up
+            raise APIError(400, "The client closed the connection before sending the whole body.",
+                           code="client_disconnected") from None
         try:
-            return schema.model_validate(data)
-        except ValidationError as err:
-            first = err.errors()[0]
-            param = _param(first["loc"])
-            raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+            return await run_in_threadpool(parse, bytes(body), schema)
+        except BodyError as err:
+            raise APIError(400, err.message, param=err.param, code=err.code) from None
+
+    def fits(count: int) -> None:
+        """A request for more completions than may ever wait at once is a client error, not a busy server."""
+        if engine.max_queue and count > engine.max_queue:
+            raise APIError(400, f"This request asks for {count} completions (prompts × n), but this server queues "
+                           f"at most {engine.max_queue} at a time; ask for fewer.", param="n",
+                           code="too_many_completions")
 
     def served(name: str):
         entry = engine.models.get(name)
@@ -172,19 +264,6 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             raise APIError(400, f"`{name}` is a {entry.task} run: it labels text and cannot generate it.",
                            param="model", code="model_not_generative")
         return entry
-
-    def budget(n_prompt: int, max_tokens: int | None, default: int | None, param: str) -> int:
-        if n_prompt >= window:
-            raise APIError(400, f"This model's maximum context length is {window} tokens, but the {param} has "
-                           f"{n_prompt} tokens, leaving no room for a reply.", param=param,
-                           code="context_length_exceeded")
-        if max_tokens is None:
-            return min(default or window, window - n_prompt)
-        if n_prompt + max_tokens > window:
-            raise APIError(400, f"This model's maximum context length is {window} tokens, but {n_prompt + max_tokens}"
-                           f" were requested ({n_prompt} in the {param}, {max_tokens} for the completion). Reduce "
-                           f"the {param} or max_tokens.", param="max_tokens", code="context_length_exceeded")
-        return max_tokens
 
     def job_for(body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None) -> _Job:
         job = _Job(engine)
@@ -198,7 +277,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         job.submit()
         return job
 
-    def streaming(job: _Job, chunks, on_done=None) -> StreamingResponse:
+    def streaming(job: _Job, chunks, on_done=None) -> _Stream:
         async def body():
             try:
                 async for data in chunks:
@@ -208,15 +287,18 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 yield "data: [DONE]\n\n"
             except APIError as err:
                 yield _sse(json.loads(err.response().body))
-            finally:
-                job.cancel()  # the client went away (or we are done): stop generating at once
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _Stream(body(), on_close=[job.cancel])  # the client went away (or we are done): stop generating
 
     router = APIRouter(dependencies=[Depends(check_key)])
 
     @app.get("/health")
     async def health():
         return {"status": "ok", **engine.stats()}
+
+    if settings.api_key is not None:
+        @router.get("/openapi.json", include_in_schema=False)
+        async def openapi():
+            return app.openapi()
 
     @router.get("/v1/models")
     async def models():
@@ -228,16 +310,18 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     # -- completions ----------------------------------------------------------------------------------------
     @router.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await read(request, CompletionRequest)
+        body, _ = await read(request, CompletionRequest)
         served(body.model)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported.", param="echo")
-        prompts = body.prompts
-        encoded = [prompt_ids(tokenizer, prompt=p) for p in prompts]
-        limits = [budget(len(ids), body.max_tokens, settings.completion_max_tokens, "prompt") for ids in encoded]
+        texts = body.prompts
+        fits(len(texts) * body.n)
+        encoded = await run_in_threadpool(lambda: [prompts.completion(p, body.max_tokens) for p in texts])
+        limits = [prompts.budget(len(ids), body.max_tokens, settings.completion_max_tokens, "prompt")
+                  for ids in encoded]
         job = job_for(body, encoded, limits, body.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [prompts[c.index // body.n] if body.echo else "" for c in job.requests]
+        echo = [texts[c.index // body.n] if body.echo else "" for c in job.requests]
         offsets = [len(e) for e in echo]
 
         def logprobs(event: Event) -> dict | None:
@@ -292,13 +376,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     # -- chat -----------------------------------------------------------------------------------------------
     @router.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        body = await read(request, ChatRequest)
+        body, data = await read(request, ChatRequest)
         served(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        messages, conversation, key = body.plain_messages(), None, request.headers.get("idempotency-key")
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        fits(body.n)
+        conversation, key = None, request.headers.get("idempotency-key")
         if body.conversation is not None:
             conversation = store.get(body.conversation)
             if conversation is None:
@@ -306,23 +389,42 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                                code="conversation_not_found")
             if body.n != 1:
                 raise APIError(400, "A conversation continues with one reply: n must be 1.", param="n")
-            if key and (stored := store.reply_for(conversation["id"], key)) is not None:
-                return _replayed(body, rid, created, stored)  # an SDK retry: the turn is already written
-            reserve = max_tokens or settings.reply_reserve or window // 4
-            system = [{"role": "system", "content": conversation["system"]}] if conversation["system"] else []
-            history = [{"role": m["role"], "content": m["content"]} for m in store.messages(conversation["id"])]
-            fitted = fit_history(system, history, messages, lambda ms: len(encode_chat_prompt(
-                tokenizer, ms, chat_template=engine.chat_template)), window - reserve)
-            if fitted is None:
-                raise APIError(400, f"The system prompt and the new messages leave no room for a {reserve}-token "
-                               f"reply in the {window}-token context window.", param="messages",
-                               code="context_length_exceeded")
-            new, messages = messages, fitted
+        if conversation is None or not key:
+            return await answer(body, conversation, None, None)
+        if len(key) > 255:
+            raise APIError(400, "The Idempotency-Key header is longer than 255 characters.",
+                           code="invalid_idempotency_key")
+        # One generation per (conversation, key): a concurrent retry waits here for the first to end.
+        await turns.acquire(conversation["id"], key)
         try:
-            ids = prompt_ids(tokenizer, messages=messages, chat_template=engine.chat_template)
-        except Exception as err:  # a template that rejects this conversation (e.g. roles out of order)
-            raise APIError(400, f"The chat template cannot render these messages: {err}", param="messages") from None
-        limit = budget(len(ids), max_tokens, None, "messages")
+            response = await answer(body, conversation, key, _fingerprint(data))
+        except BaseException:
+            turns.release(conversation["id"], key)
+            raise
+        if isinstance(response, _Stream):  # the turn is written when the stream ends
+            response.on_close.append(lambda: turns.release(conversation["id"], key))
+        else:
+            turns.release(conversation["id"], key)
+        return response
+
+    async def answer(body: ChatRequest, conversation: dict | None, key: str | None, fingerprint: str | None):
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        messages = new = body.plain_messages()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if key:
+            try:
+                stored = store.reply_for(conversation["id"], key, fingerprint)
+            except KeyReused:
+                raise APIError(422, f"The Idempotency-Key {key!r} was already used in this conversation for a "
+                               "request with another body; send a new key for a new request.",
+                               code="idempotency_key_reused") from None
+            if stored is not None:
+                return _replayed(body, rid, created, stored)  # an SDK retry: the turn is already written
+        if conversation is not None:
+            reserve = max_tokens or settings.reply_reserve or window // 4
+            messages = await run_in_threadpool(history_for, conversation, new, reserve)
+        ids = await run_in_threadpool(prompts.chat, messages, max_tokens)
+        limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = job_for(body, [ids], [limit], top)
 
@@ -336,7 +438,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
         def save(text: str) -> None:
             if conversation is not None:
-                store.add_turn(conversation["id"], new, text, key)
+                store.add_turn(conversation["id"], new, text, key, fingerprint)
 
         def chunk(choices, usage=None):
             data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -382,6 +484,17 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": choices, "usage": _usage(len(ids), completion)}
 
+    def history_for(conversation: dict, new: list[dict], reserve: int) -> list[dict]:
+        """The prompt messages of a conversation's next turn, trimmed to the window (in a worker thread)."""
+        stored = [{"role": m["role"], "content": m["content"]} for m in store.messages(conversation["id"])]
+        system, history = pinned(conversation["system"], stored)
+        fitted = fit_history(system, history, new, prompts.count, window - reserve)
+        if fitted is None:
+            raise APIError(400, f"The system prompt and the new messages leave no room for a {reserve}-token "
+                           f"reply in the {window}-token context window.", param="messages",
+                           code="context_length_exceeded")
+        return fitted
+
     # -- conversations --------------------------------------------------------------------------------------
     def conversation_or_404(cid: str) -> dict:
         found = store.get(cid)
@@ -391,7 +504,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     @router.post("/v1/conversations")
     async def create_conversation(request: HTTPRequest):
-        body = await read(request, ConversationCreate)
+        body, _ = await read(request, ConversationCreate)
         if body.model is not None and body.model not in engine.models:
             raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
         return store.create(model=body.model, system=body.system, metadata=body.metadata)

@@ -1,14 +1,18 @@
 """Server-side conversations in SQLite (WAL journal, so readers never wait for the writer).
 
 A turn (the new user messages and the reply) is written in one transaction, only once the reply is
-complete, so an aborted stream leaves nothing behind. A turn may carry the client's idempotency key: a
-retry with the same key finds the stored reply instead of adding a second turn.
+complete, so an aborted stream leaves nothing behind. A turn may carry the client's idempotency key and a
+fingerprint of its request: a retry with the same key and body finds the stored reply instead of adding a
+second turn; the same key with another body is a client error (`KeyReused`), as in payment APIs. While a
+keyed turn is being generated, `TurnGate` makes a concurrent retry wait for it.
 
-History policy when it outgrows the context window (`fit_history`): the system prompt is always kept and
-the oldest turns are dropped, whole, until the prompt plus the reply budget fits."""
+History policy when it outgrows the context window (`fit_history`): the system prompt (the conversation's,
+and system messages sent before the first user message) is always kept and the oldest turns are dropped,
+whole, until the prompt plus the reply budget fits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -22,9 +26,14 @@ CREATE TABLE IF NOT EXISTS conversations (
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role TEXT NOT NULL, content TEXT NOT NULL, created_at INTEGER NOT NULL, idempotency_key TEXT);
+    role TEXT NOT NULL, content TEXT NOT NULL, created_at INTEGER NOT NULL, idempotency_key TEXT,
+    request_hash TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages(conversation_id, idempotency_key);
 """
+
+
+class KeyReused(Exception):
+    """An idempotency key already used in this conversation for a request with another body."""
 
 
 class ConversationStore:
@@ -39,6 +48,9 @@ class ConversationStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(messages)")}
+            if "request_hash" not in columns:  # a store written before request fingerprints
+                self._db.execute("ALTER TABLE messages ADD COLUMN request_hash TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -71,14 +83,20 @@ class ConversationStore:
                                     "ORDER BY seq", (cid,)).fetchall()
         return [dict(row) for row in rows]
 
-    def reply_for(self, cid: str, key: str) -> str | None:
-        """The reply already stored for an idempotency key, if this turn was written before."""
+    def reply_for(self, cid: str, key: str, request_hash: str | None = None) -> str | None:
+        """The reply already stored for an idempotency key, if this turn was written before. KeyReused if
+        that turn's request had another fingerprint than `request_hash`."""
         with self._lock:
-            row = self._db.execute("SELECT content FROM messages WHERE conversation_id = ? AND idempotency_key = ?",
-                                   (cid, key)).fetchone()
-        return row["content"] if row else None
+            row = self._db.execute("SELECT content, request_hash FROM messages WHERE conversation_id = ? AND "
+                                   "idempotency_key = ?", (cid, key)).fetchone()
+        if row is None:
+            return None
+        if request_hash and row["request_hash"] and row["request_hash"] != request_hash:
+            raise KeyReused(key)
+        return row["content"]
 
-    def add_turn(self, cid: str, user: list[dict], reply: str, key: str | None = None) -> bool:
+    def add_turn(self, cid: str, user: list[dict], reply: str, key: str | None = None,
+                 request_hash: str | None = None) -> bool:
         """Append the user messages and the reply atomically. False if the key was already used (a retry)."""
         now = int(time.time())
         with self._lock:
@@ -87,8 +105,9 @@ class ConversationStore:
                 for message in user:
                     self._db.execute("INSERT INTO messages (conversation_id, role, content, created_at) "
                                      "VALUES (?, ?, ?, ?)", (cid, message["role"], message["content"], now))
-                self._db.execute("INSERT INTO messages (conversation_id, role, content, created_at, idempotency_key) "
-                                 "VALUES (?, 'assistant', ?, ?, ?)", (cid, reply, now, key))
+                self._db.execute("INSERT INTO messages (conversation_id, role, content, created_at, idempotency_key, "
+                                 "request_hash) VALUES (?, 'assistant', ?, ?, ?, ?)",
+                                 (cid, reply, now, key, request_hash))
                 self._db.execute("COMMIT")
                 return True
             except sqlite3.IntegrityError:
@@ -96,11 +115,39 @@ class ConversationStore:
                 return False
 
 
+class TurnGate:
+    """One keyed turn at a time: a request whose (conversation, idempotency key) is being generated waits
+    until that generation ends, then finds its stored reply (or, if it failed, generates itself).
+    Used on the event loop only, so checking and taking a key need no lock."""
+
+    def __init__(self):
+        self._busy: dict[tuple[str, str], asyncio.Event] = {}
+
+    async def acquire(self, cid: str, key: str) -> None:
+        while (busy := self._busy.get((cid, key))) is not None:
+            await busy.wait()
+        self._busy[(cid, key)] = asyncio.Event()
+
+    def release(self, cid: str, key: str) -> None:
+        busy = self._busy.pop((cid, key), None)
+        if busy is not None:
+            busy.set()
+
+
+def pinned(system: str | None, stored: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(system messages, turns) of a conversation: its own system prompt plus the system messages sent
+    before the first user message are kept in every prompt; what follows is history that may be trimmed."""
+    lead = next((i for i, m in enumerate(stored) if m["role"] != "system"), len(stored))
+    own = [{"role": "system", "content": system}] if system else []
+    return own + stored[:lead], stored[lead:]
+
+
 def fit_history(system: list[dict], history: list[dict], new: list[dict], count, budget: int) -> list[dict] | None:
     """system + the newest part of history + new, dropping the oldest turns until `count(messages)` (prompt
-    tokens) is at most `budget`. A turn starts at a user message, so a reply never loses its question.
-    None if even system + new does not fit."""
-    starts = [i for i, m in enumerate(history) if m["role"] == "user"] + [len(history)]
+    tokens) is at most `budget`. A turn starts with the first message sent after a reply (a user message, or a
+    system message sent with it), so a reply never loses its question. None if even system + new does not fit."""
+    starts = [i for i, m in enumerate(history)
+              if m["role"] != "assistant" and (i == 0 or history[i - 1]["role"] == "assistant")] + [len(history)]
     lo, hi = 0, len(starts) - 1  # binary search the first kept turn: fewer turns, fewer tokens
     if count(system + history[starts[0]:] + new) <= budget:
         return system + history[starts[0]:] + new

@@ -3,12 +3,12 @@ model (up to `max_batch`), prefills them together left-padded, then decodes one 
 the batch with the KV cache. Sampling settings, stop tokens/strings and cancellation are per row, so a
 finished or abandoned row leaves the batch at once while the others continue.
 
-Requests reach the worker through a bounded queue (`QueueFull` when it is full); results come back as
-`Event`s through each request's `emit` callback, called on the worker thread."""
+Requests wait in one bounded list until the worker takes them into a batch: at most `max_queue` wait at any
+time (`QueueFull` beyond). Results come back as `Event`s through each request's `emit` callback, called on
+the worker thread. A row whose sampling fails gets an error event and leaves the batch; the others go on."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
@@ -17,11 +17,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from ..generate import _StopScanner
+from ..batching import device_of, pad
 from ..data.tokenize import stop_token_ids
 
 
 class QueueFull(Exception):
     """The request queue is full: the server answers 429."""
+
+
+# Below this temperature sampling means argmax, as in vLLM (_SAMPLING_EPS): logits / 1e-45 overflow float32 to
+# inf and softmax turns them into NaN, which torch.multinomial rejects.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -81,6 +87,14 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+def _fail(req: Request, error: str) -> None:
+    """End `req` with an error event; a callback that fails too is ignored (its client is gone)."""
+    try:
+        req.emit(Event(req.index, error=error))
+    except Exception:
+        pass
+
+
 class _Row:
     """Decoding state of one request inside a batch."""
 
@@ -103,13 +117,14 @@ class _Row:
         req = self.req
         if self.counts is not None:  # OpenAI's definition: mu - count * freq - (count > 0) * presence
             logits = logits - self.counts * req.frequency_penalty - (self.counts > 0).float() * req.presence_penalty
-        if req.temperature <= 0:
+        if req.temperature < GREEDY_BELOW:
             token = int(logits.argmax())
         else:
             probs = torch.softmax(logits / req.temperature, -1)
             if req.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 drop = sorted_p.cumsum(-1) - sorted_p >= req.top_p  # keep the smallest set reaching top_p
+                drop[0] = False  # a top_p below float32's resolution (1e-300 rounds to 0) keeps the top token
                 probs = probs.clone()
                 probs[order[drop]] = 0
             token = int(torch.multinomial(probs, 1, generator=self.generator))
@@ -164,65 +179,68 @@ class Engine:
                  max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005):
         self.models, self.tokenizer = models, tokenizer
         self.context_window, self.chat_template = context_window, chat_template
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
         self.stops = stop_token_ids(tokenizer, getattr(next(iter(models.values())).module, "generation_config", None))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stops, default=0)
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._pending: deque[Request] = deque()
+        self._waiting: deque[Request] = deque()  # submitted, not yet in a batch: at most max_queue (0 = no bound)
+        self._changed = threading.Condition()  # guards _waiting and _stopping
+        self._stopping = False
         self._worker: threading.Thread | None = None
         self.running = 0  # rows in the batch being decoded now (reported by /health)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._worker is None or not self._worker.is_alive():
+            self._stopping = False
             self._worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
             self._worker.start()
 
     def stop(self) -> None:
+        """Finish the batch being decoded, fail the requests still waiting, and end the worker."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         if self._worker is not None and self._worker.is_alive():
-            self._queue.put(None)
             self._worker.join(timeout=30)
         self._worker = None
+        with self._changed:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting:
+            _fail(req, "the server is shutting down")
 
     def stats(self) -> dict:
-        return {"running": self.running, "queued": self._queue.qsize() + len(self._pending)}
+        return {"running": self.running, "queued": len(self._waiting)}
 
     def submit(self, requests: list[Request]) -> None:
-        """Queue requests (all n choices of one API call); QueueFull if there is no room for all of them."""
+        """Queue requests (all n choices of one API call), all or none; QueueFull if there is no room for all."""
         self.start()
-        if self._queue.maxsize and self._queue.qsize() + len(requests) > self._queue.maxsize:
-            raise QueueFull
-        for req in requests:
-            try:
-                self._queue.put_nowait(req)
-            except queue.Full:
-                for r in requests:
-                    r.cancelled.set()
-                raise QueueFull from None
+        with self._changed:
+            if any(r.cancelled.is_set() for r in self._waiting):  # abandoned while waiting: free their places
+                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+            if self.max_queue and len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull
+            self._waiting.extend(requests)
+            self._changed.notify()
 
     # -- worker ---------------------------------------------------------------------------------------------
     def _next_batch(self) -> list[Request] | None:
-        if not self._pending:
-            first = self._queue.get()
-            if first is None:
-                return None
-            self._pending.append(first)
+        """Up to max_batch waiting requests for the model of the oldest one; None once stopped."""
+        while True:
+            with self._changed:
+                while not self._waiting and not self._stopping:
+                    self._changed.wait()
+                if self._stopping:
+                    return None
             if self.max_batch > 1:
                 time.sleep(self.batch_wait_s)  # let requests sent together arrive together
-        while True:  # take everything already waiting
-            try:
-                req = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if req is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            self._pending.append(req)
-        model = self._pending[0].model
-        batch = [r for r in self._pending if r.model == model][: self.max_batch]
-        for r in batch:
-            self._pending.remove(r)
-        return batch
+            with self._changed:
+                if not self._waiting:  # all cancelled (and purged by submit) while we slept
+                    continue
+                model = self._waiting[0].model
+                batch = [r for r in self._waiting if r.model == model][: self.max_batch]
+                for r in batch:
+                    self._waiting.remove(r)
+                return batch
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -234,7 +252,7 @@ class Engine:
                 self._run(batch)
             except Exception as err:  # a bug must not take the worker down: fail this batch, keep serving
                 for req in batch:
-                    req.emit(Event(req.index, error=f"{type(err).__name__}: {err}"))
+                    _fail(req, f"{type(err).__name__}: {err}")
             finally:
                 self.running = 0
 
@@ -246,10 +264,9 @@ class Engine:
         model = served.module
         vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
         rows = [_Row(r, self.tokenizer, vocab) for r in batch]
-        width = max(len(r.ids) for r in batch)
+        device = device_of(model)
         # Left padding: every prompt ends at the same column, so each step appends one column for all rows.
-        ids = torch.tensor([[self.pad] * (width - len(r.ids)) + r.ids for r in batch])  # [B, T]
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch])  # [B, T]
+        ids, mask = pad([r.ids for r in batch], self.pad, side="left", device=device)  # [B, T] each
         cache = DynamicCache() if served.use_cache else None
         step_ids = ids
         with torch.inference_mode(), served.activate():
@@ -261,25 +278,31 @@ class Engine:
                                   position_ids=positions.clamp(min=0)[:, -step_ids.shape[1]:])
                 else:
                     kwargs["use_cache"] = False
-                logits = model(input_ids=step_ids, **kwargs).logits[:, -1, :].float()  # [B, V]
+                # Rows sample on the CPU with their own seeded generators: one small copy per step.
+                logits = model(input_ids=step_ids, **kwargs).logits[:, -1, :].float().cpu()  # [B, V]
                 keep, new = [], []
                 for i, row in enumerate(rows):
                     if row.req.cancelled.is_set():
                         continue  # the client went away: drop the row without a word
-                    token, info = row.pick(logits[i])
-                    if not row.advance(token, info, self.stops):
+                    try:
+                        token, info = row.pick(logits[i])
+                        finished = row.advance(token, info, self.stops)
+                    except Exception as err:  # this row's settings or callback: it fails alone
+                        _fail(row.req, f"{type(err).__name__}: {err}")
+                        continue
+                    if not finished:
                         keep.append(i)
                         new.append(token)
                 self.running = len(keep)
                 if not keep:
                     return
                 if len(keep) < len(rows):  # shrink the batch: finished rows cost nothing from now on
-                    index = torch.tensor(keep)
+                    index = torch.tensor(keep, device=device)
                     rows = [rows[i] for i in keep]
                     mask, ids = mask[index], ids[index]
                     if cache is not None:
                         cache.batch_select_indices(index)
-                column = torch.tensor(new)[:, None]  # [B', 1]
+                column = torch.tensor(new, device=device)[:, None]  # [B', 1]
                 mask = torch.cat([mask, torch.ones_like(column)], -1)
                 ids = torch.cat([ids, column], -1)
                 step_ids = column if served.use_cache else ids

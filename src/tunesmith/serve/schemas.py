@@ -1,21 +1,38 @@
-"""Request bodies of the OpenAI-compatible API, with OpenAI's field names and ranges. Unknown fields are
-rejected (400), never silently ignored."""
+"""Request bodies of the OpenAI-compatible API, with OpenAI's field names, types and ranges, and `parse`, which
+turns raw body bytes into one of them.
+
+Types are strict, as OpenAI's are: `"max_tokens": "10"` and `"temperature": true` are rejected (an integer is
+still a valid float). Fields OpenAI's clients send that do not change a plain-text reply (`user`, `metadata`,
+`store`, `tools: []`, ...) are accepted and ignored; settings that would change the reply and that this
+server cannot honour (`logit_bias`, tools, JSON mode, audio) are rejected by `unsupported()` with the
+parameter's name. Any other unknown field is rejected (400), never silently ignored."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ROLES = ("system", "developer", "user", "assistant")
+MAX_DEPTH = 64  # OpenAI's bodies nest a handful of levels; far deeper is an attack on recursive parsers
+
+
+class BodyError(ValueError):
+    """A body that is not a valid request: the message says what is wrong, `param` names the field."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against length side channels; nothing to hide here
 
 
 class _Sampling(_Strict):
@@ -30,21 +47,43 @@ class _Sampling(_Strict):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # only {} (unsupported)
+    # Accepted and ignored: bookkeeping on OpenAI's side that does not change the reply.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for the first setting that would change the reply and that we cannot honour."""
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by this server; send {} or leave it out."
+        return None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = None
+    suffix: str | None = None
 
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of not in (None, self.n):  # best_of == n returns all n samples: the plain n choices
+            return "best_of", "best_of other than n is not supported by this server; leave it out."
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by this server; leave it out."
+        return super().unsupported()
 
 
 class TextPart(_Strict):
@@ -56,6 +95,8 @@ class Message(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    refusal: str | None = None  # on assistant messages an SDK sends back as history
+    tool_calls: list[dict[str, Any]] | None = None  # only [] (tools are unsupported)
 
     @field_validator("role")
     @classmethod
@@ -70,19 +111,125 @@ class Message(_Strict):
         return self.content or ""
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class Prediction(_Strict):  # predicted output: a latency hint, the reply is the same without it
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     conversation: str | None = None  # tunesmith extension: the server supplies and extends the history
+    # Accepted when they ask for nothing beyond plain text; anything else is refused by `unsupported()`.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: Prediction | None = None
+    reasoning_effort: str | None = None  # these models do not reason before answering: nothing to tune
 
     def plain_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system role; chat templates know only "system".
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        no_tools = "this server generates plain text and cannot call tools"
+        if self.tools:
+            return "tools", f"tools are not supported: {no_tools}; send [] or leave it out."
+        if self.functions:
+            return "functions", f"functions are not supported: {no_tools}; send [] or leave it out."
+        if self.tool_choice is not None and self.tool_choice not in ("none", "auto"):  # without tools auto = none
+            return "tool_choice", f"tool_choice {self.tool_choice!r} is not supported: {no_tools}."
+        if self.function_call is not None and self.function_call not in ("none", "auto"):
+            return "function_call", f"function_call {self.function_call!r} is not supported: {no_tools}."
+        for i, m in enumerate(self.messages):
+            if m.tool_calls:
+                return f"messages.{i}.tool_calls", f"messages with tool_calls are not supported: {no_tools}."
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", (f"response_format {self.response_format.type!r} is not supported: this "
+                                       "server cannot constrain replies to JSON; use {\"type\": \"text\"}.")
+        if "audio" in (self.modalities or []):
+            return "modalities", "modalities: audio output is not supported by this server; use [\"text\"]."
+        if self.audio is not None:
+            return "audio", "audio output is not supported by this server; leave the audio parameter out."
+        return super().unsupported()
 
 
 class ConversationCreate(_Strict):
     model: str | None = None
     system: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def error_param(loc) -> str | None:
+    """`messages.0.role` from a pydantic error location, without the union branch tags (`str`, `list[str]`)."""
+    parts = [str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS)]
+    return ".".join(parts) or None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_tree(data) -> None:
+    """Reject what parses but breaks later: nesting deeper than MAX_DEPTH, and lone UTF-16 surrogates
+    (`"\\ud800"` is valid JSON but not Unicode: it cannot be tokenized, stored or sent back as UTF-8)."""
+    stack = [(data, (), 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BodyError(f"The request body is nested more than {MAX_DEPTH} levels deep.", code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)  # the error names the object: a bad key cannot be sent back as text
+                stack.append((item, path + (key,), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, path + (i,), depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        param = ".".join(str(p) for p in path) or None
+        where = f"{param} contains" if param else "The request body contains"
+        raise BodyError(f"{where} a lone surrogate ({text[err.start]!r}), which is not valid Unicode; encode "
+                        "the text as UTF-8 or pair each surrogate.", param=param, code="invalid_unicode") from None
+
+
+def parse(raw: bytes, schema: type[BaseModel]):
+    """(validated body, the JSON object it came from) from the raw bytes of a request; BodyError if invalid.
+    CPU work proportional to the body: the server runs it off the event loop."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)  # NaN and Infinity are not JSON
+    except (ValueError, RecursionError):  # RecursionError: brackets nested ~1000 deep
+        raise BodyError("We could not parse the JSON body of your request.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BodyError("The request body must be a JSON object.", code="invalid_json")
+    _check_tree(data)
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = error_param(first["loc"])
+        raise BodyError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+    problem = getattr(body, "unsupported", lambda: None)()
+    if problem is not None:
+        raise BodyError(problem[1], param=problem[0], code="unsupported_parameter")
+    return body, data

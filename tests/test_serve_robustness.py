@@ -1,0 +1,632 @@
+"""The server under hostile or unusual input: what OpenAI accepts is accepted, one request never fails or
+freezes the others, the queue bound holds, client mistakes are 4xx envelopes (never a 500 or a traceback),
+conversations keep their system message, the API key covers every route, idempotency keys are honest, and
+types are as strict as OpenAI's. Mostly in-process through the app factory; a real uvicorn on 127.0.0.1
+where the transport matters (a client hanging up, a request in flight while /health is asked)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from serve_assets import CONTEXT, write_base
+
+BASE = "base"
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def base_engine(bpe, tmp_path_factory):
+    from tunesmith.serve import load_engine
+
+    engine = load_engine(str(write_base(bpe, tmp_path_factory.mktemp("robust") / "base")))
+    engine.models = {BASE: next(iter(engine.models.values()))}
+    yield engine
+    engine.stop()
+
+
+def fresh(base_engine, **options):
+    """An engine of its own (own queue and worker) over the already loaded tiny model."""
+    from tunesmith.serve import Engine
+
+    return Engine(base_engine.models, base_engine.tokenizer, context_window=CONTEXT, **options)
+
+
+@contextmanager
+def client_for(engine, **settings):
+    from starlette.testclient import TestClient
+
+    from tunesmith.serve import ServeSettings, create_app
+
+    with TestClient(create_app(engine, ServeSettings(**settings))) as c:
+        yield c
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(base_engine):
+    with client_for(base_engine) as c:
+        yield c
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": BASE, "messages": USER, "max_tokens": 6,
+                                                     "temperature": 0, **body})
+
+
+def text_of(response) -> str:
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def assert_envelope(response, status: int, param=None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def spy_submit(engine, monkeypatch) -> list:
+    """The engine requests submitted from now on."""
+    seen, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda requests: (seen.extend(requests), submit(requests))[1])
+    return seen
+
+
+# -- a real server on 127.0.0.1, in this process (so tests can gate its internals) ----------------------------
+
+class Watch:
+    """ASGI wrapper that records every exception escaping the app (what uvicorn logs as a traceback) and
+    reports each finished HTTP request on `done`."""
+
+    def __init__(self, app):
+        self.app, self.errors, self.done = app, [], queue.Queue()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as err:
+            self.errors.append(err)
+            raise
+        finally:
+            self.done.put(scope["path"])
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextmanager
+def live(engine, **settings):
+    """(base url, Watch, log records) of a uvicorn server on a free loopback port."""
+    import uvicorn
+
+    from tunesmith.serve import ServeSettings, create_app
+
+    app = Watch(create_app(engine, ServeSettings(**settings)))
+    records = _Records()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "asyncio")]
+    for logger in loggers:
+        logger.addHandler(records)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app, records
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        for logger in loggers:
+            logger.removeHandler(records)
+        engine.stop()
+
+
+def tracebacks(records) -> list[str]:
+    return [r.getMessage() for r in records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+# -- 1. what OpenAI accepts is accepted ----------------------------------------------------------------------
+
+IGNORED = [{"logit_bias": {}}, {"tools": []}, {"metadata": {"team": "a"}}, {"store": False}, {"store": True},
+           {"service_tier": "auto"}, {"user": "user-1"}, {"parallel_tool_calls": True},
+           {"stream_options": {"include_usage": True}}, {"response_format": {"type": "text"}},
+           {"tool_choice": "none"}, {"tool_choice": "auto"}, {"functions": []}, {"function_call": "none"},
+           {"modalities": ["text"]}, {"prediction": {"type": "content", "content": "Hello there"}},
+           {"reasoning_effort": "low"}, {"prompt_cache_key": "k"}, {"safety_identifier": "s"},
+           {"messages": [{"role": "user", "content": "Hello", "name": "ann"}]},
+           {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi",
+                                                               "refusal": None, "tool_calls": []},
+                         {"role": "user", "content": "Hello"}]}]
+
+
+@pytest.mark.parametrize("extra", IGNORED, ids=lambda e: next(iter(e)))
+def test_fields_that_do_not_change_the_reply_are_accepted_and_ignored(client, extra):
+    messages = extra.get("messages", USER)
+    assert text_of(chat(client, **extra)) == text_of(chat(client, messages=messages))
+
+
+@pytest.mark.parametrize("extra", [{"logit_bias": {}}, {"user": "u"}, {"best_of": 1}, {"suffix": ""},
+                                   {"metadata": {"a": "b"}}, {"store": False}])
+def test_completion_fields_that_do_not_change_the_reply_are_accepted(client, extra):
+    body = {"model": BASE, "prompt": "Q: 2+2?", "max_tokens": 6, "temperature": 0}
+    plain = client.post("/v1/completions", json=body)
+    assert text_of(client.post("/v1/completions", json={**body, **extra})) == text_of(plain)
+
+
+def test_the_official_client_with_its_usual_arguments(client):
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{client.base_url}/v1", api_key="none", http_client=client, max_retries=0)
+    reply = sdk.chat.completions.create(model=BASE, messages=USER, max_tokens=6, temperature=0, tools=[],
+                                        logit_bias={}, metadata={"k": "v"}, store=False, user="u",
+                                        parallel_tool_calls=False, service_tier="auto", tool_choice="none")
+    assert reply.choices[0].message.content == text_of(chat(client))
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+     "messages.0.tool_calls"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"suffix": "and then"}, "suffix"),
+    ("/v1/completions", {"logit_bias": {"5": -100}}, "logit_bias"),
+])
+def test_settings_that_would_change_the_reply_are_refused_by_name(client, path, extra, param):
+    body = {"model": BASE, "max_tokens": 4, **({"messages": USER} if "chat" in path else {"prompt": "Hi"}), **extra}
+    error = assert_envelope(client.post(path, json=body), 400, param)
+    assert param.split(".")[-1] in error["message"]
+
+
+# -- 2. one request must not fail everyone's -------------------------------------------------------------------
+
+def _together(engine, specs: list[dict]) -> tuple[list[str], list[str | None]]:
+    """Submit requests in one call (so they share a batch); their texts and errors."""
+    from tunesmith.generate import prompt_ids
+    from tunesmith.serve.engine import Request
+
+    done, texts, errors, lock = threading.Event(), {}, {}, threading.Lock()
+
+    def emit(event):
+        with lock:
+            texts[event.index] = texts.get(event.index, "") + event.text
+            if event.error:
+                errors[event.index] = event.error
+            if event.finish_reason or event.error:
+                finished.add(event.index)
+                if len(finished) == len(specs):
+                    done.set()
+
+    finished = set()
+    requests = [Request(BASE, prompt_ids(engine.tokenizer, prompt=spec.pop("prompt", "Hello")), 6, emit, index=i,
+                        **spec) for i, spec in enumerate(specs)]
+    engine.submit(requests)
+    assert done.wait(60)
+    return [texts.get(i, "") for i in range(len(specs))], [errors.get(i) for i in range(len(specs))]
+
+
+def test_values_that_cannot_sample_are_greedy_and_share_a_batch_with_others(base_engine, monkeypatch):
+    sizes = []
+    run = base_engine._run
+    monkeypatch.setattr(base_engine, "_run", lambda batch: (sizes.append(len(batch)), run(batch))[1])
+    greedy, _ = _together(base_engine, [{"temperature": 0}])
+    specs = [{"temperature": 1e-45}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+             {"temperature": 0}, {"temperature": 1.0, "seed": 3}]
+    texts, errors = _together(base_engine, specs)
+    assert sizes[-1] == len(specs) and errors == [None] * len(specs)
+    assert texts[:4] == greedy * 4
+
+
+def test_a_row_that_fails_fails_alone(base_engine, monkeypatch):
+    from tunesmith.serve.engine import _Row
+
+    pick = _Row.pick
+
+    def broken(self, logits):
+        if self.req.seed == 666:
+            raise RuntimeError("this row's sampling broke")
+        return pick(self, logits)
+
+    monkeypatch.setattr(_Row, "pick", broken)
+    alone, _ = _together(base_engine, [{"temperature": 0, "prompt": "Q"}])
+    texts, errors = _together(base_engine, [{"temperature": 0, "prompt": "Q"}, {"temperature": 1.0, "seed": 666},
+                                            {"temperature": 0, "prompt": "Q"}])
+    assert errors[0] is None and errors[2] is None and "sampling broke" in errors[1]
+    assert texts[0] == texts[2] == alone[0]
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1e-45}, {"temperature": 5e-324}, {"top_p": 1e-300}])
+def test_tiny_sampling_values_over_http_answer_greedy(client, extra):
+    assert text_of(chat(client, n=3, **{"temperature": 1.0, **extra})) == text_of(chat(client))
+
+
+# -- 3. one request must not freeze the server ----------------------------------------------------------------
+
+def test_a_prompt_far_over_the_window_is_refused_without_tokenizing(client, monkeypatch):
+    app_module = importlib.import_module("tunesmith.serve.app")
+
+    calls = []
+    monkeypatch.setattr(app_module, "encode_chat_prompt", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(app_module, "prompt_ids", lambda *a, **k: calls.append(1))
+    many = [{"role": "user", "content": "hi<|im_end|>"} for _ in range(8000)]
+    error = assert_envelope(chat(client, messages=many), 400, "messages")
+    assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
+    assert_envelope(client.post("/v1/completions", json={"model": BASE, "prompt": "hi " * 20_000}), 400, "prompt")
+    assert calls == []
+
+
+def test_health_answers_while_a_request_is_being_tokenized(base_engine, monkeypatch):
+    """The tokenizer is held inside a request until /health has answered; tokenizing on the event loop
+    would hold /health too, until the gate gives up (and the assertion below fails)."""
+    app_module = importlib.import_module("tunesmith.serve.app")
+
+    entered, release = threading.Event(), threading.Event()
+    encode = app_module.encode_chat_prompt
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "encode_chat_prompt", held)
+    monkeypatch.setattr(importlib.import_module("tunesmith.generate"), "encode_chat_prompt", held)
+    many = [{"role": "user", "content": "hi<|im_end|>"} for _ in range(4)]
+    with live(fresh(base_engine)) as (url, app, records), httpx.Client(base_url=url, timeout=60) as http:
+        pending = {}
+        worker = threading.Thread(target=lambda: pending.update(r=http.post("/v1/chat/completions", json={
+            "model": BASE, "messages": many, "max_tokens": 4, "temperature": 0})))
+        worker.start()
+        assert entered.wait(30)
+        health = httpx.get(f"{url}/health", timeout=20)
+        answered_while_held = not release.is_set()
+        release.set()
+        worker.join(60)
+        assert health.status_code == 200 and answered_while_held
+        assert pending["r"].status_code == 200
+        assert not app.errors and not tracebacks(records.records)
+
+
+# -- 4. the queue bound is real --------------------------------------------------------------------------------
+
+def test_at_most_max_queue_requests_wait_and_the_rest_get_429(base_engine):
+    small = fresh(base_engine, max_queue=4, max_batch=1)
+    running, release = threading.Event(), threading.Event()
+    run = small._run
+
+    def held(batch):
+        running.set()
+        release.wait(60)
+        return run(batch)
+
+    small._run = held
+    with client_for(small) as c:
+        results = queue.Queue()
+
+        def send():
+            results.put(chat(c))
+
+        first = threading.Thread(target=send)
+        first.start()
+        assert running.wait(30)  # the first request is being generated; nothing waits yet
+        waiting = [threading.Thread(target=send) for _ in range(4)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 30
+        while small.stats()["queued"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        over = [chat(c) for _ in range(6)]  # answered at once: the queue is full
+        peak = small.stats()["queued"]
+        release.set()
+        for t in [first, *waiting]:
+            t.join(60)
+    assert peak == 4
+    for r in over:
+        assert assert_envelope(r, 429)["code"] == "queue_full" and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    assert [results.get().status_code for _ in range(5)] == [200] * 5
+
+
+def test_the_bound_holds_between_batches_too(base_engine):
+    """The old engine moved every waiting request into an unbounded list when it formed the next batch, so
+    the queue looked empty again while they all still waited."""
+    from tunesmith.serve.engine import QueueFull, Request
+
+    small = fresh(base_engine, max_queue=3, max_batch=1)
+    entered, go, finished = queue.Queue(), threading.Semaphore(0), queue.Queue()
+    run = small._run
+
+    def held(batch):  # each batch waits for its own `go`
+        entered.put(len(batch))
+        go.acquire(timeout=60)
+        return run(batch)
+
+    def emit(event):
+        if event.finish_reason or event.error:
+            finished.put(event)
+
+    small._run = held
+    request = lambda: Request(BASE, [1, 2, 3], 2, emit, temperature=0)  # noqa: E731
+    small.submit([request()])
+    entered.get(timeout=30)  # A runs
+    small.submit([request() for _ in range(3)])  # B1, B2, B3 wait: full
+    with pytest.raises(QueueFull):
+        small.submit([request()])
+    go.release()
+    entered.get(timeout=30)  # A is done, B1 runs, B2 and B3 wait
+    assert small.stats()["queued"] == 2
+    small.submit([request()])
+    with pytest.raises(QueueFull):
+        small.submit([request()])
+    for _ in range(5):
+        go.release()
+    assert all(finished.get(timeout=60).error is None for _ in range(5))
+    small.stop()
+
+
+# -- 5. client mistakes are 4xx, never 500 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_json_is_a_400(client, depth):
+    raw = '{"model": "base", "messages": ' + "[" * depth + "]" * depth + "}"
+    assert_envelope(client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}),
+                    400)
+    assert chat(client).status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "base", "messages": [], "temperature": NaN}',
+                                 b'{"model": "base", "messages": [], "temperature": Infinity}',
+                                 b'{"model": "base", "prompt": "\xff\xfe"}'])
+def test_bodies_that_are_not_json(client, raw):
+    assert_envelope(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
+
+
+LONE = "\\ud800"  # the JSON escape of a lone surrogate: valid JSON, not valid Unicode
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", f'{{"model": "base", "prompt": "a{LONE}b"}}', "prompt"),
+    ("/v1/completions", f'{{"model": "base", "prompt": ["ok", "{LONE}"]}}', "prompt.1"),
+    ("/v1/chat/completions", f'{{"model": "base", "messages": [{{"role": "user", "content": "{LONE}"}}]}}',
+     "messages.0.content"),
+    ("/v1/chat/completions", f'{{"model": "{LONE}", "messages": [{{"role": "user", "content": "hi"}}]}}', "model"),
+    ("/v1/chat/completions", f'{{"model": "base", "conversation": "{LONE}", "messages": '
+                             '[{"role": "user", "content": "hi"}]}', "conversation"),
+    ("/v1/conversations", f'{{"system": "{LONE}"}}', "system"),
+    ("/v1/conversations", f'{{"metadata": {{"k": "{LONE}"}}}}', "metadata.k"),
+    ("/v1/conversations", f'{{"metadata": {{"{LONE}": "v"}}}}', "metadata"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(client, path, raw, param):
+    r = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    error = assert_envelope(r, 400)
+    assert error["code"] == "invalid_unicode"
+    assert error["param"] == param
+    assert chat(client).status_code == 200
+
+
+def test_a_conversation_id_that_is_not_text(client):
+    assert_envelope(client.get("/v1/conversations/%ED%A0%80"), 404)
+
+
+def test_an_empty_completion_prompt_is_answered(client):
+    for prompts in ("", ["", "Hello"]):
+        r = client.post("/v1/completions", json={"model": BASE, "prompt": prompts, "max_tokens": 4,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["choices"]) == (1 if prompts == "" else 2)
+        assert body["usage"]["completion_tokens"] >= len(body["choices"])
+
+
+def test_a_client_that_hangs_up_mid_body_or_mid_stream_leaves_no_traceback(base_engine):
+    engine = fresh(base_engine)
+    with live(engine) as (url, app, records):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\": \"ba")
+        assert app.done.get(timeout=30) == "/v1/chat/completions"
+        with httpx.Client(base_url=url, timeout=60) as http:
+            body = {"model": BASE, "messages": USER, "max_tokens": 50, "temperature": 1.0, "stream": True}
+            for _ in range(3):
+                with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    assert response.status_code == 200
+                    next(response.iter_lines())  # generation is under way: hang up
+                assert app.done.get(timeout=30) == "/v1/chat/completions"
+            deadline = time.monotonic() + 30
+            while http.get("/health").json()["running"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+    assert not app.errors and not tracebacks(records.records)
+
+
+# -- 6. a conversation keeps its system message --------------------------------------------------------------
+
+def test_a_system_message_sent_with_the_first_turn_stays_in_every_prompt(client, base_engine, monkeypatch):
+    seen = spy_submit(base_engine, monkeypatch)
+    cid = client.post("/v1/conversations", json={}).json()["id"]
+    first = [{"role": "system", "content": "Answer like a pirate."}, {"role": "user", "content": "Hello"}]
+    for messages in [first, [{"role": "user", "content": "And 2+2?"}], [{"role": "user", "content": "Thanks"}]]:
+        assert chat(client, conversation=cid, messages=messages, max_tokens=3).status_code == 200
+    for request in seen:
+        prompt = base_engine.tokenizer.decode(request.ids)
+        assert prompt.count("Answer like a pirate.") == 1
+        assert "SmolLM" not in prompt  # the template's default system prompt is not injected instead
+    assert "And 2+2?" in base_engine.tokenizer.decode(seen[-1].ids)
+
+
+def test_a_pinned_system_message_survives_trimming(client, base_engine, monkeypatch):
+    seen = spy_submit(base_engine, monkeypatch)
+    cid = client.post("/v1/conversations", json={}).json()["id"]
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "number 0"}]
+    assert chat(client, conversation=cid, messages=first, max_tokens=3).status_code == 200
+    for i in range(1, 12):  # well past the 128-token window: old turns are dropped
+        msg = [{"role": "user", "content": f"Review: great movie number {i}"}]
+        assert chat(client, conversation=cid, messages=msg, max_tokens=3).status_code == 200
+    prompt = base_engine.tokenizer.decode(seen[-1].ids)
+    assert "Be brief." in prompt and "number 11" in prompt and "number 0" not in prompt
+
+
+# -- 7. the API key covers everything; it need not be on the command line ----------------------------------------
+
+def test_the_api_key_covers_the_docs_and_the_schema(base_engine):
+    with client_for(fresh(base_engine), api_key="sekret") as c:
+        for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert_envelope(c.get(path), 404)
+        assert_envelope(c.get("/openapi.json"), 401)
+        schema = c.get("/openapi.json", headers={"Authorization": "Bearer sekret"})
+        assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    with client_for(fresh(base_engine)) as c:  # without a key nothing changes
+        assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
+
+
+def test_resolve_api_key(tmp_path):
+    from tunesmith.serve import ServeError, resolve_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    env = {"TUNESMITH_API_KEY": "from-env"}
+    assert resolve_api_key(None, None, {}) is None
+    assert resolve_api_key("given", None, env) == "given"
+    assert resolve_api_key(None, key_file, env) == "from-file"
+    assert resolve_api_key(None, None, env) == "from-env"
+    with pytest.raises(ServeError, match="not both"):
+        resolve_api_key("given", key_file, {})
+    with pytest.raises(ServeError, match="missing"):
+        resolve_api_key(None, tmp_path / "missing", {})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ServeError, match="empty"):
+        resolve_api_key(None, tmp_path / "empty", {})
+    with pytest.raises(ServeError, match="TUNESMITH_API_KEY is empty"):
+        resolve_api_key(None, None, {"TUNESMITH_API_KEY": ""})
+    with pytest.raises(ServeError, match="ASCII"):
+        resolve_api_key("two words", None, {})
+
+
+# -- 8. idempotency keys ---------------------------------------------------------------------------------------
+
+def test_the_same_key_with_another_body_is_refused(client):
+    cid = client.post("/v1/conversations", json={}).json()["id"]
+    key = {"Idempotency-Key": "k-1"}
+    first = client.post("/v1/chat/completions", headers=key, json={
+        "model": BASE, "conversation": cid, "messages": USER, "max_tokens": 4, "temperature": 0})
+    assert first.status_code == 200
+    other = client.post("/v1/chat/completions", headers=key, json={
+        "model": BASE, "conversation": cid, "messages": [{"role": "user", "content": "Something else"}],
+        "max_tokens": 4, "temperature": 0})
+    assert assert_envelope(other, 422)["code"] == "idempotency_key_reused"
+    retry = client.post("/v1/chat/completions", headers=key, json={
+        "model": BASE, "conversation": cid, "messages": USER, "max_tokens": 4, "temperature": 0, "stream": True})
+    streamed = [json.loads(line[6:]) for line in retry.text.split("\n\n") if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == text_of(first)
+    assert len(client.get(f"/v1/conversations/{cid}/messages").json()["data"]) == 2
+
+
+def test_concurrent_requests_with_one_key_generate_once(base_engine, monkeypatch):
+    engine = fresh(base_engine)
+    submitted, second_submitted = [], threading.Event()
+    submit = engine.submit
+
+    def counting(requests):
+        submitted.append(requests)
+        if len(submitted) == 2:
+            second_submitted.set()
+        submit(requests)
+
+    run = engine._run
+
+    def slow(batch):  # the first generation lasts until a second one starts, or 2 s (the second waits)
+        second_submitted.wait(2)
+        return run(batch)
+
+    monkeypatch.setattr(engine, "submit", counting)
+    monkeypatch.setattr(engine, "_run", slow)
+    with client_for(engine) as c:
+        cid = c.post("/v1/conversations", json={}).json()["id"]
+        body = {"model": BASE, "conversation": cid, "messages": USER, "max_tokens": 4, "temperature": 1.0}
+        replies = queue.Queue()
+        threads = [threading.Thread(target=lambda: replies.put(c.post(
+            "/v1/chat/completions", json=body, headers={"Idempotency-Key": "same"}))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        texts = [text_of(replies.get()) for _ in range(2)]
+        stored = c.get(f"/v1/conversations/{cid}/messages").json()["data"]
+    assert len(submitted) == 1
+    assert texts[0] == texts[1] == stored[1]["content"] and len(stored) == 2
+
+
+# -- 9. strict types and a default reply length ------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, param", [({"temperature": True}, "temperature"), ({"max_tokens": "10"}, "max_tokens"),
+                                          ({"n": 1.0}, "n"), ({"stream": "false"}, "stream"),
+                                          ({"top_p": "1"}, "top_p"), ({"seed": 1.5}, "seed"),
+                                          ({"logprobs": 1}, "logprobs")])
+def test_types_are_strict(client, extra, param):
+    assert_envelope(chat(client, **extra), 400, param)
+
+
+def test_integers_are_valid_floats(client):
+    assert text_of(chat(client, temperature=0, top_p=1, presence_penalty=0)) == text_of(chat(client))
+
+
+def test_chat_without_max_tokens_gets_a_bounded_default(base_engine, monkeypatch):
+    from tunesmith.serve import ServeSettings
+
+    assert ServeSettings().chat_max_tokens == 1024
+    seen = spy_submit(base_engine, monkeypatch)
+    with client_for(fresh(base_engine), chat_max_tokens=5) as c:
+        r = c.post("/v1/chat/completions", json={"model": BASE, "messages": USER})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+    with client_for(base_engine) as c:
+        assert c.post("/v1/chat/completions", json={"model": BASE, "messages": USER}).status_code == 200
+    assert seen[-1].max_tokens == min(1024, CONTEXT - len(seen[-1].ids))
+
+
+def test_content_that_could_forge_a_role_under_a_rewriting_template_is_a_400(base_engine):
+    """A template that changes content (here: upper-cases it) cannot be aligned with it, so content holding a
+    special-token string is refused (MaskError in tokenize) rather than encoded with a forged control token."""
+    from tunesmith.serve import Engine
+
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | upper + "
+                "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    engine = Engine(base_engine.models, base_engine.tokenizer, context_window=CONTEXT, chat_template=template)
+    with client_for(engine) as c:
+        assert text_of(chat(c)) is not None  # plain content renders fine under this template
+        assert_envelope(chat(c, messages=[{"role": "user", "content": "hi <|im_end|>"}]), 400, "messages")
