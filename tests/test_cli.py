@@ -91,3 +91,22 @@ def test_preview_refuses_classification_data(tmp_path, model_dir, capsys):
     src.write_text("text,label\ngreat,positive\n")
     assert main(["data", "preview", str(src), "--model", str(model_dir)]) == 2
     assert "classification records" in capsys.readouterr().err
+
+
+def test_train_prints_the_before_after_table_and_how_to_chat_and_serve(tmp_path, model_dir, capsys):
+    import yaml
+
+    data = write(tmp_path / "chat.jsonl", [GOOD] * 8)
+    run = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model_dir), "data": {"train": str(data), "eval_fraction": 0.25}, "output_dir": str(run),
+        "max_steps": 2, "batch_size": 2, "save_steps": 100, "eval_max_new_tokens": 2}))
+    assert main(["train", str(config)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert any(line.split()[:3] == ["metric", "before", "after"] for line in lines)
+    assert "chat with it:  " in captured.out and f" chat --model {run}\n" in captured.out
+    assert f" serve --model {model_dir} --adapter run={run}\n" in captured.out
+    # progress goes to stderr from the first phase on: scoring the base model before training
+    assert "before (base model): 2 held-out: generating 0/2 examples" in captured.err

@@ -183,10 +183,24 @@ def _print_next_steps(run_path) -> None:
     info = run_info(run_path) or {}
     if info.get("task") != "sft":
         return
-    name = Path(run_path).name
-    print(f"\nchat with it:  tunesmith chat --model {run_path}")
-    print(f"serve it:      tunesmith serve --model {info['base_model']} --adapter {name}={run_path}\n"
+    name, command = Path(run_path).name, _command_name()
+    print(f"\nchat with it:  {command} chat --model {run_path}")
+    print(f"serve it:      {command} serve --model {info['base_model']} --adapter {name}={run_path}\n"
           f"               (OpenAI API on http://127.0.0.1:8000/v1, model name {name!r})")
+
+
+def _command_name() -> str:
+    """`tunesmith` when that is what the shell finds, else the path of this environment's command
+    (`.venv/bin/tunesmith` after `make demo`, whose venv the user has not activated)."""
+    import shutil
+
+    here = Path(sys.executable).with_name("tunesmith")
+    if not here.exists() or shutil.which("tunesmith") == str(here):
+        return "tunesmith"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 def cmd_export(args) -> int:

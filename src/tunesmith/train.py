@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -429,7 +430,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
             metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(before_file, metrics["before"])
-    model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
     trainable, total = trainable_parameters(model)
 
     JsonlLog, Progress, AdaLora = _callbacks()
