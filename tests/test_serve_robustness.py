@@ -155,7 +155,7 @@ def tracebacks(records) -> list[str]:
 
 IGNORED = [{"logit_bias": {}}, {"tools": []}, {"metadata": {"team": "a"}}, {"store": False}, {"store": True},
            {"service_tier": "auto"}, {"user": "user-1"}, {"parallel_tool_calls": True},
-           {"stream_options": {"include_usage": True}}, {"response_format": {"type": "text"}},
+           {"response_format": {"type": "text"}},
            {"tool_choice": "none"}, {"tool_choice": "auto"}, {"functions": []}, {"function_call": "none"},
            {"modalities": ["text"]}, {"prediction": {"type": "content", "content": "Hello there"}},
            {"reasoning_effort": "low"}, {"prompt_cache_key": "k"}, {"safety_identifier": "s"},
@@ -630,3 +630,32 @@ def test_content_that_could_forge_a_role_under_a_rewriting_template_is_a_400(bas
     with client_for(engine) as c:
         assert text_of(chat(c)) is not None  # plain content renders fine under this template
         assert_envelope(chat(c, messages=[{"role": "user", "content": "hi <|im_end|>"}]), 400, "messages")
+
+
+@pytest.mark.parametrize("extra, param, says", [
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ({"seed": 2**63}, "seed", "less than or equal to 9223372036854775807"),
+    ({"seed": -2**63 - 1}, "seed", "greater than or equal to"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 items"),
+    ({"stop": ["a", 5]}, "stop.1", "valid string"),
+])
+def test_what_openai_refuses_is_refused_with_the_reason(client, extra, param, says):
+    """Each refusal names the field and says what is wrong with what was sent (for a union such as `stop`,
+    the branch matching the JSON type sent, not pydantic's first branch)."""
+    error = assert_envelope(chat(client, **extra), 400, param)
+    assert says in error["message"], error
+
+
+def test_every_invalid_field_is_reported(client):
+    error = assert_envelope(chat(client, temperature=True, max_tokens="10"), 400, "temperature")
+    assert "temperature:" in error["message"] and "max_tokens:" in error["message"]
+
+
+def test_stream_options_with_stream_and_int64_seeds_are_accepted(client):
+    assert chat(client, seed=2**63 - 1).status_code == 200
+    assert chat(client, seed=-2**63).status_code == 200
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": BASE, "messages": USER, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        assert response.status_code == 200
+        assert "usage" in "".join(response.iter_text())

@@ -41,7 +41,7 @@ class _Sampling(_Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None  # OpenAI's seed is an int64
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
@@ -55,6 +55,13 @@ class _Sampling(_Strict):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, value, info):  # as OpenAI: a 400, not silently ignored
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @property
     def stops(self) -> list[str]:
@@ -213,6 +220,38 @@ def _check_text(text: str, path: tuple) -> None:
                         "the text as UTF-8 or pair each surrogate.", param=param, code="invalid_unicode") from None
 
 
+_JSON_TAG = {str: "str", bool: "bool", int: "int", float: "float", list: "list", dict: "dict", type(None): "none"}
+
+
+def _value_at(data, loc):
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _explain(errors: list[dict], data: dict) -> list[tuple[str | None, str]]:
+    """(param, message) per problem, in order. For a field whose type is a union (`stop`: a string or a list
+    of up to 4), pydantic reports one error per branch; only the branch matching the JSON type the client
+    sent says what is wrong ("List should have at most 4 items", not "Input should be a valid string")."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in errors:
+        loc = e["loc"]
+        tag_at = next((i for i, p in enumerate(loc) if isinstance(p, str) and p.split("[")[0] in _TYPE_TAGS),
+                      len(loc))
+        groups.setdefault(tuple(loc[:tag_at]), []).append(e)
+    out = []
+    for head, group in groups.items():
+        if len(group) > 1 and any(len(e["loc"]) > len(head) for e in group):
+            sent = _JSON_TAG.get(type(_value_at(data, head)))
+            group = [e for e in group if len(e["loc"]) > len(head) and str(e["loc"][len(head)]).split("[")[0] == sent] \
+                or group[:1]
+        out += [(error_param(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in group]
+    return out
+
+
 def parse(raw: bytes, schema: type[BaseModel]):
     """(validated body, the JSON object it came from) from the raw bytes of a request; BodyError if invalid.
     CPU work proportional to the body: the server runs it off the event loop."""
@@ -226,9 +265,9 @@ def parse(raw: bytes, schema: type[BaseModel]):
     try:
         body = schema.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = error_param(first["loc"])
-        raise BodyError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        problems = _explain(err.errors(), data)
+        param = problems[0][0]
+        raise BodyError("; ".join(f"{p}: {m}" if p else m for p, m in problems), param=param) from None
     problem = getattr(body, "unsupported", lambda: None)()
     if problem is not None:
         raise BodyError(problem[1], param=problem[0], code="unsupported_parameter")
