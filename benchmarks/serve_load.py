@@ -1,9 +1,13 @@
-"""Load test for `tunesmith serve`: N concurrent streaming chat clients against one server, with dynamic
-batching on (--max-batch 16) and off (--max-batch 1). Reports aggregate generated tokens/s and median/p90
-time to first token. Run: .venv/bin/python benchmarks/serve_load.py [--model NAME] [--requests 2] [--threads 1]
+"""Load test for `tunesmith serve`: N concurrent streaming chat clients against one server, with batching on
+(--max-batch 16) and off (--max-batch 1). Reports aggregate generated tokens/s and median/p90 time to first
+token. Run: .venv/bin/python benchmarks/serve_load.py [--model NAME] [--requests 2] [--max-tokens 64] [--threads 1]
 
-Recorded (2026-11-23, `--threads 1`, on a 2-core x86_64 CPU machine that was also running two other jobs,
-load average 5.5; 2 streamed greedy chat requests per client, max_tokens 32, smollm2-135m-instruct):
+The server batches continuously (tunesmith.generation): a request that arrives while others decode is
+prefilled at the next step and joins them, and a finished row's place is taken at once.
+
+Recorded before continuous batching (2026-11-23, the old engine, whose batches ran to completion; `--threads
+1`, on a 2-core x86_64 CPU machine that was also running two other jobs, load average 5.5; 2 streamed greedy
+chat requests per client, max_tokens 32, smollm2-135m-instruct):
 
     batching   clients  tokens/s  TTFT p50  TTFT p90  wall s
     on (16)          1       6.2     0.36s     0.38s     3.2
@@ -13,8 +17,16 @@ load average 5.5; 2 streamed greedy chat requests per client, max_tokens 32, smo
     off (1)          4       8.7     5.57s     7.63s    17.4
     off (1)         16       9.5    36.72s    41.26s    80.4
 
-Batches run to completion before the next one starts (no continuous batching), so a request that arrives
-while a batch decodes waits for it: that is the TTFT at 4 and 16 clients."""
+The old batches ran to completion before the next one started, so a request that arrived while a batch
+decoded waited for it: that is the TTFT at 4 and 16 clients. To be measured again with the new engine on the
+CPU machine; on one NVIDIA H200 (2026-11-26, continuous batching, a random Llama shaped like SmolLM2-135M,
+bfloat16, `--clients 1,16 --requests 2 --max-tokens 64`):
+
+    batching   clients  tokens/s  TTFT p50  TTFT p90  wall s
+    on (16)          1      27.4     0.05s     0.07s     4.7
+    on (16)         16     241.1     0.42s     0.61s     8.5
+    off (1)          1      27.3     0.05s     0.07s     4.7
+    off (1)         16      51.7    17.85s    18.35s    39.6"""
 
 from __future__ import annotations
 

@@ -53,8 +53,16 @@ def test_cli_chat_and_serve_arguments(bpe, tmp_path, monkeypatch, capsys):
 
     base = write_base(bpe, tmp_path / "base")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/exit\n"))
-    assert main(["chat", "--model", str(base), "--max-new-tokens", "3", "--system", "Be brief."]) == 0
+    assert main(["chat", "--model", str(base), "--max-new-tokens", "3", "--system", "Be brief.", "--device", "cpu",
+                 "--temperature", "0.7", "--top-k", "20", "--seed", "1", "--stop", "\n"]) == 0
     assert "/reset" in capsys.readouterr().out
+    assert main(["chat", "--model", str(base), "--top-p", "0"]) == 2
+    assert "top_p 0.0 must be in (0, 1]" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["chat", "--model", str(base), "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
     assert parse_adapters(["a=runs/x", "runs/y"]) == {"a": "runs/x", "y": "runs/y"}
     with pytest.raises(ServeError, match="'a' is given twice"):
         parse_adapters(["a=r1", "a=r2"])

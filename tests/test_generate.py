@@ -1,11 +1,12 @@
-"""Generation on a tiny random model: streaming equals the whole reply, stop sequences cut exactly,
-finish reasons, seeded sampling."""
+"""The Python API (`generate`, `stream`) on a tiny random model: streaming equals the whole reply, stop
+sequences cut exactly, finish reasons, seeded sampling, prompt and prefix tuning through the KV cache."""
 
 from __future__ import annotations
 
 import pytest
 
-from tunesmith.generate import SamplingParams, _StopScanner, generate, prompt_ids, stream
+from tunesmith.generate import SamplingParams, generate, prompt_ids, stream
+from tunesmith.generation import StopScanner
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -20,19 +21,18 @@ def test_stream_concatenates_to_the_complete_reply(tiny_lm, chatml_tokenizer):
 
 
 def test_length_finish_when_max_new_tokens_is_reached(tiny_lm, chatml_tokenizer):
-    # Forbid EOS so the random model cannot stop early.
-    tiny_lm.generation_config.suppress_tokens = [chatml_tokenizer.eos_token_id]
-    out = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=5))
+    no_eos = {chatml_tokenizer.eos_token_id: -100}  # so the random model cannot stop early
+    out = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=5, logit_bias=no_eos))
     assert out.completion_tokens == 5 and out.finish_reason == "length"
 
 
 def test_stop_sequence_cuts_the_reply_before_it(tiny_lm, chatml_tokenizer):
-    tiny_lm.generation_config.suppress_tokens = [chatml_tokenizer.eos_token_id]
-    free = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=20))
+    no_eos = {chatml_tokenizer.eos_token_id: -100}
+    free = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=20, logit_bias=no_eos))
     assert len(free.text) > 4
     stop = free.text[3:5]  # a stop sequence that certainly occurs, at position >= 3 ... or earlier
     cut = generate(tiny_lm, chatml_tokenizer, prompt="Hello",
-                   params=SamplingParams(max_new_tokens=20, stop=[stop]))
+                   params=SamplingParams(max_new_tokens=20, stop=[stop], logit_bias=no_eos))
     assert cut.text == free.text[: free.text.find(stop)]
     assert cut.finish_reason == "stop"
 
@@ -51,7 +51,7 @@ def test_seeded_sampling_is_reproducible(tiny_lm, chatml_tokenizer):
     (["x<", "/s", ">y"], ["</s>"], "x"),
 ])
 def test_stop_scanner_never_leaks_part_of_a_stop_sequence(pieces, stops, expected):
-    scanner = _StopScanner(stops)
+    scanner = StopScanner(stops)
     out = "".join(scanner.feed(p) for p in pieces)
     if not scanner.stopped:
         out += scanner.flush()
@@ -74,7 +74,6 @@ def test_prompt_learning_adapter_generates_what_its_forward_pass_predicts(tmp_pa
     from tunesmith.models import load
 
     model, tokenizer = load(str(write_run(model_dir, tmp_path / method, method)))
-    model.generation_config.suppress_tokens = None
     ids = prompt_ids(tokenizer, messages=MESSAGES)
     expected = list(ids)
     with torch.inference_mode():

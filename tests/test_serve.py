@@ -146,7 +146,7 @@ def test_logprobs_shapes(client):
 def test_penalties_are_applied():
     import torch
 
-    from tunesmith.serve.engine import Request, _Row
+    from tunesmith.generation import SamplingParams, Sampler
 
     class Tok:
         def decode(self, ids, **kw):
@@ -154,11 +154,11 @@ def test_penalties_are_applied():
 
     logits = torch.tensor([0.0, 1.0, 0.7, 0.0])
     for penalty, kind, expected in [(0.0, "frequency_penalty", 1), (0.5, "frequency_penalty", 2),
-                                    (0.5, "presence_penalty", 2), (-1.0, "presence_penalty", 1)]:
-        row = _Row(Request("m", [0], 4, lambda e: None, temperature=0, **{kind: penalty}), Tok(), 4)
-        if row.counts is not None:
-            row.counts[1] = 1  # token 1 was generated before
-        assert row.pick(logits)[0] == expected
+                                    (0.5, "presence_penalty", 2), (-1.0, "presence_penalty", 1),
+                                    (1.0, "repetition_penalty", 1), (2.0, "repetition_penalty", 2)]:
+        sampler = Sampler(SamplingParams(**{kind: penalty}), [0], 4, Tok())
+        sampler.record(1)  # token 1 was generated before
+        assert sampler.pick(logits)[0] == expected, (kind, penalty)
 
 
 def test_special_tokens_in_content_stay_text(client, engine, monkeypatch):
@@ -288,14 +288,19 @@ def _collect(engine, requests_spec):
 
 
 def test_requests_arriving_together_are_generated_together_and_match_alone(engine, monkeypatch):
-    sizes = []
-    run = engine._run
-    monkeypatch.setattr(engine, "_run", lambda batch: (sizes.append((batch[0].model, len(batch))), run(batch)))
+    admitted, steps = [], []
+    run, decode = engine._run, engine._decode
+    monkeypatch.setattr(engine, "_run", lambda batch: (admitted.append([r.model for r in batch]), run(batch)))
+    monkeypatch.setattr(engine, "_decode", lambda key: (steps.append(len(engine._groups[key])), decode(key)))
     prompts = ["Q", "What is the capital of France?", "Review: boring. Sentiment:"]
-    together = _collect(engine, [(BASE, p) for p in prompts] + [("lora", "Q")])
-    assert (BASE, 3) in sizes and ("lora", 1) in sizes  # one batch per model
-    alone = [_collect(engine, [(BASE, p)])[0] for p in prompts]
-    assert together[:3] == alone  # left padding and position ids leave each row's result unchanged
+    together = _collect(engine, [(BASE, p) for p in prompts] + [("lora", "Q"), ("prefix", "Q")])
+    assert admitted[0] == [BASE] * 3 + ["lora", "prefix"]  # admitted together
+    # The base and its LoRA adapter share forward passes (peft's mixed-adapter batches); the prefix-tuning run
+    # has a base of its own (peft cannot mix adapter types in one model), so the two groups take turns.
+    assert sorted(steps[:2]) == [1, 4]
+    alone = [_collect(engine, [(BASE, p)])[0] for p in prompts] + [_collect(engine, [(m, "Q")])[0]
+                                                                   for m in ("lora", "prefix")]
+    assert together == alone  # left padding, positions and mixed adapters leave each row's result unchanged
 
 
 def test_more_choices_than_the_queue_holds_is_a_400_not_a_retryable_429(engine):

@@ -126,19 +126,38 @@ def _load_messages(value: str) -> list[dict]:
     return messages
 
 
-def cmd_generate(args) -> int:
-    from .generate import SamplingParams, generate
+def _sampling(args):
+    """The SamplingParams of the generate, chat and eval commands' flags (see _sampling_flags)."""
+    from .generation import SamplingParams
+
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              seed=args.seed, stop=args.stop or [])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _load_placed(name: str, device: str):
+    """(model, tokenizer) for generation, the model on `device` (--device)."""
+    from .generation.device import place
     from .models import load
+
+    model, tokenizer = load(name)
+    return place(model, device), tokenizer
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
 
     if (args.prompt is None) == (args.messages is None):
         raise UsageError("give either --prompt TEXT (completion) or --messages JSON|FILE (chat)")
     messages = _load_messages(args.messages) if args.messages is not None else None
     if messages is not None and args.system:
         messages = [{"role": "system", "content": args.system}] + messages
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed, stop=args.stop or [])
-    model, tokenizer = load(args.model)
+    params = _sampling(args)
+    model, tokenizer = _load_placed(args.model, args.device)
     on_text = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
     result = generate(model, tokenizer, prompt=args.prompt, messages=messages, params=params,
                       chat_template=args.chat_template, on_text=on_text)
@@ -219,24 +238,21 @@ def cmd_serve(args) -> int:
     print(f"tunesmith: loading {args.model} to serve it on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port, settings=settings,
           chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
-          context_window=args.context_window)
+          context_window=args.context_window, device=args.device)
     return 0
 
 
 def cmd_chat(args) -> int:
-    from .generate import SamplingParams
-    from .models import load
     from .serve.chat import chat_repl
 
-    model, tokenizer = load(args.adapter or args.model)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    params = _sampling(args)
+    model, tokenizer = _load_placed(args.adapter or args.model, args.device)
     chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template)
     return 0
 
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
-    from .generate import SamplingParams
     from .metrics import scalars
 
     from .config import load_prompting
@@ -246,11 +262,10 @@ def cmd_eval(args) -> int:
     prompting = None
     if args.prompting or args.shots or args.calibrate:
         prompting = load_prompting(args.prompting or {}, shots=args.shots, calibrate=args.calibrate or None)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                            stop=args.stop or [])
+    params = _sampling(args)
     result = evaluate(args.model, args.data, task=args.task, prompting=prompting, train_data=args.train_data,
                       output_dir=args.output, limit=args.limit, chat_template=args.chat_template, params=params,
-                      normalize=args.normalize, seed=args.seed or 0)
+                      normalize=args.normalize, seed=args.seed or 0, device=args.device)
     for name, value in scalars(result.metrics).items():
         print(f"{name:20} {_format_metric(value)}")
     if args.output:
@@ -289,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="validate, convert and preview datasets").add_subparsers(
         dest="data_command", required=True)
 
+    def device_flag(p):
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where the model runs: auto (default) = CUDA in bfloat16 when a GPU is visible, else CPU")
+
+    def sampling_flags(p, *, max_new_tokens: int):
+        """The same sampling settings on generate, chat and eval: same flags, same seed, same text."""
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0, help="0 = off")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+        p.add_argument("--presence-penalty", type=float, default=0.0)
+        p.add_argument("--frequency-penalty", type=float, default=0.0)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+        device_flag(p)
+
     def read_flags(p):
         p.add_argument("--format", help="input format (default: detected from the file and its keys)")
         p.add_argument("--text-column", help="CSV/TSV column with the text (default: text)")
@@ -324,13 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="completion format: text to continue")
     p.add_argument("--messages", help="chat format: JSON list of messages, or a file holding it")
     p.add_argument("--system", help="prepend a system message (chat)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    sampling_flags(p, max_new_tokens=256)
     p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
     p.add_argument("--no-stream", action="store_true", help="print the reply only when complete")
     p.set_defaults(func=cmd_generate)
@@ -357,22 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (visible in "
                    "`ps`: prefer --api-key-file or $TUNESMITH_API_KEY)")
     p.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (surrounding whitespace ignored)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests generated together (1 = batching off)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (1 = batching off)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--context-window", type=int, help="default: the model's max_position_embeddings")
     p.add_argument("--conversations", default="tunesmith-conversations.sqlite",
                    help="SQLite file for /v1/conversations (default: ./tunesmith-conversations.sqlite)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    device_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a model or a trained run in the terminal")
     p.add_argument("--model", default=DEFAULT_CHAT_MODEL)
     p.add_argument("--adapter", metavar="RUN", help="a trained run directory (its base model is loaded)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int)
+    sampling_flags(p, max_new_tokens=256)
     p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
     p.set_defaults(func=cmd_chat)
 
@@ -388,10 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", help="where k-shot exemplars come from")
     p.add_argument("--calibrate", action="store_true", help="contextual calibration of label-word scores")
     p.add_argument("--normalize", action="store_true", help="exact match after lowercasing and dropping punctuation")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    sampling_flags(p, max_new_tokens=64)
     p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
     p.set_defaults(func=cmd_eval)
 

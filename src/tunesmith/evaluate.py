@@ -167,7 +167,7 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
              labels: list[str] | None = None, prompting=None, train_data: str | Path | list[dict] | None = None,
              output_dir: str | Path | None = None, limit: int | None = None, chat_template: str | None = None,
              max_length: int = 512, params: SamplingParams | None = None, normalize: bool = False,
-             seed: int = 0) -> Evaluation:
+             seed: int = 0, device: str | None = None) -> Evaluation:
     """Score a model on held-out data, in one call.
 
     `model` is an embedded name, a directory, a hub id, a tunesmith run directory, or a (model, tokenizer)
@@ -175,7 +175,7 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
     classify, tokens+tags -> ner). A classify task on a plain causal LM (no trained head) is scored through
     the language model with `prompting` (a PromptingConfig or a mapping; default: zero-shot, label names as
     label words); `train_data` supplies its k-shot exemplars. With `output_dir`, writes metrics.json and
-    predictions.jsonl there."""
+    predictions.jsonl there. `device` (auto, cpu, cuda) moves the model there first; None leaves it where it is."""
     from .config import PromptingConfig, load_prompting
     from .data.formats import kind_of, read_records
     from .models import load_causal_lm, load_run, load_tokenizer, run_info
@@ -207,6 +207,10 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
                          "prompting")
     else:
         lm, tokenizer = load_causal_lm(model), load_tokenizer(model)
+    if device is not None:
+        from .generation.device import place
+
+        lm = place(lm, device)
     needs_prompting = task == "classify" and (prompting is not None or not info and not isinstance(model, tuple))
     if needs_prompting or (task == "sft" and prompting is not None):
         from .prompting import classify_by_prompting, generate_by_prompting

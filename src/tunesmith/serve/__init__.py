@@ -25,14 +25,14 @@ def __getattr__(name: str):
 
 def serve(model: str, adapters: dict[str, str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           settings=None, chat_template: str | None = None, max_batch: int = 8, max_queue: int = 64,
-          context_window: int | None = None) -> None:
-    """Load the model and its adapters, then serve until interrupted."""
+          context_window: int | None = None, device: str = "auto") -> None:
+    """Load the model and its adapters onto `device` (auto: CUDA when available), then serve until interrupted."""
     import uvicorn
 
     from .app import create_app
 
     engine = load_engine(model, adapters, chat_template=chat_template, context_window=context_window,
-                         max_batch=max_batch, max_queue=max_queue)
+                         max_batch=max_batch, max_queue=max_queue, device=device)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
 

@@ -6,10 +6,16 @@ adapter types in one PeftModel, so a run of another type (e.g. IA3 or prompt tun
 own copy of the base. Full fine-tunes and classification runs load as their own models.
 
 A run trained with one chat template and served with another answers worse without any error
-(LLaMA-Factory #8356), so each run's saved template fingerprint must match the server's."""
+(LLaMA-Factory #8356), so each run's saved template fingerprint must match the server's.
+
+While serving, `add_run` (= `load_served` + `register`) and `remove_run` load and unload one run (the
+server's /v1/load_lora_adapter and /v1/unload_lora_adapter). `engine.models` is then replaced, never changed
+in place, so whoever iterates it keeps a consistent view; the server makes these calls one at a time."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 from pathlib import Path
 
 from ..errors import TunesmithError
@@ -18,7 +24,15 @@ from .engine import Engine, Served
 
 
 class ServeError(TunesmithError):
-    """A server that cannot start as asked: the message names the run and what to do."""
+    """A server that cannot start, or a run it cannot load, as asked: the message names the run and what to do."""
+
+
+class NotServed(ServeError, LookupError):
+    """No model is served under this name (the server answers 404)."""
+
+
+class NameTaken(ServeError):
+    """A name that cannot be given to a loaded run: the base model's, or one already served."""
 
 
 def _check_template(name: str, run: str, info: dict, fingerprint: str) -> None:
@@ -87,3 +101,109 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
             raise ServeError(f"adapter name {name!r} is given twice")
         out[name] = run
     return out
+
+
+# -- while serving ----------------------------------------------------------------------------------------------
+
+def base_name(engine) -> str:
+    return next(iter(engine.models))
+
+
+def check_name(engine, name: str, *, replace: bool = False) -> None:
+    """NameTaken unless `name` can be given to a newly loaded run."""
+    if name == base_name(engine):
+        raise NameTaken(f"{name!r} is the base model's name: give the run another name")
+    if name in engine.models and not replace:
+        raise NameTaken(f"a model named {name!r} is already served: unload it first, or load with load_inplace "
+                        "(replace=True in Python) to swap it")
+
+
+def check_loaded(engine, name: str) -> None:
+    """NotServed or NameTaken unless `name` is a run that can be unloaded (any served name but the base)."""
+    if name == base_name(engine):
+        raise NameTaken(f"{name!r} is the base model: it cannot be unloaded")
+    if name not in engine.models:
+        raise NotServed(f"no model named {name!r} is loaded")
+
+
+def _shared_copy(module):
+    """A new module tree whose parameters and buffers are `module`'s own tensors (deepcopy with them in the memo):
+    peft can inject an adapter into it without touching the modules the engine is running, and without a
+    second copy of the weights."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return copy.deepcopy(module, {id(t): t for t in tensors})
+
+
+def _bare_base(engine):
+    """The served base model without any adapter, sharing its weights. At start-up the base may have become a
+    PeftModel (LoRA/IA3 layers injected in place): a shared copy of it, unloaded, is the base again."""
+    from peft import PeftModel
+
+    module = engine.models[base_name(engine)].module
+    if not isinstance(module, PeftModel):
+        return _shared_copy(module)
+    if next(iter(module.peft_config.values())).is_prompt_learning:  # virtual tokens: the base is untouched
+        return _shared_copy(module.get_base_model())
+    return _shared_copy(module).unload()  # replaces the copy's adapter layers by their base layers
+
+
+def _beside_base(module, engine):
+    """`module` on the base model's device and in its dtype (the engine may have put the base on a GPU in half
+    precision); the base's own tensors in a shared copy are already there and are not copied."""
+    like = next(engine.models[base_name(engine)].module.parameters())
+    dtype = like.dtype if like.is_floating_point() else None  # a quantized base: leave the run's dtype
+    return module.to(device=like.device, dtype=dtype).eval()
+
+
+def load_served(engine, name: str, run: str | Path) -> Served:
+    """The run at `run` ready to be served as `name`, checked like at start-up (a tunesmith run; a generative
+    one trained with the server's chat template). A peft run of a generative model gets its own PeftModel over
+    a shared copy of the base (no weights copied): injecting it into the PeftModel the engine is decoding with
+    would change that model under running rows. Reads weights: call it off the event loop."""
+    from peft import PeftConfig, PeftModel
+
+    from ..models import load_causal_lm, load_run, run_info
+
+    if not Path(run).is_dir():
+        raise ServeError(f"adapter {name!r}: there is no directory {run}")
+    try:
+        info = run_info(run)
+        if info is None:
+            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no run.json)")
+        if info["task"] != "sft":  # a trained head: its own model, as at start-up
+            module, _, _ = load_run(run)
+            return Served(_beside_base(module, engine), task=info["task"], run=str(run))
+        template = getattr(engine, "chat_template", None) or chat_template_for(engine.tokenizer)
+        _check_template(name, str(run), info, template_fingerprint(template))
+        if not info["peft"]:
+            return Served(_beside_base(load_causal_lm(str(run)), engine), run=str(run))
+        config = PeftConfig.from_pretrained(str(run))
+        internal = f"run{len(engine.models)}"  # never the user's name (see load_engine)
+        module = PeftModel.from_pretrained(_bare_base(engine), str(run), adapter_name=internal)
+        return Served(_beside_base(module, engine), internal, use_cache=not config.is_prompt_learning,
+                      run=str(run))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # unreadable or mismatched weights
+        raise ServeError(f"adapter {name!r}: cannot load {run}: {type(err).__name__}: {err}") from None
+
+
+def register(engine, name: str, served: Served, *, replace: bool = False) -> None:
+    """Serve `served` as `name` from now on (with `replace`, instead of what was served under it)."""
+    check_name(engine, name, replace=replace)
+    engine.models = {**engine.models, name: served}
+
+
+def add_run(engine, name: str, run: str | Path, *, replace: bool = False) -> Served:
+    """Load the run at `run` and serve it as `name`."""
+    check_name(engine, name, replace=replace)
+    served = load_served(engine, name, run)
+    register(engine, name, served, replace=replace)
+    return served
+
+
+def remove_run(engine, name: str) -> Served:
+    """Stop serving `name`. Rows already decoding hold their model and finish; a request still waiting in the
+    engine's queue would fail when admitted, so the server first waits for the queue (routes/adapters.py)."""
+    check_loaded(engine, name)
+    served = engine.models[name]
+    engine.models = {k: v for k, v in engine.models.items() if k != name}
+    return served

@@ -28,7 +28,7 @@ from ..data.tokenize import MaskError, encode_chat_prompt
 from ..generate import prompt_ids
 from .adapters import ServeError
 from .conversations import ConversationStore, KeyReused, TurnGate, fit_history, pinned
-from .engine import Engine, Event, QueueFull, Request
+from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .schemas import BodyError, ChatRequest, CompletionRequest, ConversationCreate, error_param, parse
 
 @dataclass
@@ -173,6 +173,17 @@ class _Job:
             yield event
 
 
+def _logit_bias(body, vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias ({"token id": bias}) with integer keys, each a token of this model's vocabulary."""
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
+            raise APIError(400, f"logit_bias keys are token ids from 0 to {vocab - 1}; {key!r} is not one.",
+                           param="logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
 def _sse(data) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
@@ -267,13 +278,14 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     def job_for(body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None) -> _Job:
         job = _Job(engine)
+        bias = _logit_bias(body, len(engine.tokenizer))
         for p, ids in enumerate(encoded):
-            for j in range(body.n):  # n choices differ: seed + j (still reproducible for a fixed seed)
-                job.requests.append(Request(
-                    body.model, ids, max_tokens[p], job.emit, temperature=body.temperature, top_p=body.top_p,
-                    seed=None if body.seed is None else body.seed + j, stop=body.stops,
-                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                    logprobs=logprobs, index=p * body.n + j))
+            params = SamplingParams(max_new_tokens=max_tokens[p], temperature=body.temperature, top_p=body.top_p,
+                                    seed=body.seed, stop=body.stops, presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=logprobs,
+                                    n=body.n)
+            for j, choice in enumerate(params.choices()):  # choice j is seeded with seed + j, as everywhere
+                job.requests.append(Request(body.model, ids, choice, job.emit, index=p * body.n + j))
         job.submit()
         return job
 
@@ -525,6 +537,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         return {"id": cid, "object": "conversation.deleted", "deleted": True}
 
     app.include_router(router)
+    from .routes import adapters as adapter_routes, classify  # routes by family: they import APIError from here
+    app.state.settings = settings
+    app.include_router(classify.router, dependencies=[Depends(check_key)])
+    app.include_router(adapter_routes.router, dependencies=[Depends(check_key)])
     return app
 
 

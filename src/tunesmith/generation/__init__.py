@@ -1,0 +1,20 @@
+"""The one generation engine behind every caller: `tunesmith generate`, `tunesmith chat`, evaluation and the
+server all decode through `Engine` with the same `SamplingParams`, so the same model, prompt, seed and settings
+give the same text everywhere.
+
+- params.py   SamplingParams (the settings) and the TokenMask hook for constrained decoding
+- sampler.py  one row's token choice: penalties, logit_bias, mask, greedy or seeded sampling, logprobs
+- text.py     one row's text: incremental detokenization and stop strings cut exactly
+- batch.py    the model side: routes (plain, LoRA mixed batches, prompt/prefix tuning), prefill, KV-cache groups
+- engine.py   Engine: the waiting list, continuous batching, events; Served, Request, Event
+- device.py   `--device`: where the model runs
+
+`tunesmith.generate` holds the Python API over it: `generate`, `stream` and `generate_batch`."""
+
+from .engine import Engine, Event, QueueFull, Request, Row, Served
+from .params import GREEDY_BELOW, SamplingParams, TokenMask
+from .sampler import Sampler, Token
+from .text import Detokenizer, StopScanner
+
+__all__ = ["Engine", "Event", "QueueFull", "Request", "Row", "Served", "GREEDY_BELOW", "SamplingParams",
+           "TokenMask", "Sampler", "Token", "Detokenizer", "StopScanner"]

@@ -1,0 +1,70 @@
+"""The one set of sampling settings every caller passes: the CLI, the terminal chat, evaluation and the server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+# Below this temperature sampling means argmax, as in vLLM (_SAMPLING_EPS): logits / 1e-45 overflow float32 to
+# inf and softmax turns them into NaN, which torch.multinomial rejects.
+GREEDY_BELOW = 1e-5
+
+
+class TokenMask(Protocol):
+    """Which tokens one row may generate next: the hook for constrained decoding (a grammar, a JSON schema).
+
+    `SamplingParams.token_mask` is a factory called once per row, so every row gets a mask with its own state.
+    Before each token the sampler calls `allowed(row)` (`row.tokens`: the ids generated so far) for a bool
+    tensor of shape [vocab] (True = allowed; None = no restriction this step); after the token is chosen it
+    calls `advance(token)`. The mask applies after penalties and logit_bias, before temperature, top-k and
+    top-p, so logprobs report the constrained distribution. A step where nothing is allowed fails the row."""
+
+    def allowed(self, row) -> object | None: ...
+
+    def advance(self, token: int) -> None: ...
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each token and when to stop. The server fills it from OpenAI's fields; `n` choices run as
+    n rows, choice j seeded with `seed + j` (`choices()`), the same on every path."""
+
+    max_new_tokens: int = 256  # the server's max_tokens; 0 ends after the prompt (usage and prompt only)
+    temperature: float = 0.0  # below GREEDY_BELOW: greedy (argmax)
+    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # sample from the k most likely tokens; 0 = all
+    presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # CTRL / transformers: divide positive logits of prompt and generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
+    seed: int | None = None  # a seeded row's text depends on nothing else: not its batch-mates, not the device RNG
+    stop: list[str] = field(default_factory=list)  # the reply ends before the first of these strings
+    logprobs: int | None = None  # alternatives per generated token to report with its logprob; None = no logprobs
+    prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI's echo + logprobs); None = off
+    n: int = 1  # choices per prompt (generate_batch and the server expand them into rows)
+    token_mask: Callable[[], TokenMask] | None = None  # constrained decoding: one fresh mask per row
+
+    def __post_init__(self):
+        problems = [f"{name} {value!r} {rule}" for name, value, ok, rule in [
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 0, "must be 0 or more"),
+            ("temperature", self.temperature, self.temperature >= 0, "must be 0 or more (0 = greedy)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k, self.top_k >= 0, "must be 0 (off) or more"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "must be above 0 (1 = off)"),
+            ("n", self.n, self.n >= 1, "must be 1 or more"),
+            ("logprobs", self.logprobs, self.logprobs is None or self.logprobs >= 0, "must be None or 0 or more"),
+            ("prompt_logprobs", self.prompt_logprobs, self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             "must be None or 0 or more"),
+        ] if not ok]
+        if problems:
+            raise ValueError("sampling settings: " + "; ".join(problems))
+        self.stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    def choices(self) -> list[SamplingParams]:
+        """One setting per choice, n = 1 each; choice j is seeded with seed + j."""
+        return [replace(self, n=1, seed=None if self.seed is None else self.seed + j) for j in range(self.n)]

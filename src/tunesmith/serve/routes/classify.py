@@ -1,0 +1,154 @@
+"""POST /classify: labels and scores from runs trained with a head, in vLLM's shape.
+
+A `classify` run answers vLLM's classification items `{"index", "label", "probs", "num_classes"}`. A `ner` run
+answers one item per input text with its whitespace-separated words, a label and a score per word (the label
+of the word's first sub-token, as in training and `tunesmith evaluate`), and the entities those IOB labels
+spell, grouped as seqeval groups them for the metrics and shaped like transformers' token-classification
+pipeline (`entity_group`, `score`, `word`, `start`, `end`; offsets in the input text). Inputs longer than the
+model's context are cut on the right, as in training; the usage counts the tokens that were read."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..app import APIError
+from . import read
+
+router = APIRouter()
+HEADS = ("classify", "ner")
+BATCH = 16  # texts per forward pass
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1)]
+    user: str | None = None  # accepted and ignored, as by the other routes
+
+
+@dataclass
+class Head:
+    """What labelling with a served run needs besides its module."""
+
+    labels: list[str]  # by class id
+    tokenizer: object
+    max_length: int | None
+    # A fast tokenizer called with truncation sets it on its Rust object first; two threads doing that at once
+    # fail with "Already borrowed" (a known tokenizers limitation), so calls are taken one at a time.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def head_of(entry, fallback_tokenizer) -> Head:
+    """The label names (the model config's id2label, set from run.json at load), the run's own tokenizer (a
+    head may sit on another base than the one that generates) and the context the model can read."""
+    from ...models import load_tokenizer
+
+    config = entry.module.config
+    tokenizer = load_tokenizer(entry.run) if entry.run else fallback_tokenizer
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [n for n in limits if n and n < 1_000_000]  # tokenizers without a limit report ~1e30
+    return Head([config.id2label[i] for i in range(config.num_labels)], tokenizer, min(limits, default=None))
+
+
+def _probs(model, rows: list[list[int]], pad_id: int):
+    """Softmax over the head's logits for right-padded `rows`: [B, K] (classify) or [B, T, K] (ner)."""
+    import torch
+
+    from ...batching import device_of, pad
+
+    ids, mask = pad(rows, pad_id, device=device_of(model))
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1).cpu()
+
+
+def classify_texts(model, head: Head, texts: list[str]) -> tuple[list[dict], int]:
+    """vLLM's classification items for `texts`, and the number of tokens read."""
+    tok = head.tokenizer
+    with head.lock:
+        rows = [tok(t, truncation=head.max_length is not None, max_length=head.max_length)["input_ids"]
+                for t in texts]
+    _refuse_empty([len(r) for r in rows], "has no tokens")
+    items = []
+    for start in range(0, len(rows), BATCH):
+        for i, p in enumerate(_probs(model, rows[start:start + BATCH], tok.pad_token_id).tolist(), start):
+            best = max(range(len(p)), key=p.__getitem__)
+            items.append({"index": i, "label": head.labels[best], "probs": p, "num_classes": len(p)})
+    return items, sum(map(len, rows))
+
+
+def tag_texts(model, head: Head, texts: list[str]) -> tuple[list[dict], int]:
+    """Per-word labels, scores and entities for `texts`, and the number of tokens read. Words are encoded
+    exactly as training encoded them (`encode_tagging`: joined by single spaces, labelled on first sub-tokens)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    from ...data.tokenize import IGNORE_INDEX, encode_tagging
+
+    spans = [[m.span() for m in re.finditer(r"\S+", t)] for t in texts]  # (start, end) of each word
+    _refuse_empty([len(s) for s in spans], "has no words")
+    records = [{"tokens": [t[a:b] for a, b in s], "tags": ["O"] * len(s)} for t, s in zip(texts, spans)]
+    with head.lock:
+        feats = encode_tagging(head.tokenizer, records, {"O": 0}, head.max_length)
+    items = []
+    for start in range(0, len(feats), BATCH):
+        chunk = feats[start:start + BATCH]
+        probs = _probs(model, [f["input_ids"] for f in chunk], head.tokenizer.pad_token_id)  # [B, T, K]
+        for i, (f, p) in enumerate(zip(chunk, probs), start):
+            first = [t for t, gold in enumerate(f["labels"]) if gold != IGNORE_INDEX]  # a word's first sub-token
+            score, best = p[first].max(-1)
+            cut = len(spans[i]) - len(first)  # words cut off by truncation: O with no score, as in evaluation
+            labels = [head.labels[c] for c in best.tolist()] + ["O"] * cut
+            scores = score.tolist() + [None] * cut
+            text, span = texts[i], spans[i]
+            entities = [{"entity_group": kind, "score": sum(scores[a:b + 1]) / (b + 1 - a),
+                         "word": text[span[a][0]:span[b][1]], "start": span[a][0], "end": span[b][1]}
+                        for kind, a, b in get_entities(labels)]  # words a..b inclusive, never cut-off ones
+            items.append({"index": i, "words": records[i]["tokens"], "labels": labels, "scores": scores,
+                          "entities": entities, "num_classes": len(head.labels)})
+    return items, sum(len(f["input_ids"]) for f in feats)
+
+
+def _refuse_empty(sizes: list[int], what: str) -> None:
+    if (empty := next((i for i, n in enumerate(sizes) if n == 0), None)) is not None:
+        raise APIError(400, f"input {empty} {what}: send some text to label.", param="input")
+
+
+def _head(request: Request, name: str, entry) -> Head:
+    """The cached Head of `entry` (per app and name; rebuilt when a reload put another entry under the name)."""
+    state = request.app.state
+    heads = getattr(state, "heads", None)
+    if heads is None:
+        heads = state.heads = {}
+    cached = heads.get(name)
+    if cached is None or cached[0] is not entry:
+        cached = heads[name] = (entry, head_of(entry, request.app.state.engine.tokenizer))
+    return cached[1]
+
+
+@router.post("/classify")
+async def classify(request: Request):
+    body = await read(request, ClassifyRequest)
+    entry = request.app.state.engine.models.get(body.model)  # held to the end: an unload cannot pull it away
+    if entry is None:
+        raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+    if entry.task not in HEADS:
+        raise APIError(400, f"`{body.model}` generates text and has no trained head: /classify serves runs "
+                       "trained with task classify or ner.", param="model", code="model_not_classifier")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    predict = classify_texts if entry.task == "classify" else tag_texts
+
+    def work():
+        return predict(entry.module, _head(request, body.model, entry), texts)
+
+    items, tokens = await run_in_threadpool(work)
+    return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+            "model": body.model, "data": items,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
