@@ -4,6 +4,10 @@ prompt tuning, a classifier), written the way `tunesmith.train` writes them (wei
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 CONTEXT = 128  # small, so the context-window boundaries are cheap to reach
@@ -85,3 +89,26 @@ def write_classifier(base: Path, directory: Path) -> Path:
                                                     "peft": False, "labels": ["neg", "pos"],
                                                     "chat_template_fingerprint": None}))
     return directory
+
+
+@contextmanager
+def uvicorn_on_loopback(app):
+    """Base URL (http://127.0.0.1:PORT) of a real uvicorn server for `app` on a free loopback port, for the
+    tests where the transport matters (hang-ups, concurrent clients, lm-evaluation-harness over HTTP)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

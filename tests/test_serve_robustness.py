@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from serve_assets import CONTEXT, write_base
+from serve_assets import CONTEXT, uvicorn_on_loopback, write_base
 
 BASE = "base"
 USER = [{"role": "user", "content": "Hello"}]
@@ -118,8 +118,6 @@ class _Records(logging.Handler):
 @contextmanager
 def live(engine, **settings):
     """(base url, Watch, log records) of a uvicorn server on a free loopback port."""
-    import uvicorn
-
     from tunesmith.serve import ServeSettings, create_app
 
     app = Watch(create_app(engine, ServeSettings(**settings)))
@@ -127,21 +125,10 @@ def live(engine, **settings):
     loggers = [logging.getLogger(name) for name in ("uvicorn.error", "asyncio")]
     for logger in loggers:
         logger.addHandler(records)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app, records
+        with uvicorn_on_loopback(app) as url:
+            yield url, app, records
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
         for logger in loggers:
             logger.removeHandler(records)
         engine.stop()
@@ -190,12 +177,10 @@ def test_the_official_client_with_its_usual_arguments(client):
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
@@ -204,7 +189,8 @@ def test_the_official_client_with_its_usual_arguments(client):
      "messages.0.tool_calls"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "and then"}, "suffix"),
-    ("/v1/completions", {"logit_bias": {"5": -100}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"five": -100}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"99999999": -100}}, "logit_bias"),
 ])
 def test_settings_that_would_change_the_reply_are_refused_by_name(client, path, extra, param):
     body = {"model": BASE, "max_tokens": 4, **({"messages": USER} if "chat" in path else {"prompt": "Hi"}), **extra}
@@ -659,3 +645,78 @@ def test_stream_options_with_stream_and_int64_seeds_are_accepted(client):
             "stream_options": {"include_usage": True}}) as response:
         assert response.status_code == 200
         assert "usage" in "".join(response.iter_text())
+
+
+# -- OpenAI fields honoured: response_format, token-id prompts, echo + logprobs, max_tokens 0 -----------------
+
+SCHEMA = {"type": "object", "properties": {"intent": {"enum": ["refund", "shipping"]},
+                                           "order": {"type": "integer", "minimum": 0}},
+          "required": ["intent", "order"], "additionalProperties": False}
+
+
+def closing_bias(tokenizer) -> dict[str, float]:
+    """A random model almost never closes a string or an object; a bias toward the closing characters lets
+    replies finish inside the token budget (the grammar alone still decides what is legal)."""
+    return {str(tokenizer.convert_tokens_to_ids(t)): 4.0 for t in ('"', "}", "]", "0")}
+
+
+def finished(reply) -> str:
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    return choice["message"]["content"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_modes_always_parse_and_follow_the_schema(client, base_engine, seed):
+    """Constrained decoding: the tiny random model would never write JSON on its own."""
+    bias = closing_bias(base_engine.tokenizer)
+    reply = chat(client, max_tokens=64, temperature=1.0, seed=seed, logit_bias=bias,
+                 response_format={"type": "json_object"})
+    assert isinstance(json.loads(finished(reply)), dict)
+    reply = chat(client, max_tokens=64, temperature=1.0, seed=seed, logit_bias=bias, response_format={
+        "type": "json_schema", "json_schema": {"name": "route", "schema": SCHEMA, "strict": True}})
+    value = json.loads(finished(reply))
+    assert set(value) == {"intent", "order"} and value["intent"] in ("refund", "shipping")
+    assert isinstance(value["order"], int) and value["order"] >= 0
+
+
+def test_an_invalid_schema_is_a_400_naming_response_format(client):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}}
+    assert_envelope(chat(client, response_format=bad), 400, "response_format")
+
+
+def test_token_id_prompts_equal_their_text(client, base_engine):
+    ids = base_engine.tokenizer("What is the capital of France?", add_special_tokens=False)["input_ids"]
+    as_text = client.post("/v1/completions", json={"model": BASE, "prompt": "What is the capital of France?",
+                                                   "max_tokens": 6, "temperature": 0}).json()
+    as_ids = client.post("/v1/completions", json={"model": BASE, "prompt": [ids, ids], "max_tokens": 6,
+                                                  "temperature": 0}).json()
+    assert [c["text"] for c in as_ids["choices"]] == [as_text["choices"][0]["text"]] * 2
+    assert as_ids["usage"]["prompt_tokens"] == 2 * len(ids)
+    assert_envelope(client.post("/v1/completions", json={"model": BASE, "prompt": [10**7]}), 400, "prompt")
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_a_forward_pass(client, base_engine):
+    """OpenAI's shape (first token null, then each prompt token's logprob and top alternatives), equal to the
+    log-softmax of one forward pass; max_tokens 0 returns the prompt alone."""
+    import torch
+
+    text = "What is the capital of France? Paris"
+    ids = base_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    reply = client.post("/v1/completions", json={"model": BASE, "prompt": text, "max_tokens": 0, "echo": True,
+                                                  "logprobs": 2}).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == text and reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                                         "total_tokens": len(ids)}
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == text
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    model = next(iter(base_engine.models.values())).module
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
+        assert len(lp["top_logprobs"][i]) == 2
+        assert max(lp["top_logprobs"][i].values()) == pytest.approx(float(expected[i - 1].max()), abs=1e-4)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..data.templates import render_chat
-from ..data.tokenize import MaskError, encode_chat_prompt
+from ..data.tokenize import MaskError, encode_chat_prompt, stop_token_ids
+from ..generation.grammar import ResponseFormatError, token_mask
 from ..generate import prompt_ids
 from .adapters import ServeError
 from .conversations import ConversationStore, KeyReused, TurnGate, fit_history, pinned
@@ -111,7 +112,13 @@ class _Prompts:
         self.budget(self._at_least(self._render(messages)), max_tokens, None, "messages", at_least=True)
         return self._encode(messages)
 
-    def completion(self, prompt: str, max_tokens: int | None = None) -> list[int]:
+    def completion(self, prompt: str | list[int], max_tokens: int | None = None) -> list[int]:
+        if not isinstance(prompt, str):  # token ids, as lm-evaluation-harness sends them
+            if (bad := next((t for t in prompt if t >= len(self.tokenizer)), None)) is not None:
+                raise APIError(400, f"The prompt's token ids must be below {len(self.tokenizer)} (this model's "
+                               f"vocabulary); {bad} is not a token.", param="prompt")
+            self.budget(len(prompt), max_tokens, None, "prompt")
+            return list(prompt)
         self.budget(self._at_least(prompt), max_tokens, None, "prompt", at_least=True)
         ids = prompt_ids(self.tokenizer, prompt=prompt)
         if not ids:  # an empty prompt: generate from the start of a document, as OpenAI does
@@ -276,18 +283,32 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                            param="model", code="model_not_generative")
         return entry
 
-    def job_for(body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None) -> _Job:
+    def job_for(body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None, *,
+                prompt_logprobs: int | None = None, mask=None) -> _Job:
         job = _Job(engine)
         bias = _logit_bias(body, len(engine.tokenizer))
         for p, ids in enumerate(encoded):
             params = SamplingParams(max_new_tokens=max_tokens[p], temperature=body.temperature, top_p=body.top_p,
                                     seed=body.seed, stop=body.stops, presence_penalty=body.presence_penalty,
                                     frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=logprobs,
-                                    n=body.n)
+                                    prompt_logprobs=prompt_logprobs, n=body.n, token_mask=mask)
             for j, choice in enumerate(params.choices()):  # choice j is seeded with seed + j, as everywhere
                 job.requests.append(Request(body.model, ids, choice, job.emit, index=p * body.n + j))
         job.submit()
         return job
+
+    def json_mask(body: ChatRequest):
+        """Constrained decoding for response_format json_object / json_schema (None for text): every reply
+        parses, and validates against the schema. Compiled before the request is queued (cached per schema)."""
+        if body.response_format is None or body.response_format.type == "text":
+            return None
+        module = engine.models[body.model].module
+        vocab = module.get_output_embeddings().weight.shape[0]
+        try:
+            stops = stop_token_ids(engine.tokenizer, getattr(module, "generation_config", None))
+            return token_mask(engine.tokenizer, body.response_format, vocab, eos_token_ids=sorted(stops))
+        except ResponseFormatError as err:
+            raise APIError(400, str(err), param="response_format") from None
 
     def streaming(job: _Job, chunks, on_done=None) -> _Stream:
         async def body():
@@ -324,17 +345,33 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     async def completions(request: HTTPRequest):
         body, _ = await read(request, CompletionRequest)
         served(body.model)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported.", param="echo")
-        texts = body.prompts
-        fits(len(texts) * body.n)
-        encoded = await run_in_threadpool(lambda: [prompts.completion(p, body.max_tokens) for p in texts])
+        sources = body.prompts
+        fits(len(sources) * body.n)
+        encoded = await run_in_threadpool(lambda: [prompts.completion(p, body.max_tokens) for p in sources])
         limits = [prompts.budget(len(ids), body.max_tokens, settings.completion_max_tokens, "prompt")
                   for ids in encoded]
-        job = job_for(body, encoded, limits, body.logprobs)
+        # echo + logprobs scores the prompt itself (OpenAI's shape: the first token's logprob is null); with
+        # max_tokens 0 that is all there is, which is how lm-evaluation-harness asks for log-likelihoods.
+        scoring = body.logprobs if body.echo else None
+        job = job_for(body, encoded, limits, body.logprobs, prompt_logprobs=scoring)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [texts[c.index // body.n] if body.echo else "" for c in job.requests]
+        shown = [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(sources, encoded)]
+        echo = [shown[c.index // body.n] if body.echo else "" for c in job.requests]
         offsets = [len(e) for e in echo]
+
+        def prompt_logprobs(event: Event) -> dict | None:
+            if scoring is None or event.prompt is None:
+                return None
+            out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            at = 0
+            for token_id, t in zip(encoded[event.index // body.n], event.prompt):
+                text = t.text if t is not None else engine.tokenizer.decode([token_id])
+                out["tokens"].append(text)
+                out["token_logprobs"].append(None if t is None else t.logprob)
+                out["top_logprobs"].append(None if t is None else dict(t.top))
+                out["text_offset"].append(at)
+                at += len(text)
+            return out
 
         def logprobs(event: Event) -> dict | None:
             if body.logprobs is None or event.token is None:
@@ -354,12 +391,15 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         prompt_tokens = sum(len(ids) for ids in encoded)
         if body.stream:
             async def chunks():
-                completion = 0
-                for i, prefix in enumerate(echo):
-                    if prefix:
-                        yield chunk([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}])
+                completion, echoed = 0, set()
                 async for ev in job.events():
                     completion += ev.completion_tokens
+                    if body.echo and ev.index not in echoed:  # the prompt first, with its logprobs if asked
+                        echoed.add(ev.index)
+                        yield chunk([{"index": ev.index, "text": echo[ev.index], "logprobs": prompt_logprobs(ev),
+                                      "finish_reason": None}])
+                        if ev.prompt is not None and not ev.finish_reason:
+                            continue
                     lp = logprobs(ev)
                     if ev.text or ev.finish_reason or lp:  # text held back at a possible stop string: no chunk
                         yield chunk([{"index": ev.index, "text": ev.text, "logprobs": lp,
@@ -373,10 +413,11 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             async for ev in job.events():
                 texts[ev.index] += ev.text
                 completion += ev.completion_tokens
-                if (lp := logprobs(ev)) is not None:
-                    merged = lps.setdefault(ev.index, {k: [] for k in lp})
-                    for k, v in lp.items():
-                        merged[k] += v
+                for lp in (prompt_logprobs(ev), logprobs(ev)):
+                    if lp is not None:
+                        merged = lps.setdefault(ev.index, {k: [] for k in lp})
+                        for k, v in lp.items():
+                            merged[k] += v
                 if ev.finish_reason:
                     finish[ev.index] = ev.finish_reason
         finally:
@@ -438,7 +479,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         ids = await run_in_threadpool(prompts.chat, messages, max_tokens)
         limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = job_for(body, [ids], [limit], top)
+        job = job_for(body, [ids], [limit], top, mask=await run_in_threadpool(json_mask, body))
 
         def logprobs(ev: Event):
             if top is None or ev.token is None:

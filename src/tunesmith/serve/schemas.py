@@ -4,7 +4,7 @@ turns raw body bytes into one of them.
 Types are strict, as OpenAI's are: `"max_tokens": "10"` and `"temperature": true` are rejected (an integer is
 still a valid float). Fields OpenAI's clients send that do not change a plain-text reply (`user`, `metadata`,
 `store`, `tools: []`, ...) are accepted and ignored; settings that would change the reply and that this
-server cannot honour (`logit_bias`, tools, JSON mode, audio) are rejected by `unsupported()` with the
+server cannot honour (tools, audio) are rejected by `unsupported()` with the
 parameter's name. Any other unknown field is rejected (400), never silently ignored."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..generation.grammar import response_format_error
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_DEPTH = 64  # OpenAI's bodies nest a handful of levels; far deeper is an attack on recursive parsers
@@ -47,7 +49,7 @@ class _Sampling(_Strict):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # only {} (unsupported)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # keys: token ids
     # Accepted and ignored: bookkeeping on OpenAI's side that does not change the reply.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -69,21 +71,28 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first setting that would change the reply and that we cannot honour."""
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported by this server; send {} or leave it out."
         return None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    # A string, a list of strings, a list of token ids, or a list of token-id lists, as OpenAI's API takes
+    # (lm-evaluation-harness sends token ids by default).
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: only the prompt (with echo + logprobs: scoring)
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=16)] | None = None
     suffix: str | None = None
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.best_of not in (None, self.n):  # best_of == n returns all n samples: the plain n choices
@@ -163,9 +172,8 @@ class ChatRequest(_Sampling):
         for i, m in enumerate(self.messages):
             if m.tool_calls:
                 return f"messages.{i}.tool_calls", f"messages with tool_calls are not supported: {no_tools}."
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", (f"response_format {self.response_format.type!r} is not supported: this "
-                                       "server cannot constrain replies to JSON; use {\"type\": \"text\"}.")
+        if self.response_format is not None and (problem := response_format_error(self.response_format)):
+            return "response_format", problem
         if "audio" in (self.modalities or []):
             return "modalities", "modalities: audio output is not supported by this server; use [\"text\"]."
         if self.audio is not None:

@@ -1,0 +1,237 @@
+"""Constrained decoding for OpenAI's `response_format`: `{"type": "json_object"}` and `{"type": "json_schema",
+"json_schema": {"name": ..., "schema": {...}, "strict": true}}` become a per-row token mask, through llguidance
+(chosen by measurement over xgrammar and outlines-core: benchmarks/grammar_choice.md).
+
+The contract with the engine, per row and decode step:
+
+    constraint = Constraint(tokenizer, response_format, vocab_size)  # vocab_size: the logits' width
+    mask = constraint.allowed()        # torch.bool [vocab_size] on CPU, True = allowed; None = unconstrained
+    if mask is not None:
+        logits[~mask] = float("-inf")  # logits [vocab_size]; mask.to(logits.device) when they live elsewhere
+    token = sample(logits)
+    constraint.advance(token)          # False: the token broke the grammar (only EOS is allowed from then on)
+
+EOS is allowed only once the JSON is complete, and then nothing else is, so a row ends with its own EOS or at
+max_tokens (the JSON cut short, finish_reason "length", as with OpenAI). Tokens past the tokenizer's vocabulary
+(lm_head padding) are never allowed. `allowed(row)` also takes the engine's row and ignores it, so a
+Constraint is a `generation.params.TokenMask`, and `token_mask()` gives `SamplingParams.token_mask` its factory.
+
+Costs: the tokenizer's byte table is built once per tokenizer (~0.5 s for a 49k vocabulary) and kept while the
+tokenizer lives; each schema's grammar is compiled once (an LRU of SCHEMA_CACHE_SIZE per tokenizer) and every
+request starts from a copy of it (~10 us); a mask costs ~0.01-0.2 ms on CPU, far below a decode step.
+`response_format_error()` checks a request up front and returns the sentence for a 400 on `response_format`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import weakref
+from collections import OrderedDict
+
+from ..errors import TunesmithError
+
+SCHEMA_CACHE_SIZE = 64  # compiled grammars kept per tokenizer, least recently used dropped first
+
+# Whitespace between JSON tokens: one or two spaces, or one line break and up to 32 characters of indentation.
+# That is compact and pretty-printed JSON alike, while llguidance's default ([ \t\r\n]+) lets a small model
+# spend all of max_tokens on blank lines (measured with SmolLM2-135M: benchmarks/grammar_choice.md).
+JSON_OPTIONS = {"whitespace_pattern": r"(?:[\x20\x09]{1,2}|\x0D?\x0A[\x20\x09]{0,32})"}
+ANY_OBJECT = {"type": "object"}  # json_object mode: any JSON object, as OpenAI's JSON mode promises
+SCHEMA_KEYS = {"name", "description", "schema", "strict"}
+
+
+class ResponseFormatError(TunesmithError, ValueError):
+    """A `response_format` this server cannot enforce; the message names the field and says what to change."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.hf
+    except ImportError as error:  # a required dependency; this only trips in an environment set up by hand
+        raise ImportError("response_format needs llguidance: pip install 'llguidance>=1.9,<2'") from error
+    return llguidance
+
+
+def _as_dict(response_format):
+    return response_format.model_dump() if hasattr(response_format, "model_dump") else response_format
+
+
+def _schema_of(response_format) -> tuple[dict | None, bool]:
+    """(JSON schema, strict) for a valid response_format; (None, False) for plain text. Raises
+    ResponseFormatError with the user-facing sentence otherwise."""
+    response_format = _as_dict(response_format)
+    if response_format is None:
+        return None, False
+    if not isinstance(response_format, dict):
+        raise ResponseFormatError('response_format must be an object such as {"type": "json_object"}.')
+    kind = response_format.get("type")
+    if kind == "text":
+        return None, False
+    if kind == "json_object":
+        return ANY_OBJECT, False
+    if kind != "json_schema":
+        raise ResponseFormatError(f"response_format.type {kind!r} is not supported: use 'text', 'json_object' "
+                                  "or 'json_schema'.")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ResponseFormatError('response_format.json_schema is required with type "json_schema": '
+                                  '{"name": ..., "schema": {...}, "strict": true}.')
+    if unknown := sorted(set(spec) - SCHEMA_KEYS):
+        raise ResponseFormatError(f"response_format.json_schema has unknown field(s) {', '.join(unknown)}: "
+                                  f"use {', '.join(sorted(SCHEMA_KEYS))}.")
+    name = spec.get("name")
+    if not (isinstance(name, str) and 0 < len(name) <= 64
+            and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)):
+        raise ResponseFormatError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'.")
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise ResponseFormatError("response_format.json_schema.strict must be true or false.")
+    if not isinstance(spec.get("schema"), dict):
+        raise ResponseFormatError("response_format.json_schema.schema must be a JSON Schema object, "
+                                  'e.g. {"type": "object", "properties": {...}}.')
+    return spec["schema"], bool(spec.get("strict"))
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(schema_json: str, strict: bool) -> str:
+    """llguidance's grammar for a canonical schema text, checked. strict rejects keywords llguidance cannot
+    enforce (uniqueItems, not, if/then, ...); non-strict, as OpenAI's strict=false, enforces the rest."""
+    llg = _llguidance()
+    try:
+        grammar = llg.LLMatcher.grammar_from_json_schema(json.loads(schema_json),
+                                                         defaults={**JSON_OPTIONS, "lenient": not strict})
+    except ValueError as error:
+        raise ResponseFormatError(f"response_format.json_schema.schema is not a valid JSON Schema: {error}.") from None
+    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        hint = (" Remove them, or set response_format.json_schema.strict to false to enforce the rest."
+                if strict and "Unimplemented keys" in messages[0] else "")
+        raise ResponseFormatError("response_format.json_schema.schema cannot be enforced: "
+                                  f"{messages[0].strip()}.{hint}")
+    return grammar
+
+
+def _grammar_for(response_format) -> str | None:
+    schema, strict = _schema_of(response_format)
+    if schema is None:
+        return None
+    # Not sort_keys: properties are generated in the order the schema declares them (as OpenAI does).
+    return _grammar(json.dumps(schema, separators=(",", ":")), strict)
+
+
+def response_format_error(response_format) -> str | None:
+    """The sentence for a 400 on `response_format` when it is invalid or cannot be enforced; None when fine."""
+    try:
+        _grammar_for(response_format)
+    except ResponseFormatError as error:
+        return str(error)
+    return None
+
+
+class _Compiled:
+    """One tokenizer's llguidance tokenizer and its LRU of compiled grammars (template matchers, never
+    advanced: each request deep-copies one)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        llg = _llguidance()
+        # llguidance refuses a width below the tokenizer's; a narrower lm_head is cut in allowed() instead.
+        self.tokenizer = llg.hf.from_tokenizer(tokenizer, n_vocab=max(vocab_size, len(tokenizer)),
+                                               eos_token=list(eos_token_ids))
+        self.templates: OrderedDict[str, object] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def matcher(self, grammar: str):
+        with self.lock:
+            template = self.templates.get(grammar)
+            if template is None:
+                template = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0)  # errors: .error
+                if template.is_error():  # the tokenizer-free check passed, so this is a bug or a limit hit
+                    raise ResponseFormatError(f"response_format cannot be enforced: {template.get_error()}")
+                if len(self.templates) >= SCHEMA_CACHE_SIZE:
+                    self.templates.popitem(last=False)
+                self.templates[grammar] = template
+            self.templates.move_to_end(grammar)
+            return template.deep_copy()
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab, eos): _Compiled}
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compiled(tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> _Compiled:
+    with _COMPILED_LOCK:
+        per_tokenizer = _COMPILED.setdefault(tokenizer, {})
+        key = (vocab_size, eos_token_ids)
+        if key not in per_tokenizer:
+            per_tokenizer[key] = _Compiled(tokenizer, vocab_size, eos_token_ids)
+        return per_tokenizer[key]
+
+
+class Constraint:
+    """One row's constraint: which tokens may come next under `response_format`. Raises ResponseFormatError
+    for a format it cannot enforce. `eos_token_ids` (default: the tokenizer's EOS) end the row once the JSON is
+    complete."""
+
+    def __init__(self, tokenizer, response_format, vocab_size: int, *, eos_token_ids=None):
+        import torch
+
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids or [tokenizer.eos_token_id])
+        self._matcher, self._ended = None, False
+        grammar = _grammar_for(response_format)
+        if grammar is None:
+            return
+        compiled = _compiled(tokenizer, vocab_size, self.eos_token_ids)
+        self._matcher = compiled.matcher(grammar)
+        self._tokenizer_size = min(len(tokenizer), vocab_size)
+        self._words = torch.zeros((compiled.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        self._eos_only = torch.zeros(vocab_size, dtype=torch.bool)
+        self._eos_only[[i for i in self.eos_token_ids if i < vocab_size]] = True
+
+    def allowed(self, row=None):
+        """bool [vocab_size], True where the next token may go; None when unconstrained or after EOS."""
+        import numpy as np
+        import torch
+
+        if self._matcher is None or self._ended:
+            return None
+        if self._matcher.is_stopped() or self._matcher.is_error():
+            # Complete JSON with nothing that may extend it, or a rejected token broke it: end the row.
+            return self._eos_only.clone()
+        self._matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
+        # Bit i of word w is token 32*w + i: the words' little-endian bytes unpack in token order ([W] -> [32W]).
+        words = self._words.numpy().astype("<i4", copy=False)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size]
+        bits[self._tokenizer_size:] = 0  # llguidance never allows them; made certain for lm_head padding
+        return torch.from_numpy(bits).view(torch.bool)
+
+    def advance(self, token: int) -> bool:
+        """Move past the sampled token; False when the grammar did not allow it."""
+        if self._matcher is None or self._ended:
+            return True
+        token = int(token)
+        if token in self.eos_token_ids and self._matcher.is_error():
+            self._ended = True  # the EOS that allowed() offered after the failure
+            return True
+        accepted = self._matcher.consume_token(token)
+        self._ended = accepted and token in self.eos_token_ids
+        return accepted
+
+    def is_done(self) -> bool:
+        """True once the JSON is complete and only EOS may follow (or was taken), or the grammar was broken."""
+        return self._matcher is not None and (self._ended or self._matcher.is_stopped() or self._matcher.is_error())
+
+    @property
+    def error(self) -> str | None:
+        """Why the constraint failed (a token outside the grammar), or None."""
+        return self._matcher.get_error() if self._matcher is not None and self._matcher.is_error() else None
+
+
+def token_mask(tokenizer, response_format, vocab_size: int, *, eos_token_ids=None):
+    """`SamplingParams.token_mask` for a request: a factory of fresh Constraints, one per row, or None for plain
+    text. The grammar compiles here, so an unenforceable format fails before the request is queued."""
+    if _grammar_for(response_format) is None:
+        return None
+    Constraint(tokenizer, response_format, vocab_size, eos_token_ids=eos_token_ids)  # compile and cache now
+    return functools.partial(Constraint, tokenizer, response_format, vocab_size, eos_token_ids=eos_token_ids)
