@@ -70,10 +70,11 @@ def start(model: str, max_batch: int, threads: int | None) -> tuple[subprocess.P
     raise SystemExit("server did not start")
 
 
-async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> tuple[float, int]:
+async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int,
+              ban: dict[str, float]) -> tuple[float, int]:
     """(time to first token, completion tokens) of one streamed chat request."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": ban}
     started, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
@@ -87,10 +88,11 @@ async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: 
     return (first if first is not None else time.perf_counter() - started), tokens
 
 
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, ban: dict[str, float]) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def worker(c: int):
-            return [await one(client, model, QUESTIONS[(c + r) % len(QUESTIONS)], max_tokens) for r in range(requests)]
+            return [await one(client, model, QUESTIONS[(c + r) % len(QUESTIONS)], max_tokens, ban)
+                    for r in range(requests)]
 
         started = time.perf_counter()
         results = [x for per in await asyncio.gather(*(worker(c) for c in range(clients))) for x in per]
@@ -108,22 +110,30 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--threads", type=int, help="torch threads in the server (default: torch's); 1 avoids "
                         "OpenMP oversubscription on a machine that is busy with other work")
+    parser.add_argument("--natural-length", action="store_true", help="let replies stop at their end-of-turn "
+                        "token (default: the stop tokens are banned, so every reply has exactly --max-tokens)")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     import torch
 
+    from tunesmith.data.tokenize import stop_token_ids
+    from tunesmith.models import load_generation_config, load_tokenizer
+
+    stops = stop_token_ids(load_tokenizer(args.model), load_generation_config(args.model))
+    ban = {} if args.natural_length else {str(t): -100 for t in sorted(stops)}
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), load average "
           f"{os.getloadavg()[0]:.1f}; model {args.model}; "
-          f"{args.requests} streamed chat requests per client, max_tokens {args.max_tokens}, greedy")
+          f"{args.requests} streamed chat requests per client, max_tokens {args.max_tokens}"
+          f"{' (natural length)' if args.natural_length else ' (every reply that long)'}, greedy")
     print(f"{'batching':10} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'wall s':>7}")
     for label, max_batch in (("on (16)", 16), ("off (1)", 1)):
         proc, url = start(args.model, max_batch, args.threads)
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            asyncio.run(load(url, model, 1, 1, 4))  # warm-up
+            asyncio.run(load(url, model, 1, 1, 4, ban))  # warm-up
             for clients in counts:
-                r = asyncio.run(load(url, model, clients, args.requests, args.max_tokens))
+                r = asyncio.run(load(url, model, clients, args.requests, args.max_tokens, ban))
                 print(f"{label:10} {clients:7d} {r['tokens_per_s']:9.1f} {r['ttft_median']:8.2f}s "
                       f"{r['ttft_p90']:8.2f}s {r['wall']:7.1f}", flush=True)
         finally:
