@@ -18,7 +18,16 @@ like SmolLM2-135M with the tests' 400-token BPE, as the device machine has no co
     tunesmith engine (generate())           60.1     128        1.08x
     tunesmith serve, 1 stream               62.8     128        1.13x
 
-The issue's anchor (smollm2-135m-instruct on the 2-core CPU machine) is still to be measured on an idle machine."""
+On the project's 2-core x86_64 CPU machine (2026-11-26, nothing else running, torch 2.13.0+cpu with 2 threads,
+smollm2-135m-instruct in float32, `--max-new-tokens 64 --repeats 5`):
+
+    path                                tokens/s  tokens  vs generate
+    transformers generate, batch 1          25.8      64        1.00x
+    tunesmith engine (generate())           28.9      64        1.12x
+    tunesmith serve, 1 stream               25.3      64        0.98x
+
+Earlier runs the same hour gave the server 0.92x (generate 21.4, engine 22.7, serve 19.7, best of 3): the server
+process, its event loop and this client share the two cores, so its figure moves by several percent."""
 
 from __future__ import annotations
 
