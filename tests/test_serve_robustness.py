@@ -263,7 +263,7 @@ def test_tiny_sampling_values_over_http_answer_greedy(client, extra):
 # -- 3. one request must not freeze the server ----------------------------------------------------------------
 
 def test_a_prompt_far_over_the_window_is_refused_without_tokenizing(client, monkeypatch):
-    app_module = importlib.import_module("tunesmith.serve.app")
+    app_module = importlib.import_module("tunesmith.serve.prompts")
 
     calls = []
     monkeypatch.setattr(app_module, "encode_chat_prompt", lambda *a, **k: calls.append(1))
@@ -278,7 +278,7 @@ def test_a_prompt_far_over_the_window_is_refused_without_tokenizing(client, monk
 def test_health_answers_while_a_request_is_being_tokenized(base_engine, monkeypatch):
     """The tokenizer is held inside a request until /health has answered; tokenizing on the event loop
     would hold /health too, until the gate gives up (and the assertion below fails)."""
-    app_module = importlib.import_module("tunesmith.serve.app")
+    app_module = importlib.import_module("tunesmith.serve.prompts")
 
     entered, release = threading.Event(), threading.Event()
     encode = app_module.encode_chat_prompt

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..adapters import NameTaken, NotServed, ServeError, check_loaded, check_name, load_served, register, remove_run
-from ..app import APIError
-from . import read
+from ..errors import APIError
+from .common import read
 
 router = APIRouter()
 POLL_S = 0.05  # how often an unload looks at the engine's queue

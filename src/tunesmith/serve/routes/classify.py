@@ -20,8 +20,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..app import APIError
-from . import read
+from ..errors import APIError
+from .common import read
 
 router = APIRouter()
 HEADS = ("classify", "ner")

@@ -1,0 +1,105 @@
+"""How one API call becomes engine requests, and how their events come back: the model it names must generate,
+the completions it asks for must fit the queue, its sampling fields become `SamplingParams` (n choices per
+prompt, choice j seeded with seed + j), and response_format becomes a token mask. Shared by /v1/completions and
+/v1/chat/completions; no HTTP here, only `APIError`s to answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..data.tokenize import stop_token_ids
+from ..generation.grammar import ResponseFormatError, token_mask
+from .engine import Engine, Event, QueueFull, Request, SamplingParams
+from .errors import APIError
+
+
+class Job:
+    """The engine requests of one API call (n choices per prompt) and the events coming back from them."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.loop = engine, asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.requests: list[Request] = []
+
+    def emit(self, event: Event) -> None:  # called on the engine's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def submit(self) -> None:
+        try:
+            self.engine.submit(self.requests)
+        except QueueFull:
+            raise APIError(429, "The server is busy; retry shortly.", code="queue_full",
+                           type="rate_limit_error", headers={"Retry-After": "1"}) from None
+
+    def cancel(self) -> None:
+        for req in self.requests:
+            req.cancelled.set()
+
+    async def events(self):
+        done = 0
+        while done < len(self.requests):
+            event = await self.queue.get()
+            if event.error:
+                raise APIError(500, f"generation failed: {event.error}", type="server_error")
+            done += event.finish_reason is not None
+            yield event
+
+
+def served(engine: Engine, name: str):
+    """The served entry of a model that generates text; 404 for an unknown name, 400 for a run with a head."""
+    entry = engine.models.get(name)
+    if entry is None:
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+    if entry.task != "sft":
+        raise APIError(400, f"`{name}` is a {entry.task} run: it labels text and cannot generate it.",
+                       param="model", code="model_not_generative")
+    return entry
+
+
+def fits(engine: Engine, count: int) -> None:
+    """A request for more completions than may ever wait at once is a client error, not a busy server."""
+    if engine.max_queue and count > engine.max_queue:
+        raise APIError(400, f"This request asks for {count} completions (prompts × n), but this server queues "
+                       f"at most {engine.max_queue} at a time; ask for fewer.", param="n",
+                       code="too_many_completions")
+
+
+def logit_bias(body, vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias ({"token id": bias}) with integer keys, each a token of this model's vocabulary."""
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
+            raise APIError(400, f"logit_bias keys are token ids from 0 to {vocab - 1}; {key!r} is not one.",
+                           param="logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
+def json_mask(engine: Engine, body):
+    """Constrained decoding for response_format json_object / json_schema (None for text): every reply
+    parses, and validates against the schema. Compiled before the request is queued (cached per schema)."""
+    if body.response_format is None or body.response_format.type == "text":
+        return None
+    module = engine.models[body.model].module
+    vocab = module.get_output_embeddings().weight.shape[0]
+    try:
+        stops = stop_token_ids(engine.tokenizer, getattr(module, "generation_config", None))
+        return token_mask(engine.tokenizer, body.response_format, vocab, eos_token_ids=sorted(stops))
+    except ResponseFormatError as err:
+        raise APIError(400, str(err), param="response_format") from None
+
+
+def job_for(engine: Engine, body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None, *,
+            prompt_logprobs: int | None = None, mask=None) -> Job:
+    """Queue body.n choices for each prompt of `encoded` (choice j of prompt p has index p * n + j)."""
+    job = Job(engine)
+    bias = logit_bias(body, len(engine.tokenizer))
+    for p, ids in enumerate(encoded):
+        params = SamplingParams(max_new_tokens=max_tokens[p], temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed, stop=body.stops, presence_penalty=body.presence_penalty,
+                                frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=logprobs,
+                                prompt_logprobs=prompt_logprobs, n=body.n, token_mask=mask)
+        for j, choice in enumerate(params.choices()):  # choice j is seeded with seed + j, as everywhere
+            job.requests.append(Request(body.model, ids, choice, job.emit, index=p * body.n + j))
+    job.submit()
+    return job

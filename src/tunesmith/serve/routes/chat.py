@@ -1,0 +1,136 @@
+"""POST /v1/chat/completions: chat replies, n choices, streamed or not, optionally constrained to JSON by
+response_format. With `conversation` the server keeps the history: the turn's prompt is the stored history
+trimmed to the window, the reply is stored when it ends, and an Idempotency-Key makes a retry replay the
+stored reply instead of generating (and storing) a second one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..conversations import KeyReused
+from ..engine import Event
+from ..errors import APIError
+from ..jobs import fits, job_for, json_mask, served
+from ..schemas import ChatRequest
+from .common import Reply, Stream, chunks_of, collect, read_json, sse, streaming, usage
+
+router = APIRouter()
+
+
+def _fingerprint(data: dict) -> str:
+    """What an idempotent retry must repeat: the whole body but how the reply is delivered (stream or not)."""
+    content = {k: v for k, v in data.items() if k not in ("stream", "stream_options")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    state = request.app.state
+    body, data = await read_json(request, ChatRequest)
+    served(state.engine, body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+    fits(state.engine, body.n)
+    conversation, key = None, request.headers.get("idempotency-key")
+    if body.conversation is not None:
+        conversation = state.store.get(body.conversation)
+        if conversation is None:
+            raise APIError(404, f"No conversation {body.conversation!r}.", param="conversation",
+                           code="conversation_not_found")
+        if body.n != 1:
+            raise APIError(400, "A conversation continues with one reply: n must be 1.", param="n")
+    if conversation is None or not key:
+        return await answer(state, body, conversation, None, None)
+    if len(key) > 255:
+        raise APIError(400, "The Idempotency-Key header is longer than 255 characters.",
+                       code="invalid_idempotency_key")
+    # One generation per (conversation, key): a concurrent retry waits here for the first to end.
+    await state.turns.acquire(conversation["id"], key)
+    try:
+        response = await answer(state, body, conversation, key, _fingerprint(data))
+    except BaseException:
+        state.turns.release(conversation["id"], key)
+        raise
+    if isinstance(response, Stream):  # the turn is written when the stream ends
+        response.on_close.append(lambda: state.turns.release(conversation["id"], key))
+    else:
+        state.turns.release(conversation["id"], key)
+    return response
+
+
+async def answer(state, body: ChatRequest, conversation: dict | None, key: str | None, fingerprint: str | None):
+    engine, store, prompts, settings = state.engine, state.store, state.prompts, state.settings
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    messages = new = body.plain_messages()
+    reply = Reply("chatcmpl", "chat.completion.chunk", body.model)
+    if key:
+        try:
+            stored = store.reply_for(conversation["id"], key, fingerprint)
+        except KeyReused:
+            raise APIError(422, f"The Idempotency-Key {key!r} was already used in this conversation for a "
+                           "request with another body; send a new key for a new request.",
+                           code="idempotency_key_reused") from None
+        if stored is not None:
+            return _replayed(body, reply, stored)  # an SDK retry: the turn is already written
+    if conversation is not None:
+        reserve = max_tokens or settings.reply_reserve or prompts.window // 4
+        messages = await run_in_threadpool(prompts.history, store, conversation, new, reserve)
+    ids = await run_in_threadpool(prompts.chat, messages, max_tokens)
+    limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    job = job_for(engine, body, [ids], [limit], top, mask=await run_in_threadpool(json_mask, engine, body))
+
+    def logprobs(ev: Event):
+        if top is None or ev.token is None:
+            return None
+        t = ev.token
+        return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
+                             "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())}
+                                              for s, v in t.top]}]}
+
+    def save(text: str) -> None:
+        if conversation is not None:
+            store.add_turn(conversation["id"], new, text, key, fingerprint)
+
+    if body.stream:
+        text = []
+
+        def choices_for(ev: Event):
+            text.append(ev.text)
+            lp = logprobs(ev)
+            if ev.text or ev.finish_reason or lp:
+                yield {"index": ev.index, "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
+                       "finish_reason": ev.finish_reason}
+
+        async def chunks():
+            for i in range(body.n):
+                yield reply([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for data in chunks_of(job, body, reply, len(ids), choices_for):
+                yield data
+        return streaming(job, chunks(), on_done=lambda: save("".join(text)))
+
+    texts = [""] * body.n
+    finish, lps, completion = await collect(job, texts, logprobs)
+    save(texts[0])
+    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": lps.get(i, {"content": []}) if top is not None else None,
+                "finish_reason": finish[i]} for i in range(body.n)]
+    return reply(choices, usage(len(ids), completion), object="chat.completion")
+
+
+def _replayed(body: ChatRequest, reply: Reply, text: str):
+    """The stored reply of a turn that was already written (same idempotency key), without generating again."""
+    if body.stream:
+        async def again():
+            yield sse(reply([{"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None,
+                              "finish_reason": "stop"}]))
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(again(), media_type="text/event-stream")
+    return reply([{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": "stop"}], usage(0, 0), object="chat.completion")
