@@ -89,8 +89,13 @@ def main() -> int:
     with TestClient(create_app(engine)) as client:
         reply = client.post("/v1/chat/completions", json={
             "model": "run", "max_tokens": 8, "messages": [{"role": "user", "content": test[0]["messages"][-2]["content"]}]})
+        constrained = client.post("/v1/chat/completions", json={
+            "model": "run", "max_tokens": 8, "response_format": {"type": "json_object"},
+            "messages": [{"role": "user", "content": "Reply in JSON."}]})
     assert reply.status_code == 200, reply.text
-    print(f"serve on {device}: 200, {reply.json()['usage']}", flush=True)
+    assert constrained.status_code == 200, constrained.text
+    print(f"serve on {device}: 200, {reply.json()['usage']}; json_object 200: "
+          f"{constrained.json()['choices'][0]['message']['content']!r}", flush=True)
     print("gpu smoke: ok")
     return 0
 

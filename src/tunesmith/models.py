@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from .errors import TunesmithError
@@ -204,7 +205,9 @@ def load_run(path: str | Path):
         from peft import PeftModel
 
         base = load_for_task(info["base_model"], info["task"], info.get("labels"), tokenizer=tokenizer)
-        model = PeftModel.from_pretrained(base, str(path))
+        with warnings.catch_warnings():  # peft calls an API transformers deprecated: noise to users
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = PeftModel.from_pretrained(base, str(path))
     else:
         model = load_for_task(str(path), info["task"], info.get("labels"), tokenizer=tokenizer)
     model.eval()

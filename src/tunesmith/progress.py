@@ -9,13 +9,17 @@ import time
 
 
 class Progress:
-    """`with Progress("scoring before: generating", total=80, unit="example") as bar: bar.update(16)`."""
+    """`with Progress("scoring before: generating", total=80, unit="example") as bar: bar.update(16)`.
+
+    Plain lines: the start, then at most one every EVERY_S seconds, and the end."""
+
+    EVERY_S = 3.0
 
     def __init__(self, desc: str, total: int, *, unit: str = "example", stream=None):
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream or sys.stderr
         self.done = 0
-        self.started = time.perf_counter()
+        self.started = self.shown = time.perf_counter()
         self.plain = not getattr(self.stream, "isatty", lambda: False)()
         self._bar = None
         if not self.plain:
@@ -33,7 +37,11 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
         else:
-            elapsed = time.perf_counter() - self.started
+            now = time.perf_counter()
+            if self.done < self.total and now - self.shown < self.EVERY_S:
+                return  # a log gets a line every few seconds, not one per example
+            self.shown = now
+            elapsed = now - self.started
             eta = elapsed / max(self.done, 1) * (self.total - self.done)
             tail = f"({elapsed:.0f}s)" if self.done >= self.total else f"({elapsed:.0f}s, eta {eta:.0f}s)"
             self._line(f"{self.done}/{self.total} {tail}")
