@@ -86,3 +86,14 @@ def test_prompt_learning_adapter_generates_what_its_forward_pass_predicts(tmp_pa
     with model.disable_adapter():
         base = generate(model, tokenizer, messages=MESSAGES, params=SamplingParams(max_new_tokens=8))
     assert base.text != got.text
+
+
+def test_greedy_decoding_leaves_the_global_rng_alone(tiny_lm, chatml_tokenizer):
+    """Scoring a model greedily (train's "before") must not shift what later draws from torch's global RNG,
+    such as the LoRA initialisation that follows it."""
+    import torch
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=4))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -430,6 +430,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
             metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(before_file, metrics["before"])
+    # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
+    set_seed(cfg.seed)
     with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))

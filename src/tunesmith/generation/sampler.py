@@ -25,8 +25,10 @@ class Sampler:
         import torch
 
         self.params, self.tokenizer = params, tokenizer
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
-        self.generator = torch.Generator().manual_seed(seed % 2**64)
+        self.generator = None  # greedy rows draw nothing, and leave the global RNG as they found it
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+            self.generator = torch.Generator().manual_seed(seed % 2**64)
         # counts: generated tokens (OpenAI's penalties); seen: prompt and generated (transformers' repetition penalty)
         self.counts = torch.zeros(vocab) if (params.presence_penalty or params.frequency_penalty) else None
         self.seen = None
