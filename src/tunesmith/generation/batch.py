@@ -25,6 +25,8 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
+
 # peft prompt-learning types whose virtual tokens this engine knows how to place (by PeftType value)
 VIRTUAL = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt"}
 
@@ -61,7 +63,7 @@ def route(module, adapter: str | None, *, as_is: bool = False, activate: Callabl
     if config is not None and config.is_prompt_learning:
         kind = VIRTUAL.get(str(getattr(config.peft_type, "value", config.peft_type)))
         if kind is None:
-            raise ValueError(f"{config.peft_type} adapters cannot generate with this engine (it places prefix "
+            raise UsageError(f"{config.peft_type} adapters cannot generate with this engine (it places prefix "
                              "tuning, prompt tuning and p-tuning virtual tokens)")
         return Route((id(base), None), base, peft=module, virtual=kind, signature=_forward_arguments(base),
                      prefill_context=nullcontext if as_is else activate)

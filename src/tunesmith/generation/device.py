@@ -14,7 +14,9 @@ def resolve_device(device: str = "auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
+        from ..errors import UsageError
+
+        raise UsageError(f"device {name!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         from ..errors import UsageError
 
