@@ -35,10 +35,9 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
+
+from served import start_server
 
 PROMPT = "Write a long story about a cat who learns to sail across the ocean."
 
@@ -52,27 +51,6 @@ def _best(fn, repeats: int) -> tuple[float, int]:
         tokens = fn()
         best = max(best, tokens / (time.perf_counter() - started))
     return best, tokens
-
-
-def _serve(model: str, device: str, threads: int | None) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--model", model, "--port", str(port),
-                             "--device", device, "--conversations", ":memory:"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.25)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 def _server_call(url: str, model: str, max_tokens: int, stops: set[int]):
@@ -139,7 +117,7 @@ def main() -> None:
     rows = [("transformers generate, batch 1", *_best(hf, args.repeats)),
             ("tunesmith engine (generate())", *_best(engine, args.repeats))]
     if not args.no_server:
-        proc, url = _serve(args.model, args.device, args.threads)
+        proc, url = start_server(args.model, "--device", args.device, threads=args.threads)
         try:
             name = json.loads(__import__("httpx").get(url + "/v1/models").text)["data"][0]["id"]
             rows.append(("tunesmith serve, 1 stream", *_best(_server_call(url, name, n, stops), args.repeats)))

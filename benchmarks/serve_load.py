@@ -44,39 +44,14 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
+from served import start_server
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Say hello in Spanish.",
              "What is a cat?", "Why is the sky blue?", "Count to five.", "What is Python?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--model", model, "--port", str(port),
-                             "--max-batch", str(max_batch), "--conversations", ":memory:"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.25)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int,
@@ -137,7 +112,7 @@ def main() -> None:
           f"{' (natural length)' if args.natural_length else ' (every reply that long)'}, greedy")
     print(f"{'batching':10} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'wall s':>7}")
     for label, max_batch in (("on (16)", 16), ("off (1)", 1)):
-        proc, url = start(args.model, max_batch, args.threads)
+        proc, url = start_server(args.model, "--max-batch", str(max_batch), threads=args.threads)
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(load(url, model, 1, 1, 4, ban))  # warm-up
