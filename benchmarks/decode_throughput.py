@@ -4,8 +4,9 @@ against transformers' `generate` at batch 1, on the same model, prompt and greed
     .venv/bin/python benchmarks/decode_throughput.py [--model NAME] [--max-new-tokens 64] [--repeats 3]
                                                      [--threads N] [--device auto|cpu|cuda] [--no-server]
 
-Every figure is generated tokens / wall seconds of the whole call (prefill included), the best of `--repeats`
-runs after one warm-up. The engine and `generate` are made to produce exactly `--max-new-tokens` tokens (the
+Every figure is generated tokens / wall seconds of the whole call (prefill included), after one warm-up each.
+The paths run in `--repeats` interleaved rounds (generate, engine, server, then again); the table shows each
+path's best speed and the median over the rounds of its speed divided by `generate`'s in the same round. The engine and `generate` are made to produce exactly `--max-new-tokens` tokens (the
 stop tokens banned); the server does too where its request schema accepts `logit_bias`, otherwise the reply
 may stop early and the row shows how many tokens it had.
 
@@ -18,16 +19,16 @@ like SmolLM2-135M with the tests' 400-token BPE, as the device machine has no co
     tunesmith engine (generate())           60.1     128        1.08x
     tunesmith serve, 1 stream               62.8     128        1.13x
 
-On the project's 2-core x86_64 CPU machine (2026-11-26, nothing else running, torch 2.13.0+cpu with 2 threads,
-smollm2-135m-instruct in float32, `--max-new-tokens 64 --repeats 5`):
+On the project's 2-core x86_64 CPU machine (2026-11-26, torch 2.13.0+cpu with 2 threads, smollm2-135m-instruct in
+float32, `--repeats 7`):
 
-    path                                tokens/s  tokens  vs generate
-    transformers generate, batch 1          25.8      64        1.00x
-    tunesmith engine (generate())           28.9      64        1.12x
-    tunesmith serve, 1 stream               25.3      64        0.98x
+    path                               best tokens/s  tokens  vs generate (median of rounds)
+    transformers generate, batch 1              20.2      64                           1.00x
+    tunesmith engine (generate())               21.0      64                           1.03x
+    tunesmith serve, 1 stream                   21.3      64                           0.95x
 
-Earlier runs the same hour gave the server 0.92x (generate 21.4, engine 22.7, serve 19.7, best of 3): the server
-process, its event loop and this client share the two cores, so its figure moves by several percent."""
+Earlier runs that day (non-interleaved, best of 3 or 5) gave the server 0.92x and 0.98x: the server process, its
+event loop and this client share the two cores, so its figure moves by several percent."""
 
 from __future__ import annotations
 
@@ -42,15 +43,23 @@ from served import start_server
 PROMPT = "Write a long story about a cat who learns to sail across the ocean."
 
 
-def _best(fn, repeats: int) -> tuple[float, int]:
-    """(best tokens/s, tokens) of `fn` (which returns its token count) over `repeats` timed runs."""
-    fn()  # warm-up: first-call allocations and lazy imports are not decode speed
-    best, tokens = 0.0, 0
+def _rounds(paths: list[tuple[str, object]], repeats: int) -> list[tuple[str, float, float, int]]:
+    """Per path (label, best tokens/s, median of its per-round ratio to the first path, tokens). Each round runs
+    every path once, one after another, so a neighbour's load drifting over the minutes hits them alike; the
+    first call of each path is a warm-up (first-call allocations and lazy imports are not decode speed)."""
+    import statistics
+
+    for _, fn in paths:
+        fn()
+    speeds: list[list[float]] = [[] for _ in paths]
+    tokens = [0] * len(paths)
     for _ in range(repeats):
-        started = time.perf_counter()
-        tokens = fn()
-        best = max(best, tokens / (time.perf_counter() - started))
-    return best, tokens
+        for i, (_, fn) in enumerate(paths):
+            started = time.perf_counter()
+            tokens[i] = fn()
+            speeds[i].append(tokens[i] / (time.perf_counter() - started))
+    return [(label, max(speeds[i]), statistics.median(s / a for s, a in zip(speeds[i], speeds[0])), tokens[i])
+            for i, (label, _) in enumerate(paths)]
 
 
 def _server_call(url: str, model: str, max_tokens: int, stops: set[int]):
@@ -114,21 +123,21 @@ def main() -> None:
           f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"model {args.model} on {model.device} ({next(model.parameters()).dtype}); {n} new tokens, greedy, "
           f"best of {args.repeats}")
-    rows = [("transformers generate, batch 1", *_best(hf, args.repeats)),
-            ("tunesmith engine (generate())", *_best(engine, args.repeats))]
-    if not args.no_server:
-        proc, url = start_server(args.model, "--device", args.device, threads=args.threads)
-        try:
+    paths = [("transformers generate, batch 1", hf), ("tunesmith engine (generate())", engine)]
+    proc = None
+    try:
+        if not args.no_server:
+            proc, url = start_server(args.model, "--device", args.device, threads=args.threads)
             name = json.loads(__import__("httpx").get(url + "/v1/models").text)["data"][0]["id"]
-            rows.append(("tunesmith serve, 1 stream", *_best(_server_call(url, name, n, stops), args.repeats)))
-        finally:
+            paths.append(("tunesmith serve, 1 stream", _server_call(url, name, n, stops)))
+        rows = _rounds(paths, args.repeats)
+    finally:
+        if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    anchor = rows[0][1]
-    print(f"{'path':34} {'tokens/s':>9} {'tokens':>7} {'vs generate':>12}")
-    for label, speed, tokens in rows:
-        print(f"{label:34} {speed:9.1f} {tokens:7d} {speed / anchor:11.2f}x")
-
+    print(f"{'path':34} {'best tokens/s':>14} {'tokens':>7} {'vs generate (median of rounds)':>31}")
+    for label, speed, ratio, tokens in rows:
+        print(f"{label:34} {speed:14.1f} {tokens:7d} {ratio:30.2f}x")
 
 if __name__ == "__main__":
     main()
