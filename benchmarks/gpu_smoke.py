@@ -49,7 +49,7 @@ def main() -> int:
     import transformers
 
     from tunesmith import evaluate
-    from tunesmith.train import train
+    from tunesmith.training import train
     from tunesmith.models import load
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,7 @@ import os
 import platform
 import tempfile
 
-from tunesmith.train import train
+from tunesmith.training import train
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Tiny on-disk assets for the server tests: a base model directory and trained-looking runs (LoRA, IA3,
-prompt tuning, a classifier), written the way `tunesmith.train` writes them (weights, tokenizer, run.json)."""
+prompt tuning, a classifier), written the way `tunesmith.training` writes them (weights, tokenizer, run.json)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.evaluate import EvaluateError, evaluate
+from tunesmith.evaluation import EvaluateError, evaluate
 from tunesmith.generate import SamplingParams, generate
 
 CHAT = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
@@ -72,7 +72,7 @@ def test_eval_errors_are_sentences(model_dir, tmp_path, capsys):
 
 
 def test_train_scores_a_classifier_before_through_the_language_model(model_dir, tmp_path):
-    from tunesmith.train import train
+    from tunesmith.training import train
 
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in REVIEWS * 2))

@@ -12,7 +12,7 @@ from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
 from tunesmith.cli import main
 from tunesmith.export import ExportError, export
 from tunesmith.models import load_run
-from tunesmith.train import train
+from tunesmith.training import train
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 CHAT = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tunesmith.config import PromptingConfig
-from tunesmith.evaluate import EvaluateError
-from tunesmith.prompting import (classification_prompt, classify_by_prompting, label_scores, label_words,
+from tunesmith.evaluation import EvaluateError
+from tunesmith.evaluation.prompting import (classification_prompt, classify_by_prompting, label_scores, label_words,
                                  with_shots)
 
 RECORDS = [{"text": t, "label": lab} for t, lab in [("great movie, loved it", "positive"), ("boring", "negative"),

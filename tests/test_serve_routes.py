@@ -118,7 +118,7 @@ def unload(client, name):
 def test_classify_equals_the_runs_offline_predictions(client, assets, name):
     import torch
 
-    from tunesmith.evaluate import evaluate_classification
+    from tunesmith.evaluation import evaluate_classification
     from tunesmith.models import load_run
 
     response = client.post("/classify", json={"model": name, "input": TEXTS})
@@ -153,7 +153,7 @@ def test_a_string_input_is_one_item(client):
 
 
 def test_long_input_is_cut_to_the_models_context(client, assets):
-    from tunesmith.evaluate import evaluate_classification
+    from tunesmith.evaluation import evaluate_classification
     from tunesmith.models import load_run
 
     text = "great movie, loved it " * 100
@@ -168,7 +168,7 @@ def test_long_input_is_cut_to_the_models_context(client, assets):
 def test_ner_labels_each_word_as_offline_and_groups_entities(client, assets):
     from seqeval.metrics.sequence_labeling import get_entities
 
-    from tunesmith.evaluate import evaluate_tagging
+    from tunesmith.evaluation import evaluate_tagging
     from tunesmith.models import load_run
 
     texts = ["John  Smith lives in Paris", "What is the capital of France ?"]
@@ -191,7 +191,7 @@ def test_ner_labels_each_word_as_offline_and_groups_entities(client, assets):
 
 
 def test_ner_words_past_the_context_are_o_without_a_score(client, assets):
-    from tunesmith.evaluate import evaluate_tagging
+    from tunesmith.evaluation import evaluate_tagging
     from tunesmith.models import load_run
 
     words = ("Paris is the capital of France " * 40).split()

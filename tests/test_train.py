@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import tunesmith.train
+import tunesmith.training.loop
 from conftest import build_tiny_llama
 from tunesmith.data.templates import CHAT_TEMPLATES
 from tunesmith.data.tokenize import encode_tagging
 from tunesmith.models import load_run
-from tunesmith.train import COMPLETE, RunError, train
+from tunesmith.runs import COMPLETE
+from tunesmith.training import RunError, train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def run_train(cfg: dict, *, resume: bool = False, callbacks=()):
     `trainer.initial` its parameters as they were before the first step (after the method was applied).
     `callbacks` are added to the Trainer."""
     made = []
-    original = tunesmith.train._trainer_class
+    original = tunesmith.training.loop.trainer_class
 
     def capturing():
         class Capturing(original()):
@@ -106,7 +107,7 @@ def run_train(cfg: dict, *, resume: bool = False, callbacks=()):
         return Capturing
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tunesmith.train, "_trainer_class", capturing)
+        patch.setattr(tunesmith.training.loop, "trainer_class", capturing)
         run = train(cfg, resume=resume)
     return run, made[-1]
 
@@ -508,7 +509,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(ass
 
 def test_eval_fraction_is_a_seeded_split_of_train(assets):
     from tunesmith.config import load_config
-    from tunesmith.train import load_splits
+    from tunesmith.training import load_splits
 
     cfg = load_config({"model": str(assets.lm), "data": {"train": str(assets.chat), "eval_fraction": 0.25}})
     train_a, eval_a = load_splits(cfg)
@@ -523,7 +524,7 @@ def test_eval_fraction_is_a_seeded_split_of_train(assets):
 def test_sft_format_converts_records_before_tokenizing(assets, tmp_path):
     from tunesmith.data.formats import read_records
     from tunesmith.config import load_config
-    from tunesmith.train import sft_records
+    from tunesmith.training import sft_records
 
     records = read_records(assets.chat)
     cfg = load_config({"model": str(assets.lm), "data": {"train": str(assets.chat), "sft_format": "completion"}})

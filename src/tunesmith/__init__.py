@@ -9,10 +9,12 @@ from .data.tokenize import MaskError, tokenize_chat, tokenize_completion, tokeni
 from .generate import Generation, SamplingParams, generate, stream
 from .models import EMBEDDED, load, load_causal_lm, load_tokenizer, resolve
 from .serve import load_engine, serve
-from .evaluate import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate
 from .compare import compare
+from . import version
 
-__version__ = "0.1.0"
+__version__ = version.__version__
+
 __all__ = [
     "TunesmithError", "UsageError",
     "DataError", "convert_file", "read_records", "validate", "write_jsonl",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 # Prompting loads torch at import; it is imported when first asked for, like the server.
-_LAZY = {"PromptingConfig": ".config", "classify_by_prompting": ".prompting"}
+_LAZY = {"PromptingConfig": ".config", "classify_by_prompting": ".evaluation.prompting"}
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-
+from . import runs
 from .errors import TunesmithError, UsageError
 
 
@@ -183,7 +183,7 @@ def print_comparison(metrics: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .training import train
 
     run = train(args.config, args.overrides, resume=args.resume)
     if run.metrics:
@@ -197,9 +197,7 @@ def cmd_train(args) -> int:
 
 def _print_next_steps(run_path) -> None:
     """The two commands to talk to a generative run just made."""
-    from .models import run_info
-
-    info = run_info(run_path) or {}
+    info = runs.read_info(run_path) or {}
     if info.get("task") != "sft":
         return
     name, command = Path(run_path).name, _command_name()
@@ -252,7 +250,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .metrics import scalars
 
     from .config import load_prompting
@@ -405,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help="embedded name, directory, hub id or tunesmith run")
     p.add_argument("--data", required=True, help="held-out data (any format `data validate` reads)")
     p.add_argument("--task", choices=["sft", "classify", "ner"], help="default: the run's, else from the data")
-    p.add_argument("-o", "--output", help="directory for metrics.json and predictions.jsonl")
+    p.add_argument("-o", "--output", help=f"directory for {runs.METRICS} and {runs.PREDICTIONS}")
     p.add_argument("--limit", type=int, help="score only the first N examples")
     p.add_argument("--prompting", help="YAML file with prompting settings (template, instruction, verbalizer, "
                                        "format, shots, calibrate); classify on a causal LM uses label words")

@@ -5,7 +5,7 @@ side-by-side report (report.py).
     out/
       compare.yaml                  the resolved comparison config
       <entry>/entry.json            the entry's resolved TrainConfig (+ prompting)
-      <entry>/run/                  a training entry's run directory (train.py)
+      <entry>/run/                  a training entry's run directory (runs.py)
       <entry>/metrics.json, predictions.jsonl, result.json
       <entry>/done                  written last: a re-run skips entries that have it
       report.md, report.html, report.json, *.png
@@ -25,12 +25,10 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from . import runs
 from .config import (ConfigError, PromptingConfig, Strict, TrainConfig, _merge, dump_config, load_config, read_yaml,
                      validate)
 from .errors import TunesmithError
-
-# The headline metric(s) per task, shown in the table and the plot.
-MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
 
 
 
@@ -94,8 +92,8 @@ def _peak_mib() -> float:
 
 def run_entry(directory: str | Path) -> dict:
     """Run the entry described by directory/entry.json; write its metrics, predictions, result and `done`."""
-    from .evaluate import Evaluation, write_results
-    from .train import complete_checkpoints, load_splits, train
+    from .evaluation import Evaluation, evaluate, write_results
+    from .training import load_splits, train
 
     directory = Path(directory)
     spec = json.loads((directory / "entry.json").read_text())
@@ -104,8 +102,6 @@ def run_entry(directory: str | Path) -> dict:
     result = {"name": spec["name"], "kind": "prompting" if spec["prompting"] else cfg.method.name,
               "model": cfg.model, "isolated": spec["isolated"]}
     if spec["prompting"]:
-        from .evaluate import evaluate
-
         prompting = PromptingConfig.model_validate(spec["prompting"])
         train_records, eval_records = load_splits(cfg)
         evaluation = evaluate(cfg.model, eval_records[: cfg.eval_limit] if cfg.eval_limit else eval_records,
@@ -116,17 +112,15 @@ def run_entry(directory: str | Path) -> dict:
         result.update(trainable_parameters=0, train_seconds=0.0, metrics=evaluation.metrics)
     else:
         run_dir = Path(cfg.output_dir)
-        resume = bool(complete_checkpoints(run_dir / "checkpoints")) and not (run_dir / "run.json").exists()
-        if (run_dir / "run.json").exists():  # trained before an interruption; only the bookkeeping was lost
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+        if runs.is_complete(run_dir):  # trained before an interruption; only the bookkeeping was lost
+            metrics = runs.read_metrics(run_dir)
         else:
-            metrics = train(cfg, resume=resume).metrics
+            metrics = train(cfg, resume=bool(runs.complete_checkpoints(run_dir / runs.CHECKPOINTS))).metrics
         t = metrics["train"]
         result.update(trainable_parameters=t["trainable_parameters"], total_parameters=t["total_parameters"],
                       train_seconds=t["wall_seconds"], train_examples_per_second=t.get("train_samples_per_second"),
-                      metrics=metrics["after"], log=str(run_dir / "log.jsonl"))
-        predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-        write_results(Evaluation(metrics["after"], predictions), directory)
+                      metrics=metrics["after"], log=str(run_dir / runs.LOG))
+        write_results(Evaluation(metrics["after"], runs.read_predictions(run_dir)), directory)
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mib"] = _peak_mib()
     (directory / "result.json").write_text(json.dumps(result, indent=2))

@@ -106,7 +106,7 @@ def prepare_lora(model, method, *, task, **_):
 
 def prepare_adalora(model, method, *, task, total_steps: int, **_):
     """AdaLoRA prunes ranks on a schedule over the whole run, so it needs the step count up front; the rank
-    budget is then updated after every optimizer step by `AdaLoraCallback` (train.py)."""
+    budget is then updated after every optimizer step by the `AdaLora` callback (training/callbacks.py)."""
     from peft import AdaLoraConfig
 
     tinit = method.tinit if method.tinit is not None else max(total_steps // 10, 0)

@@ -16,6 +16,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import runs
 from .errors import TunesmithError
 
 log = logging.getLogger(__name__)
@@ -188,18 +190,20 @@ def load_for_task(name: str, task: str, labels: list[str] | None = None, *, toke
     return model
 
 
-def run_info(path: str | Path) -> dict | None:
-    """The run.json of a tunesmith run directory, or None for anything else."""
-    info = Path(path) / "run.json"
-    return json.loads(info.read_text()) if info.is_file() else None
+def is_causal_lm(name: str) -> bool:
+    """Whether a model's config names a causal-LM architecture (an encoder such as MiniLM is not one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve(str(name)))
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
 
 
 def load_run(path: str | Path):
     """(model, tokenizer, info) for a run directory: the full model, or the base model with its adapter (and
     trained head) attached. Needs nothing but the path."""
-    info = run_info(path)
+    info = runs.read_info(path)
     if info is None:
-        raise ModelNotFoundError(f"{path} is not a tunesmith run (no run.json)")
+        raise ModelNotFoundError(f"{path} is not a tunesmith run (no {runs.RUN_INFO})")
     tokenizer = load_tokenizer(str(path))
     if info["peft"]:
         from peft import PeftModel
@@ -216,7 +220,7 @@ def load_run(path: str | Path):
 
 def load(name: str, **kwargs):
     """(model, tokenizer) for generation; `name` may also be a tunesmith run directory."""
-    if run_info(name) is not None:
+    if runs.read_info(name) is not None:
         model, tokenizer, _ = load_run(name)
         return model, tokenizer
     return load_causal_lm(name, **kwargs), load_tokenizer(name)

@@ -1,6 +1,6 @@
 """Progress for every phase that can take more than a few seconds (scoring, generation, comparison entries):
 a tqdm bar on a terminal, plain `phase i/n` lines where stderr is not one (CI logs, files), where a bar would be
-a mess of carriage returns. Training has its own bar/lines (train.py's Progress callback) in the same style."""
+a mess of carriage returns. Training has its own bar/lines (training/callbacks.py's Progress) in the same style."""
 
 from __future__ import annotations
 

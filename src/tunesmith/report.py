@@ -11,6 +11,8 @@ import os
 import platform
 from pathlib import Path
 
+# The headline metric(s) per task, shown in the table and the plot (unless the comparison names its own).
+MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
 COLUMNS = ["trainable params", "train s", "train ex/s", "total s", "peak RSS MiB"]
 
 
@@ -111,8 +113,6 @@ NOTE = ("Peak RSS is the resident-set high-water mark (ru_maxrss) of the process
 
 def write_report(cfg, results: list[dict], out: Path) -> dict:
     """report.json, report.md, report.html and the PNG plots into `out`; returns report.json's data."""
-    from .compare import MAIN_METRICS
-
     task = cfg.base.get("task", "sft")
     metrics = cfg.metrics or MAIN_METRICS[task]
     plots = {"metric by method": plot_metrics(results, metrics, out / "metrics.png"),

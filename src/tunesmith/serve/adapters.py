@@ -18,6 +18,7 @@ import copy
 import itertools
 from pathlib import Path
 
+from .. import runs
 from ..errors import TunesmithError
 from ..data.templates import chat_template_for, template_fingerprint
 from .engine import Engine, Served
@@ -48,7 +49,7 @@ def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_temp
     """An `Engine` serving `model` under its own name and each run of `adapters` ({name: run dir})."""
     from peft import PeftConfig, PeftModel
 
-    from ..models import load_causal_lm, load_for_task, load_run, load_tokenizer, run_info
+    from ..models import load_causal_lm, load_for_task, load_run, load_tokenizer
 
     tokenizer = load_tokenizer(model)
     template = chat_template_for(tokenizer, chat_template)
@@ -59,9 +60,9 @@ def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_temp
     for name, run in (adapters or {}).items():
         if name in served:
             raise ServeError(f"adapter name {name!r} is used twice (or is the base model's name)")
-        info = run_info(run)
+        info = runs.read_info(run)
         if info is None:
-            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no run.json)")
+            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no {runs.RUN_INFO})")
         if info["task"] != "sft":  # classification/tagging: listed, served by their own head
             module, _, _ = load_run(run)
             served[name] = Served(module, task=info["task"], run=str(run))
@@ -162,14 +163,14 @@ def load_served(engine, name: str, run: str | Path) -> Served:
     would change that model under running rows. Reads weights: call it off the event loop."""
     from peft import PeftConfig, PeftModel
 
-    from ..models import load_causal_lm, load_run, run_info
+    from ..models import load_causal_lm, load_run
 
     if not Path(run).is_dir():
         raise ServeError(f"adapter {name!r}: there is no directory {run}")
     try:
-        info = run_info(run)
+        info = runs.read_info(run)
         if info is None:
-            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no run.json)")
+            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no {runs.RUN_INFO})")
         if info["task"] != "sft":  # a trained head: its own model, as at start-up
             module, _, _ = load_run(run)
             return Served(_beside_base(module, engine), task=info["task"], run=str(run))

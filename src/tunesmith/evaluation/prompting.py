@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from .batching import device_of
-from .batching import pad as pad_rows
-from .config import PromptingConfig
-from .data.templates import PromptTemplate, select_shots
-from .evaluate import EvaluateError, Evaluation, evaluate_generation
-from .generate import prompt_ids
-from .metrics import classification_metrics
-from .progress import Progress
+from ..batching import device_of
+from ..batching import pad as pad_rows
+from ..config import PromptingConfig
+from ..data.templates import PromptTemplate, select_shots
+from ..generate import prompt_ids
+from ..metrics import classification_metrics
+from ..progress import Progress
+from .results import EvaluateError, Evaluation
+from .scorers import evaluate_generation
 
 
 def label_words(config: PromptingConfig, labels: list[str]) -> dict[str, list[str]]:

@@ -1,0 +1,201 @@
+"""The run directory's format, in one place: every file name, reading and writing them, claiming a directory
+for a new run, and the checkpoints a run can be resumed from. A finished run holds
+
+    run/
+      adapter_model.safetensors + adapter_config.json   (PEFT methods)  or  model.safetensors + config.json
+      tokenizer files (incl. chat_template.jinja)
+      train_config.yaml   the resolved config
+      run.json            task, base model, method, label map, chat-template fingerprint, versions
+      log.jsonl           one line per log/eval event: step, loss, lr, eval metrics
+      metrics.json        {"before": ..., "after": ..., "train": ...} ("before_kind" says what "before" scored)
+      predictions.jsonl   the trained model on the eval split: input, gold, prediction, correct
+
+and, while it trains, checkpoints/checkpoint-N/ (resumed from only once marked complete) and
+metrics_before.json. `tunesmith eval --output` writes the same metrics.json and predictions.jsonl.
+
+A leaf module: it imports nothing else of tunesmith but errors, so models, training and evaluation all use it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import TunesmithError
+
+log = logging.getLogger(__name__)
+
+RUN_INFO = "run.json"
+CONFIG = "train_config.yaml"
+LOG = "log.jsonl"
+METRICS = "metrics.json"
+METRICS_BEFORE = "metrics_before.json"  # the base model's score, kept across an interrupted attempt
+PREDICTIONS = "predictions.jsonl"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "tunesmith-complete"  # written last into a checkpoint: only marked checkpoints are resumed from
+# What transformers and peft save beside the weights that is no artifact: a pickle and peft's empty model card.
+NOT_ARTIFACTS = ("training_args.bin", "README.md")
+# Files a run writes before its first complete checkpoint; nothing a user made.
+_LEFTOVERS = (CHECKPOINTS, LOG, METRICS_BEFORE)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunError(TunesmithError, RuntimeError):
+    """A run that cannot start as asked (e.g. its directory already holds another run)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str) -> None:
+    """Write a whole file atomically: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def read_json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable (truncated by a kill: recomputed)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as err:
+        log.warning("%s is unreadable (%s); computing it again", path, err)
+        return None
+
+
+def read_info(run_dir: str | Path) -> dict | None:
+    """The run.json of a tunesmith run directory, or None for anything else."""
+    info = Path(run_dir) / RUN_INFO
+    return json.loads(info.read_text()) if info.is_file() else None
+
+
+def write_info(run_dir: Path, info: dict) -> None:
+    write_json(run_dir / RUN_INFO, info)
+
+
+def read_metrics(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / METRICS).read_text(encoding="utf-8"))
+
+
+def write_metrics(directory: Path, metrics: dict) -> None:
+    write_json(directory / METRICS, metrics)
+
+
+def read_predictions(directory: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(directory) / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
+
+
+def write_predictions(directory: Path, predictions: list[dict]) -> None:
+    """One JSON object per line (input, gold, prediction, correct), non-ASCII text kept as it is."""
+    write_text(directory / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+
+
+def append_log(run_dir: Path, entry: dict) -> None:
+    with (run_dir / LOG).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def truncate_log(run_dir: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed from (they will be written again), and a
+    half-written last line left by a kill."""
+    path = run_dir / LOG
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the directory's life: claimed, checkpointed, finished
+# ---------------------------------------------------------------------------------------------------------
+
+def is_complete(run_dir: str | Path) -> bool:
+    """Whether the directory holds a finished run (run.json is written once training is over)."""
+    return (Path(run_dir) / RUN_INFO).exists()
+
+
+def claim(run_dir: Path, resume: bool) -> None:
+    """Never overwrite what a user has: a finished run or someone else's files stop a new run here."""
+    checkpoints = run_dir / CHECKPOINTS
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"output_dir {run_dir} is a file, not a directory; set output_dir to a new directory")
+    if resume:
+        if not complete_checkpoints(checkpoints):
+            raise RunError(f"{run_dir}: no complete checkpoint to resume from")
+        return
+    if is_complete(run_dir):
+        raise RunError(f"{run_dir} already holds a finished run; set output_dir to a new directory")
+    if complete_checkpoints(checkpoints):
+        raise RunError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                       "or set output_dir to a new directory")
+    if run_dir.exists() and any(p.name not in _LEFTOVERS for p in run_dir.iterdir()):
+        raise RunError(f"{run_dir} exists and is not empty; set output_dir to a new directory")
+    # What is left is only ours, from a run stopped before its first complete checkpoint: start it afresh.
+    for name in _LEFTOVERS:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints that were fully written (carry the COMPLETE marker), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and (p / COMPLETE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"checkpoint-{step}"  # transformers' name for it
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(_CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def mark_complete(checkpoint: Path, marker: dict) -> None:
+    """Write the marker (atomically) once everything else of the checkpoint is on disk."""
+    write_text(checkpoint / COMPLETE, json.dumps(marker))
+
+
+def read_marker(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / COMPLETE).read_text())
+
+
+def prune_checkpoints(directory: Path, keep: int, best: str | None) -> None:
+    """Delete all but the `keep` newest complete checkpoints (and `best`). Each is renamed away before deletion
+    so a half-deleted one is never mistaken for a usable one."""
+    for old in complete_checkpoints(directory)[:-keep]:
+        if best and Path(best).resolve() == old.resolve():
+            continue
+        trash = old.with_name(f".deleting-{old.name}")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def drop_non_artifacts(run_dir: Path) -> None:
+    for extra in NOT_ARTIFACTS:
+        (run_dir / extra).unlink(missing_ok=True)
+
+
+def finish(run_dir: Path) -> None:
+    """What only an unfinished run needs goes once its metrics are written: the kept "before" and checkpoints."""
+    (run_dir / METRICS_BEFORE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)

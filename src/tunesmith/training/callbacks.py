@@ -1,0 +1,131 @@
+"""What tunesmith adds to transformers' Trainer: the log.jsonl writer, a progress bar that shows the loss (plain
+lines off a terminal), AdaLoRA's budget step, the metrics computed at each evaluation, and `RunTrainer`, whose
+checkpoints are atomic. Built lazily so importing tunesmith does not import transformers' Trainer."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .. import runs
+
+
+def callback_classes():
+    """(JsonlLog, Progress, AdaLora): Trainer callbacks, defined on first use."""
+    from transformers import ProgressCallback, TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Appends every log/eval event to run/log.jsonl (main process only)."""
+
+        def __init__(self, run_dir: Path):
+            self.run_dir = run_dir
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                # Trainer puts its running speed metrics into every step's logs when it counts tokens; only
+                # tokens/s is worth a line per step, the rest belongs to the final summary (with train_loss).
+                noise = {"total_flos"} | ({"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+                                          if "train_loss" not in logs else set())
+                entry = {"step": state.global_step, **{k: v for k, v in logs.items() if k not in noise}}
+                if "learning_rate" in entry:
+                    entry["lr"] = entry.pop("learning_rate")
+                runs.append_log(self.run_dir, entry)
+
+    class Progress(ProgressCallback):
+        """transformers' bar (steps and ETA) with the latest loss on it instead of printed dicts. Where stderr
+        is not a terminal (CI logs, files) a bar is a mess of carriage returns: plain lines are printed instead."""
+
+        def __init__(self):
+            super().__init__()
+            self.plain = not sys.stderr.isatty()
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            if not self.plain:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.plain:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if not self.plain:
+                super().on_train_end(args, state, control, **kwargs)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if not self.plain:
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and v is not None}
+            if not shown:
+                return
+            if not self.plain and self.training_bar is not None:
+                self.training_bar.set_postfix(shown, refresh=False)
+            elif self.plain:
+                elapsed = time.perf_counter() - self.started
+                eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+                values = " ".join(f"{k} {v}" for k, v in shown.items())
+                print(f"step {state.global_step}/{state.max_steps} {values} "
+                      f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
+
+    class AdaLora(TrainerCallback):
+        """AdaLoRA's rank budget is reallocated from gradient importance after each optimizer step, before
+        the gradients are zeroed (peft's documented loop; Trainer does not call it on its own)."""
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            peft_model = model.module if hasattr(model, "module") else model
+            peft_model.base_model.update_and_allocate(state.global_step)
+
+    return JsonlLog, Progress, AdaLora
+
+
+def trainer_class():
+    from transformers import Trainer
+
+    class RunTrainer(Trainer):
+        """Trainer whose checkpoints are atomic for resuming: the marker file is written (via rename) only after
+        transformers has written weights, optimizer, scheduler, RNG and trainer state; old checkpoints are
+        renamed away before deletion so a half-deleted one is never mistaken for a usable one."""
+
+        keep: int = 2
+        # Summed training loss of every step so far, carried across resumes in the marker: transformers' own
+        # `train_loss` only averages the steps run since the last resume.
+        loss_sum: float = 0.0
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self.loss_sum += loss.item()  # no extra sync: Trainer already checks every step's loss for nan/inf
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if not self.args.should_save:
+                return
+            directory = Path(self.args.output_dir)
+            runs.mark_complete(runs.checkpoint_path(directory, self.state.global_step),
+                               {"step": self.state.global_step, "loss_sum": self.loss_sum})
+            runs.prune_checkpoints(directory, self.keep, self.state.best_model_checkpoint)
+
+    return RunTrainer
+
+
+def eval_metrics_fn(task: str, labels: list[str] | None):
+    """Trainer's compute_metrics for classify/ner evaluation during training (sft uses eval_loss)."""
+    if task == "sft":
+        return None
+    from ..metrics import classification_metrics, ner_metrics
+
+    def compute(pred):
+        logits, gold = pred.predictions, pred.label_ids
+        argmax = logits.argmax(-1)
+        if task == "classify":
+            return classification_metrics([labels[g] for g in gold], [labels[p] for p in argmax], labels)
+        pairs = [[(labels[g], labels[p]) for g, p in zip(gr, pr) if g != -100] for gr, pr in zip(gold, argmax)]
+        return ner_metrics([[g for g, _ in row] for row in pairs], [[p for _, p in row] for row in pairs])
+
+    return compute

@@ -1,0 +1,82 @@
+"""A run's data, ready for the Trainer: the train and eval splits, a check that the records suit the task, the
+label list, model inputs (token ids with the loss mask, or encoded labels) and the collator that batches them."""
+
+from __future__ import annotations
+
+import random
+
+from ..config import ConfigError, TrainConfig
+from ..data.formats import kind_of, read_records, to_chat, to_completion
+from ..data.tokenize import encode_classification, encode_tagging, tokenize_records
+
+
+def _read(path: str, cfg: TrainConfig) -> list[dict]:
+    return read_records(path, format=cfg.data.format, text_column=cfg.data.text_column,
+                        label_column=cfg.data.label_column)
+
+
+def load_splits(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records: the eval file, or a seeded split of train when there is none."""
+    train = _read(cfg.data.train, cfg)
+    if cfg.data.eval:
+        return train, _read(cfg.data.eval, cfg)
+    if cfg.data.eval_fraction <= 0:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(len(train) * cfg.data.eval_fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+_EXPECTED_KIND = {"classify": ("classification",), "ner": ("tagging",), "sft": ("chat", "completion")}
+
+
+def check_kind(records: list[dict], cfg: TrainConfig, source: str) -> None:
+    kind = kind_of(records[0])
+    if kind not in _EXPECTED_KIND[cfg.task]:
+        raise ConfigError(f"{source}: holds {kind} records, but task {cfg.task} trains on "
+                          f"{' or '.join(_EXPECTED_KIND[cfg.task])} data")
+
+
+def sft_records(records: list[dict], cfg: TrainConfig) -> list[dict]:
+    convert = {"chat": to_chat, "completion": to_completion}.get(cfg.data.sft_format)
+    return [convert(r) for r in records] if convert else records
+
+
+def label_list(records: list[dict], task: str) -> list[str]:
+    """Sorted label names (classify) or tags (ner, with O first), so ids are stable across runs."""
+    if task == "classify":
+        return sorted({r["label"] for r in records})
+    tags = {t for r in records for t in r["tags"]}
+    return ["O"] + sorted(tags - {"O"})
+
+
+def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: list[str] | None, source: str):
+    """Model inputs for one split. sft: input ids + loss-masked labels (packed into rows when asked)."""
+    if cfg.task == "sft":
+        from ..models import load_generation_config
+
+        examples, stats = tokenize_records(tokenizer, sft_records(records, cfg), max_length=cfg.max_length,
+                                           chat_template=cfg.data.chat_template, source=source,
+                                           generation_config=load_generation_config(cfg.model))
+        return [e.features() for e in examples], stats
+    label2id = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({r.get("label") for r in records if cfg.task == "classify" and r["label"] not in label2id}
+                     | {t for r in records if cfg.task == "ner" for t in r["tags"] if t not in label2id})
+    if unknown:
+        raise ConfigError(f"{source}: labels {unknown} do not occur in the training data")
+    encode = encode_classification if cfg.task == "classify" else encode_tagging
+    return encode(tokenizer, records, label2id, cfg.max_length), None
+
+
+def collator(cfg: TrainConfig, tokenizer):
+    from ..data.packing import PackedCollator, PaddingCollator
+
+    if cfg.task == "sft":
+        return PackedCollator(tokenizer.pad_token_id) if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if cfg.task == "classify":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForTokenClassification(tokenizer)

@@ -1,0 +1,229 @@
+"""The one training loop, for every task and method, on transformers' `Trainer`.
+
+`train(config)` reads and tokenizes the data (data.py), loads the base model for the task, applies the method
+(methods.py), scores the base model on the eval split, trains with atomic checkpoints that `--resume` picks up
+(callbacks.py), then writes a self-describing run directory (its format: runs.py)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import runs
+from ..config import PEFT_METHODS, TrainConfig, load_config, save_config
+from ..data.templates import chat_template_for, template_fingerprint
+from ..evaluation import score
+from ..generate import SamplingParams
+from ..runs import RunError
+from .callbacks import callback_classes, eval_metrics_fn, trainer_class
+from .data import build_features, check_kind, collator, label_list, load_splits, sft_records
+
+log = logging.getLogger(__name__)
+# peft checkpoints neither AdaLoRA's importance scores nor loads an adapter already cut to its rank pattern.
+_NO_ADALORA_RESUME = "AdaLoRA runs cannot be resumed (peft does not checkpoint the rank budget); start a new run"
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    watch = cfg.early_stopping
+    greater = watch.greater_is_better if watch and watch.greater_is_better is not None else (
+        watch is not None and not watch.metric.endswith("loss"))
+    return TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
+        seed=cfg.seed, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=None,  # RunTrainer rotates, atomically
+        eval_strategy="steps" if cfg.eval_steps and has_eval else "no", eval_steps=cfg.eval_steps,
+        load_best_model_at_end=bool(watch), metric_for_best_model=watch.metric if watch else None,
+        greater_is_better=greater if watch else None, report_to="none", remove_unused_columns=False,
+        use_cpu=not _cuda(), ddp_backend="gloo" if not _cuda() and _world_size() > 1 else None,
+        dataloader_num_workers=0, disable_tqdm=not _is_main(),
+        # Packed rows have no attention mask and hold only a sliver of padding: count every token there.
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding")
+
+
+def _score(model, tokenizer, cfg: TrainConfig, records, labels, desc: str, *, prompting=None, pool=()):
+    """The Evaluation of `model` on the eval records (at most eval_limit of them), or None without records. The
+    scorer is chosen as for `tunesmith eval` (evaluation.score)."""
+    if not records:
+        return None
+    records = records[: cfg.eval_limit] if cfg.eval_limit else records
+    return score(model, tokenizer, sft_records(records, cfg) if cfg.task == "sft" else records, cfg.task,
+                 labels=labels, prompting=prompting, pool=pool, seed=cfg.seed,
+                 # data.chat_template is the sft data's; a classifier's prompts keep the tokenizer's own
+                 chat_template=cfg.data.chat_template if cfg.task == "sft" else None, max_length=cfg.max_length,
+                 params=SamplingParams(max_new_tokens=cfg.eval_max_new_tokens),
+                 desc=f"{desc}: {len(records)} held-out")
+
+
+def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_records, labels) -> dict:
+    """The base model's score, and what kind of score it is: sft is zero-shot with the same chat template; a
+    classifier on a causal-LM base with `prompting` set is scored through the language model (verbalizers);
+    otherwise a classifier's "before" is its untrained, randomly initialised head."""
+    from ..models import is_causal_lm, load_causal_lm
+
+    if not eval_records:
+        return {}
+    desc = "before (base model)"
+    if cfg.task == "classify" and cfg.prompting is not None and is_causal_lm(cfg.model):
+        result = _score(load_causal_lm(cfg.model), tokenizer, cfg, eval_records, labels, desc,
+                        prompting=cfg.prompting, pool=train_records)
+        return {**result.metrics, "before_kind": f"{result.metrics.pop('prompting')} prompting (verbalizer)"}
+    kind = "zero-shot" if cfg.task == "sft" else "untrained head"
+    return {**_score(model, tokenizer, cfg, eval_records, labels, desc).metrics, "before_kind": kind}
+
+
+def _run_info(cfg: TrainConfig, labels, template) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from ..version import __version__
+    from ..models import EMBEDDED
+
+    base = cfg.model if cfg.model in EMBEDDED or not Path(cfg.model).exists() else str(Path(cfg.model).resolve())
+    return {"task": cfg.task, "base_model": base, "method": cfg.method.name,
+            "peft": cfg.method.name in PEFT_METHODS,
+            "labels": labels, "chat_template_fingerprint": template_fingerprint(template) if template else None,
+            "versions": {"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                         "torch": torch.__version__}}
+
+
+def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False) -> Run:
+    """Train as configured and return the run (its directory and metrics). See the module docstring."""
+    from transformers import EarlyStoppingCallback, ProgressCallback, set_seed
+
+    from ..data.packing import pack
+    from ..methods import prepare, trainable_parameters
+    from ..models import load_for_task, load_tokenizer, resolve
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
+    run_dir = Path(cfg.output_dir)
+    checkpoints = run_dir / runs.CHECKPOINTS
+    if resume and cfg.method.name == "adalora":
+        raise RunError(f"{run_dir}: {_NO_ADALORA_RESUME}")
+    if _is_main():  # other ranks would see rank 0's first files and refuse the directory
+        runs.claim(run_dir, resume)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_records, eval_records = load_splits(cfg)
+    check_kind(train_records, cfg, cfg.data.train)
+    if eval_records:
+        check_kind(eval_records, cfg, cfg.data.eval or cfg.data.train)
+    labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
+    train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
+    eval_features, _ = build_features(cfg, tokenizer, eval_records, labels, cfg.data.eval or "eval split") \
+        if eval_records else ([], None)
+    if cfg.packing:
+        train_features = pack(train_features, cfg.max_length)
+        eval_features = pack(eval_features, cfg.max_length) if eval_features else []
+
+    per_step = cfg.batch_size * cfg.grad_accum * _world_size()
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_features) / per_step))
+    template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
+
+    model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
+    model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
+    metrics: dict = {}
+    before_file = run_dir / runs.METRICS_BEFORE
+    if cfg.evaluate_before and _is_main():
+        metrics["before"] = runs.read_json(before_file)  # kept from an interrupted attempt of this run
+        if metrics["before"] is None:
+            metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            runs.write_json(before_file, metrics["before"])
+    # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
+    set_seed(cfg.seed)
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
+    trainable, total = trainable_parameters(model)
+
+    JsonlLog, Progress, AdaLora = callback_classes()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [JsonlLog(run_dir)]
+    if cfg.method.name == "adalora":
+        callbacks.append(AdaLora())
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping.patience))
+    trainer = trainer_class()(
+        model=model, args=_training_args(cfg, checkpoints, bool(eval_features)), train_dataset=train_features,
+        eval_dataset=eval_features or None, data_collator=collator(cfg, tokenizer), callbacks=callbacks,
+        compute_metrics=eval_metrics_fn(cfg.task, labels))
+    trainer.keep = cfg.save_total_limit
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(Progress())
+
+    resume_from = None
+    if resume:
+        resume_from = runs.complete_checkpoints(checkpoints)[-1]
+        # nan (unknown, and stays so) for a checkpoint marked before loss_sum was recorded
+        trainer.loss_sum = runs.read_marker(resume_from).get("loss_sum", math.nan)
+        if _is_main():
+            runs.truncate_log(run_dir, runs.checkpoint_step(resume_from))
+        log.warning("resuming from %s", resume_from)
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        done = runs.complete_checkpoints(checkpoints)
+        hint = f"continue from {done[-1].name} with --resume" if done else "no checkpoint was complete yet"
+        if cfg.method.name == "adalora":
+            hint = _NO_ADALORA_RESUME
+        raise RunError(f"training interrupted at step {trainer.state.global_step}; {hint}") from None
+    wall = time.perf_counter() - started
+    train_metrics = dict(result.metrics)
+    if resume_from and not math.isnan(trainer.loss_sum):
+        train_metrics["train_loss"] = trainer.loss_sum / max(trainer.state.global_step, 1)
+
+    if trainer.is_world_process_zero():
+        if template:
+            tokenizer.chat_template = template  # the run carries the template it was trained with
+        trainer.save_model(str(run_dir))
+        tokenizer.save_pretrained(str(run_dir))
+        runs.drop_non_artifacts(run_dir)
+        runs.write_info(run_dir, _run_info(cfg, labels, template))
+        save_config(cfg, run_dir / runs.CONFIG)
+        seen = trainer.state.num_input_tokens_seen
+        metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
+                            "tokens_seen": seen, "tokens_per_second": seen / max(result.metrics.get("train_runtime", wall), 1e-9),
+                            "total_parameters": total, "examples": len(train_records),
+                            "tokens": getattr(stats, "tokens", None),
+                            "learnable_tokens": getattr(stats, "learnable_tokens", None),
+                            "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
+        after = _score(trainer.model, tokenizer, cfg, eval_records, labels, "after (trained)")
+        metrics["after"] = after.metrics if after else {}
+        if after:
+            runs.write_predictions(run_dir, after.predictions)
+        runs.write_metrics(run_dir, metrics)
+        runs.finish(run_dir)
+    return Run(run_dir, metrics)
