@@ -104,6 +104,39 @@ class EarlyStopping(Strict):
     greater_is_better: bool | None = Field(None, description="default: False for *loss, else True")
 
 
+class ReplayConfig(Strict):
+    """Rehearsal: a seeded sample of earlier training data mixed into this run's."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+    from_: Union[str, list[str]] = Field(alias="from", description="data files, or earlier runs whose recorded "
+                                                                   "training data is used (one path or a list)")
+    fraction: float | None = Field(None, gt=0, lt=1, description="share of this run's training examples that are "
+                                                                 "replayed (k / (new + k))")
+    count: int | None = Field(None, gt=0, description="replay exactly this many examples instead of a fraction")
+    seed: int | None = Field(None, description="sampling seed (default: the run's seed)")
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("replay needs exactly one of fraction (e.g. 0.2) or count")
+        return self
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+class RegularizationConfig(Strict):
+    """Pull the trainable weights toward the parent run's (needs continue_from)."""
+
+    kind: Literal["l2sp", "ewc"] = Field("l2sp", description="l2sp: strength * sum (w - w_parent)^2 (Li et al. "
+                                                             "2018); ewc: each term weighted by the parent data's "
+                                                             "diagonal Fisher (Kirkpatrick et al. 2017)")
+    strength: float = Field(gt=0, description="the penalty's weight (lambda) added to the loss")
+    fisher_samples: int = Field(64, gt=0, description="ewc: examples of the parent's data for the Fisher estimate")
+
+
 class PromptingConfig(Strict):
     """Prompting without training: zero- or k-shot, through the language model. For classify, each label is
     scored by the log-likelihood of its label words after the prompt (no free generation)."""
@@ -157,8 +190,17 @@ class TrainConfig(Strict):
         None, description="classify with a causal-LM base: score the 'before' through the language model "
                           "(zero/k-shot with verbalizers) instead of the untrained head")
 
+    continue_from: str | None = Field(None, description="a finished run to continue on new data: its weights (full "
+                                                        "model, or adapter and head) are where training starts; "
+                                                        "`model` is taken from it")
+    replay: ReplayConfig | None = Field(None, description="rehearsal: mix a seeded sample of earlier data in")
+    regularization: RegularizationConfig | None = Field(None, description="pull the weights toward the parent "
+                                                                          "run's (needs continue_from)")
+
     @model_validator(mode="after")
     def _check(self):
+        if self.regularization and not self.continue_from:
+            raise ValueError("regularization pulls toward a parent run's weights: set continue_from too")
         if self.early_stopping and not self.eval_steps:
             raise ValueError("early_stopping needs eval_steps (how often to evaluate)")
         if self.packing and self.task != "sft":
@@ -209,7 +251,7 @@ def _known_keys(model: type[BaseModel], path: tuple, raw: dict) -> list[str]:
                 and issubclass(a, BaseModel)]
         if not subs:
             return []
-        fields = {k: v for sub in subs for k, v in sub.model_fields.items()}
+        fields = {v.alias or k: v for sub in subs for k, v in sub.model_fields.items()}  # as the user spells it
     return list(fields)
 
 

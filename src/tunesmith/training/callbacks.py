@@ -97,6 +97,15 @@ def trainer_class():
         # `train_loss` only averages the steps run since the last resume.
         loss_sum: float = 0.0
 
+        anchor = None  # regularize.Anchor: a pull toward the parent run's weights
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            if self.anchor is None or not model.training:  # eval loss stays the task's loss alone
+                return out
+            penalty = self.anchor.penalty(model.module if hasattr(model, "module") else model)
+            return (out[0] + penalty, out[1]) if return_outputs else out + penalty
+
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
             self.loss_sum += loss.item()  # no extra sync: Trainer already checks every step's loss for nan/inf

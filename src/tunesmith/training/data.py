@@ -10,16 +10,16 @@ from ..data.formats import kind_of, read_records, to_chat, to_completion
 from ..data.tokenize import encode_classification, encode_tagging, tokenize_records
 
 
-def _read(path: str, cfg: TrainConfig) -> list[dict]:
+def read_data(path: str, cfg: TrainConfig) -> list[dict]:
     return read_records(path, format=cfg.data.format, text_column=cfg.data.text_column,
                         label_column=cfg.data.label_column)
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """(train, eval) records: the eval file, or a seeded split of train when there is none."""
-    train = _read(cfg.data.train, cfg)
+    train = read_data(cfg.data.train, cfg)
     if cfg.data.eval:
-        return train, _read(cfg.data.eval, cfg)
+        return train, read_data(cfg.data.eval, cfg)
     if cfg.data.eval_fraction <= 0:
         return train, []
     order = list(range(len(train)))

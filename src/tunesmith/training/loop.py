@@ -21,7 +21,9 @@ from ..evaluation import score
 from ..generate import SamplingParams
 from ..runs import RunError
 from .callbacks import callback_classes, eval_metrics_fn, trainer_class
-from .data import build_features, check_kind, collator, label_list, load_splits, sft_records
+from . import lineage
+from .data import build_features, check_kind, collator, label_list, load_splits, read_data, sft_records
+from .regularize import anchor_for
 
 log = logging.getLogger(__name__)
 # peft checkpoints neither AdaLoRA's importance scores nor loads an adapter already cut to its rank pattern.
@@ -117,6 +119,18 @@ def _run_info(cfg: TrainConfig, labels, template) -> dict:
                          "torch": torch.__version__}}
 
 
+def _parent_features(cfg: TrainConfig, parent: dict | None, tokenizer, labels) -> list[dict] | None:
+    """EWC's Fisher estimate needs the parent's own training examples, as the parent recorded them."""
+    if not (cfg.regularization and cfg.regularization.kind == "ewc"):
+        return None
+    recorded = ((parent.get("data") or {}).get("train") or {}).get("path")
+    if not recorded or not Path(recorded).is_file():
+        raise RunError(f"regularization: ewc estimates the Fisher on the parent's training data, but "
+                       f"{parent['path']} records {recorded or 'none'}; use kind: l2sp")
+    features, _ = build_features(cfg, tokenizer, read_data(recorded, cfg), labels, recorded)
+    return features
+
+
 def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False) -> Run:
     """Train as configured and return the run (its directory and metrics). See the module docstring."""
     from transformers import EarlyStoppingCallback, ProgressCallback, set_seed
@@ -126,6 +140,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     from ..models import load_for_task, load_tokenizer, resolve
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
+    parent = lineage.parent_info(cfg)
+    if parent:  # the parent's base (or, for a full parent, its weights) is where this run starts
+        cfg = cfg.model_copy(update={"model": parent["starts_from"]})
     run_dir = Path(cfg.output_dir)
     checkpoints = run_dir / runs.CHECKPOINTS
     if resume and cfg.method.name == "adalora":
@@ -136,10 +153,14 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
 
     tokenizer = load_tokenizer(cfg.model)
     train_records, eval_records = load_splits(cfg)
+    origin = {"data": {"train": lineage.file_record(cfg.data.train, len(train_records)),
+                       "eval": lineage.file_record(cfg.data.eval, len(eval_records)) if cfg.data.eval else None}}
+    train_records, origin["replay"] = lineage.mix_replay(cfg, train_records, lambda path: read_data(path, cfg))
     check_kind(train_records, cfg, cfg.data.train)
     if eval_records:
         check_kind(eval_records, cfg, cfg.data.eval or cfg.data.train)
     labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
+    labels = lineage.parent_labels(parent, labels, cfg.data.train)
     train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
     eval_features, _ = build_features(cfg, tokenizer, eval_records, labels, cfg.data.eval or "eval split") \
         if eval_records else ([], None)
@@ -151,7 +172,10 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_features) / per_step))
     template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
 
-    model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
+    if parent:
+        model = lineage.load_parent(parent, cfg.task, labels, tokenizer)
+    else:
+        model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
     model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
     metrics: dict = {}
     before_file = run_dir / runs.METRICS_BEFORE
@@ -159,14 +183,18 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         metrics["before"] = runs.read_json(before_file)  # kept from an interrupted attempt of this run
         if metrics["before"] is None:
             metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
+            if parent and metrics["before"]:
+                metrics["before"]["before_kind"] = "parent run"
             run_dir.mkdir(parents=True, exist_ok=True)
             runs.write_json(before_file, metrics["before"])
     # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
     set_seed(cfg.seed)
     with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
+        if not (parent and parent["peft"]):  # a PEFT parent's adapter is already on, trainable
+            model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
     trainable, total = trainable_parameters(model)
+    anchor = anchor_for(cfg, model, _parent_features(cfg, parent, tokenizer, labels), collator(cfg, tokenizer))
 
     JsonlLog, Progress, AdaLora = callback_classes()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +208,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         eval_dataset=eval_features or None, data_collator=collator(cfg, tokenizer), callbacks=callbacks,
         compute_metrics=eval_metrics_fn(cfg.task, labels))
     trainer.keep = cfg.save_total_limit
+    trainer.anchor = anchor
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
 
@@ -211,7 +240,10 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         trainer.save_model(str(run_dir))
         tokenizer.save_pretrained(str(run_dir))
         runs.drop_non_artifacts(run_dir)
-        runs.write_info(run_dir, _run_info(cfg, labels, template))
+        origin.update(parent={k: parent[k] for k in ("path", "task", "method", "base_model")} if parent else None,
+                      lineage=lineage.lineage(parent),
+                      regularization=cfg.regularization.model_dump() if cfg.regularization else None)
+        runs.write_info(run_dir, {**_run_info(cfg, labels, template), **origin})
         save_config(cfg, run_dir / runs.CONFIG)
         seen = trainer.state.num_input_tokens_seen
         metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
