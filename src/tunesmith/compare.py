@@ -26,8 +26,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from . import runs
-from .config import (ConfigError, PromptingConfig, Strict, TrainConfig, _merge, dump_config, load_config, read_yaml,
-                     validate)
+from .config import (ConfigError, PromptingConfig, Strict, TrainConfig, _merge, dump_config, load_config,
+                     load_document)
 from .errors import TunesmithError
 
 
@@ -65,12 +65,7 @@ class CompareConfig(Strict):
 
 def load_compare(source: str | Path | dict) -> CompareConfig:
     """A validated CompareConfig; every entry's TrainConfig is validated too, errors naming the entry."""
-    if isinstance(source, dict):
-        name, lines = "config", {}
-    else:
-        name = str(source)
-        source, lines = read_yaml(source, "comparison config")
-    cfg = validate(CompareConfig, source, name, lines)
+    cfg, name = load_document(source, CompareConfig, "comparison config")
     for entry in cfg.entries:
         entry_config(cfg, entry, source=name)
     return cfg

@@ -310,6 +310,14 @@ def validate(model: type[BaseModel], raw: dict, source: str = "config", lines: d
         raise ConfigError(_explain(err, source, lines or {}, raw, model)) from None
 
 
+def load_document(source: str | Path | dict, model: type[BaseModel], what: str):
+    """(validated `model`, the source's name for messages) of a YAML file or a mapping."""
+    if isinstance(source, dict):
+        return validate(model, source, "config", {}), "config"
+    raw, lines = read_yaml(source, what)
+    return validate(model, raw, str(source), lines), str(source)
+
+
 def load_prompting(source: str | Path | dict, **overrides) -> PromptingConfig:
     """A validated PromptingConfig from a YAML file (or a dict), with keyword overrides (None = keep)."""
     if isinstance(source, dict):

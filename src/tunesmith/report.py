@@ -106,6 +106,13 @@ def _environment() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
+def embedded_figures(plots: dict[str, Path]) -> str:
+    """HTML figures with each PNG inline (base64), captioned by its key: the page needs no other file."""
+    return "".join(f"<figure><img alt='{html.escape(k)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(v.read_bytes()).decode()}'><figcaption>{html.escape(k)}</figcaption></figure>"
+                   for k, v in plots.items())
+
+
 NOTE = ("Peak RSS is the resident-set high-water mark (ru_maxrss) of the process that ran the entry: "
         "{how}. Train s is the training loop's wall time; total s includes loading and scoring. "
         "Every entry is scored on the same eval split under seed {seed}.")
@@ -139,9 +146,7 @@ def write_report(cfg, results: list[dict], out: Path) -> dict:
     esc = html.escape
     cells = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    images = "".join(f"<figure><img alt='{esc(k)}' src='data:image/png;base64,"
-                     f"{base64.b64encode(v.read_bytes()).decode()}'><figcaption>{esc(k)}</figcaption></figure>"
-                     for k, v in plots.items())
+    images = embedded_figures(plots)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(cfg.title)}</title>"
             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"

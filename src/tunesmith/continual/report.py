@@ -7,12 +7,11 @@ of `summary.py`; across strategies one side-by-side table, one heat-map per stra
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
 
-from ..report import _environment, _fmt, markdown_table
+from ..report import _environment, _fmt, embedded_figures, markdown_table
 from .summary import summarize
 
 SUMMARIES = [("average_score", "average score"), ("average_forgetting", "average forgetting"),
@@ -128,9 +127,7 @@ def write_report(title: str, tasks: list[str], metrics: list[str], strategies: d
 
     esc = html.escape
     sections = "".join(f"<h2>{esc(name)}</h2>{_html_table(*_matrix_table(tasks, s))}" for name, s in strategies.items())
-    images = "".join(f"<figure><img alt='{esc(k)}' src='data:image/png;base64,"
-                     f"{base64.b64encode(v.read_bytes()).decode()}'><figcaption>{esc(k)}</figcaption></figure>"
-                     for k, v in plots.items())
+    images = embedded_figures(plots)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}"
