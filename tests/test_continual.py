@@ -179,3 +179,66 @@ def test_regularization_holds_the_weights_near_the_parent(assets, parent, tmp_pa
         start, end = adapter_weights(parent), adapter_weights(run)
         moved[name] = sum(float((end[k] - start[k]).pow(2).sum()) for k in start)
     assert moved["held"] < moved["free"] / 10
+
+
+def sequence(assets, tmp_path) -> dict:  # noqa: F811
+    """Two tiny sft tasks and three strategies, two optimizer steps each."""
+    doubles = write_jsonl(tmp_path / "b.jsonl", [{"messages": [
+        {"role": "user", "content": f"Double {i}?"}, {"role": "assistant", "content": f"{2 * i}"}]} for i in range(8)])
+    return {"base": {"model": str(assets.lm), "method": {"name": "lora", "r": 4}, "max_steps": 2, "batch_size": 4,
+                     "learning_rate": 1e-2, "save_steps": 100, "eval_max_new_tokens": 4, "logging_steps": 1},
+            "tasks": [{"name": "sums", "train": str(assets.chat), "eval": str(assets.chat)},
+                      {"name": "doubles", "train": str(doubles), "eval": str(doubles)}],
+            "strategies": [{"name": "naive"}, {"name": "replay", "overrides": {"replay": {"fraction": 0.5}}},
+                           {"name": "adapters", "kind": "adapters"}],
+            "output_dir": str(tmp_path / "cl"), "probe_max_new_tokens": 4}
+
+
+class PowerCut(Exception):
+    pass
+
+
+def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monkeypatch):  # noqa: F811
+    from tunesmith.continual import continual
+
+    real, calls, cut = tunesmith.training.train, [], [True]
+
+    def counting(cfg, **kwargs):
+        calls.append(cfg.output_dir)
+        if cut[0] and len(calls) == 3:  # the first step of the second strategy: as if the machine went down
+            raise PowerCut
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tunesmith.training, "train", counting)
+    seq = sequence(assets, tmp_path)
+    with pytest.raises(PowerCut):
+        continual(seq, log=lambda *_: None)
+    out = tmp_path / "cl"
+    naive = sorted(p.name for p in (out / "naive").iterdir())
+    assert naive == ["1-sums", "2-doubles"]
+    stamp = (out / "naive" / "2-doubles" / "scores.json").stat().st_mtime_ns
+
+    calls.clear()
+    cut[0] = False
+    report = continual(seq, log=lambda *_: None)
+    # Only what had not finished trains again: replay's two steps and the two adapters.
+    assert [c.split("/cl/")[1] for c in calls] == ["replay/1-sums/run", "replay/2-doubles/run",
+                                                   "adapters/1-sums/run", "adapters/2-doubles/run"]
+    assert (out / "naive" / "2-doubles" / "scores.json").stat().st_mtime_ns == stamp
+
+    def info(strategy, step):
+        return json.loads((out / strategy / step / "run" / "run.json").read_text())
+
+    assert info("naive", "2-doubles")["parent"]["path"] == str((out / "naive" / "1-sums" / "run").resolve())
+    replay = info("replay", "2-doubles")["replay"]
+    assert replay["count"] == 8 and replay["fraction"] == 0.5 and replay["files"] == [str(assets.chat.resolve())]
+    assert info("adapters", "2-doubles")["parent"] is None and info("replay", "1-sums")["replay"] is None
+
+    for name, s in report["strategies"].items():
+        assert len(s["matrix"]) == 2 and all(len(row) == 2 for row in s["matrix"]), name
+        assert len(s["base"]) == 2 and len(s["probe"]) == 3
+        assert set(s["summary"]) >= {"average_score", "average_forgetting", "backward_transfer", "forward_transfer"}
+    # Per-task adapters answer task 1 with its own adapter after step 2: the score it had after step 1.
+    adapters = report["strategies"]["adapters"]["matrix"]
+    assert adapters[1][0] == adapters[0][0]
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "report.html", "base.json"}

@@ -282,6 +282,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_continual(args) -> int:
+    from .continual import continual
+    from .continual.report import SUMMARIES
+    from .report import _fmt, markdown_table
+
+    report = continual(args.config, overrides=args.overrides)
+    header = ["strategy", *(label for _, label in SUMMARIES)]
+    rows = [[name, *(_fmt(s["summary"][key]) for key, _ in SUMMARIES)] for name, s in report["strategies"].items()]
+    print(markdown_table(header, rows))
+    print(f"report written to {Path(report['output_dir']) / 'report.html'}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import EMBEDDED
 
@@ -418,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several ways to adapt on one task and write a side-by-side report")
     p.add_argument("config", help="comparison YAML (see examples/compare-*.yaml); finished entries are skipped")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("continual", help="learn a sequence of tasks with each strategy and report what was forgotten")
+    p.add_argument("config", help="sequence YAML (see examples/continual-support.yaml); finished steps are skipped")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override sequence keys (e.g. output_dir=...)")
+    p.set_defaults(func=cmd_continual)
 
     p = sub.add_parser("models", help="list the embedded models")
     p.set_defaults(func=cmd_models)

@@ -1,0 +1,144 @@
+"""`tunesmith continual SEQUENCE.yaml`: learn a sequence of tasks with each strategy, score every task after
+every step, and write the forgetting report.
+
+Layout under output_dir: base.json (the untrained model's scores and the probe's reference answers), then per
+strategy and step `<strategy>/<i>-<task>/run` (a normal run directory) and `scores.json` beside it, written
+last: a step whose scores.json exists is done and is never redone, so an interrupted sequence resumes where it
+stopped (a step interrupted mid-training resumes from its last checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import dump_config
+from ..generate import SamplingParams
+from .config import MAIN_METRIC, ContinualConfig, load_sequence, run_dir, step_config
+from .probe import probe_prompts, reference_answers, score_probe
+from .report import write_report
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half a file; an interrupted write leaves the step undone
+
+
+class _Scorer:
+    """Scores models on every task's held-out split with the sequence's settings."""
+
+    def __init__(self, cfg: ContinualConfig):
+        from ..data.formats import read_records
+
+        first = step_config(cfg, cfg.strategies[0], 0, parent=None)
+        self.cfg, self.task, self.template = cfg, first.task, first.data.chat_template
+        self.metric = cfg.metric or MAIN_METRIC[self.task]
+        self.params = SamplingParams(max_new_tokens=first.eval_max_new_tokens)
+        self.max_length, self.limit = first.max_length, first.eval_limit
+        self.records = [read_records(t.eval) for t in cfg.tasks]
+
+    def score(self, model, tokenizer, j: int, labels=None) -> float:
+        from ..evaluation import evaluate
+
+        result = evaluate((model, tokenizer), self.records[j], task=self.task, labels=labels, limit=self.limit,
+                          chat_template=self.template, max_length=self.max_length, params=self.params)
+        if self.metric not in result.metrics:
+            raise ValueError(f"metric {self.metric!r} is not among {sorted(result.metrics)}")
+        return result.metrics[self.metric]
+
+    def probe(self, model, tokenizer, reference) -> dict:
+        return score_probe(model, tokenizer, reference, max_new_tokens=self.cfg.probe_max_new_tokens,
+                           chat_template=self.template)
+
+
+def _base(cfg: ContinualConfig, scorer: _Scorer, out: Path, log) -> dict:
+    """The untrained model's score on every task and the probe's reference answers (computed once)."""
+    path = out / "base.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from ..models import load_causal_lm, load_tokenizer
+
+    model_name = step_config(cfg, cfg.strategies[0], 0, parent=None).model
+    log(f"scoring the untrained model {model_name} on {len(cfg.tasks)} task(s)")
+    data = {"model": model_name, "scores": [None] * len(cfg.tasks), "reference": None, "probe": None}
+    if scorer.task == "sft":  # a classifier's untrained head has no meaningful score: the row stays empty
+        model, tokenizer = load_causal_lm(model_name), load_tokenizer(model_name)
+        data["scores"] = [scorer.score(model, tokenizer, j) for j in range(len(cfg.tasks))]
+        if cfg.probe:
+            data["reference"] = reference_answers(model, tokenizer, max_new_tokens=cfg.probe_max_new_tokens,
+                                                  chat_template=scorer.template, prompts=probe_prompts())
+            data["probe"] = scorer.probe(model, tokenizer, data["reference"])
+    _write_json(path, data)
+    return data
+
+
+def _train(config, log):
+    """Train a step's run, resuming an interrupted one; a run that finished is reused as it is."""
+    from .. import runs, training
+
+    directory = Path(config.output_dir)
+    if runs.is_complete(directory):
+        log(f"  {directory}: trained before, reused")
+        return
+    training.train(config, resume=bool(runs.complete_checkpoints(directory / runs.CHECKPOINTS)))
+
+
+def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, log) -> dict:
+    from ..models import load_run
+
+    strategy = cfg.strategies[s]
+    directory = run_dir(cfg, strategy, i)
+    scores_path = directory.parent / "scores.json"
+    if scores_path.exists():
+        log(f"[{strategy.name}] step {i + 1}/{len(cfg.tasks)} ({cfg.tasks[i].name}): done before, skipped")
+        return json.loads(scores_path.read_text())
+    log(f"[{strategy.name}] step {i + 1}/{len(cfg.tasks)}: learning {cfg.tasks[i].name}")
+    started = time.perf_counter()
+    earlier = [str(run_dir(cfg, strategy, k)) for k in range(i)]
+    config = step_config(cfg, strategy, i, parent=earlier[-1] if earlier else None, replay_from=earlier)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _train(config, log)
+    trained = time.perf_counter() - started
+    # Which model answers for task j: the latest run; per-task adapters answer with task j's own once trained.
+    answering = [directory if strategy.kind == "sequential" or j >= i else run_dir(cfg, strategy, j)
+                 for j in range(len(cfg.tasks))]
+    row, loaded = [], {}
+    for j, path in enumerate(answering):
+        if path not in loaded:
+            loaded = {path: load_run(path)}  # one model in memory at a time
+        model, tokenizer, info = loaded[path]
+        row.append(scorer.score(model, tokenizer, j, labels=info.get("labels")))
+        log(f"  {cfg.tasks[j].name}: {scorer.metric} {row[-1]:.4f}")
+    model, tokenizer, _ = load_run(directory) if directory not in loaded else loaded[directory]
+    probe = scorer.probe(model, tokenizer, base["reference"]) if base.get("reference") else None
+    data = {"task": cfg.tasks[i].name, "run": str(directory), "row": row, "probe": probe,
+            "train_seconds": trained, "seconds": time.perf_counter() - started}
+    _write_json(scores_path, data)
+    return data
+
+
+def continual(config: ContinualConfig | str | Path | dict, *, overrides: list[str] = (), log=print) -> dict:
+    """Run every strategy over the task sequence (skipping finished steps), then write the report. Returns the
+    report's data (report.json, plus its output_dir). `overrides` are key=value settings of the sequence file."""
+    cfg = config if isinstance(config, ContinualConfig) else load_sequence(config, overrides)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "continual.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    scorer = _Scorer(cfg)
+    base = _base(cfg, scorer, out, log)
+    strategies = {}
+    for s, strategy in enumerate(cfg.strategies):
+        steps = [_step(cfg, scorer, base, s, i, log) for i in range(len(cfg.tasks))]
+        strategies[strategy.name] = {
+            "kind": strategy.kind, "overrides": strategy.overrides, "base": base["scores"],
+            "matrix": [step["row"] for step in steps],
+            "probe": [base["probe"], *(step["probe"] for step in steps)] if base.get("probe") else None,
+            "steps": steps}
+    note = (f"Each cell is {scorer.metric} on a task's held-out split; 'before' is the untrained "
+            f"{base['model']}. The probe scores {len(base['reference'] or [])} everyday prompts against the untrained "
+            "model's own greedy answers (mean log-probability per answer token; share reproduced exactly), before "
+            "and after each step; its last columns above are after the final step.")
+    report = write_report(cfg.title, [t.name for t in cfg.tasks], [scorer.metric] * len(cfg.tasks), strategies,
+                          out, note=note)
+    return {**report, "output_dir": str(out)}
