@@ -84,37 +84,61 @@ def _train(config, log):
     training.train(config, resume=bool(runs.complete_checkpoints(directory / runs.CHECKPOINTS)))
 
 
-def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, log) -> dict:
+def _key(config) -> str:
+    """What a step trains, without where: two steps with equal keys train the same model."""
+    raw = config.model_dump(mode="json")
+    raw.pop("output_dir")
+    return json.dumps(raw, sort_keys=True)
+
+
+def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, done: list[dict], shared: dict,
+          log) -> dict:
+    """Train and score step i of strategy s (`done`: its earlier steps). A step that trains exactly what an
+    earlier strategy's step trained (the first step of every strategy, usually) reuses that run, and its scores
+    when the same models answer."""
     from ..models import load_run
 
     strategy = cfg.strategies[s]
-    directory = run_dir(cfg, strategy, i)
-    scores_path = directory.parent / "scores.json"
+    own = run_dir(cfg, strategy, i)
+    scores_path = own.parent / "scores.json"
     if scores_path.exists():
         log(f"[{strategy.name}] step {i + 1}/{len(cfg.tasks)} ({cfg.tasks[i].name}): done before, skipped")
-        return json.loads(scores_path.read_text())
+        data = json.loads(scores_path.read_text())
+        shared.setdefault(data["key"], data)
+        return data
     log(f"[{strategy.name}] step {i + 1}/{len(cfg.tasks)}: learning {cfg.tasks[i].name}")
     started = time.perf_counter()
-    earlier = [str(run_dir(cfg, strategy, k)) for k in range(i)]
+    earlier = [d["run"] for d in done]
     config = step_config(cfg, strategy, i, parent=earlier[-1] if earlier else None, replay_from=earlier)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _train(config, log)
+    key = _key(config)
+    twin = shared.get(key)
+    own.parent.mkdir(parents=True, exist_ok=True)
+    if twin:
+        directory = Path(twin["run"])
+        log(f"  the same training as {directory}: reused")
+    else:
+        directory = own
+        _train(config, log)
     trained = time.perf_counter() - started
     # Which model answers for task j: the latest run; per-task adapters answer with task j's own once trained.
-    answering = [directory if strategy.kind == "sequential" or j >= i else run_dir(cfg, strategy, j)
+    answering = [str(directory) if strategy.kind == "sequential" or j >= i else earlier[j]
                  for j in range(len(cfg.tasks))]
-    row, loaded = [], {}
-    for j, path in enumerate(answering):
-        if path not in loaded:
-            loaded = {path: load_run(path)}  # one model in memory at a time
-        model, tokenizer, info = loaded[path]
-        row.append(scorer.score(model, tokenizer, j, labels=info.get("labels")))
-        log(f"  {cfg.tasks[j].name}: {scorer.metric} {row[-1]:.4f}")
-    model, tokenizer, _ = load_run(directory) if directory not in loaded else loaded[directory]
-    probe = scorer.probe(model, tokenizer, base["reference"]) if base.get("reference") else None
-    data = {"task": cfg.tasks[i].name, "run": str(directory), "row": row, "probe": probe,
-            "train_seconds": trained, "seconds": time.perf_counter() - started}
+    if twin and twin["answering"] == answering:
+        row, probe = twin["row"], twin["probe"]
+    else:
+        row, loaded = [], {}
+        for j, path in enumerate(answering):
+            if path not in loaded:
+                loaded = {path: load_run(path)}  # one model in memory at a time
+            model, tokenizer, info = loaded[path]
+            row.append(scorer.score(model, tokenizer, j, labels=info.get("labels")))
+            log(f"  {cfg.tasks[j].name}: {scorer.metric} {row[-1]:.4f}")
+        model, tokenizer, _ = loaded.get(str(directory)) or load_run(directory)
+        probe = scorer.probe(model, tokenizer, base["reference"]) if base.get("reference") else None
+    data = {"task": cfg.tasks[i].name, "run": str(directory), "answering": answering, "row": row, "probe": probe,
+            "train_seconds": trained, "seconds": time.perf_counter() - started, "key": key}
     _write_json(scores_path, data)
+    shared.setdefault(key, data)
     return data
 
 
@@ -127,14 +151,16 @@ def continual(config: ContinualConfig | str | Path | dict, *, overrides: list[st
     (out / "continual.yaml").write_text(dump_config(cfg), encoding="utf-8")
     scorer = _Scorer(cfg)
     base = _base(cfg, scorer, out, log)
-    strategies = {}
+    strategies, shared = {}, {}
     for s, strategy in enumerate(cfg.strategies):
-        steps = [_step(cfg, scorer, base, s, i, log) for i in range(len(cfg.tasks))]
+        steps = []
+        for i in range(len(cfg.tasks)):
+            steps.append(_step(cfg, scorer, base, s, i, steps, shared, log))
         strategies[strategy.name] = {
             "kind": strategy.kind, "overrides": strategy.overrides, "base": base["scores"],
             "matrix": [step["row"] for step in steps],
             "probe": [base["probe"], *(step["probe"] for step in steps)] if base.get("probe") else None,
-            "steps": steps}
+            "steps": [{k: v for k, v in step.items() if k != "key"} for step in steps]}
     note = (f"Each cell is {scorer.metric} on a task's held-out split; 'before' is the untrained "
             f"{base['model']}. The probe scores {len(base['reference'] or [])} everyday prompts against the untrained "
             "model's own greedy answers (mean log-probability per answer token; share reproduced exactly), before "
