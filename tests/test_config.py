@@ -186,13 +186,17 @@ def test_every_example_recipe_loads():
     """Every YAML recipe under examples/ is a valid config whose data files exist (paths from the repo root).
     Passes vacuously while no recipe has been written yet."""
     from tunesmith.compare import entry_config, load_compare
+    from tunesmith.continual.config import load_sequence
 
     recipes = sorted({*ROOT.glob("examples/**/*.yaml"), *ROOT.glob("examples/**/*.yml")})
     for recipe in recipes:
         if recipe.name.startswith("compare-"):  # a comparison: every entry is a valid TrainConfig
             comparison = load_compare(recipe)
-            cfg = entry_config(comparison, comparison.entries[0])
+            configs = [entry_config(comparison, comparison.entries[0])]
+        elif recipe.name.startswith("continual-"):  # a sequence: every task's data (each step validates on load)
+            configs = [load_config({"data": {"train": t.train, "eval": t.eval}}) for t in load_sequence(recipe).tasks]
         else:
-            cfg = load_config(recipe)
-        for data in filter(None, (cfg.data.train, cfg.data.eval)):
-            assert (ROOT / data).is_file(), f"{recipe.relative_to(ROOT)}: data file {data} does not exist"
+            configs = [load_config(recipe)]
+        for cfg in configs:
+            for data in filter(None, (cfg.data.train, cfg.data.eval)):
+                assert (ROOT / data).is_file(), f"{recipe.relative_to(ROOT)}: data file {data} does not exist"
