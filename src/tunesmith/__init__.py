@@ -23,11 +23,12 @@ __all__ = [
     "Generation", "SamplingParams", "generate", "stream",
     "EMBEDDED", "load", "load_causal_lm", "load_tokenizer", "resolve",
     "ServeSettings", "create_app", "load_engine", "serve",
-    "evaluate", "Evaluation", "PromptingConfig", "classify_by_prompting", "compare",
+    "evaluate", "Evaluation", "PromptingConfig", "classify_by_prompting", "compare", "train", "continual",
 ]
 
-# Prompting loads torch at import; it is imported when first asked for, like the server.
-_LAZY = {"PromptingConfig": ".config", "classify_by_prompting": ".evaluation.prompting"}
+# Prompting and training load torch at import; they are imported when first asked for, like the server.
+_LAZY = {"PromptingConfig": ".config", "classify_by_prompting": ".evaluation.prompting", "train": ".training",
+         "continual": ".continual"}
 
 
 def __getattr__(name: str):
