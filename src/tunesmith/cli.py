@@ -442,8 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("train", "continual", "compare")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in TRAINING_COMMANDS:  # the real command line, not a test's call
+        from .allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc(sys.argv[1:])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="tunesmith: %(levelname)s: %(message)s")
     if not args.verbose:  # transformers' per-load progress bars are noise next to a streamed reply
