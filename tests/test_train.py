@@ -70,10 +70,11 @@ def assets(bpe, tmp_path_factory) -> Assets:
 
 
 def config(assets: Assets, output_dir: Path, **overrides) -> dict:
-    """A short sft run: 3 steps at a high learning rate so every trained parameter visibly moves; no evaluation
-    (no held-out split, no 'before' scoring) and no checkpoints unless asked."""
+    """A short sft run: 3 steps at a high learning rate (no warm-up, whose first step has rate 0) so every trained
+    parameter visibly moves; no evaluation (no held-out split, no 'before' scoring) and no checkpoints unless
+    asked."""
     return {"model": str(assets.lm), "data": {"train": str(assets.chat), "eval_fraction": 0},
-            "output_dir": str(output_dir), "max_steps": 3, "batch_size": 4, "learning_rate": 1e-2,
+            "output_dir": str(output_dir), "max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0,
             "logging_steps": 1, "save_steps": 100, "evaluate_before": False, **overrides}
 
 
@@ -365,7 +366,8 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
     info = json.loads((run.path / "run.json").read_text())
     assert info["base_model"] == str(assets.lm.resolve()) and info["peft"] and info["labels"] is None
     assert info["chat_template_fingerprint"]
-    assert load_config(run.path / "train_config.yaml") == load_config(cfg)
+    # The resolved config: what the config left unset holds the values chosen (tests/test_defaults.py).
+    assert load_config(run.path / "train_config.yaml") == load_config({**cfg, "epochs": 1.33})
 
 
 def test_full_run_writes_exactly_its_files(method_run):

@@ -165,21 +165,28 @@ class TrainConfig(Strict):
     method: Method = Field(default_factory=lambda: LoraMethod(name="lora"))
     output_dir: str = Field("runs/run", description="run directory; never overwritten (use --resume to continue)")
 
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps > 0)")
+    # Unset (None) learning_rate, epochs, warmup_ratio and eval_steps are chosen per run by training/defaults.py;
+    # the run's saved train_config.yaml holds the values chosen.
+    learning_rate: float | None = Field(None, gt=0, description="default: chosen from the method, the model's "
+                                                                "size and the task")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (ignored when "
+                                                         "max_steps > 0; default: from the data's size)")
     max_steps: int = Field(-1, description="optimizer steps; overrides epochs when > 0")
     batch_size: int = Field(8, gt=0, description="examples (or packed rows) per device per step")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="default: 0.1, at most 100 steps")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_length: int = Field(512, gt=0, description="tokens per example; longer ones are truncated (counted)")
     packing: bool = Field(False, description="sft: pack short examples into rows of max_length tokens")
     seed: int = 42
 
-    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: once at the end)")
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default with an eval split: "
+                                                           "up to 5 times a run); the run ends with the best "
+                                                           "checkpoint")
     early_stopping: EarlyStopping | None = None
-    save_steps: int = Field(50, gt=0, description="checkpoint every N steps")
+    save_steps: int = Field(50, gt=0, description="checkpoint every N steps (unset, with an eval split: at every "
+                                                  "evaluation)")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept (the best one is kept too)")
     logging_steps: int = Field(5, gt=0)
 

@@ -5,7 +5,8 @@ for a new run, and the checkpoints a run can be resumed from. A finished run hol
       adapter_model.safetensors + adapter_config.json   (PEFT methods)  or  model.safetensors + config.json
       tokenizer files (incl. chat_template.jinja)
       train_config.yaml   the resolved config
-      run.json            task, base model, method, label map, chat-template fingerprint, versions
+      run.json            task, base model, method, label map, chat-template fingerprint, versions, and the
+                          defaults chosen for what the config left unset, one line of why each (defaults)
       log.jsonl           one line per log/eval event: step, loss, lr, eval metrics
       metrics.json        {"before": ..., "after": ..., "train": ...} ("before_kind" says what "before" scored)
       predictions.jsonl   the trained model on the eval split: input, gold, prediction, correct

@@ -1,6 +1,7 @@
 """Training: `train(config)` runs the one loop for every task and method and returns the `Run` it wrote.
 
 - data.py       the splits, a check that the records suit the task, labels, features, collators
+- defaults.py   what a config leaves unset (learning rate, epochs, warm-up, evaluations), chosen per run, and why
 - callbacks.py  log.jsonl, the progress bar, AdaLoRA's budget step, eval metrics, RunTrainer's atomic checkpoints
 - loop.py       train(): the base model scored before, the method applied, Trainer run, the run dir written
 

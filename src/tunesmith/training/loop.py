@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from ..evaluation import score
 from ..generate import SamplingParams
 from ..runs import RunError
 from .callbacks import callback_classes, eval_metrics_fn, trainer_class
+from .defaults import CPU_BUDGET, best_checkpoint, resolve as resolve_defaults
 from . import lineage
 from .data import build_features, check_kind, collator, label_list, load_splits, read_data, sft_records
+from .loss import supports_labelled_only
 from .regularize import anchor_for
 
 log = logging.getLogger(__name__)
@@ -53,9 +56,7 @@ def _cuda() -> bool:
 def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool):
     from transformers import TrainingArguments
 
-    watch = cfg.early_stopping
-    greater = watch.greater_is_better if watch and watch.greater_is_better is not None else (
-        watch is not None and not watch.metric.endswith("loss"))
+    best = best_checkpoint(cfg, has_eval)  # (metric, greater_is_better) or None
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -64,8 +65,8 @@ def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool):
         seed=cfg.seed, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=None,  # RunTrainer rotates, atomically
         eval_strategy="steps" if cfg.eval_steps and has_eval else "no", eval_steps=cfg.eval_steps,
-        load_best_model_at_end=bool(watch), metric_for_best_model=watch.metric if watch else None,
-        greater_is_better=greater if watch else None, report_to="none", remove_unused_columns=False,
+        load_best_model_at_end=best is not None, metric_for_best_model=best[0] if best else None,
+        greater_is_better=best[1] if best else None, report_to="none", remove_unused_columns=False,
         use_cpu=not _cuda(), ddp_backend="gloo" if not _cuda() and _world_size() > 1 else None,
         dataloader_num_workers=0, disable_tqdm=not _is_main(),
         # Packed rows have no attention mask and hold only a sliver of padding: count every token there.
@@ -103,7 +104,7 @@ def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_record
     return {**_score(model, tokenizer, cfg, eval_records, labels, desc).metrics, "before_kind": kind}
 
 
-def _run_info(cfg: TrainConfig, labels, template) -> dict:
+def _run_info(cfg: TrainConfig, labels, template, defaults: dict) -> dict:
     import peft
     import torch
     import transformers
@@ -115,6 +116,7 @@ def _run_info(cfg: TrainConfig, labels, template) -> dict:
     return {"task": cfg.task, "base_model": base, "method": cfg.method.name,
             "peft": cfg.method.name in PEFT_METHODS,
             "labels": labels, "chat_template_fingerprint": template_fingerprint(template) if template else None,
+            "defaults": defaults,  # what training/defaults.py chose, and why: {field: line}
             "versions": {"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
                          "torch": torch.__version__}}
 
@@ -131,8 +133,11 @@ def _parent_features(cfg: TrainConfig, parent: dict | None, tokenizer, labels) -
     return features
 
 
-def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False) -> Run:
-    """Train as configured and return the run (its directory and metrics). See the module docstring."""
+def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False,
+          labelled_only: bool = True) -> Run:
+    """Train as configured and return the run (its directory and metrics). See the module docstring.
+    `labelled_only=False` computes the sft loss the plain way, logits at every position (equal results; for
+    benchmarks and tests of loss.py)."""
     from transformers import EarlyStoppingCallback, ProgressCallback, set_seed
 
     from ..data.packing import pack
@@ -168,8 +173,6 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         train_features = pack(train_features, cfg.max_length)
         eval_features = pack(eval_features, cfg.max_length) if eval_features else []
 
-    per_step = cfg.batch_size * cfg.grad_accum * _world_size()
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_features) / per_step))
     template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
 
     if parent:
@@ -177,6 +180,16 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     else:
         model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
     model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
+    # What the config leaves unset is chosen from the data's and the model's size; the run saves the values.
+    cfg, chosen = resolve_defaults(
+        cfg, examples=len(train_features), tokens=sum(len(f["input_ids"]) for f in train_features),
+        eval_tokens=sum(len(f["input_ids"]) for f in eval_features),
+        parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
+        world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
+    if _is_main():
+        for line in chosen.reasons.values():
+            print(f"defaults: {line}", file=sys.stderr, flush=True)
+    total_steps = chosen.total_steps
     metrics: dict = {}
     before_file = run_dir / runs.METRICS_BEFORE
     if cfg.evaluate_before and _is_main():
@@ -209,6 +222,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         compute_metrics=eval_metrics_fn(cfg.task, labels))
     trainer.keep = cfg.save_total_limit
     trainer.anchor = anchor
+    trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
 
@@ -243,7 +257,6 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         origin.update(parent={k: parent[k] for k in ("path", "task", "method", "base_model")} if parent else None,
                       lineage=lineage.lineage(parent),
                       regularization=cfg.regularization.model_dump() if cfg.regularization else None)
-        runs.write_info(run_dir, {**_run_info(cfg, labels, template), **origin})
         save_config(cfg, run_dir / runs.CONFIG)
         seen = trainer.state.num_input_tokens_seen
         metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
@@ -257,5 +270,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         if after:
             runs.write_predictions(run_dir, after.predictions)
         runs.write_metrics(run_dir, metrics)
+        # run.json last: it is what makes the directory a finished run (runs.is_complete). Killed before it, the
+        # run still has its checkpoints and --resume finishes it; after it, metrics.json is there for readers.
+        runs.write_info(run_dir, {**_run_info(cfg, labels, template, chosen.reasons), **origin})
         runs.finish(run_dir)
     return Run(run_dir, metrics)
