@@ -13,10 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 import tunesmith.training
-from test_train import assets, config, run_train, write_jsonl  # noqa: F401  (assets is a fixture)
+import test_train
+from test_train import config, run_train, write_jsonl
 from tunesmith.config import ConfigError, load_config
 from tunesmith.training.lineage import mix_replay
 from tunesmith.training.regularize import Anchor, fisher_diagonal
+
+assets = test_train.assets  # the tiny models and data: a session fixture shared with test_train
 
 
 def trained(cfg: dict):
@@ -39,11 +42,11 @@ def initial_adapter(trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def parent(assets, tmp_path_factory):  # noqa: F811
+def parent(assets, tmp_path_factory):
     return trained(config(assets, tmp_path_factory.mktemp("p") / "parent", method={"name": "lora", "r": 4}))[0]
 
 
-def test_continued_lora_run_starts_from_the_parents_adapter_and_records_its_lineage(assets, parent, tmp_path):  # noqa: F811
+def test_continued_lora_run_starts_from_the_parents_adapter_and_records_its_lineage(assets, parent, tmp_path):
     new_data = write_jsonl(tmp_path / "new.jsonl", [{"messages": [
         {"role": "user", "content": f"Double {i}?"}, {"role": "assistant", "content": f"{2 * i}"}]} for i in range(8)])
     cfg = config(assets, tmp_path / "child", method={"name": "lora", "r": 4}, continue_from=str(parent),
@@ -72,7 +75,7 @@ def test_continued_lora_run_starts_from_the_parents_adapter_and_records_its_line
     assert [entry["path"] for entry in chain] == [str(parent.resolve()), str(child.resolve())]
 
 
-def test_continued_full_run_starts_from_the_parents_weights(assets, tmp_path):  # noqa: F811
+def test_continued_full_run_starts_from_the_parents_weights(assets, tmp_path):
     first, _ = trained(config(assets, tmp_path / "full", method={"name": "full"}))
     cfg = config(assets, tmp_path / "again", method={"name": "full"}, continue_from=str(first))
     del cfg["model"]
@@ -84,7 +87,7 @@ def test_continued_full_run_starts_from_the_parents_weights(assets, tmp_path):  
     assert info["parent"]["method"] == "full" and info["base_model"] == str(first.resolve())
 
 
-def test_continuing_needs_a_compatible_finished_run(assets, parent, tmp_path):  # noqa: F811
+def test_continuing_needs_a_compatible_finished_run(assets, parent, tmp_path):
     with pytest.raises(ConfigError, match="trained a lora adapter; continuing it needs method.name: lora"):
         tunesmith.training.train(config(assets, tmp_path / "a", method={"name": "ia3"}, continue_from=str(parent)))
     with pytest.raises(tunesmith.training.RunError, match="is not a finished tunesmith run"):
@@ -115,7 +118,7 @@ def test_replay_mixes_exactly_the_configured_share_seeded(fraction, n, k, tmp_pa
     assert len(counted) == n + 3 and info["count"] == 3
 
 
-def test_replay_from_a_run_uses_the_data_it_recorded(assets, parent, tmp_path):  # noqa: F811
+def test_replay_from_a_run_uses_the_data_it_recorded(assets, parent, tmp_path):
     cfg = config(assets, tmp_path / "r", method={"name": "lora", "r": 4}, continue_from=str(parent),
                  replay={"from": str(parent), "count": 5})
     del cfg["model"]
@@ -169,7 +172,7 @@ def test_fisher_is_the_mean_squared_gradient_of_single_examples():
     assert torch.allclose(fisher["w"], expected)
 
 
-def test_regularization_holds_the_weights_near_the_parent(assets, parent, tmp_path):  # noqa: F811
+def test_regularization_holds_the_weights_near_the_parent(assets, parent, tmp_path):
     moved = {}
     for name, reg in (("free", None), ("held", {"kind": "l2sp", "strength": 1e4})):
         cfg = config(assets, tmp_path / name, method={"name": "lora", "r": 4}, continue_from=str(parent),
@@ -181,7 +184,7 @@ def test_regularization_holds_the_weights_near_the_parent(assets, parent, tmp_pa
     assert moved["held"] < moved["free"] / 10
 
 
-def sequence(assets, tmp_path) -> dict:  # noqa: F811
+def sequence(assets, tmp_path) -> dict:
     """Two tiny sft tasks and three strategies, two optimizer steps each."""
     doubles = write_jsonl(tmp_path / "b.jsonl", [{"messages": [
         {"role": "user", "content": f"Double {i}?"}, {"role": "assistant", "content": f"{2 * i}"}]} for i in range(8)])
@@ -198,7 +201,7 @@ class PowerCut(Exception):
     pass
 
 
-def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monkeypatch):
     from tunesmith.continual import continual
 
     real, calls, cut = tunesmith.training.train, [], [True]

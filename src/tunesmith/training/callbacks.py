@@ -98,13 +98,30 @@ def trainer_class():
         loss_sum: float = 0.0
 
         anchor = None  # regularize.Anchor: a pull toward the parent run's weights
+        labelled_only = False  # loss.py: the LM head only where there are labels (sft on a causal LM)
 
-        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+            if self.labelled_only and model.training and "labels" in inputs:
+                out = self._labelled_only_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch, **kwargs)
             if self.anchor is None or not model.training:  # eval loss stays the task's loss alone
                 return out
             penalty = self.anchor.penalty(model.module if hasattr(model, "module") else model)
             return (out[0] + penalty, out[1]) if return_outputs else out + penalty
+
+        def _labelled_only_loss(self, model, inputs, return_outputs, num_items_in_batch):
+            """Trainer.compute_loss's normalisation (per token over the accumulated batch when the model takes
+            num_items_in_batch, scaled back up across data-parallel ranks) around loss.labelled_only_loss."""
+            from .loss import labelled_only_loss
+
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss, outputs = labelled_only_loss(model, inputs, items)
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+                scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return (loss, outputs) if return_outputs else loss
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
