@@ -247,3 +247,10 @@ def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monk
     adapters = report["strategies"]["adapters"]["matrix"]
     assert adapters[1][0] == adapters[0][0]
     assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "report.html", "base.json"}
+
+
+def test_an_unknown_metric_is_a_sentence_naming_the_choices(assets, tmp_path):
+    from tunesmith.continual import continual
+
+    with pytest.raises(ConfigError, match=r"metric: 'bleuu' is not a score of task sft; choose one of .*'bleu'"):
+        continual({**sequence(assets, tmp_path), "metric": "bleuu"}, log=lambda *_: None)

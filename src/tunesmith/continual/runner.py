@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from ..config import dump_config
+from ..config import ConfigError, dump_config
 from ..generate import SamplingParams
 from .config import MAIN_METRIC, ContinualConfig, load_sequence, run_dir, step_config
 from .probe import probe_prompts, reference_answers, score_probe
@@ -44,7 +44,8 @@ class _Scorer:
         result = evaluate((model, tokenizer), self.records[j], task=self.task, labels=labels, limit=self.limit,
                           chat_template=self.template, max_length=self.max_length, params=self.params)
         if self.metric not in result.metrics:
-            raise ValueError(f"metric {self.metric!r} is not among {sorted(result.metrics)}")
+            raise ConfigError(f"metric: {self.metric!r} is not a score of task {self.task}; choose one of "
+                              f"{sorted(k for k, v in result.metrics.items() if isinstance(v, float))}")
         return result.metrics[self.metric]
 
     def probe(self, model, tokenizer, reference) -> dict:
