@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .data.tokenize import encode_chat_prompt
-from .errors import TunesmithError
+from .errors import TunesmithError, UsageError
 from .generation import Engine, Event, Request, SamplingParams
 
 __all__ = ["Generation", "GenerationError", "SamplingParams", "generate", "generate_batch", "prompt_ids", "stream"]
@@ -67,7 +67,7 @@ def stream(model, tokenizer, *, prompt: str | None = None, messages: list[dict] 
     """Yield the reply as it is generated. If `result` is a list, the final `Generation` is appended to it."""
     params = params or SamplingParams()
     if params.n != 1:
-        raise ValueError(f"stream and generate give one reply; use generate_batch for n={params.n} choices")
+        raise UsageError(f"stream and generate give one reply; use generate_batch for n={params.n} choices")
     ids = prompt_ids(tokenizer, prompt=prompt, messages=messages, chat_template=chat_template)
     engine = Engine.for_model(model, tokenizer)
     collect = _Collect(len(ids))

@@ -12,17 +12,12 @@ import json
 import time
 from pathlib import Path
 
+from .. import runs
 from ..config import ConfigError, dump_config
 from ..generate import SamplingParams
 from .config import MAIN_METRIC, ContinualConfig, load_sequence, run_dir, step_config
 from .probe import probe_prompts, reference_answers, score_probe
 from .report import write_report
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a file; an interrupted write leaves the step undone
 
 
 class _Scorer:
@@ -70,13 +65,13 @@ def _base(cfg: ContinualConfig, scorer: _Scorer, out: Path, log) -> dict:
             data["reference"] = reference_answers(model, tokenizer, max_new_tokens=cfg.probe_max_new_tokens,
                                                   chat_template=scorer.template, prompts=probe_prompts())
             data["probe"] = scorer.probe(model, tokenizer, data["reference"])
-    _write_json(path, data)
+    runs.write_json(path, data)
     return data
 
 
 def _train(config, log):
     """Train a step's run, resuming an interrupted one; a run that finished is reused as it is."""
-    from .. import runs, training
+    from .. import training
 
     directory = Path(config.output_dir)
     if runs.is_complete(directory):
@@ -138,7 +133,7 @@ def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, don
         probe = scorer.probe(model, tokenizer, base["reference"]) if base.get("reference") else None
     data = {"task": cfg.tasks[i].name, "run": str(directory), "answering": answering, "row": row, "probe": probe,
             "train_seconds": trained, "seconds": time.perf_counter() - started, "key": key}
-    _write_json(scores_path, data)
+    runs.write_json(scores_path, data)  # atomic: a half-written file never marks a step done
     shared.setdefault(key, data)
     return data
 
