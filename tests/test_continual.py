@@ -254,3 +254,24 @@ def test_an_unknown_metric_is_a_sentence_naming_the_choices(assets, tmp_path):
 
     with pytest.raises(ConfigError, match=r"metric: 'bleuu' is not a score of task sft; choose one of .*'bleu'"):
         continual({**sequence(assets, tmp_path), "metric": "bleuu"}, log=lambda *_: None)
+
+
+def test_each_score_is_the_one_its_run_reports_for_the_same_data(assets, tmp_path):
+    """The matrix's diagonal and the step's own run score the same data the same way, also for a task whose file
+    is in completion format and is learned as chat (sft_format: chat): the continual scorer must convert it as
+    training does (it once scored such a task as raw text, under the chat-trained model's real score)."""
+    import json
+
+    from tunesmith.continual import continual
+
+    doubles = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Double {i}?", "completion": f" {2 * i}"}
+                                                 for i in range(8)])
+    cfg = sequence(assets, tmp_path)
+    cfg["base"]["data"] = {"sft_format": "chat"}
+    cfg["tasks"][1].update(train=str(doubles), eval=str(doubles))
+    cfg.update(strategies=[{"name": "naive"}], metric="loss")
+    continual(cfg, log=lambda *_: None)
+    for i, step in enumerate(["1-sums", "2-doubles"]):
+        row = json.loads((tmp_path / "cl" / "naive" / step / "scores.json").read_text())["row"]
+        after = json.loads((tmp_path / "cl" / "naive" / step / "run" / "metrics.json").read_text())["after"]
+        assert row[i] == pytest.approx(after["loss"], rel=1e-6), step

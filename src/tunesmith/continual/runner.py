@@ -25,13 +25,17 @@ class _Scorer:
 
     def __init__(self, cfg: ContinualConfig):
         from ..data.formats import read_records
+        from ..training.data import sft_records
 
         first = step_config(cfg, cfg.strategies[0], 0, parent=None)
         self.cfg, self.task, self.template = cfg, first.task, first.data.chat_template
         self.metric = cfg.metric or MAIN_METRIC[self.task]
         self.params = SamplingParams(max_new_tokens=first.eval_max_new_tokens)
         self.max_length, self.limit = first.max_length, first.eval_limit
-        self.records = [read_records(t.eval) for t in cfg.tasks]
+        # As training sees them: an sft task converted to the sequence's sft_format (a completion-format file
+        # learned as chat must be scored as chat, with the chat template, not as raw text).
+        self.records = [sft_records(read_records(t.eval), first) if self.task == "sft" else read_records(t.eval)
+                        for t in cfg.tasks]
 
     def score(self, model, tokenizer, j: int, labels=None) -> float:
         from ..evaluation import evaluate
