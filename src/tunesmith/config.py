@@ -157,6 +157,11 @@ class PromptingConfig(Strict):
     calibration_inputs: list[str] = Field(["N/A", "", "[MASK]"], description="content-free inputs, averaged")
 
 
+def bf16_lowerable(method) -> bool:
+    """Whether `precision: bf16` applies to a method: LoRA's frozen base layers (not DoRA's, which it reads)."""
+    return method.name == "lora" and not getattr(method, "dora", False)
+
+
 class TrainConfig(Strict):
     model: str = Field(DEFAULT_CHAT_MODEL, description="embedded name, directory or hub id")
     task: Literal["sft", "classify", "ner"] = Field("sft", description="generation (sft), sequence "
@@ -179,6 +184,13 @@ class TrainConfig(Strict):
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_length: int = Field(512, gt=0, description="tokens per example; longer ones are truncated (counted)")
     packing: bool = Field(False, description="sft: pack short examples into rows of max_length tokens")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="LoRA: keep the frozen base weights in bf16 (auto: where the CPU/GPU multiplies bf16 "
+                            "natively); the adapter, activations and loss stay fp32")
+    recompute: bool | None = Field(
+        None, description="recompute activations in the backward pass instead of keeping them (activation "
+                          "checkpointing): much less memory for one more forward pass (default: on with bf16 "
+                          "base weights, where that pass is cheap)")
     seed: int = 42
 
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default with an eval split: "
@@ -210,6 +222,10 @@ class TrainConfig(Strict):
             raise ValueError("regularization pulls toward a parent run's weights: set continue_from too")
         if self.early_stopping and not self.eval_steps:
             raise ValueError("early_stopping needs eval_steps (how often to evaluate)")
+        if self.precision == "bf16" and not bf16_lowerable(self.method):
+            raise ValueError(f"precision: bf16 keeps a frozen LoRA base in bf16; {self.method.name} "
+                             f"{'(DoRA) ' if self.method.name == 'lora' else ''}trains or reads the base weights: "
+                             "use precision: fp32 or auto")
         if self.packing and self.task != "sft":
             raise ValueError("packing only applies to task: sft")
         if self.packing and self.method.name in ("prefix", "prompt"):

@@ -142,6 +142,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
 
     from ..data.packing import pack
     from ..methods import prepare, trainable_parameters
+    from . import precision
     from ..models import load_for_task, load_tokenizer, resolve
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
@@ -225,6 +226,22 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
+    # Lowered once the Trainer is built: it has placed the model, and its starting weights are the fp32 ones.
+    if cfg.precision == "auto":
+        setting, chosen.reasons["precision"] = precision.choose(cfg.method, "cuda" if _cuda() else "cpu")
+        cfg = cfg.model_copy(update={"precision": setting})  # the run saves what it used
+    lowered = precision.lower_frozen_linears(trainer.model) if cfg.precision == "bf16" else []
+    if cfg.recompute is None:
+        cfg = cfg.model_copy(update={"recompute": bool(lowered)})
+        if lowered:
+            chosen.reasons["recompute"] = ("recompute: activations recomputed in the backward pass (with a bf16 "
+                                           "base the extra forward is cheap; recompute: false keeps them)")
+    if cfg.recompute:
+        precision.recompute_activations(trainer.model)
+    if _is_main():
+        for field in ("precision", "recompute"):
+            if field in chosen.reasons:
+                print(f"defaults: {chosen.reasons[field]}", file=sys.stderr, flush=True)
 
     resume_from = None
     if resume:
@@ -248,6 +265,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     if resume_from and not math.isnan(trainer.loss_sum):
         train_metrics["train_loss"] = trainer.loss_sum / max(trainer.state.global_step, 1)
 
+    if lowered:  # the base's own fp32 weights back: the run is saved and scored as a user will load it
+        precision.restore_frozen_linears(trainer.model, lowered,
+                                         load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer))
     if trainer.is_world_process_zero():
         if template:
             tokenizer.chat_template = template  # the run carries the template it was trained with

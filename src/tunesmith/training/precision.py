@@ -1,0 +1,104 @@
+"""Frozen weights in bfloat16: the adapter methods' speed lever on hardware that multiplies bf16 natively.
+
+A LoRA run trains a few million adapter weights on top of a base model it never changes. The base's linear layers
+do almost all of a step's arithmetic (forward, and the input gradient in the backward pass), and on a CPU with
+AMX-BF16 or AVX512-BF16 (Sapphire Rapids and later) or a CUDA GPU with bf16 tensor cores a bf16 matrix product
+runs several times faster than an fp32 one (this project's 2-core Xeon: ~110 fp32 vs ~520 bf16 GFLOP/s on one
+core). So with `precision: bf16` the frozen base linears hold their weights in bf16 and multiply in bf16; their
+inputs are cast on the way in and their outputs cast back, so everything else (the residual stream, the norms,
+the adapter weights and their gradients, the optimizer state, the loss) stays fp32. Unlike loading the whole model
+in bf16, an adapter's small early updates are not rounded away when they are added to the base's output (that
+rounding visibly slowed the first steps in our measurement; see benchmarks/train_vs_trl.py).
+
+Only adapter methods whose base layers are plain frozen `nn.Linear`s are lowered (LoRA and rsLoRA; not DoRA,
+which reads the base weight to normalise its update): their saved artifact is the adapter alone, so the bf16
+copy never reaches a file. Before the run is saved and scored, `restore_frozen_linears` puts the base's own fp32
+weights back, so the "after" scores are those of the run as a user loads it (fp32 base + the adapter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import bf16_lowerable
+
+
+class Bf16FrozenLinear(nn.Linear):
+    """An nn.Linear whose (frozen) weight is bf16: the input is cast to bf16 for the product and the output
+    back to the input's dtype. Installed by swapping the class of an existing layer (state dict keys unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def bf16_native(device: str) -> bool:
+    """Whether `device` ("cpu" or "cuda") multiplies bf16 matrices natively (faster than fp32)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
+def choose(method, device: str) -> tuple[str, str]:
+    """What `precision: auto` means for this method on `device`: ("bf16" or "fp32", the reason in one line)."""
+    if not bf16_lowerable(method):
+        why = "DoRA reads the base weights" if method.name == "lora" else f"{method.name} trains or reads them"
+        return "fp32", f"precision fp32: base weights stay fp32 ({why}; bf16 applies to LoRA's frozen base)"
+    if bf16_native(device):
+        where = "this GPU" if device == "cuda" else "this CPU (AMX/AVX512-BF16)"
+        return "bf16", (f"precision bf16: frozen base weights in bfloat16, {where} multiplies bf16 natively; "
+                        "adapter, activations and loss stay fp32 (precision: fp32 turns it off)")
+    return "fp32", "precision fp32: this machine has no native bf16 matrix unit"
+
+
+def lower_frozen_linears(model) -> list[str]:
+    """Put the frozen base layers of a PEFT model's LoRA layers in bf16 (see the module docstring). Returns the
+    lowered layers' names in the underlying model (`model.get_base_model()`), for `restore_frozen_linears`.
+    Trainable weights are never touched."""
+    from peft.tuners.lora import LoraLayer
+
+    lowered = []
+    for name, module in model.get_base_model().named_modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(module, LoraLayer) or type(base) is not nn.Linear or base.weight.requires_grad:
+            continue
+        base.weight.data = base.weight.data.to(torch.bfloat16)
+        if base.bias is not None and not base.bias.requires_grad:
+            base.bias.data = base.bias.data.to(torch.bfloat16)
+        base.__class__ = Bf16FrozenLinear
+        lowered.append(name)
+    if lowered:
+        # transformers maps the checkpoint file and the weights are views into it: reading the fp32 linears to
+        # convert them pulled the whole file into this process's resident memory, and the weights left fp32 (the
+        # embeddings, norms, head) keep that mapping alive. Own copies of those (same values) let it go.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype != torch.bfloat16:
+                tensor.data = tensor.data.clone()
+    return lowered
+
+
+def recompute_activations(model) -> None:
+    """Activation checkpointing: keep only each block's input in the forward pass and recompute the rest during
+    the backward pass (non-reentrant, so frozen inputs need no requires_grad trick)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.24's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def restore_frozen_linears(model, lowered: list[str], original) -> None:
+    """Undo `lower_frozen_linears`: copy the fp32 weights of the same layers from `original` (the base model as
+    loaded, e.g. `load_for_task` again) into the lowered layers and make them plain nn.Linear again."""
+    source = dict(original.named_modules())
+    target = dict(model.get_base_model().named_modules())
+    for name in lowered:
+        base, fp32 = target[name].base_layer, source[name]
+        base.weight.data = fp32.weight.data.to(base.weight.device)
+        if base.bias is not None and fp32.bias is not None and not base.bias.requires_grad:
+            base.bias.data = fp32.bias.data.to(base.bias.device)
+        base.__class__ = nn.Linear
