@@ -152,3 +152,23 @@ def test_a_bf16_run_trains_like_fp32_and_is_saved_and_scored_with_the_fp32_base(
 
     again = evaluate(str(run.path), str(assets.chat), params=SamplingParams(max_new_tokens=4))
     assert again.metrics["loss"] == pytest.approx(run.metrics["after"]["loss"], rel=1e-6)
+
+
+def test_lowering_a_model_mapped_from_its_file_keeps_every_value(chatml_tokenizer, tmp_path):
+    """Loaded with from_pretrained, the weights are views into the mapped checkpoint and the converted fp32 pages
+    are handed back to the kernel (madvise): every weight must still equal the file's value afterwards."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_llama(chatml_tokenizer).save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path, dtype="float32"),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    assert precision._file_mappings()  # the checkpoint is mapped: the page-dropping path runs
+    names = precision.lower_frozen_linears(model)
+    assert names
+    for name, p in model.get_base_model().named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in on_disk:
+            expected = on_disk[key].to(p.dtype)
+            assert torch.equal(p, expected), name

@@ -18,6 +18,10 @@ weights back, so the "after" scores are those of the run as a user loads it (fp3
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,19 +66,22 @@ def lower_frozen_linears(model) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     lowered = []
+    mapped = _file_mappings()
     for name, module in model.get_base_model().named_modules():
         base = getattr(module, "base_layer", None)
         if not isinstance(module, LoraLayer) or type(base) is not nn.Linear or base.weight.requires_grad:
             continue
-        base.weight.data = base.weight.data.to(torch.bfloat16)
+        fp32 = base.weight.data
+        base.weight.data = fp32.to(torch.bfloat16)
+        _drop_file_pages(fp32, mapped)
+        del fp32
         if base.bias is not None and not base.bias.requires_grad:
             base.bias.data = base.bias.data.to(torch.bfloat16)
         base.__class__ = Bf16FrozenLinear
         lowered.append(name)
     if lowered:
-        # transformers maps the checkpoint file and the weights are views into it: reading the fp32 linears to
-        # convert them pulled the whole file into this process's resident memory, and the weights left fp32 (the
-        # embeddings, norms, head) keep that mapping alive. Own copies of those (same values) let it go.
+        # The weights left fp32 (embeddings, norms, head) are views into the mapped checkpoint too, and keep the
+        # whole mapping alive: own copies of them (same values) let it go.
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.dtype != torch.bfloat16:
                 tensor.data = tensor.data.clone()
@@ -89,6 +96,41 @@ def recompute_activations(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of weight files (/proc/self/maps; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors") and fields[1].endswith("p"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            found.append((start, end))
+    return found
+
+
+def _drop_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Release the resident pages of an fp32 weight just converted, when it lives in the private mapping of the
+    checkpoint file that transformers loads from (reading every linear to convert it would otherwise pull the
+    whole file into this process's resident memory on top of the bf16 copies: the peak of a LoRA run's memory).
+    Dropped pages of a private file mapping are re-read from the file if anything touches them again; nothing
+    in a run writes into a frozen base weight, so no value can change. Anything else (anonymous memory, a GPU
+    tensor) is left alone."""
+    if tensor.device.type != "cpu" or not mapped:
+        return
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    if not any(start <= begin and end <= stop for start, stop in mapped):
+        return
+    first, last = -(-begin // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 def restore_frozen_linears(model, lowered: list[str], original) -> None:
