@@ -223,6 +223,16 @@ def _command_name() -> str:
 def cmd_export(args) -> int:
     from .export import export
 
+    if args.gguf:
+        from .gguf_export import export_gguf
+
+        result = export_gguf(args.run, args.output, quant=args.quant or "f16", force=args.force,
+                             verify=not args.no_verify)
+        print(f"exported {args.run} to {result.path} ({result.quant}), with {result.modelfile}")
+        print(f"verified: {result.verification}" if result.verification else "not verified (--no-verify)")
+        return 0
+    if args.quant or args.no_verify:
+        raise UsageError("--quant and --no-verify apply only to --gguf exports")
     out = export(args.run, args.output, merge=args.merge, force=args.force)
     print(f"exported {args.run} to {out}" + (" (adapter merged)" if args.merge else ""))
     return 0
@@ -306,6 +316,7 @@ def cmd_models(args) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .gguf_export import QUANTS
     from .models import DEFAULT_CHAT_MODEL
 
     parser = argparse.ArgumentParser(prog="tunesmith", description="Adapt a language model to your task and serve it.")
@@ -378,10 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="export a run as a standalone model or a plain peft adapter")
+    p = sub.add_parser("export", help="export a run as a standalone model, a plain peft adapter, or a GGUF file")
     p.add_argument("run")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--gguf", action="store_true", help="write OUTPUT as one GGUF file (adapter merged, the run's "
+                   "tokenizer and chat template inside) for llama.cpp/Ollama, and an Ollama Modelfile beside it")
+    p.add_argument("--quant", choices=list(QUANTS), help="GGUF weight type (default: f16)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the GGUF back and comparing it with the run")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)
 

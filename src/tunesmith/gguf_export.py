@@ -1,0 +1,437 @@
+"""Export a trained language-model run as one GGUF file (for llama.cpp, Ollama, LM Studio) that carries the
+tokenizer and the chat template the run was trained with, plus an Ollama Modelfile beside it. The file is then
+loaded back with transformers and compared with the run: a broken export fails here, not in a user's chat.
+
+What goes into the file mirrors llama.cpp's convert_hf_to_gguf.py (LlamaModel, TextModel.prepare_tensors,
+_set_vocab_gpt2) and llama-quantize's choice of type per tensor; the format itself is gguf-py's GGUFWriter."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import runs
+from .export import _UNMERGEABLE, ExportError
+from .models import load_run
+
+log = logging.getLogger(__name__)
+
+# --quant: (the file's general.file_type, the type of its 2-D weights), as gguf-py names them.
+QUANTS = {
+    "f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
+    "q8_0": ("MOSTLY_Q8_0", "Q8_0"), "q5_1": ("MOSTLY_Q5_1", "Q5_1"), "q5_0": ("MOSTLY_Q5_0", "Q5_0"),
+    "q4_1": ("MOSTLY_Q4_1", "Q4_1"), "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
+}
+
+# The largest |logit(GGUF) - logit(run)| a verified export may show, as a fraction of the run's largest |logit|
+# (absolute differences scale with the model's logits: ~0.5 for the tests' tiny model, ~20 for SmolLM2).
+# Measured, not guessed: the worst over 20 tiny 2-layer Llama runs (LoRA and full, tied and untied, 3-4 seeds;
+# 5 prompts each) was f32 3.9e-7, f16 6.1e-4, bf16 4.0e-3, q8_0 1.8e-2, q5_1 9.8e-2, q5_0 1.1e-1,
+# q4_1 2.7e-1, q4_0 2.4e-1; each tolerance is about twice that. A real model's numbers are printed by every export.
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 4e-2, "q5_1": 2e-1, "q5_0": 2.5e-1,
+             "q4_1": 5e-1, "q4_0": 5e-1}
+GREEDY_MUST_MATCH = {"f32"}  # elsewhere rounding may flip a near-tie; the count is reported, not required
+
+# A fixed prompt set: chats rendered with the run's own template, and plain text with special tokens, digits
+# and non-ASCII bytes, so the tokenizer round trip is exercised too.
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Q: 2+2?"}],
+]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Q: 3+1?\nA: 4\n\nQ: 12+30?\nA:",
+         "<|im_start|>user\nnaïve café, 🦙 déjà vu<|im_end|>"]
+GREEDY_TOKENS = 8
+
+# Ollama's Go template for ChatML (the shape LLaMA-Factory writes): the system prompt, then each turn; a user
+# turn opens the assistant's, so the prompt ends ready for the reply.
+OLLAMA_CHATML = (
+    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    "{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n"
+    "{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"
+)
+
+
+@dataclass
+class Verification:
+    """How the exported file compares with the run on the fixed prompt set."""
+    quant: str
+    max_logit_diff: float  # max |logit(GGUF) - logit(run)| over every position of every prompt
+    logit_scale: float  # max |logit(run)|: the difference is judged relative to it
+    greedy_same: int  # prompts whose greedy continuation is identical
+    prompts: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_logit_diff / max(self.logit_scale, 1e-12)
+
+    def __str__(self) -> str:
+        return (f"{self.quant}: max |logit difference| {self.max_logit_diff:.2e} ({self.relative_diff:.1e} of the "
+                f"largest logit, tolerance {TOLERANCE[self.quant]:g}); greedy continuations identical on "
+                f"{self.greedy_same}/{self.prompts} prompts")
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    modelfile: Path
+    quant: str
+    verification: Verification | None  # None with verify=False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------------
+
+def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: bool = False,
+                verify: bool = True) -> GGUFExport:
+    """Write `run` as the GGUF `out` and an Ollama `Modelfile` beside it. The file is verified under a temporary
+    name and moved into place only if it matches the run; an existing output is replaced only with force."""
+    out = Path(out)
+    if quant not in QUANTS:
+        raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if Path(run).resolve() in out.resolve().parents:
+        raise ExportError(f"{out} is inside the run {run}; export to another directory")
+    modelfile = out.with_name("Modelfile")
+    for path in (out, modelfile):
+        if path.exists() and not force:
+            raise ExportError(f"{path} already exists; pass --force to replace it")
+    model, tokenizer, info = _merged(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}-{os.getpid()}.tmp.gguf")  # beside `out`, so the rename is atomic
+    try:
+        write_gguf(model, tokenizer, tmp, quant=quant, name=Path(run).resolve().name, base=info["base_model"])
+        del model  # verification loads the run afresh: the comparison is with the run as tunesmith serves it
+        report = verify_gguf(run, tmp) if verify else None
+        if report is not None and not report.ok:
+            raise ExportError(f"the GGUF does not match the run ({'; '.join(report.problems)}), so {out} was not "
+                              "written; pass --no-verify to keep such a file anyway")
+        runs.write_text(modelfile, ollama_modelfile(tokenizer, out.name))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return GGUFExport(out, modelfile, quant, report)
+
+
+def _merged(run):
+    """(model, tokenizer, info): the run's weights as one standalone causal LM."""
+    model, tokenizer, info = load_run(run)
+    if info["task"] != "sft":
+        raise ExportError(f"{run} is a {info['task']} run; only language-model (sft) runs can be exported as GGUF")
+    if info["method"] in _UNMERGEABLE:
+        raise ExportError(f"{info['method']} tuning learns virtual tokens, which cannot be merged into the weights "
+                          "a GGUF holds; export the adapter instead (without --gguf)")
+    if info["peft"]:
+        model = model.merge_and_unload()
+    _check_supported(model.config)
+    return model.eval(), tokenizer, info
+
+
+def _check_supported(config) -> None:
+    if config.model_type != "llama":
+        raise ExportError(f"GGUF export supports the Llama architecture (model_type 'llama', e.g. SmolLM2); this "
+                          f"run's model is {config.model_type!r}")
+    unsupported = [flag for flag in ("attention_bias", "mlp_bias") if getattr(config, flag, False)]
+    if config.hidden_act != "silu":
+        unsupported.append(f"hidden_act={config.hidden_act}")
+    rope_type = _rope(config).get("rope_type") or "default"
+    if rope_type != "default":
+        unsupported.append(f"{rope_type} rope scaling")
+    if unsupported:
+        raise ExportError(f"GGUF export supports plain Llama models; this one has {', '.join(unsupported)}")
+
+
+def _rope(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the file: metadata, vocabulary, tensors
+# ---------------------------------------------------------------------------------------------------------
+
+def write_gguf(model, tokenizer, path: Path, *, quant: str, name: str, base: str | None = None) -> None:
+    """Write a Llama model and its tokenizer as GGUF at `path` (not atomic: `export_gguf` renames it in)."""
+    import gguf
+
+    file_type, weight_type = (getattr(gguf.LlamaFileType, QUANTS[quant][0]),
+                              getattr(gguf.GGMLQuantizationType, QUANTS[quant][1]))
+    config = model.config
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_rope_freq_base(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    _add_vocab(writer, tokenizer, config.vocab_size, base)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for tensor_name, data, qtype in _tensors(model, weight_type):
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def permute_for_rope(weights, n_head: int):
+    """Reorder q_proj/k_proj rows for llama.cpp's rope. transformers rotates the two halves of each head
+    ([x0..x(d/2-1) | y0..y(d/2-1)]); llama.cpp rotates adjacent pairs (x0 y0 x1 y1 ...), so each head's rows go
+    (2, d/2) -> (d/2, 2). transformers' GGUF loader applies the inverse. (convert_hf_to_gguf.LlamaModel.permute)
+    weights: (n_head * d, in_features) -> same shape."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _tensors(model, weight_type):
+    """(GGUF name, data, type) per tensor, with the types convert_hf_to_gguf and llama-quantize choose."""
+    import gguf
+
+    config = model.config
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(config.tie_word_embeddings)
+    F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
+    low_bit = weight_type.name.startswith(("Q4", "Q5"))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # a file without output.weight is read as tied, by llama.cpp and transformers alike
+        new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise ExportError(f"the model's tensor {hf_name} has no GGUF name in the Llama architecture")
+        data = tensor.detach().float().cpu().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = permute_for_rope(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = permute_for_rope(data, n_kv)
+        if data.ndim <= 1 or new_name.endswith("_norm.weight"):
+            qtype = F32  # norms and other vectors are tiny and sensitive: always F32
+        elif low_bit and (new_name == "output.weight" or (tied and new_name == "token_embd.weight")):
+            # llama-quantize keeps the output projection at Q6_K, falling back to Q8_0 when rows are not a
+            # multiple of 256 (SmolLM2's 576); gguf-py cannot write Q6_K, so Q8_0 here.
+            qtype = Q8_0
+        else:
+            qtype = weight_type
+        try:
+            quantized = gguf.quants.quantize(data, qtype)
+        except gguf.QuantError as err:  # rows not a multiple of the block size: F16, as convert_hf_to_gguf does
+            log.warning("%s: %s; writing it as F16", new_name, err)
+            qtype, quantized = F16, gguf.quants.quantize(data, F16)
+        yield new_name, quantized, qtype
+
+
+def _add_vocab(writer, tokenizer, vocab_size: int, base: str | None) -> None:
+    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary, and the run's chat template."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizers) tokenizer; this run's is a slow Python one")
+    spec = json.loads(backend.to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 style, like SmolLM2's); this run's "
+                          f"is a {spec['model']['type']} tokenizer")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} "
+                          "embeddings; resize the embeddings before exporting")
+    by_id = {i: token for token, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):  # as convert_hf_to_gguf.get_vocab_base
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if i not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[i].special or (token.startswith("<|") and token.endswith("|>")):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec, base))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # Merges as strings "a b"; a space inside a piece is written as U+0120 (gguf.SpecialVocab's convention).
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
+                             for m in spec["model"]["merges"]])
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # What the tokenizer adds around a text, read off its behaviour rather than its config keys.
+    bare, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    writer.add_add_bos_token(len(full) > len(bare) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(full) > len(bare) and full[-1] == tokenizer.eos_token_id)
+    byte_level = next((p for p in _pre_steps(spec) if p["type"] == "ByteLevel"), {})
+    writer.add_add_space_prefix(bool(byte_level.get("add_prefix_space", False)))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)  # the template the run was trained with
+
+
+def _pre_steps(spec: dict) -> list[dict]:
+    pre = spec.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+
+def _pre_tokenizer(spec: dict, base: str | None) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE (tokenizer.ggml.pre). A model embedded as
+    GGUF keeps its file's name (SmolLM2's is "smollm"); otherwise it is recognised from the pre-tokenizer."""
+    if base is not None and (pre := _embedded_pre(base)) is not None:
+        return pre
+    steps = [(p.get("type"), p.get("use_regex", True), p.get("individual_digits")) for p in _pre_steps(spec)]
+    if steps == [("ByteLevel", True, None)]:
+        return "gpt-2"
+    if steps == [("Digits", True, True), ("ByteLevel", True, None)]:
+        return "smollm"  # SmolLM's tokenizer.json: digits split one by one, then GPT-2's byte-level split
+    raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(spec.get('pre_tokenizer'))[:120]}) is not one "
+                      "GGUF export can name for llama.cpp; supported: GPT-2 byte-level, and SmolLM's digits + "
+                      "byte-level")
+
+
+@functools.lru_cache(maxsize=None)
+def _embedded_pre(base: str) -> str | None:
+    """tokenizer.ggml.pre of the GGUF an embedded model ships as, or None (reading its metadata takes ~3 s)."""
+    import gguf
+
+    from .models import EMBEDDED, _package_dir
+
+    spec = EMBEDDED.get(base)
+    if spec is None or not spec.gguf_file or not (_package_dir(spec, base) / spec.gguf_file).is_file():
+        return None
+    pre = gguf.GGUFReader(_package_dir(spec, base) / spec.gguf_file).fields.get("tokenizer.ggml.pre")
+    return pre.contents() if pre is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ollama Modelfile
+# ---------------------------------------------------------------------------------------------------------
+
+def ollama_modelfile(tokenizer, gguf_name: str) -> str:
+    """An Ollama Modelfile for the GGUF beside it: `ollama create NAME -f Modelfile`. A ChatML-style template
+    is translated to Ollama's Go template (with its default system prompt as SYSTEM); any other is left out,
+    and a comment says so (the Jinja original is in the GGUF's tokenizer.chat_template)."""
+    lines = [f"FROM ./{gguf_name}"]
+    system = chatml_system_prompt(tokenizer)
+    if system is None:
+        why = ("the run has no chat template" if not tokenizer.chat_template else
+               "the run's chat template is not ChatML-style, the only kind translated to Ollama's Go template")
+        lines.append(f"# No TEMPLATE: {why}; write one by hand (the Jinja original is in the GGUF's "
+                     "tokenizer.chat_template).")
+        stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    else:
+        lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
+        if system and '"""' not in system:
+            lines.append(f'SYSTEM """{system}"""')
+        elif system:
+            lines.append('# No SYSTEM: the default system prompt contains """, which a Modelfile cannot quote.')
+        stops = ["<|im_end|>"] + ([tokenizer.eos_token] if tokenizer.eos_token not in (None, "<|im_end|>") else [])
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    return "\n".join(lines) + "\n"
+
+
+def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def chatml_system_prompt(tokenizer) -> str | None:
+    """The template's default system prompt ("" for none) when it renders ChatML, else None. Decided by
+    rendering probe conversations, so any Jinja spelling of ChatML qualifies."""
+    if not tokenizer.chat_template:
+        return None
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}]
+    with_system = [{"role": "system", "content": "Be brief."}] + turns
+    try:
+        render = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g)
+                  for m, g in ((with_system, True), (with_system, False), (turns, True))]
+    except Exception:  # noqa: BLE001 - a template that cannot render the probes is simply not ChatML
+        return None
+    if render[0] != _chatml(with_system, True) or render[1] != _chatml(with_system, False):
+        return None
+    plain = _chatml(turns, True)
+    if render[2] == plain:
+        return ""
+    default = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", render[2][:-len(plain)], re.DOTALL)
+    return default.group(1) if render[2].endswith(plain) and default else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------------------------------------
+
+def verify_gguf(run: str | Path, gguf_path: str | Path) -> Verification:
+    """Load `gguf_path` with transformers (model and tokenizer) and compare it with `run` on the fixed prompt
+    set: the chat template, the token ids of every prompt, the logits at every prompt position (within
+    TOLERANCE of the file's quant type), and the greedy continuations (identical required for f32)."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data.templates import render_chat
+
+    gguf_path = Path(gguf_path)
+    file_type = int(gguf.GGUFReader(gguf_path).fields["general.file_type"].contents())
+    quant = next(q for q, (ft, _) in QUANTS.items() if getattr(gguf.LlamaFileType, ft) == file_type)
+    model, tokenizer, _ = load_run(run)  # unmerged: the run as tunesmith itself serves it
+    where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
+    exported = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+    exported_tokenizer = AutoTokenizer.from_pretrained(**where)
+
+    problems = []
+    if exported_tokenizer.chat_template != tokenizer.chat_template:
+        problems.append("its chat template differs from the run's")
+    texts = [render_chat(tokenizer, chat, add_generation_prompt=True) for chat in CHATS] \
+        if tokenizer.chat_template else []
+    texts += TEXTS
+    max_diff = scale = 0.0
+    greedy_same = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids  # (1, T)
+        if exported_tokenizer(text, return_tensors="pt").input_ids.tolist() != ids.tolist():
+            problems.append(f"its tokenizer gives other ids for {text[:40]!r}")
+        with torch.no_grad():
+            expected, got = model(input_ids=ids).logits, exported(input_ids=ids).logits  # (1, T, vocab)
+        max_diff = max(max_diff, (got - expected).abs().max().item())
+        scale = max(scale, expected.abs().max().item())
+        greedy_same += _greedy(model, ids) == _greedy(exported, ids)
+    report = Verification(quant, max_diff, scale, greedy_same, len(texts), problems)
+    if report.relative_diff > TOLERANCE[quant]:
+        problems.append(f"logits differ by {report.relative_diff:.1e} of the largest logit, over the "
+                        f"{TOLERANCE[quant]:g} tolerated for {quant}")
+    if quant in GREEDY_MUST_MATCH and greedy_same < len(texts):
+        problems.append(f"greedy continuations differ on {len(texts) - greedy_same}/{len(texts)} prompts")
+    return report
+
+
+def _greedy(model, ids, steps: int = GREEDY_TOKENS) -> list[int]:
+    """`steps` argmax tokens after `ids` (1, T), without stopping at EOS: the raw next-token choices."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, -steps:].tolist()

@@ -1,0 +1,330 @@
+"""GGUF export: every quant type loads back in transformers within its stated tolerance (f32: identical greedy
+tokens), with the run's own chat template and a tokenizer that gives the same ids; the Modelfile; what cannot
+be exported, or would overwrite, is refused; and a file written without the rope permutation fails verification."""
+
+from __future__ import annotations
+
+
+import gguf
+import pytest
+import torch
+from conftest import SMOLLM2_TEMPLATE, _wrap_all_specials, build_tiny_llama
+
+from tunesmith import gguf_export
+from tunesmith.cli import main
+from tunesmith.data.templates import CHAT_TEMPLATES
+from tunesmith.export import ExportError
+from tunesmith.gguf_export import QUANTS, TOLERANCE, export_gguf, ollama_modelfile, verify_gguf
+
+from test_export import CHAT, run_sft, write_jsonl  # a few steps of a method on the tiny chat data
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def gguf_fields(path) -> dict:
+    return {name: f.contents() for name, f in gguf.GGUFReader(path).fields.items()
+            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")}
+
+
+def tensor_types(path) -> dict:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bpe):
+    """Like SmolLM2's: its template (with a default system prompt), EOS <|im_end|>, BOS <|im_start|>, UNK
+    <|endoftext|>."""
+    return _wrap_all_specials(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>",
+                              chat_template=SMOLLM2_TEMPLATE)
+
+
+def save_base(workdir, tokenizer, name, **config):
+    # Hidden and intermediate sizes are multiples of 32, the block of every quant type.
+    path = workdir / name
+    build_tiny_llama(tokenizer, **config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tied_dir(workdir, tokenizer):
+    """Like SmolLM2: the LM head is the embedding matrix."""
+    return save_base(workdir, tokenizer, "tiny-tied", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def untied_dir(workdir, tokenizer):
+    return save_base(workdir, tokenizer, "tiny-untied", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def lora_run(workdir, tied_dir):
+    # At 5e-2 the tiny model's merged weights grow outliers that 4-bit rounding amplifies past any useful
+    # tolerance; 1e-2 still moves the adapter well away from its identity start.
+    return run_sft(workdir, tied_dir, {"name": "lora", "r": 4}, "lora-run", learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def chatml_run(workdir, untied_dir):
+    """A full run trained with the bare ChatML template, not its base's SmolLM2 one."""
+    data = {"train": write_jsonl(workdir / "chat.jsonl", CHAT), "eval_fraction": 0, "chat_template": "chatml"}
+    return run_sft(workdir, untied_dir, {"name": "full"}, "chatml-run", learning_rate=1e-3, data=data)
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, lora_run):
+    """The LoRA run as f16, once for the tests that only read the file."""
+    return export_gguf(lora_run, workdir / "exported" / "lora.gguf", quant="f16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round trip: every quant type within its tolerance
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_each_quant_type_loads_back_within_its_tolerance(lora_run, tmp_path, quant):
+    result = export_gguf(lora_run, tmp_path / f"model-{quant}.gguf", quant=quant)
+
+    report = result.verification
+    assert report.ok, report.problems
+    assert report.quant == quant and report.prompts == 5
+    assert report.relative_diff <= TOLERANCE[quant]
+    if quant == "f32":
+        assert report.max_logit_diff < 1e-5 and report.greedy_same == report.prompts
+    else:
+        assert report.max_logit_diff > 0  # the weights really were rounded
+    assert result.path.is_file() and not list(tmp_path.glob(".model-*"))  # the temporary file is gone
+
+
+@pytest.mark.parametrize("quant, weights, output", [("f16", "F16", "F16"), ("q8_0", "Q8_0", "Q8_0"),
+                                                    ("q4_0", "Q4_0", "Q8_0"), ("bf16", "BF16", "BF16")])
+def test_norms_stay_f32_and_a_low_bit_file_keeps_its_output_projection_at_q8_0(lora_run, tmp_path, quant, weights,
+                                                                                 output):
+    types = tensor_types(export_gguf(lora_run, tmp_path / "m.gguf", quant=quant, verify=False).path)
+
+    assert "output.weight" not in types  # tied: the embedding is the output projection
+    assert types["token_embd.weight"] == output
+    assert {types[n] for n in types if n.endswith("_norm.weight")} == {"F32"}
+    assert {types[f"blk.{b}.{t}.weight"] for b in (0, 1) for t in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                    "ffn_gate", "ffn_up", "ffn_down")} == {weights}
+
+
+def test_an_untied_head_is_written_as_output_weight(chatml_run, tmp_path):
+    types = tensor_types(export_gguf(chatml_run, tmp_path / "m.gguf", quant="q4_1").path)
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q4_1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata: llama.cpp's keys, the run's template, the tokenizer
+# ---------------------------------------------------------------------------------------------------------
+
+def test_metadata_has_llama_cpps_keys(exported, tokenizer):
+    fields = gguf_fields(exported.path)
+
+    assert {k: fields[k] for k in [
+        "general.architecture", "general.type", "general.file_type", "general.quantization_version",
+        "llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+        "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.dimension_count",
+        "llama.vocab_size", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_space_prefix"]} == {
+        "general.architecture": "llama", "general.type": "model", "general.file_type": 1,
+        "general.quantization_version": 2, "llama.block_count": 2, "llama.context_length": 256,
+        "llama.embedding_length": 32, "llama.feed_forward_length": 64, "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 8, "llama.vocab_size": len(tokenizer),
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": tokenizer.bos_token_id, "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
+        "tokenizer.ggml.padding_token_id": tokenizer.pad_token_id, "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_space_prefix": False}
+    assert fields["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert fields["general.name"] == "lora-run"
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """The fields of llama.cpp's own SmolLM2 GGUF (the embedded default model); metadata only."""
+    from tunesmith.models import EMBEDDED, ModelNotFoundError, _package_dir
+
+    spec = EMBEDDED["smollm2-135m-instruct"]
+    try:
+        return gguf.GGUFReader(_package_dir(spec, "smollm2-135m-instruct") / spec.gguf_file).fields
+    except ModelNotFoundError as err:
+        pytest.skip(str(err))
+
+
+def test_every_key_of_llama_cpps_own_smollm2_file_but_the_model_card_is_written(exported, smollm2_gguf):
+    """The embedded SmolLM2 GGUF was written by llama.cpp: our file has each of its keys (less the model card's
+    general.* entries, which a run does not have)."""
+    card = {"general.organization", "general.finetune", "general.basename", "general.size_label",
+            "general.license", "general.languages"}
+    assert set(smollm2_gguf) - card - set(gguf.GGUFReader(exported.path).fields) == set()
+    assert gguf_export._pre_tokenizer({}, "smollm2-135m-instruct") == "smollm"  # a SmolLM2 run keeps its file's
+
+
+def test_the_file_holds_the_runs_own_chat_template(exported, chatml_run, tmp_path):
+    assert gguf_fields(exported.path)["tokenizer.chat_template"] == SMOLLM2_TEMPLATE
+
+    path = export_gguf(chatml_run, tmp_path / "chatml.gguf").path
+    template = gguf_fields(path)["tokenizer.chat_template"]
+    assert template == CHAT_TEMPLATES["chatml"] != SMOLLM2_TEMPLATE  # the run's, not its base's
+
+
+def test_the_tokenizer_round_trips(exported, tokenizer):
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(exported.path.parent, gguf_file=exported.path.name)
+    for text in ["What is the capital of France?", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                 "Q: 2+2?\nA: 4\n\n", "naïve café 🦙", "  two  spaces<|endoftext|>"]:
+        assert loaded(text).input_ids == tokenizer(text).input_ids, text
+        assert loaded.decode(tokenizer(text).input_ids) == text
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+
+
+def test_the_token_types_mark_special_tokens_as_control(exported, tokenizer):
+    types = gguf.GGUFReader(exported.path).fields["tokenizer.ggml.token_type"].contents()
+    assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == set(tokenizer.added_tokens_decoder)
+    assert {types[i] for i in range(len(types)) if i not in tokenizer.added_tokens_decoder} == {gguf.TokenType.NORMAL}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modelfile
+# ---------------------------------------------------------------------------------------------------------
+
+def test_modelfile_translates_the_smollm2_template_with_its_default_system_prompt(exported):
+    assert exported.modelfile == exported.path.with_name("Modelfile")
+    assert exported.modelfile.read_text() == (
+        "FROM ./lora.gguf\n"
+        'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
+        '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"""\n'
+        f'SYSTEM """{SMOLLM2_SYSTEM}"""\n'
+        'PARAMETER stop "<|im_end|>"\n')
+
+
+def test_modelfile_of_a_bare_chatml_run_has_no_system_prompt(bare_chatml_tokenizer):
+    text = ollama_modelfile(bare_chatml_tokenizer, "x.gguf")
+    assert 'TEMPLATE """' in text and "SYSTEM" not in text and text.endswith('PARAMETER stop "<|im_end|>"\n')
+
+
+def test_a_template_that_is_not_chatml_is_left_out_with_a_comment(llama3_tokenizer, plain_tokenizer):
+    text = ollama_modelfile(llama3_tokenizer, "x.gguf")
+    assert text == ("FROM ./x.gguf\n# No TEMPLATE: the run's chat template is not ChatML-style, the only kind "
+                    "translated to Ollama's Go template; write one by hand (the Jinja original is in the GGUF's "
+                    'tokenizer.chat_template).\nPARAMETER stop "<|eot_id|>"\n')
+    assert "# No TEMPLATE: the run has no chat template" in ollama_modelfile(plain_tokenizer, "x.gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------------------
+
+def test_a_prefix_tuning_run_is_refused(workdir, tied_dir, tmp_path):
+    run = run_sft(workdir, tied_dir, {"name": "prefix", "num_virtual_tokens": 4}, "prefix-run", max_steps=1)
+    with pytest.raises(ExportError, match="prefix tuning learns virtual tokens, which cannot be merged"):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_gguf_or_modelfile_is_kept_without_force(exported, lora_run, tmp_path):
+    (tmp_path / "m.gguf").write_text("mine")
+    with pytest.raises(ExportError, match="m.gguf already exists; pass --force to replace it"):
+        export_gguf(lora_run, tmp_path / "m.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "Modelfile").write_text("mine")
+    with pytest.raises(ExportError, match="Modelfile already exists"):
+        export_gguf(lora_run, tmp_path / "other" / "m.gguf")
+
+    result = export_gguf(lora_run, tmp_path / "m.gguf", force=True, verify=False)
+    assert result.path.read_bytes()[:4] == b"GGUF" and result.modelfile.read_text().startswith("FROM ./m.gguf")
+
+
+def test_another_architecture_is_refused_by_name(workdir, tokenizer, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = workdir / "tiny-qwen2"
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    run = run_sft(workdir, base, {"name": "full"}, "qwen2-run", max_steps=1)
+
+    with pytest.raises(ExportError, match="supports the Llama architecture .* this run's model is 'qwen2'"):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verification can fail
+# ---------------------------------------------------------------------------------------------------------
+
+def test_a_file_without_the_rope_permutation_fails_verification(lora_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_export, "permute_for_rope", lambda weights, n_head: weights)
+
+    with pytest.raises(ExportError, match="does not match the run .*logits differ by .* tolerated for f32"):
+        export_gguf(lora_run, tmp_path / "m.gguf", quant="f32")
+    assert list(tmp_path.iterdir()) == []  # nothing unverified is left behind
+
+    path = export_gguf(lora_run, tmp_path / "m.gguf", quant="f32", verify=False).path
+    report = verify_gguf(lora_run, path)
+    assert not report.ok and report.relative_diff > 100 * TOLERANCE["f32"]
+
+
+def test_a_changed_chat_template_fails_verification(lora_run, tmp_path):
+    model, tokenizer, _ = gguf_export._merged(lora_run)
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    gguf_export.write_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32", name="changed")
+
+    assert verify_gguf(lora_run, tmp_path / "m.gguf").problems == ["its chat template differs from the run's"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+def test_cli(lora_run, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(lora_run), "-o", str(out), "--gguf", "--quant", "q8_0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"exported {lora_run} to {out} (q8_0), with {tmp_path / 'Modelfile'}" in printed
+    assert "verified: q8_0: max |logit difference|" in printed and "greedy continuations identical on" in printed
+
+    assert main(["export", str(lora_run), "-o", str(out), "--gguf"]) == 1
+    assert capsys.readouterr().err.startswith(f"tunesmith: error: {out} already exists")
+
+    assert main(["export", str(lora_run), "-o", str(out), "--gguf", "--force", "--no-verify"]) == 0
+    assert "not verified (--no-verify)" in capsys.readouterr().out
+
+    assert main(["export", str(lora_run), "-o", str(tmp_path / "dir"), "--quant", "q4_0"]) == 2
+    assert "--quant and --no-verify apply only to --gguf exports" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_smollm2s_vocabulary_is_written_as_llama_cpp_wrote_it(tmp_path, smollm2_gguf):
+    """The real SmolLM2 tokenizer (as tunesmith loads it) gives tokens, token types, merges, special ids, flags
+    and template identical to those in llama.cpp's own SmolLM2 GGUF."""
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", arch="llama")
+    gguf_export._add_vocab(writer, tokenizer, len(tokenizer), "smollm2-135m-instruct")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "vocab.gguf").fields.items()
+            if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_eos_token"}
+    assert len(ours) == 12
+    for key, value in ours.items():
+        assert value == smollm2_gguf[key].contents(), key
