@@ -43,6 +43,9 @@ def _tunesmith_command(out: Path, args) -> list[str]:
               "method": _lora(args.method), "output_dir": str(out / "run"), "max_steps": args.steps,
               "batch_size": 8, "max_length": 256, "learning_rate": 2e-4, "warmup_ratio": 0.0,
               "save_steps": 10_000, "logging_steps": args.steps, "evaluate_before": False}
+    for item in args.set:  # e.g. --set recompute=false: a tunesmith setting other than its default
+        key, _, value = item.partition("=")
+        config[key] = yaml.safe_load(value)
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     return [sys.executable, "-m", "tunesmith", "train", str(out / "config.yaml")]
 
@@ -142,6 +145,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--model", default=MODEL, help="embedded name or model directory (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tunesmith config setting for its runs (default: tunesmith's defaults)")
     args = parser.parse_args()
     import torch
     import transformers
@@ -150,7 +155,8 @@ def main() -> None:
     device = f"GPU {torch.cuda.get_device_name(0)}" if _cuda() else "no GPU"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}, load average {os.getloadavg()[0]:.1f}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {args.method}, "
-          f"batch 8, max length 256, {args.steps} steps, {args.rounds} alternating rounds", flush=True)
+          f"batch 8, max length 256, {args.steps} steps, {args.rounds} alternating rounds"
+          + (f"; tunesmith with {' '.join(args.set)}" if args.set else ""), flush=True)
     rows: dict[str, list[tuple[float, float, float | None]]] = {"TRL SFTTrainer": [], "tunesmith train": []}
     for _ in range(args.rounds):
         rows["TRL SFTTrainer"].append(trl_once(args))

@@ -183,10 +183,10 @@ def test_the_run_saves_the_chosen_values_and_a_rerun_from_them_trains_the_same(a
         "epochs": 10.0, "max_steps": -1, "warmup_ratio": 0.1, "eval_steps": 6, "save_steps": 6}
     assert isinstance(saved["learning_rate"], float) and saved["learning_rate"] >= 2e-3  # a fresh head under lora
     info = json.loads((run.path / "run.json").read_text())
-    bf16 = bf16_native("cpu")  # precision auto: bf16 frozen base (and recomputed activations) where native
-    assert saved["precision"] == ("bf16" if bf16 else "fp32") and saved["recompute"] is bf16
+    # precision auto: a bf16 frozen base where the CPU multiplies bf16 natively; a tiny model's activations fit
+    assert saved["precision"] == ("bf16" if bf16_native("cpu") else "fp32") and saved["recompute"] is False
     assert info["defaults"].keys() == {"learning_rate", "epochs", "warmup_ratio", "eval_steps", "best_checkpoint",
-                                       "precision", *(["recompute"] if bf16 else [])}
+                                       "precision", "recompute"}
 
     again, _ = run_train({**saved, "output_dir": str(tmp_path / "b")})
     assert json.loads((again.path / "run.json").read_text())["defaults"].keys() == {"best_checkpoint"}

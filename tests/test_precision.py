@@ -127,6 +127,23 @@ def test_auto_is_bf16_only_for_lora_on_native_hardware(monkeypatch):
     assert setting == "fp32" and "no native bf16" in why
 
 
+def test_recompute_is_chosen_when_the_activations_would_crowd_the_free_memory(monkeypatch):
+    from transformers import LlamaConfig
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3)
+    # 5*576 + 2*192 + 4*1536 = 9408 fp32 values per token and layer: 8 x 256 tokens x 30 layers
+    assert precision.activation_bytes(smol, 8, 256) == 8 * 256 * 30 * 9408 * 4
+    monkeypatch.setattr(precision, "free_memory", lambda device: 20 * 1024 ** 3)
+    on, why = precision.choose_recompute(smol, 8, 256, "cpu")
+    assert not on and "2.2 GB" in why and "20.0 GB free" in why
+    monkeypatch.setattr(precision, "free_memory", lambda device: 6 * 1024 ** 3)
+    on, why = precision.choose_recompute(smol, 8, 256, "cpu")
+    assert on and "over a quarter of the 6.0 GB free" in why
+    monkeypatch.setattr(precision, "free_memory", lambda device: None)
+    assert precision.choose_recompute(smol, 8, 256, "cpu")[0] is False
+
+
 def test_bf16_on_a_method_that_trains_the_base_is_a_config_error():
     with pytest.raises(TunesmithError, match="precision: bf16"):
         load_config({"data": {"train": "x.jsonl"}, "method": {"name": "full"}, "precision": "bf16"})
@@ -143,7 +160,7 @@ def test_a_bf16_run_trains_like_fp32_and_is_saved_and_scored_with_the_fp32_base(
         runs[setting] = (run, trainer, [e["loss"] for e in log if "loss" in e])
     run, trainer, losses = runs["bf16"]
     saved = yaml.safe_load((run.path / "train_config.yaml").read_text())
-    assert saved["precision"] == "bf16" and saved["recompute"] is True  # recompute was left to the default
+    assert saved["precision"] == "bf16" and saved["recompute"] is False  # a tiny model's activations fit
     assert not lowered_layers(trainer.model)  # the fp32 base is back before saving and scoring
     assert losses == pytest.approx(runs["fp32"][2], rel=2e-2)
     assert losses[-1] < losses[0]

@@ -232,10 +232,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         cfg = cfg.model_copy(update={"precision": setting})  # the run saves what it used
     lowered = precision.lower_frozen_linears(trainer.model) if cfg.precision == "bf16" else []
     if cfg.recompute is None:
-        cfg = cfg.model_copy(update={"recompute": bool(lowered)})
-        if lowered:
-            chosen.reasons["recompute"] = ("recompute: activations recomputed in the backward pass (with a bf16 "
-                                           "base the extra forward is cheap; recompute: false keeps them)")
+        on, chosen.reasons["recompute"] = precision.choose_recompute(
+            trainer.model.config, cfg.batch_size, cfg.max_length, "cuda" if _cuda() else "cpu")
+        cfg = cfg.model_copy(update={"recompute": on})
     if cfg.recompute:
         precision.recompute_activations(trainer.model)
     if _is_main():
