@@ -367,7 +367,10 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
     assert info["base_model"] == str(assets.lm.resolve()) and info["peft"] and info["labels"] is None
     assert info["chat_template_fingerprint"]
     # The resolved config: what the config left unset holds the values chosen (tests/test_defaults.py).
-    assert load_config(run.path / "train_config.yaml") == load_config({**cfg, "epochs": 1.33})
+    from tunesmith.training.precision import bf16_native
+
+    assert load_config(run.path / "train_config.yaml") == load_config(
+        {**cfg, "epochs": 1.33, "precision": "bf16" if bf16_native("cpu") else "fp32", "recompute": False})
 
 
 def test_full_run_writes_exactly_its_files(method_run):
