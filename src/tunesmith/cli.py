@@ -241,9 +241,12 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import ServeSettings, parse_adapters, resolve_api_key, serve
 
+    if args.runs is not None and not Path(args.runs).is_dir():  # before the model loads, not minutes after
+        raise UsageError(f"--runs {args.runs}: no such directory; give the directory your runs are in")
     settings = ServeSettings(api_key=resolve_api_key(args.api_key, args.api_key_file),
-                             conversations=args.conversations, max_body_bytes=args.max_body_bytes)
-    print(f"tunesmith: loading {args.model} to serve it on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+                             conversations=args.conversations, max_body_bytes=args.max_body_bytes, runs=args.runs)
+    print(f"tunesmith: loading {args.model} to serve it on http://{args.host}:{args.port}/v1 (web page: "
+          f"http://{args.host}:{args.port}/)", file=sys.stderr, flush=True)
     serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port, settings=settings,
           chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
           context_window=args.context_window, device=args.device)
@@ -416,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite file for /v1/conversations (default: ./tunesmith-conversations.sqlite)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--chat-template", help="a named fallback (chatml, llama3, plain) or a Jinja template")
+    p.add_argument("--runs", metavar="DIR", help="list the runs and compare/continual reports under DIR in the "
+                   "web page at / (its runs view)")
     device_flag(p)
     p.set_defaults(func=cmd_serve)
 

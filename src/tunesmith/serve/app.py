@@ -5,12 +5,14 @@ The routes live by family in `serve/routes/` and find what they serve on `app.st
 `store`, `turns`, `prompts`); this module only builds the app. Every request is validated completely before
 anything is queued or streamed; every error leaves in OpenAI's envelope (`serve/errors.py`). CPU work that
 grows with the request (parsing, chat rendering, tokenization) runs in worker threads, so one large request
-never stalls the event loop (other requests, /health)."""
+never stalls the event loop (other requests, /health). The web page at `/` (routes/web.py) is one more client
+of this API."""
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 
@@ -19,7 +21,7 @@ from .conversations import ConversationStore, TurnGate
 from .engine import Engine
 from .errors import APIError, add_handlers
 from .prompts import Prompts
-from .routes import adapters, chat, classify, completions, conversations, models
+from .routes import adapters, chat, classify, completions, conversations, models, web
 from .routes.common import MAX_BODY_BYTES
 
 __all__ = ["APIError", "ServeSettings", "create_app"]
@@ -33,6 +35,7 @@ class ServeSettings:
     completion_max_tokens: int = 16  # OpenAI's default for /v1/completions
     chat_max_tokens: int = 1024  # chat reply budget without max_tokens, capped by what is left of the window
     reply_reserve: int | None = None  # conversation reply budget without max_tokens (default: a quarter of the window)
+    runs: str | None = None  # --runs: the directory whose runs and reports the web page lists (/v1/runs)
 
 
 def check_key(request: Request) -> None:
@@ -57,6 +60,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     settings = settings or ServeSettings()
     if settings.api_key is not None and not settings.api_key.strip():
         raise ServeError("an empty API key would let anyone in: give a key, or None to serve without one")
+    if settings.runs is not None and not Path(settings.runs).is_dir():
+        raise ServeError(f"--runs {settings.runs}: no such directory; give the directory your runs are in")
     # With a key, the interactive docs go (a browser cannot send the key to them) and the schema needs the key.
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
     app = FastAPI(title="tunesmith", lifespan=_lifespan, **docs)
@@ -67,8 +72,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     keyed = [Depends(check_key)]
     app.include_router(models.health_router)
+    app.include_router(web.page_router)  # the page and its files: they hold no data
     if settings.api_key is not None:
         app.include_router(models.schema_router, dependencies=keyed)
-    for family in (models, completions, chat, conversations, classify, adapters):
+    for family in (models, completions, chat, conversations, classify, adapters, web):
         app.include_router(family.router, dependencies=keyed)
     return app

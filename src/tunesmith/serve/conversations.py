@@ -72,6 +72,13 @@ class ConversationStore:
             row = self._db.execute("SELECT * FROM conversations WHERE id = ?", (cid,)).fetchone()
         return self._conversation(row) if row else None
 
+    def recent(self, limit: int = 100) -> list[dict]:
+        """The newest `limit` conversations, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM conversations ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [self._conversation(row) for row in rows]
+
     def delete(self, cid: str) -> bool:
         with self._lock:
             return self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount > 0

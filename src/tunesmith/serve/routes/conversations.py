@@ -1,9 +1,9 @@
-"""/v1/conversations: create, read, list the messages of and delete the server-kept conversations that
-/v1/chat/completions continues (the store is `app.state.store`)."""
+"""/v1/conversations: create, list (newest first), read, list the messages of and delete the server-kept
+conversations that /v1/chat/completions continues (the store is `app.state.store`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from ..errors import APIError
 from ..schemas import ConversationCreate
@@ -25,6 +25,11 @@ async def create_conversation(request: Request):
     if body.model is not None and body.model not in request.app.state.engine.models:
         raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
     return request.app.state.store.create(model=body.model, system=body.system, metadata=body.metadata)
+
+
+@router.get("/v1/conversations")
+async def list_conversations(request: Request, limit: int = Query(100, ge=1, le=1000)):
+    return {"object": "list", "data": request.app.state.store.recent(limit)}
 
 
 @router.get("/v1/conversations/{cid}")
