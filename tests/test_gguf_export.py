@@ -151,11 +151,10 @@ def test_metadata_has_llama_cpps_keys(exported, tokenizer):
 @pytest.fixture(scope="module")
 def smollm2_gguf():
     """The fields of llama.cpp's own SmolLM2 GGUF (the embedded default model); metadata only."""
-    from tunesmith.models import EMBEDDED, ModelNotFoundError, _package_dir
+    from tunesmith.models import ModelNotFoundError, embedded_gguf
 
-    spec = EMBEDDED["smollm2-135m-instruct"]
     try:
-        return gguf.GGUFReader(_package_dir(spec, "smollm2-135m-instruct") / spec.gguf_file).fields
+        return gguf.GGUFReader(embedded_gguf("smollm2-135m-instruct")).fields
     except ModelNotFoundError as err:
         pytest.skip(str(err))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import TunesmithError
 from .models import load_run, resolve
 
-_UNMERGEABLE = ("prefix", "prompt")  # soft prompts live outside the weights: there is nothing to merge into
+UNMERGEABLE = ("prefix", "prompt")  # soft prompts live outside the weights: there is nothing to merge into
 
 
 class ExportError(TunesmithError, RuntimeError):
@@ -29,7 +29,7 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
     model, tokenizer, info = load_run(run)
     if merge and not info["peft"]:
         raise ExportError(f"{run} is a {info['method']} run: its weights are already standalone; export without --merge")
-    if merge and info["method"] in _UNMERGEABLE:
+    if merge and info["method"] in UNMERGEABLE:
         raise ExportError(f"{info['method']} tuning learns virtual tokens, which cannot be merged into the weights; "
                           "export the adapter instead (without --merge)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import runs
-from .export import _UNMERGEABLE, ExportError
+from .export import UNMERGEABLE, ExportError
 from .models import load_run
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _merged(run):
     model, tokenizer, info = load_run(run)
     if info["task"] != "sft":
         raise ExportError(f"{run} is a {info['task']} run; only language-model (sft) runs can be exported as GGUF")
-    if info["method"] in _UNMERGEABLE:
+    if info["method"] in UNMERGEABLE:
         raise ExportError(f"{info['method']} tuning learns virtual tokens, which cannot be merged into the weights "
                           "a GGUF holds; export the adapter instead (without --gguf)")
     if info["peft"]:
@@ -316,12 +316,12 @@ def _embedded_pre(base: str) -> str | None:
     """tokenizer.ggml.pre of the GGUF an embedded model ships as, or None (reading its metadata takes ~3 s)."""
     import gguf
 
-    from .models import EMBEDDED, _package_dir
+    from .models import embedded_gguf
 
-    spec = EMBEDDED.get(base)
-    if spec is None or not spec.gguf_file or not (_package_dir(spec, base) / spec.gguf_file).is_file():
+    path = embedded_gguf(base)
+    if path is None or not path.is_file():
         return None
-    pre = gguf.GGUFReader(_package_dir(spec, base) / spec.gguf_file).fields.get("tokenizer.ggml.pre")
+    pre = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
     return pre.contents() if pre is not None else None
 
 

@@ -77,6 +77,15 @@ def _package_dir(spec: EmbeddedModel, name: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / spec.path
 
 
+def embedded_gguf(name: str) -> Path | None:
+    """The GGUF file an embedded model ships as (its package must be installed), or None for a model that is
+    not embedded or ships another format."""
+    spec = EMBEDDED.get(name)
+    if spec is None or not spec.gguf_file:
+        return None
+    return _package_dir(spec, name) / spec.gguf_file
+
+
 def resolve(name: str) -> str:
     """Turn a model name into something `from_pretrained` loads: a local directory, or a hub id as given.
 

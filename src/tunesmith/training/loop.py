@@ -227,13 +227,14 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
     # Lowered once the Trainer is built: it has placed the model, and its starting weights are the fp32 ones.
+    device = "cuda" if _cuda() else "cpu"
     if cfg.precision == "auto":
-        setting, chosen.reasons["precision"] = precision.choose(cfg.method, "cuda" if _cuda() else "cpu")
+        setting, chosen.reasons["precision"] = precision.choose(cfg.method, device)
         cfg = cfg.model_copy(update={"precision": setting})  # the run saves what it used
     lowered = precision.lower_frozen_linears(trainer.model) if cfg.precision == "bf16" else []
     if cfg.recompute is None:
         on, chosen.reasons["recompute"] = precision.choose_recompute(
-            trainer.model.config, cfg.batch_size, cfg.max_length, "cuda" if _cuda() else "cpu")
+            trainer.model.config, cfg.batch_size, cfg.max_length, device)
         cfg = cfg.model_copy(update={"recompute": on})
     if cfg.recompute:
         precision.recompute_activations(trainer.model)
