@@ -8,7 +8,9 @@ core). So with `precision: bf16` the frozen base linears hold their weights in b
 inputs are cast on the way in and their outputs cast back, so everything else (the residual stream, the norms,
 the adapter weights and their gradients, the optimizer state, the loss) stays fp32. Unlike loading the whole model
 in bf16, an adapter's small early updates are not rounded away when they are added to the base's output (that
-rounding visibly slowed the first steps in our measurement; see benchmarks/train_vs_trl.py).
+rounding slowed the first steps when measured: SmolLM2 LoRA on the demo chat data, loss 0.74 after 6 steps with
+the whole model in bf16 against 0.54 in fp32 and 0.54 with only the base linears in bf16; tests/test_precision.py
+shows the rounding on one layer).
 
 Only adapter methods whose base layers are plain frozen `nn.Linear`s are lowered (LoRA and rsLoRA; not DoRA,
 which reads the base weight to normalise its update): their saved artifact is the adapter alone, so the bf16
