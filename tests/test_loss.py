@@ -30,14 +30,14 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def both(model, inputs, items=None):
+def both(model, inputs, items=None, chunk_rows=None):
     """(plain loss, its grads), (labelled-only loss, its grads) on the same model and inputs."""
     model.zero_grad()
     plain = model(**inputs, **({"num_items_in_batch": items} if items is not None else {})).loss
     plain.backward()
     g_plain = grads(model)
     model.zero_grad()
-    ours, _ = labelled_only_loss(model, inputs, items)
+    ours, _ = labelled_only_loss(model, inputs, items, chunk_rows=chunk_rows)
     ours.backward()
     return (plain, g_plain), (ours, grads(model))
 
@@ -56,11 +56,18 @@ def test_positions_are_those_whose_next_token_is_learnable():
     assert targets.tolist() == [7, 8, 4]
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("items", [None, 9])
-def test_equal_to_the_plain_loss_and_gradients(chatml_tokenizer, items):
+def test_equal_to_the_plain_loss_and_gradients(chatml_tokenizer, items, chunk_rows):
+    """chunk_rows 5: the 12 learnable positions go through the head and the loss as 5 + 5 + 2, each chunk's
+    logits recomputed in the backward pass; the sum and every gradient are still the plain loss's."""
     model = build_tiny_llama(chatml_tokenizer)
-    plain, ours = both(model, batch(len(chatml_tokenizer)), torch.tensor(items) if items else None)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
+    plain, ours = both(model, batch(len(chatml_tokenizer)), torch.tensor(items) if items else None, chunk_rows)
     assert_same(plain, ours)
+    head_calls = rows[1:]  # rows[0]: the plain loss's head, on all 2 x 12 positions
+    assert rows[0] == 24 and head_calls == ([12, 12] if chunk_rows is None else [5, 5, 2, 2, 5, 5])  # backward: last chunk first
 
 
 def test_equal_on_packed_rows(chatml_tokenizer):
@@ -79,6 +86,7 @@ def test_equal_through_a_lora_adapter(chatml_tokenizer):
     model = get_peft_model(build_tiny_llama(chatml_tokenizer), LoraConfig(r=4, target_modules="all-linear",
                                                                           init_lora_weights=False))
     assert_same(*both(model, batch(len(chatml_tokenizer), seed=2)))
+    assert_same(*both(model, batch(len(chatml_tokenizer), seed=2), chunk_rows=4))
 
 
 def test_a_control_that_differs_is_caught(chatml_tokenizer):

@@ -37,19 +37,43 @@ def lowered_layers(model):
     return [m for m in model.modules() if isinstance(m, precision.Bf16FrozenLinear)]
 
 
-def test_only_the_frozen_base_linears_go_bf16(chatml_tokenizer):
+def test_only_the_frozen_base_goes_bf16(chatml_tokenizer):
     model = lora_model(chatml_tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = precision.lower_frozen_linears(model)
-    # 2 layers x (q, k, v, o, gate, up, down); the LM head is not an adapter target
-    assert len(names) == 14 and len(lowered_layers(model)) == 14
-    assert names[0] == "model.layers.0.self_attn.q_proj"
+    # 2 layers x (q, k, v, o, gate, up, down), then the embedding and the LM head (not adapter targets)
+    assert len(names) == 16 and len(lowered_layers(model)) == 15
+    assert names[0] == "model.layers.0.self_attn.q_proj" and names[-2:] == ["model.embed_tokens", "lm_head"]
+    assert type(model.get_input_embeddings()) is precision.Bf16FrozenEmbedding
     for name, p in model.named_parameters():
-        if ".base_layer." in name:
+        if ".base_layer." in name or "embed_tokens" in name or "lm_head" in name:
             assert p.dtype == torch.bfloat16 and not p.requires_grad, name
             assert torch.equal(p, before[name].to(torch.bfloat16)), name
-        else:  # adapters, embeddings, norms, head: the same fp32 values
+        else:  # adapters and norms: the same fp32 values
             assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    x = ids(chatml_tokenizer)
+    hidden = model.get_input_embeddings()(x)
+    assert hidden.dtype == torch.float32  # the residual stream stays fp32
+    assert torch.equal(hidden, before["base_model.model.model.embed_tokens.weight"].to(torch.bfloat16).float()[x])
+    assert model(input_ids=x).logits.dtype == torch.float32
+
+
+def test_a_tied_head_is_lowered_and_restored_as_one_shared_matrix(chatml_tokenizer):
+    def tied():
+        return build_tiny_llama(chatml_tokenizer, tie_word_embeddings=True)
+
+    model = get_peft_model(tied(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    inner = model.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    names = precision.lower_frozen_linears(model)
+    assert names[-2:] == ["model.embed_tokens", "lm_head"]
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight and inner.lm_head.weight.dtype == torch.bfloat16
+    precision.restore_frozen_linears(model, names, tied())
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    assert type(inner.lm_head) is torch.nn.Linear and type(inner.model.embed_tokens) is torch.nn.Embedding
+    for key, value in original.items():
+        assert model.state_dict()[key].dtype == value.dtype and torch.equal(model.state_dict()[key], value), key
 
 
 def test_a_small_adapter_update_is_not_rounded_away(chatml_tokenizer):
@@ -127,20 +151,27 @@ def test_auto_is_bf16_only_for_lora_on_native_hardware(monkeypatch):
     assert setting == "fp32" and "no native bf16" in why
 
 
-def test_recompute_is_chosen_when_the_activations_would_crowd_the_free_memory(monkeypatch):
+def test_recompute_is_chosen_when_the_activations_would_outweigh_the_weights_or_crowd_the_memory(monkeypatch):
     from transformers import LlamaConfig
 
     smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                        num_key_value_heads=3)
     # 5*576 + 2*192 + 4*1536 = 9408 fp32 values per token and layer: 8 x 256 tokens x 30 layers
     assert precision.activation_bytes(smol, 8, 256) == 8 * 256 * 30 * 9408 * 4
-    monkeypatch.setattr(precision, "free_memory", lambda device: 20 * 1024 ** 3)
-    on, why = precision.choose_recompute(smol, 8, 256, "cpu")
-    assert not on and "2.2 GB" in why and "20.0 GB free" in why
-    monkeypatch.setattr(precision, "free_memory", lambda device: 6 * 1024 ** 3)
-    on, why = precision.choose_recompute(smol, 8, 256, "cpu")
+    gb = 1024 ** 3
+    monkeypatch.setattr(precision, "free_memory", lambda device: 20 * gb)
+    on, why = precision.choose_recompute(smol, 8, 256, "cpu", weight_bytes=int(0.27 * gb))  # SmolLM2, bf16 base
+    assert on and "2.2 GB" in why and "outweigh the model's weights (0.27 GB)" in why
+    on, why = precision.choose_recompute(smol, 1, 256, "cpu", weight_bytes=int(0.54 * gb))  # 0.28 GB at batch 1
+    assert not on and "small beside the model's weights" in why
+    assert not precision.choose_recompute(smol, 1, 128, "cpu", weight_bytes=0)[0]  # 0.14 GB: not worth a pass
+    monkeypatch.setattr(precision, "free_memory", lambda device: 6 * gb)
+    on, why = precision.choose_recompute(smol, 8, 256, "cpu", weight_bytes=28 * gb)  # a large model, little RAM
     assert on and "over a quarter of the 6.0 GB free" in why
-    monkeypatch.setattr(precision, "free_memory", lambda device: None)
+    monkeypatch.setattr(precision, "free_memory", lambda device: None)  # free memory unknown: the weights decide
+    assert precision.choose_recompute(smol, 8, 256, "cpu", weight_bytes=int(0.27 * gb))[0] is True
+    assert precision.choose_recompute(smol, 8, 256, "cpu", weight_bytes=28 * gb)[0] is False
+    monkeypatch.setattr(precision, "activation_bytes", lambda *a: None)
     assert precision.choose_recompute(smol, 8, 256, "cpu")[0] is False
 
 

@@ -545,3 +545,64 @@ def test_wrong_data_kind_for_the_task_is_a_sentence(assets, tmp_path):
     with pytest.raises(ConfigError, match=r"classify.jsonl: holds classification records, but task sft trains on "
                                           r"chat or completion data"):
         train(config(assets, tmp_path / "run", data={"train": str(assets.classify), "eval_fraction": 0}))
+
+
+def test_the_trainer_is_imported_without_datasets_pandas_and_pyarrow():
+    """transformers' Trainer imports `datasets` (pandas, pyarrow: ~80 MB resident) whenever it is installed;
+    tunesmith's training process never needs it, yet `import datasets` must still work there afterwards."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")  # installed with the test extras (lm-eval): the case that matters
+    code = ("import sys; from tunesmith.training.callbacks import trainer_class; trainer_class(); "
+            "print(sorted({'datasets', 'pandas', 'pyarrow'} & set(sys.modules))); "
+            "import datasets; print(datasets.Dataset.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "Dataset"]
+
+
+def test_length_grouped_batches_hold_similar_lengths_in_a_random_order():
+    from tunesmith.training.data import LengthGroupedSampler
+
+    lengths = [int(x) for x in torch.randint(20, 200, (203,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=42)
+    order = list(sampler)
+    assert sorted(order) == list(range(203)) and len(sampler) == 203  # every example once per epoch
+    batches = [order[i:i + 8] for i in range(0, 203, 8)]
+    assert len(batches[-1]) == 3  # the partial batch comes last, so every batch boundary stays aligned
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) - lengths[i] for b in batches for i in b)
+
+    shuffled = [list(range(203))[i:i + 8] for i in range(0, 203, 8)]
+    assert padding(batches) < padding(shuffled) / 4
+    widest = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert widest != sorted(widest) and widest != sorted(widest, reverse=True)  # no length curriculum
+    assert list(LengthGroupedSampler(lengths, 8, seed=42)) == order  # a resumed run replays the same epoch
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_a_run_trains_on_length_grouped_batches_unless_turned_off(assets, tmp_path, monkeypatch):
+    """The batches the model sees: similar lengths with the default, the plain random sampler when off."""
+    import tunesmith.training.callbacks as callbacks
+
+    widths: dict[bool, list[int]] = {}
+    for grouped in (True, False):
+        seen = widths.setdefault(grouped, [])
+        original = callbacks.trainer_class
+
+        def spying(original=original, seen=seen):
+            cls = original()
+
+            class Spy(cls):
+                def training_step(self, model, inputs, *args, **kwargs):
+                    mask = inputs["attention_mask"]
+                    seen.append(int((mask.shape[1] * mask.shape[0]) - mask.sum()))  # padding in this batch
+                    return super().training_step(model, inputs, *args, **kwargs)
+            return Spy
+
+        monkeypatch.setattr(tunesmith.training.loop, "trainer_class", spying)
+        run_train(config(assets, tmp_path / f"g{grouped}", max_steps=6, batch_size=4, group_by_length=grouped))
+    assert len(widths[True]) == len(widths[False]) == 6
+    assert sum(widths[True]) < sum(widths[False])

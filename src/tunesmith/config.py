@@ -184,6 +184,8 @@ class TrainConfig(Strict):
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_length: int = Field(512, gt=0, description="tokens per example; longer ones are truncated (counted)")
     packing: bool = Field(False, description="sft: pack short examples into rows of max_length tokens")
+    group_by_length: bool = Field(True, description="batch examples of similar length together (less padding); "
+                                                    "the batches' order stays random")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="LoRA: keep the frozen base weights in bf16 (auto: where the CPU/GPU multiplies bf16 "
                             "natively); the adapter, activations and loss stay fp32")

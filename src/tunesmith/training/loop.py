@@ -224,6 +224,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     trainer.keep = cfg.save_total_limit
     trainer.anchor = anchor
     trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
+    trainer.group_by_length = cfg.group_by_length and not cfg.packing  # packed rows are all max_length long
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
     # Lowered once the Trainer is built: it has placed the model, and its starting weights are the fp32 ones.
@@ -234,7 +235,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     lowered = precision.lower_frozen_linears(trainer.model) if cfg.precision == "bf16" else []
     if cfg.recompute is None:
         on, chosen.reasons["recompute"] = precision.choose_recompute(
-            trainer.model.config, cfg.batch_size, cfg.max_length, device)
+            trainer.model.config, cfg.batch_size, cfg.max_length, device,
+            weight_bytes=sum(p.numel() * p.element_size() for p in trainer.model.parameters()))
         cfg = cfg.model_copy(update={"recompute": on})
     if cfg.recompute:
         precision.recompute_activations(trainer.model)

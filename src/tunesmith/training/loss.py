@@ -4,7 +4,10 @@ Only ~14 % of the demo's tokens carry labels, yet the plain loss projects every 
 vocabulary, keeps those logits [B, T, V] for the backward pass and back-propagates through all of them. Here the
 hidden states of the positions whose next token is learnable, and only those, go through the LM head
 (transformers' boolean `logits_to_keep`: hidden[mask] -> [N, H] -> logits [N, V]), so the logits are N x V with
-N the learnable tokens of the batch. The loss is the same sum of cross-entropies divided the same way
+N the learnable tokens of the batch. Even those logits never exist at once: the head and the cross-entropy run
+on chunks of ~8 MB of logits each ([n, V], n = 42 rows for SmolLM2's vocabulary) under activation checkpointing,
+so the backward pass recomputes a chunk's logits instead of keeping them (~100 MB less at the peak of a demo
+step: logits, log-softmax and their gradient, for one more pass of the head). The loss is the same sum of cross-entropies divided the same way
 (`num_items_in_batch` when the Trainer gives it, else the mean), so values and gradients equal the plain loss
 (tested, packed rows included).
 
@@ -25,19 +28,42 @@ def labelled_positions(labels):
     return mask, shifted[mask]
 
 
-def labelled_only_loss(model, inputs: dict, num_items_in_batch=None):
-    """(loss, outputs) of `model` on `inputs` (with "labels"), the LM head run on learnable positions only."""
+CHUNK_BYTES = 8 * 1024 ** 2  # fp32 logits per chunk of the head + cross-entropy
+
+
+def _head_loss(head, hidden, targets):
+    """Summed cross-entropy of one chunk: hidden [n, H] through the LM head to logits [n, V]."""
     import torch.nn.functional as F
+
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def labelled_only_loss(model, inputs: dict, num_items_in_batch=None, *, chunk_rows: int | None = None):
+    """(loss, outputs) of `model` on `inputs` (with "labels"), the LM head run on learnable positions only, in
+    chunks of `chunk_rows` positions (default: ~CHUNK_BYTES of fp32 logits). `outputs.logits` is None."""
+    import torch
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
 
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     mask, targets = labelled_positions(labels)
-    outputs = model(**inputs, logits_to_keep=mask)
-    logits = outputs.logits  # [N, V]
-    if num_items_in_batch is None:
-        loss = F.cross_entropy(logits.float(), targets, reduction="mean")
-    else:
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
+    inner = model.module if hasattr(model, "module") else model  # data-parallel wrapper
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = inner.get_output_embeddings()
+    # The forward goes through `model` itself (a data-parallel wrapper must see it) with the head set aside for
+    # the call, so what comes out as "logits" is the final hidden state of the learnable positions, [N, H].
+    inner.set_output_embeddings(nn.Identity())
+    try:
+        outputs = model(**inputs, logits_to_keep=mask)
+    finally:
+        inner.set_output_embeddings(head)
+    hidden, outputs.logits = outputs.logits, None
+    rows = chunk_rows or max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for part, part_targets in zip(hidden.split(rows), targets.split(rows)):
+        total = total + checkpoint(_head_loss, head, part, part_targets, use_reentrant=False)
+    loss = total / (num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1))
     return loss, outputs
 
 

@@ -40,6 +40,17 @@ class Bf16FrozenLinear(nn.Linear):
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
 
+class Bf16FrozenEmbedding(nn.Embedding):
+    """An nn.Embedding whose (frozen) table is bf16: rows are looked up in bf16 and handed on as `out_dtype`
+    (the model's own dtype), so the residual stream stays fp32. Installed by swapping the class, like
+    Bf16FrozenLinear."""
+
+    out_dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.out_dtype)
+
+
 def bf16_native(device: str) -> bool:
     """Whether `device` ("cpu" or "cuda") multiplies bf16 matrices natively (faster than fp32)."""
     if device == "cuda":
@@ -62,32 +73,54 @@ def choose(method, device: str) -> tuple[str, str]:
 
 
 def lower_frozen_linears(model) -> list[str]:
-    """Put the frozen base layers of a PEFT model's LoRA layers in bf16 (see the module docstring). Returns the
-    lowered layers' names in the underlying model (`model.get_base_model()`), for `restore_frozen_linears`.
-    Trainable weights are never touched."""
+    """Put the frozen base of a PEFT model in bf16 (see the module docstring): the base layers of its LoRA
+    layers, and the token embedding and output layer (often one tied matrix: 49,152 x 576 in SmolLM2, 113 MB in
+    fp32) when they are frozen. Returns the lowered modules' names in the underlying model
+    (`model.get_base_model()`), for `restore_frozen_linears`. Trainable weights are never touched."""
     from peft.tuners.lora import LoraLayer
 
     lowered = []
     mapped = _file_mappings()
-    for name, module in model.get_base_model().named_modules():
+    inner = model.get_base_model()
+    for name, module in inner.named_modules():
         base = getattr(module, "base_layer", None)
         if not isinstance(module, LoraLayer) or type(base) is not nn.Linear or base.weight.requires_grad:
             continue
-        fp32 = base.weight.data
-        base.weight.data = fp32.to(torch.bfloat16)
-        _drop_file_pages(fp32, mapped)
-        del fp32
-        if base.bias is not None and not base.bias.requires_grad:
-            base.bias.data = base.bias.data.to(torch.bfloat16)
-        base.__class__ = Bf16FrozenLinear
+        _lower(base, Bf16FrozenLinear, mapped)
         lowered.append(name)
-    if lowered:
-        # The weights left fp32 (embeddings, norms, head) are views into the mapped checkpoint too, and keep the
-        # whole mapping alive: own copies of them (same values) let it go.
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.dtype != torch.bfloat16:
-                tensor.data = tensor.data.clone()
+    if not lowered:
+        return lowered
+    # The embedding and the head are looked up / multiplied like the base linears, and the head's product runs
+    # only on the learnable positions (training/loss.py), so bf16 there costs no more precision than elsewhere.
+    names = {id(m): n for n, m in inner.named_modules()}
+    for module, cls in ((inner.get_input_embeddings(), Bf16FrozenEmbedding),
+                        (inner.get_output_embeddings(), Bf16FrozenLinear)):
+        if type(module) not in (nn.Embedding, nn.Linear) or id(module) not in names or module.weight.requires_grad \
+                or (getattr(module, "bias", None) is not None and module.bias.requires_grad):
+            continue
+        if module.weight.dtype != torch.bfloat16:  # a tied head shares the embedding's (already lowered) weight
+            _lower(module, cls, mapped)
+        module.__class__ = cls
+        lowered.append(names[id(module)])
+    # The weights left fp32 (norms, adapters) may be views into the mapped checkpoint too, and keep the whole
+    # mapping alive: own copies of them (same values) let it go.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype != torch.bfloat16:
+            tensor.data = tensor.data.clone()
     return lowered
+
+
+def _lower(module, cls, mapped) -> None:
+    """Convert one frozen module's weight (and bias) to bf16 in place, hand the fp32 pages back, swap its class."""
+    fp32 = module.weight.data
+    if cls is Bf16FrozenEmbedding:
+        module.out_dtype = fp32.dtype
+    module.weight.data = fp32.to(torch.bfloat16)
+    _drop_file_pages(fp32, mapped)
+    del fp32
+    if getattr(module, "bias", None) is not None and not module.bias.requires_grad:
+        module.bias.data = module.bias.data.to(torch.bfloat16)
+    module.__class__ = cls
 
 
 def activation_bytes(config, batch_size: int, max_length: int) -> int | None:
@@ -118,22 +151,29 @@ def free_memory(device: str) -> int | None:
 
 
 RECOMPUTE_SHARE = 0.25  # recompute once the activations would take more than this share of the free memory
+SMALL_ACTIVATIONS = 256 * 1024 ** 2  # below this, recomputing them saves too little to pay for the extra pass
 
 
-def choose_recompute(config, batch_size: int, max_length: int, device: str) -> tuple[bool, str]:
-    """What `recompute` left unset means: keep the activations (faster: recomputing costs ~one more forward
-    pass, ~25 % of a step measured here) while they fit comfortably, recompute them when they would take over a
-    quarter of the free memory."""
+def choose_recompute(config, batch_size: int, max_length: int, device: str, weight_bytes: int = 0
+                     ) -> tuple[bool, str]:
+    """What `recompute` left unset means: recompute the activations in the backward pass (activation
+    checkpointing, as TRL's SFTConfig does by default) when keeping them would take more memory than the model's
+    weights (and over 256 MB), or over a quarter of the free memory; keep them when they are small beside both. Recomputing costs
+    about one more forward pass: SmolLM2 LoRA on this project's 2-core CPU ran ~25 % slower with it and peaked
+    at 1.1 GB instead of 2.9 GB (benchmarks/train_vs_trl.py)."""
     need, free = activation_bytes(config, batch_size, max_length), free_memory(device)
-    if need is None or free is None:
+    if need is None:
         return False, "recompute off: activations kept (their size could not be estimated)"
     gb = 1024 ** 3
-    if need > RECOMPUTE_SHARE * free:
-        return True, (f"recompute on: the activations (up to ~{need / gb:.1f} GB at batch {batch_size} x "
-                      f"{max_length} tokens) would take over a quarter of the {free / gb:.1f} GB free; recomputed "
-                      "in the backward pass instead (recompute: false keeps them)")
-    return False, (f"recompute off: the activations (up to ~{need / gb:.1f} GB) fit in the {free / gb:.1f} GB free; "
-                   "recompute: true trades ~25 % of the speed for most of that memory")
+    size = f"the activations (up to ~{need / gb:.1f} GB at batch {batch_size} x {max_length} tokens)"
+    if free is not None and need > RECOMPUTE_SHARE * free:
+        return True, (f"recompute on: {size} would take over a quarter of the {free / gb:.1f} GB free; "
+                      "recomputed in the backward pass instead (recompute: false keeps them)")
+    if need > max(weight_bytes, SMALL_ACTIVATIONS):
+        return True, (f"recompute on: {size} would outweigh the model's weights ({weight_bytes / gb:.2f} GB); "
+                      "recomputed in the backward pass instead, ~25 % slower (recompute: false keeps them)")
+    return False, (f"recompute off: {size} are small beside the model's weights and the free memory; "
+                   "recompute: true trades ~25 % of the speed for most of their memory")
 
 
 def recompute_activations(model) -> None:
@@ -182,13 +222,15 @@ def _drop_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> Non
 
 
 def restore_frozen_linears(model, lowered: list[str], original) -> None:
-    """Undo `lower_frozen_linears`: copy the fp32 weights of the same layers from `original` (the base model as
-    loaded, e.g. `load_for_task` again) into the lowered layers and make them plain nn.Linear again."""
+    """Undo `lower_frozen_linears`: copy the fp32 weights of the same modules from `original` (the base model as
+    loaded, e.g. `load_for_task` again) into the lowered ones and give them back their plain classes. A head
+    tied to the embedding gets the same (restored) matrix again, still tied."""
     source = dict(original.named_modules())
     target = dict(model.get_base_model().named_modules())
     for name in lowered:
-        base, fp32 = target[name].base_layer, source[name]
-        base.weight.data = fp32.weight.data.to(base.weight.device)
-        if base.bias is not None and fp32.bias is not None and not base.bias.requires_grad:
-            base.bias.data = fp32.bias.data.to(base.bias.device)
-        base.__class__ = nn.Linear
+        module = getattr(target[name], "base_layer", target[name])
+        fp32 = source[name]
+        module.weight.data = fp32.weight.data.to(module.weight.device)
+        if getattr(module, "bias", None) is not None and fp32.bias is not None and not module.bias.requires_grad:
+            module.bias.data = fp32.bias.data.to(module.bias.device)
+        module.__class__ = nn.Embedding if isinstance(module, Bf16FrozenEmbedding) else nn.Linear
