@@ -1,11 +1,14 @@
-"""GGUF export: every quant type loads back in transformers within its stated tolerance (f32: identical greedy
-tokens), with the run's own chat template and a tokenizer that gives the same ids; the Modelfile; what cannot
-be exported, or would overwrite, is refused; and a file written without the rope permutation fails verification."""
+"""GGUF export: every quant type loads back in transformers (and llama.cpp, when installed) within its stated
+tolerance (f32: identical greedy tokens), with the run's own chat template and a tokenizer that gives the same ids;
+the Modelfile; what cannot be exported, or would overwrite, is refused; a file written without the rope permutation
+fails verification; and the LoRA adapter alone, in llama.cpp's format, adds up to the merged export."""
 
 from __future__ import annotations
 
+import re
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from conftest import SMOLLM2_TEMPLATE, _wrap_all_specials, build_tiny_llama
@@ -14,7 +17,9 @@ from tunesmith import gguf_export
 from tunesmith.cli import main
 from tunesmith.data.templates import CHAT_TEMPLATES
 from tunesmith.export import ExportError
-from tunesmith.gguf_export import QUANTS, TOLERANCE, export_gguf, ollama_modelfile, verify_gguf
+from tunesmith.gguf_export import (QUANTS, TOLERANCE, Tolerance, export_gguf, has_llama_cpp, ollama_modelfile,
+                                   verify_gguf)
+from tunesmith.gguf_lora import export_lora_gguf
 
 from test_export import CHAT, run_sft, write_jsonl  # a few steps of a method on the tiny chat data
 
@@ -88,16 +93,19 @@ def exported(workdir, lora_run):
 
 @pytest.mark.parametrize("quant", list(QUANTS))
 def test_each_quant_type_loads_back_within_its_tolerance(lora_run, tmp_path, quant):
-    result = export_gguf(lora_run, tmp_path / f"model-{quant}.gguf", quant=quant)
+    result = export_gguf(lora_run, tmp_path / f"model-{quant}.gguf", quant=quant, llama_cpp=False)
 
     report = result.verification
     assert report.ok, report.problems
-    assert report.quant == quant and report.prompts == 5
-    assert report.relative_diff <= TOLERANCE[quant]
+    assert report.quant == quant
+    [compared] = report.comparisons
+    assert compared.backend == "transformers"
+    assert compared.prompts == 6 and compared.positions > 200
+    assert compared.top1 >= TOLERANCE[quant].top1 and compared.kl <= TOLERANCE[quant].kl
     if quant == "f32":
-        assert report.max_logit_diff < 1e-5 and report.greedy_same == report.prompts
+        assert compared.max_logit_diff < 1e-5 and compared.greedy_same == compared.prompts
     else:
-        assert report.max_logit_diff > 0  # the weights really were rounded
+        assert compared.max_logit_diff > 0  # the weights really were rounded
     assert result.path.is_file() and not list(tmp_path.glob(".model-*"))  # the temporary file is gone
 
 
@@ -115,7 +123,7 @@ def test_norms_stay_f32_and_a_low_bit_file_keeps_its_output_projection_at_q8_0(l
 
 
 def test_an_untied_head_is_written_as_output_weight(chatml_run, tmp_path):
-    types = tensor_types(export_gguf(chatml_run, tmp_path / "m.gguf", quant="q4_1").path)
+    types = tensor_types(export_gguf(chatml_run, tmp_path / "m.gguf", quant="q4_1", llama_cpp=False).path)
     assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q4_1"
 
 
@@ -267,16 +275,52 @@ def test_another_architecture_is_refused_by_name(workdir, tokenizer, tmp_path):
 # verification can fail
 # ---------------------------------------------------------------------------------------------------------
 
-def test_a_file_without_the_rope_permutation_fails_verification(lora_run, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def sharp_run(workdir, tokenizer):
+    """A LoRA run on a base whose attention is not uniform: a tiny random model's q and k are so small that every
+    position attends to all alike, and scrambled q/k rows would go unnoticed. Scaled up, they decide the output."""
+    import torch
+
+    path = workdir / "tiny-sharp"
+    model = build_tiny_llama(tokenizer, tie_word_embeddings=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+            layer.self_attn.k_proj.weight.mul_(40)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return run_sft(workdir, path, {"name": "lora", "r": 4}, "sharp-run", learning_rate=1e-2)
+
+
+def test_a_file_without_the_rope_permutation_fails_verification(sharp_run, tmp_path, monkeypatch):
+    assert export_gguf(sharp_run, tmp_path / "right" / "m.gguf", quant="f32", llama_cpp=False).verification  # control
     monkeypatch.setattr(gguf_export, "permute_for_rope", lambda weights, n_head: weights)
 
-    with pytest.raises(ExportError, match="does not match the run .*logits differ by .* tolerated for f32"):
-        export_gguf(lora_run, tmp_path / "m.gguf", quant="f32")
-    assert list(tmp_path.iterdir()) == []  # nothing unverified is left behind
+    with pytest.raises(ExportError) as refused:
+        export_gguf(sharp_run, tmp_path / "m.gguf", quant="f32", llama_cpp=False)
+    assert re.fullmatch(
+        rf"{tmp_path / 'm.gguf'} was not written: the GGUF does not match the run \(transformers: the most likely next "
+        r"token is the run's at only 0\.\d+ of \d+ positions, below the 1 required for f32; transformers: the mean KL "
+        r"divergence from the run's next-token distribution is [\d.e-]+ nats, over the 1e-06 tolerated for f32; "
+        r"transformers: greedy continuations differ on \d/6 prompts, where f32 must reproduce them all\)\. "
+        r"Measured: f32 \(tolerance: [^)]*\): transformers: top-1 agreement 0\.\d+ over \d+ positions, .*\. "
+        r"Pass --no-verify to keep such a file anyway\.", str(refused.value))
+    assert [p.name for p in tmp_path.iterdir()] == ["right"]  # nothing unverified is left behind
 
-    path = export_gguf(lora_run, tmp_path / "m.gguf", quant="f32", verify=False).path
-    report = verify_gguf(lora_run, path)
-    assert not report.ok and report.relative_diff > 100 * TOLERANCE["f32"]
+    path = export_gguf(sharp_run, tmp_path / "m.gguf", quant="f32", verify=False).path
+    [compared] = verify_gguf(sharp_run, path, llama_cpp=False).comparisons
+    assert compared.top1 < 0.9 and compared.kl > 1e3 * TOLERANCE["f32"].kl and compared.kl > TOLERANCE["f16"].kl
+
+
+def test_a_refusal_says_by_how_much_against_which_tolerance_and_what_to_do(lora_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(TOLERANCE, "q4_0", Tolerance(top1=1.0, kl=0.0))
+
+    with pytest.raises(ExportError, match=r"\(transformers: the most likely next token is the run's at only 0\.\d+ "
+                                          r"of \d+ positions, below the 1 required for q4_0; transformers: the mean "
+                                          r"KL divergence .* is [\d.e-]+ nats, over the 0 tolerated for q4_0\)\. "
+                                          r"Measured: .* Pass --no-verify to keep such a file anyway, or choose a "
+                                          r"finer --quant such as q8_0\.$"):
+        export_gguf(lora_run, tmp_path / "m.gguf", quant="q4_0", llama_cpp=False)
 
 
 def test_a_changed_chat_template_fails_verification(lora_run, tmp_path):
@@ -284,19 +328,23 @@ def test_a_changed_chat_template_fails_verification(lora_run, tmp_path):
     tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
     gguf_export.write_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32", name="changed")
 
-    assert verify_gguf(lora_run, tmp_path / "m.gguf").problems == ["its chat template differs from the run's"]
+    report = verify_gguf(lora_run, tmp_path / "m.gguf", llama_cpp=False)
+    assert report.problems == ["transformers: its chat template differs from the run's"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 
-def test_cli(lora_run, tmp_path, capsys):
+def test_cli(lora_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gguf_export, "has_llama_cpp", lambda: False)  # transformers alone, installed or not
     out = tmp_path / "m.gguf"
     assert main(["export", str(lora_run), "-o", str(out), "--gguf", "--quant", "q8_0"]) == 0
     printed = capsys.readouterr().out
     assert f"exported {lora_run} to {out} (q8_0), with {tmp_path / 'Modelfile'}" in printed
-    assert "verified: q8_0: max |logit difference|" in printed and "greedy continuations identical on" in printed
+    assert re.search(r"verified: q8_0 \(tolerance: top-1 agreement >= [\d.]+, mean KL <= [\d.e-]+ nats\): "
+                     r"transformers: top-1 agreement [\d.]+ over \d+ positions, mean KL [\d.e+-]+ nats, max \|logit "
+                     r"difference\| .*; greedy continuations identical on \d/6 prompts\n", printed)
 
     assert main(["export", str(lora_run), "-o", str(out), "--gguf"]) == 1
     assert capsys.readouterr().err.startswith(f"tunesmith: error: {out} already exists")
@@ -305,7 +353,7 @@ def test_cli(lora_run, tmp_path, capsys):
     assert "not verified (--no-verify)" in capsys.readouterr().out
 
     assert main(["export", str(lora_run), "-o", str(tmp_path / "dir"), "--quant", "q4_0"]) == 2
-    assert "--quant and --no-verify apply only to --gguf exports" in capsys.readouterr().err
+    assert "--quant, --lora-only and --no-verify apply only to --gguf exports" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -327,3 +375,139 @@ def test_smollm2s_vocabulary_is_written_as_llama_cpp_wrote_it(tmp_path, smollm2_
     assert len(ours) == 12
     for key, value in ours.items():
         assert value == smollm2_gguf[key].contents(), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the LoRA adapter alone (--lora-only): llama.cpp's adapter format
+# ---------------------------------------------------------------------------------------------------------
+
+ADAPTED = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def gguf_arrays(path) -> dict:
+    """name -> float32 array in numpy order (rows, cols), dequantised."""
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+            for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def rslora_run(workdir, tied_dir):
+    """alpha / sqrt(r) scaling, which llama.cpp's alpha / r cannot express but through B."""
+    return run_sft(workdir, tied_dir, {"name": "lora", "r": 4, "rslora": True}, "rslora-run", learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def base_f32(workdir, tied_dir, tokenizer):
+    """The tied tiny base model as an f32 GGUF: what the adapters apply to."""
+    from transformers import AutoModelForCausalLM
+
+    path = workdir / "base" / "base.gguf"
+    path.parent.mkdir()
+    gguf_export.write_gguf(AutoModelForCausalLM.from_pretrained(tied_dir), tokenizer, path, quant="f32", name="base")
+    return path
+
+
+def test_lora_only_writes_llama_cpps_adapter_format(lora_run, tmp_path):
+    result = export_lora_gguf(lora_run, tmp_path / "adapter.gguf", verify=False)
+
+    assert (result.path, result.quant, result.alpha, result.pairs) == (tmp_path / "adapter.gguf", "f32", 16.0, 14)
+    assert result.base_gguf is None  # a local base directory, not an embedded model that ships a GGUF
+    fields = gguf_fields(result.path)
+    assert {k: fields[k] for k in ("general.architecture", "general.type", "adapter.type", "general.file_type")} == {
+        "general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora", "general.file_type": 0}
+    assert fields["adapter.lora.alpha"] == pytest.approx(16.0)
+    assert not any(k.startswith("tokenizer.") for k in fields)
+    shapes = {t.name: (t.tensor_type.name, tuple(reversed(t.shape.tolist())))
+              for t in gguf.GGUFReader(result.path).tensors}
+    # numpy order: lora_a (r, in), lora_b (out, r); hidden 32, 4 heads of 8, 2 kv heads, intermediate 64
+    out_in = {"attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32), "attn_output": (32, 32),
+              "ffn_gate": (64, 32), "ffn_up": (64, 32), "ffn_down": (32, 64)}
+    assert shapes == {f"blk.{b}.{t}.weight.lora_{ab}": ("F32", (4, i) if ab == "a" else (o, 4))
+                      for b in (0, 1) for t, (o, i) in out_in.items() for ab in "ab"}
+    assert not list(tmp_path.glob(".adapter-*"))
+
+
+@pytest.mark.parametrize("run", ["lora_run", "rslora_run"])
+def test_base_gguf_plus_the_adapter_equals_the_merged_export(run, base_f32, tmp_path, request):
+    """What llama.cpp computes, W + alpha / r * B @ A with r from the tensor, done in numpy on the files'
+    tensors: the merged f32 export (verified against the run) is reproduced, q/k rope permutation included."""
+    run = request.getfixturevalue(run)
+    adapter = gguf_arrays(export_lora_gguf(run, tmp_path / "adapter.gguf", verify=False).path)
+    merged = gguf_arrays(export_gguf(run, tmp_path / "merged.gguf", quant="f32", verify=False).path)
+    base = gguf_arrays(base_f32)
+    alpha = gguf_fields(tmp_path / "adapter.gguf")["adapter.lora.alpha"]
+
+    assert set(merged) == set(base)
+    for name, weight in base.items():
+        a, b = adapter.get(f"{name}.lora_a"), adapter.get(f"{name}.lora_b")
+        expected = weight if a is None else weight + alpha / a.shape[0] * b @ a
+        assert np.allclose(expected, merged[name], atol=1e-6), name
+    assert {n for n in base if f"{n}.lora_a" in adapter} == {f"blk.{b}.{t}.weight" for b in (0, 1) for t in ADAPTED}
+    assert not np.allclose(base["blk.0.attn_q.weight"], merged["blk.0.attn_q.weight"], atol=1e-3)  # it moved
+
+
+def test_lora_only_refuses_what_llama_cpps_lora_cannot_hold(chatml_run, workdir, tied_dir, tmp_path):
+    with pytest.raises(ExportError, match="is a full fine-tune, which has no adapter; --lora-only exports plain "
+                                          "LoRA adapters. Export the merged model instead"):
+        export_lora_gguf(chatml_run, tmp_path / "a.gguf")
+    dora = run_sft(workdir, tied_dir, {"name": "lora", "r": 4, "dora": True}, "dora-run", max_steps=1)
+    with pytest.raises(ExportError, match="is DoRA, whose magnitude vector llama.cpp's LoRA format has no place"):
+        export_lora_gguf(dora, tmp_path / "a.gguf")
+    ia3 = run_sft(workdir, tied_dir, {"name": "ia3"}, "ia3-run", max_steps=1)
+    with pytest.raises(ExportError, match="is ia3 tuning; --lora-only exports plain LoRA adapters"):
+        export_lora_gguf(ia3, tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_lora_only(lora_run, tmp_path, capsys):
+    out = tmp_path / "adapter.gguf"
+    assert main(["export", str(lora_run), "-o", str(out), "--gguf", "--lora-only", "--no-verify"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (f"exported the LoRA adapter of {lora_run} to {out} (f32, 14 adapted weights, alpha 16)\n"
+                       f"apply it to its base: llama-cli -m the base model as GGUF --lora {out}\n"
+                       "not verified (--no-verify)\n")
+    assert main(["export", str(lora_run), "-o", str(out), "--gguf", "--lora-only", "--quant", "q4_0"]) == 1
+    assert "--lora-only writes the adapter as f32, f16, bf16, not q4_0" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "-o", str(tmp_path / "dir"), "--lora-only"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# llama.cpp (llama-cpp-python installed): the same files, run by the engine they are for
+# ---------------------------------------------------------------------------------------------------------
+
+needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python is not installed")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_llama_cpp_runs_each_quant_type_within_its_tolerance(lora_run, tmp_path, quant):
+    path = export_gguf(lora_run, tmp_path / "m.gguf", quant=quant, verify=False).path
+    report = verify_gguf(lora_run, path, llama_cpp=True)
+    print(report)
+    assert report.ok, report.problems
+    assert [c.backend for c in report.comparisons] == ["transformers", "llama.cpp"]
+
+
+@needs_llama_cpp
+def test_llama_cpp_with_base_and_lora_gives_the_merged_models_logits(lora_run, base_f32, tmp_path):
+    adapter = export_lora_gguf(lora_run, tmp_path / "adapter.gguf", verify=False).path
+    merged = export_gguf(lora_run, tmp_path / "merged.gguf", quant="f32", verify=False).path
+    prompts, _ = gguf_export._reference(lora_run)
+    texts, fulls = [p.text for p in prompts], [p.full for p in prompts]
+
+    _, _, with_lora = gguf_export._llama_cpp_outputs(base_f32, adapter, texts, fulls)
+    _, _, merged_logits = gguf_export._llama_cpp_outputs(merged, None, texts, fulls)
+    for prompt, expected in zip(prompts, merged_logits):
+        prompt.logits = np.asarray(expected, dtype=np.float64)  # compare with the merged file, not the run
+    compared = gguf_export._compare("llama.cpp + LoRA", prompts, with_lora)
+    assert compared.problems("f32") == [], compared
+    assert compared.max_logit_diff < 1e-3
+
+
+@needs_llama_cpp
+def test_lora_only_is_verified_with_llama_cpp(lora_run, tmp_path):
+    result = export_lora_gguf(lora_run, tmp_path / "adapter.gguf")
+    assert result.verification.ok, result.verification.problems
+    assert [c.backend for c in result.verification.comparisons] == ["llama.cpp + LoRA"]
+    assert result.verification.quant == "f32"  # judged as the f32 base it was applied to
+    assert not list(tmp_path.glob(".adapter-*"))  # the scratch base is gone

@@ -223,6 +223,19 @@ def _command_name() -> str:
 def cmd_export(args) -> int:
     from .export import export
 
+    if args.gguf and args.lora_only:
+        from .gguf_lora import export_lora_gguf
+
+        result = export_lora_gguf(args.run, args.output, quant=args.quant or "f32", force=args.force,
+                                  verify=not args.no_verify)
+        print(f"exported the LoRA adapter of {args.run} to {result.path} ({result.quant}, {result.pairs} adapted "
+              f"weights, alpha {result.alpha:g})")
+        base = result.base_gguf or "the base model as GGUF"
+        print(f"apply it to its base: llama-cli -m {base} --lora {result.path}")
+        print(f"verified: {result.verification}" if result.verification else
+              "not verified (--no-verify)" if args.no_verify else
+              "not verified: checking an adapter needs llama.cpp (pip install llama-cpp-python)")
+        return 0
     if args.gguf:
         from .gguf_export import export_gguf
 
@@ -231,8 +244,8 @@ def cmd_export(args) -> int:
         print(f"exported {args.run} to {result.path} ({result.quant}), with {result.modelfile}")
         print(f"verified: {result.verification}" if result.verification else "not verified (--no-verify)")
         return 0
-    if args.quant or args.no_verify:
-        raise UsageError("--quant and --no-verify apply only to --gguf exports")
+    if args.quant or args.no_verify or args.lora_only:
+        raise UsageError("--quant, --lora-only and --no-verify apply only to --gguf exports")
     out = export(args.run, args.output, merge=args.merge, force=args.force)
     print(f"exported {args.run} to {out}" + (" (adapter merged)" if args.merge else ""))
     return 0
@@ -398,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     p.add_argument("--gguf", action="store_true", help="write OUTPUT as one GGUF file (adapter merged, the run's "
                    "tokenizer and chat template inside) for llama.cpp/Ollama, and an Ollama Modelfile beside it")
-    p.add_argument("--quant", choices=list(QUANTS), help="GGUF weight type (default: f16)")
+    p.add_argument("--quant", choices=list(QUANTS), help="GGUF weight type (default: f16; with --lora-only, f32)")
+    p.add_argument("--lora-only", action="store_true", help="with --gguf: write only the LoRA adapter, as a GGUF "
+                   "LoRA that llama.cpp applies to the base model's GGUF (--lora)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the GGUF back and comparing it with the run")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)

@@ -28,24 +28,40 @@ QUANTS = {
     "q4_1": ("MOSTLY_Q4_1", "Q4_1"), "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
 }
 
-# The largest |logit(GGUF) - logit(run)| a verified export may show, as a fraction of the run's largest |logit|
-# (absolute differences scale with the model's logits: ~0.5 for the tests' tiny model, ~20 for SmolLM2).
-# Measured, not guessed: the worst over 20 tiny 2-layer Llama runs (LoRA and full, tied and untied, 3-4 seeds;
-# 5 prompts each) was f32 3.9e-7, f16 6.1e-4, bf16 4.0e-3, q8_0 1.8e-2, q5_1 9.8e-2, q5_0 1.1e-1,
-# q4_1 2.7e-1, q4_0 2.4e-1; each tolerance is about twice that. A real model's numbers are printed by every export.
-TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 4e-2, "q5_1": 2e-1, "q5_0": 2.5e-1,
-             "q4_1": 5e-1, "q4_0": 5e-1}
+@dataclass(frozen=True)
+class Tolerance:
+    """What a verified export of one quant type must show against the run, over every position of the prompt
+    set (the prompts and the run's own greedy continuations of them)."""
+    top1: float  # the least share of positions where the file's most likely next token is the run's
+    kl: float  # the largest mean KL(run || file) of the next-token distributions, in nats
+
+
+# Set from SmolLM2-135M (runs/demo-bf16, a LoRA run on the embedded model; the table is in docs/gguf.md, from
+# benchmarks/gguf_quality.py): the worse of the two loaders (transformers, llama.cpp) with a margin, top-1 about
+# 0.04-0.15 under the measured share and KL 2-3x over the measured mean. Measured: f16 0.997 / 1.2e-5, bf16
+# 0.993 / 7.0e-4, q8_0 0.972 / 7.8e-3, q5_0 0.857 / 0.143, q4_1 0.721 / 0.650, q4_0 0.669 / 0.586 (q5_1 not measured: q5_0's bound;
+# f32: the tiny test models' 1.000 / <= 3e-8). A 135M model loses much to 4-5 bit weights, so the low-bit bounds
+# are loose: they catch a broken file on a real model, not a subtle one (tested: a file without the q/k rope
+# permutation fails f32's bounds on a tiny model whose attention matters, at top-1 0.66 / KL 5e-3).
+TOLERANCE = {"f32": Tolerance(1.0, 1e-6), "f16": Tolerance(0.98, 2e-4), "bf16": Tolerance(0.95, 2e-3),
+             "q8_0": Tolerance(0.90, 0.02), "q5_1": Tolerance(0.75, 0.35), "q5_0": Tolerance(0.75, 0.35),
+             "q4_1": Tolerance(0.55, 1.5), "q4_0": Tolerance(0.55, 1.5)}
 GREEDY_MUST_MATCH = {"f32"}  # elsewhere rounding may flip a near-tie; the count is reported, not required
+FINER = {"q4_0": "q8_0", "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0", "q8_0": "f16", "bf16": "f16",
+         "f16": "f32"}  # what an error suggests instead
 
 # A fixed prompt set: chats rendered with the run's own template, and plain text with special tokens, digits
 # and non-ASCII bytes, so the tokenizer round trip is exercised too.
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Q: 2+2?"}],
+    [{"role": "user", "content": "My order arrived damaged. What should I do?"},
+     {"role": "assistant", "content": "I'm sorry to hear that! Could you send me your order number?"},
+     {"role": "user", "content": "It is 48213."}],
 ]
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Q: 3+1?\nA: 4\n\nQ: 12+30?\nA:",
          "<|im_start|>user\nnaïve café, 🦙 déjà vu<|im_end|>"]
-GREEDY_TOKENS = 8
+GREEDY_TOKENS = 16
 
 # Ollama's Go template for ChatML (the shape LLaMA-Factory writes): the system prompt, then each turn; a user
 # turn opens the assistant's, so the prompt ends ready for the reply.
@@ -57,27 +73,53 @@ OLLAMA_CHATML = (
 
 
 @dataclass
-class Verification:
-    """How the exported file compares with the run on the fixed prompt set."""
-    quant: str
-    max_logit_diff: float  # max |logit(GGUF) - logit(run)| over every position of every prompt
-    logit_scale: float  # max |logit(run)|: the difference is judged relative to it
-    greedy_same: int  # prompts whose greedy continuation is identical
+class Comparison:
+    """How one loader's logits for the file compare with the run's, over every position of the prompt set."""
+    backend: str  # "transformers" or "llama.cpp"
+    positions: int
+    top1: float  # share of positions whose most likely next token is the run's
+    kl: float  # mean KL(run || file) of the next-token distributions, in nats
+    max_logit_diff: float  # max |logit(file) - logit(run)|, for information
+    logit_scale: float  # max |logit(run)|
+    greedy_same: int  # prompts whose greedy continuation (GREEDY_TOKENS) is the run's
     prompts: int
+
+    def problems(self, quant: str) -> list[str]:
+        tol, problems = TOLERANCE[quant], []
+        if self.top1 < tol.top1:
+            problems.append(f"{self.backend}: the most likely next token is the run's at only {self.top1:.3f} of "
+                            f"{self.positions} positions, below the {tol.top1:g} required for {quant}")
+        if not self.kl <= tol.kl:  # NaN fails too
+            problems.append(f"{self.backend}: the mean KL divergence from the run's next-token distribution is "
+                            f"{self.kl:.3g} nats, over the {tol.kl:g} tolerated for {quant}")
+        if quant in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
+            problems.append(f"{self.backend}: greedy continuations differ on {self.prompts - self.greedy_same}/"
+                            f"{self.prompts} prompts, where {quant} must reproduce them all")
+        return problems
+
+    def __str__(self) -> str:
+        return (f"{self.backend}: top-1 agreement {self.top1:.3f} over {self.positions} positions, mean KL "
+                f"{self.kl:.2e} nats, max |logit difference| {self.max_logit_diff:.3g} "
+                f"({self.max_logit_diff / max(self.logit_scale, 1e-12):.1e} of the largest logit); greedy "
+                f"continuations identical on {self.greedy_same}/{self.prompts} prompts")
+
+
+@dataclass
+class Verification:
+    """How the exported file compares with the run: the exact checks (chat template, token ids) and, per
+    loader, the logits against TOLERANCE[quant]."""
+    quant: str
+    comparisons: list[Comparison]
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-    @property
-    def relative_diff(self) -> float:
-        return self.max_logit_diff / max(self.logit_scale, 1e-12)
-
     def __str__(self) -> str:
-        return (f"{self.quant}: max |logit difference| {self.max_logit_diff:.2e} ({self.relative_diff:.1e} of the "
-                f"largest logit, tolerance {TOLERANCE[self.quant]:g}); greedy continuations identical on "
-                f"{self.greedy_same}/{self.prompts} prompts")
+        tol = TOLERANCE[self.quant]
+        return (f"{self.quant} (tolerance: top-1 agreement >= {tol.top1:g}, mean KL <= {tol.kl:g} nats): "
+                + "; ".join(map(str, self.comparisons)))
 
 
 @dataclass
@@ -93,9 +135,10 @@ class GGUFExport:
 # ---------------------------------------------------------------------------------------------------------
 
 def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: bool = False,
-                verify: bool = True) -> GGUFExport:
+                verify: bool = True, llama_cpp: bool | None = None) -> GGUFExport:
     """Write `run` as the GGUF `out` and an Ollama `Modelfile` beside it. The file is verified under a temporary
-    name and moved into place only if it matches the run; an existing output is replaced only with force."""
+    name and moved into place only if it matches the run; an existing output is replaced only with force.
+    llama_cpp: also verify with llama.cpp (None: when llama-cpp-python is installed)."""
     out = Path(out)
     if quant not in QUANTS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -111,10 +154,9 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
     try:
         write_gguf(model, tokenizer, tmp, quant=quant, name=Path(run).resolve().name, base=info["base_model"])
         del model  # verification loads the run afresh: the comparison is with the run as tunesmith serves it
-        report = verify_gguf(run, tmp) if verify else None
+        report = verify_gguf(run, tmp, llama_cpp=llama_cpp) if verify else None
         if report is not None and not report.ok:
-            raise ExportError(f"the GGUF does not match the run ({'; '.join(report.problems)}), so {out} was not "
-                              "written; pass --no-verify to keep such a file anyway")
+            raise ExportError(mismatch_message(report, out))
         runs.write_text(modelfile, ollama_modelfile(tokenizer, out.name))
         os.replace(tmp, out)
     finally:
@@ -132,11 +174,11 @@ def _merged(run):
                           "a GGUF holds; export the adapter instead (without --gguf)")
     if info["peft"]:
         model = model.merge_and_unload()
-    _check_supported(model.config)
+    check_supported(model.config)
     return model.eval(), tokenizer, info
 
 
-def _check_supported(config) -> None:
+def check_supported(config) -> None:
     if config.model_type != "llama":
         raise ExportError(f"GGUF export supports the Llama architecture (model_type 'llama', e.g. SmolLM2); this "
                           f"run's model is {config.model_type!r}")
@@ -383,55 +425,170 @@ def chatml_system_prompt(tokenizer) -> str | None:
 # verification
 # ---------------------------------------------------------------------------------------------------------
 
-def verify_gguf(run: str | Path, gguf_path: str | Path) -> Verification:
-    """Load `gguf_path` with transformers (model and tokenizer) and compare it with `run` on the fixed prompt
-    set: the chat template, the token ids of every prompt, the logits at every prompt position (within
-    TOLERANCE of the file's quant type), and the greedy continuations (identical required for f32)."""
+def verify_gguf(run: str | Path, gguf_path: str | Path, *, lora: str | Path | None = None,
+                llama_cpp: bool | None = None) -> Verification:
+    """Load `gguf_path` back and compare it with `run` on the fixed prompt set: exactly, the chat template and
+    the token ids of every prompt; within TOLERANCE of the file's quant type, the next-token distributions at
+    every position of the prompts and of the run's greedy continuations. The loaders are transformers and, when
+    llama-cpp-python is installed (or llama_cpp=True), llama.cpp. With `lora` (a GGUF LoRA adapter for the
+    base model `gguf_path`), only llama.cpp can apply it."""
     import gguf
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data.templates import render_chat
 
     gguf_path = Path(gguf_path)
     file_type = int(gguf.GGUFReader(gguf_path).fields["general.file_type"].contents())
-    quant = next(q for q, (ft, _) in QUANTS.items() if getattr(gguf.LlamaFileType, ft) == file_type)
-    model, tokenizer, _ = load_run(run)  # unmerged: the run as tunesmith itself serves it
-    where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
-    exported = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
-    exported_tokenizer = AutoTokenizer.from_pretrained(**where)
+    quant = next((q for q, (ft, _) in QUANTS.items() if getattr(gguf.LlamaFileType, ft) == file_type), None)
+    if quant is None:
+        raise ExportError(f"{gguf_path} is of type {gguf.LlamaFileType(file_type).name}, which has no stated "
+                          f"tolerance; verification knows {', '.join(QUANTS)}")
+    if llama_cpp is None:
+        llama_cpp = lora is not None or has_llama_cpp()
+    prompts, tokenizer = _reference(run)
+    loaders = [] if lora is not None else [("transformers", _transformers_outputs)]
+    loaders += [("llama.cpp" + (" + LoRA" if lora else ""), _llama_cpp_outputs)] if llama_cpp else []
 
-    problems = []
-    if exported_tokenizer.chat_template != tokenizer.chat_template:
-        problems.append("its chat template differs from the run's")
-    texts = [render_chat(tokenizer, chat, add_generation_prompt=True) for chat in CHATS] \
-        if tokenizer.chat_template else []
-    texts += TEXTS
-    max_diff = scale = 0.0
-    greedy_same = 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids  # (1, T)
-        if exported_tokenizer(text, return_tensors="pt").input_ids.tolist() != ids.tolist():
-            problems.append(f"its tokenizer gives other ids for {text[:40]!r}")
-        with torch.no_grad():
-            expected, got = model(input_ids=ids).logits, exported(input_ids=ids).logits  # (1, T, vocab)
-        max_diff = max(max_diff, (got - expected).abs().max().item())
-        scale = max(scale, expected.abs().max().item())
-        greedy_same += _greedy(model, ids) == _greedy(exported, ids)
-    report = Verification(quant, max_diff, scale, greedy_same, len(texts), problems)
-    if report.relative_diff > TOLERANCE[quant]:
-        problems.append(f"logits differ by {report.relative_diff:.1e} of the largest logit, over the "
-                        f"{TOLERANCE[quant]:g} tolerated for {quant}")
-    if quant in GREEDY_MUST_MATCH and greedy_same < len(texts):
-        problems.append(f"greedy continuations differ on {len(texts) - greedy_same}/{len(texts)} prompts")
-    return report
+    problems, comparisons = [], []
+    for name, load in loaders:
+        try:
+            template, ids, logits = load(gguf_path, lora, [p.text for p in prompts], [p.full for p in prompts])
+        except _LoaderCrashed as err:
+            problems.append(str(err))
+            continue
+        if lora is None and template != tokenizer.chat_template:  # an adapter has none: the base file's applies
+            problems.append(f"{name}: its chat template differs from the run's")
+        problems += [f"{name}: its tokenizer gives other ids for {p.text[:40]!r}" for p, got in zip(prompts, ids)
+                     if got != p.ids]
+        comparisons.append(_compare(name, prompts, logits))
+        problems += comparisons[-1].problems(quant)
+    return Verification(quant, comparisons, problems)
 
 
-def _greedy(model, ids, steps: int = GREEDY_TOKENS) -> list[int]:
-    """`steps` argmax tokens after `ids` (1, T), without stopping at EOS: the raw next-token choices."""
+def mismatch_message(report: Verification, out, instead: str | None = "") -> str:
+    """The error for a file that failed verification; `instead`: what else to try (default: a finer quant)."""
+    if instead == "" and report.quant in FINER:
+        instead = f"choose a finer --quant such as {FINER[report.quant]}"
+    finer = f", or {instead}" if instead else ""
+    return (f"{out} was not written: the GGUF does not match the run ({'; '.join(report.problems)}). Measured: "
+            f"{report}. Pass --no-verify to keep such a file anyway{finer}.")
+
+
+def has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@dataclass
+class _Prompt:
+    text: str
+    ids: list[int]  # the prompt as the run's tokenizer encodes it
+    full: list[int]  # ids + the run's GREEDY_TOKENS greedy tokens
+    logits: object  # the run's logits at every position of `full`: (len(full), vocab) float64 numpy
+
+
+def _reference(run) -> tuple[list[_Prompt], object]:
+    """The fixed prompt set with the run's ids, greedy continuations and logits; and the run's tokenizer. The
+    run is loaded unmerged: the comparison is with the run as tunesmith itself serves it."""
     import torch
 
+    from .data.templates import render_chat
+
+    model, tokenizer, _ = load_run(run)
+    texts = [render_chat(tokenizer, chat, add_generation_prompt=True) for chat in CHATS] \
+        if tokenizer.chat_template else []
+    prompts = []
+    for text in texts + TEXTS:
+        ids = tokenizer(text).input_ids
+        full = _greedy(model, ids)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
+        prompts.append(_Prompt(text, ids, full, logits))
+    return prompts, tokenizer
+
+
+def _greedy(model, ids: list[int], steps: int = GREEDY_TOKENS) -> list[int]:
+    """`ids` and the `steps` argmax tokens after them, without stopping at EOS: the raw next-token choices."""
+    import torch
+
+    ids = torch.tensor([ids])
     with torch.no_grad():
         for _ in range(steps):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, -steps:].tolist()
+    return ids[0].tolist()
+
+
+def _compare(backend: str, prompts: list[_Prompt], logits: list) -> Comparison:
+    """Teacher-forced on the run's greedy continuations, so the file reproduces a continuation exactly when its
+    argmax agrees at each of those positions."""
+    import numpy as np
+
+    def log_softmax(x):  # (T, vocab)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    agree, kl, max_diff, scale, greedy_same = [], [], 0.0, 0.0, 0
+    for prompt, got in zip(prompts, logits):
+        want, got = prompt.logits, np.asarray(got, dtype=np.float64)  # (T, vocab) each
+        same = want.argmax(-1) == got.argmax(-1)  # (T,)
+        want_log, got_log = log_softmax(want), log_softmax(got)
+        kl.append((np.exp(want_log) * (want_log - got_log)).sum(-1))
+        agree.append(same)
+        greedy_same += bool(same[len(prompt.ids) - 1:-1].all())  # position i predicts token i + 1
+        max_diff = max(max_diff, float(np.abs(got - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    agree, kl = np.concatenate(agree), np.concatenate(kl)
+    return Comparison(backend, len(agree), float(agree.mean()), float(kl.mean()), max_diff, scale, greedy_same,
+                      len(prompts))
+
+
+class _LoaderCrashed(Exception):
+    pass
+
+
+def _transformers_outputs(path: Path, lora, texts: list[str], fulls: list[list[int]]):
+    """(chat template, ids of each text, logits at every position of each of `fulls`) of the file as
+    transformers reads it (`gguf_file=`: dequantised to float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(**where)
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([full])).logits[0].double().numpy() for full in fulls]
+    return tokenizer.chat_template, [tokenizer(text).input_ids for text in texts], logits
+
+
+def _llama_cpp_outputs(path: Path, lora, texts: list[str], fulls: list[list[int]]):
+    """The same as llama.cpp runs the file (llama-cpp-python), with the GGUF LoRA `lora` applied if given. In a
+    child process: a llama.cpp build that does not run on this CPU dies of SIGILL, which must not take the
+    export (or a test session) with it, and torch's and llama.cpp's thread pools stay apart."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_llama_cpp_child, str(path), lora and str(lora), texts, fulls).result()
+        except BrokenProcessPool:
+            raise _LoaderCrashed(
+                f"llama.cpp: the process running llama-cpp-python died loading or evaluating {path.name} (a "
+                "build for another CPU dies like this: reinstall llama-cpp-python on this machine, or pass "
+                "--no-verify)") from None
+
+
+def _llama_cpp_child(path: str, lora: str | None, texts: list[str], fulls: list[list[int]]):
+    import gguf
+    import numpy as np
+    from llama_cpp import Llama
+
+    context = int(gguf.GGUFReader(path).fields["llama.context_length"].contents())
+    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set.
+    llm = Llama(model_path=path, lora_path=lora, n_ctx=min(512, context), n_batch=512, logits_all=True,
+                verbose=False)
+    logits = []
+    for full in fulls:
+        llm.reset()
+        llm.eval(full)
+        logits.append(np.array(llm.scores[:len(full)], dtype=np.float32))
+    ids = [llm.tokenize(text.encode(), add_bos=True, special=True) for text in texts]
+    return llm.metadata.get("tokenizer.chat_template"), ids, logits
