@@ -1,5 +1,5 @@
 # The README's quick start: `make demo` (set up + main job) and `make test` (set up + whole test suite).
-.PHONY: setup demo test compare-demo lock
+.PHONY: setup setup-fast demo test compare-demo lock
 
 # Checked when the recipe runs, after setup may have installed it.
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
@@ -7,6 +7,17 @@ RUN_ENV := $$( [ -e $(TCMALLOC) ] && echo LD_PRELOAD=$(TCMALLOC) )
 
 setup:
 	./setup.sh
+
+# Set-up plus the llama-cpp serving backend (`tunesmith serve --backend llama-cpp`), at the lock's version. pip
+# builds llama.cpp from the sdist (~7 min on 2 CPU cores); skipped when the venv already has it. Portable x86-64
+# flags, AMX off: llama.cpp's default (native) build on this project's VM, which advertises AMX, died with "illegal
+# instruction" at its first batched decode; this build runs everywhere AVX2 does.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+setup-fast: setup
+	.venv/bin/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv/bin/python -m pip --disable-pip-version-check -q install \
+		--no-deps --no-cache-dir "$$(grep -E '^llama-cpp-python==' requirements.lock)"
 
 # LoRA-tune the embedded SmolLM2 on the demo support-routing chat task, scoring it before and after.
 # Each run gets a new directory: tunesmith never overwrites a run.
@@ -30,5 +41,5 @@ compare-demo: setup
 # throw-away venv). Commit a lock update on its own, and only with `make test` green on it.
 lock:
 	[ -x .lockenv/bin/pip-compile ] || (python3 -m venv .lockenv && .lockenv/bin/pip install -q pip-tools)
-	.lockenv/bin/pip-compile --upgrade --quiet --extra test --constraint lock-constraints.txt --strip-extras \
+	.lockenv/bin/pip-compile --upgrade --quiet --extra test --extra fast --constraint lock-constraints.txt --strip-extras \
 		--allow-unsafe --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml

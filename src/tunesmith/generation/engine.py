@@ -154,8 +154,23 @@ class Row:
         return True
 
 
+def generating(models: dict[str, Served], req: Request) -> Served:
+    """The served model a generation request names, or a ValueError that says why it cannot generate."""
+    try:
+        served = models[req.model]  # [] not get(): a run unloaded while this waited still resolves
+    except KeyError:
+        raise ValueError(f"the model {req.model!r} is not served (any more)") from None
+    if served.task != "sft":
+        raise ValueError(f"{req.model!r} is a {served.task} run and cannot generate text")
+    if not req.ids:
+        raise ValueError("the prompt has no tokens to continue from")
+    return served
+
+
 class Engine:
     """Generates for several model names that may share one loaded base model (see `Served`)."""
+
+    backend = "torch"  # which decoder computes the logits (`tunesmith serve --backend`)
 
     def __init__(self, models: dict[str, Served], tokenizer, *, context_window: int | None = None,
                  chat_template: str | None = None, max_batch: int = 8, max_queue: int = 64,
@@ -209,6 +224,12 @@ class Engine:
             waiting = sum(r.model == model for r in self._waiting)
         running = [row.req for group in list(self._groups.values()) for row in list(group.rows)]
         return waiting + sum(req.model == model for req in running + list(self._admitting))
+
+    def vocabulary(self, name: str) -> tuple[int, set[int]]:
+        """(the logits' width, the stop token ids) of the served model `name`: what a token mask is built for."""
+        module = self.models[name].module
+        return (module.get_output_embeddings().weight.shape[0],
+                stop_token_ids(self.tokenizer, getattr(module, "generation_config", None)))
 
     @property
     def running(self) -> int:
@@ -298,15 +319,7 @@ class Engine:
         together: dict[tuple, list[tuple[Request, Route]]] = {}
         for req in batch:
             try:
-                try:
-                    served = self.models[req.model]  # [] not get(): a run unloaded while this waited still resolves
-                except KeyError:
-                    raise ValueError(f"the model {req.model!r} is not served (any more)") from None
-                if served.task != "sft":
-                    raise ValueError(f"{req.model!r} is a {served.task} run and cannot generate text")
-                if not req.ids:
-                    raise ValueError("the prompt has no tokens to continue from")
-                path = served.route()
+                path = generating(self.models, req).route()
             except Exception as err:
                 _fail(req, f"{type(err).__name__}: {err}")
                 continue

@@ -1,17 +1,19 @@
 """The OpenAI-compatible server: `create_app` (routes), `Engine` (batched generation), `load_engine`
-(base model + adapters), `resolve_api_key` (flag, file or environment), the conversation store and the
-terminal chat. FastAPI loads only when the app is asked for, so the CLI's other commands do not pay for it."""
+(base model + adapters), `BACKENDS` (torch or llama.cpp behind the same routes), `resolve_api_key` (flag, file
+or environment), the conversation store and the terminal chat. FastAPI loads only when the app is asked for,
+so the CLI's other commands do not pay for it."""
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from .adapters import ServeError, load_engine, parse_adapters
+from .backends import BACKENDS
 from .engine import Engine, Served
 
 API_KEY_ENV = "TUNESMITH_API_KEY"
 
-__all__ = ["APIError", "Engine", "ServeError", "ServeSettings", "Served", "create_app", "load_engine",
+__all__ = ["APIError", "BACKENDS", "Engine", "ServeError", "ServeSettings", "Served", "create_app", "load_engine",
            "parse_adapters", "resolve_api_key", "serve"]
 
 
@@ -25,14 +27,18 @@ def __getattr__(name: str):
 
 def serve(model: str, adapters: dict[str, str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           settings=None, chat_template: str | None = None, max_batch: int = 8, max_queue: int = 64,
-          context_window: int | None = None, device: str = "auto") -> None:
-    """Load the model and its adapters onto `device` (auto: CUDA when available), then serve until interrupted."""
+          context_window: int | None = None, device: str = "auto", backend: str = "torch") -> None:
+    """Load the model and its adapters onto `device` (auto: CUDA when available) with the decoder `backend` (a
+    key of BACKENDS), then serve until interrupted."""
     import uvicorn
 
     from .app import create_app
 
-    engine = load_engine(model, adapters, chat_template=chat_template, context_window=context_window,
-                         max_batch=max_batch, max_queue=max_queue, device=device)
+    if backend not in BACKENDS:
+        raise ServeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    engine = BACKENDS[backend].load_engine(model, adapters, chat_template=chat_template,
+                                           context_window=context_window, max_batch=max_batch,
+                                           max_queue=max_queue, device=device)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
 

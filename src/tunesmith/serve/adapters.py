@@ -36,7 +36,7 @@ class NameTaken(ServeError):
     """A name that cannot be given to a loaded run: the base model's, or one already served."""
 
 
-def _check_template(name: str, run: str, info: dict, fingerprint: str) -> None:
+def check_template(name: str, run: str, info: dict, fingerprint: str) -> None:
     saved = info.get("chat_template_fingerprint")
     if saved and saved != fingerprint:
         raise ServeError(f"adapter {name!r} ({run}) was trained with chat template {saved}, but the server renders "
@@ -67,7 +67,7 @@ def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_temp
             module, _, _ = load_run(run)
             served[name] = Served(module, task=info["task"], run=str(run))
             continue
-        _check_template(name, run, info, fingerprint)
+        check_template(name, run, info, fingerprint)
         if not info["peft"]:
             served[name] = Served(load_causal_lm(str(run)), run=str(run))
             continue
@@ -175,7 +175,7 @@ def load_served(engine, name: str, run: str | Path) -> Served:
             module, _, _ = load_run(run)
             return Served(_beside_base(module, engine), task=info["task"], run=str(run))
         template = getattr(engine, "chat_template", None) or chat_template_for(engine.tokenizer)
-        _check_template(name, str(run), info, template_fingerprint(template))
+        check_template(name, str(run), info, template_fingerprint(template))
         if not info["peft"]:
             return Served(_beside_base(load_causal_lm(str(run)), engine), run=str(run))
         config = PeftConfig.from_pretrained(str(run))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-from ..data.tokenize import stop_token_ids
 from ..generation.grammar import ResponseFormatError, token_mask
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
 from .errors import APIError
@@ -80,10 +79,8 @@ def json_mask(engine: Engine, body):
     parses, and validates against the schema. Compiled before the request is queued (cached per schema)."""
     if body.response_format is None or body.response_format.type == "text":
         return None
-    module = engine.models[body.model].module
-    vocab = module.get_output_embeddings().weight.shape[0]
+    vocab, stops = engine.vocabulary(body.model)
     try:
-        stops = stop_token_ids(engine.tokenizer, getattr(module, "generation_config", None))
         return token_mask(engine.tokenizer, body.response_format, vocab, eos_token_ids=sorted(stops))
     except ResponseFormatError as err:
         raise APIError(400, str(err), param="response_format") from None

@@ -19,7 +19,8 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..adapters import NameTaken, NotServed, ServeError, check_loaded, check_name, load_served, register, remove_run
+from ..adapters import NameTaken, NotServed, ServeError, check_loaded, check_name, register, remove_run
+from ..backends import BACKENDS
 from ..errors import APIError
 from .common import read
 
@@ -85,6 +86,7 @@ async def load_adapter(request: Request):
         except NameTaken as err:
             raise APIError(400, _sentence(err), param="lora_name", code="invalid_lora_name") from None
         try:
+            load_served = BACKENDS[engine.backend].load_served  # llama-cpp: the run exported to GGUF, merged
             served = await run_in_threadpool(load_served, engine, name, body.lora_path)
         except ServeError as err:
             raise APIError(400, _sentence(err), param="lora_path", code="invalid_lora_path") from None

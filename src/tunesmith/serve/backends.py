@@ -1,0 +1,199 @@
+"""Which decoder a server runs on (`tunesmith serve --backend`): `torch`, the reference for every adapter type,
+or `llama-cpp`, GGUF models on llama.cpp (2.7x torch's speed for one client on a 2-core CPU, slower at 16;
+docs/backends.md has the measurements).
+Both load into an engine with the same interface, so the routes, the conversation store, auth and errors are
+the same; only what computes the logits differs.
+
+The llama-cpp backend serves GGUF files. `--model` may be the embedded default (the GGUF it ships, used as is), a
+`.gguf` file, or a tunesmith run: exported to GGUF f16 on first use (`gguf_export.export_gguf`, which verifies the
+file against the run) and cached under the tunesmith cache directory, keyed by the run's content, so a changed
+run is exported again. Each `--adapter` run (and each run loaded while serving) is served as its own merged
+model; runs that cannot merge (prompt and prefix tuning) or that classify stay with the torch backend."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import runs
+from ..data.templates import chat_template_for, template_fingerprint
+from ..errors import TunesmithError
+from ..version import __version__
+from .adapters import ServeError, check_template, load_engine, load_served
+from .engine import Served
+
+GGUF_QUANT = "f16"  # runs are exported at f16: llama.cpp's speed, logits within 2e-3 of the run's
+
+
+@dataclass(frozen=True)
+class Backend:
+    load_engine: Callable  # (model, adapters, *, chat_template, context_window, max_batch, max_queue, device)
+    load_served: Callable  # (engine, name, run) -> Served: a run loaded while serving (/v1/load_lora_adapter)
+
+
+def require_llama_cpp() -> None:
+    import importlib
+
+    try:
+        importlib.import_module("llama_cpp")
+    except (ImportError, OSError) as err:  # OSError: installed, but its shared library does not load
+        missing = "is not installed" if isinstance(err, ImportError) else f"does not load ({err})"
+        raise ServeError(f"the llama-cpp backend needs llama-cpp-python, which {missing}: run `make setup-fast` "
+                         "(or pip install 'tunesmith[fast]'), or serve with --backend torch") from None
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer inside a GGUF file, read by transformers (its pad token set as `load_tokenizer` does)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def gguf_of(model: str) -> tuple[Path, object, object]:
+    """(GGUF file, tokenizer, generation config or None) for a --model of the llama-cpp backend."""
+    from ..models import EMBEDDED, embedded_gguf, load_generation_config, load_tokenizer
+
+    if model in EMBEDDED:
+        path = embedded_gguf(model)
+        if path is None:
+            raise ServeError(f"the embedded model {model!r} ships no GGUF file; serve it with --backend torch")
+        return path, _gguf_tokenizer(path), None
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ServeError(f"--model {model}: the llama-cpp backend reads .gguf files (or a tunesmith run "
+                             "directory, exported on first use)")
+        return path, _gguf_tokenizer(path), None
+    if runs.read_info(path) is not None:
+        return exported(path), load_tokenizer(str(path)), load_generation_config(str(path))
+    raise ServeError(f"--model {model}: the llama-cpp backend serves a .gguf file, the embedded default or a "
+                     f"tunesmith run directory; for any other model export it to GGUF first, or serve it with "
+                     "--backend torch")
+
+
+def run_key(run: Path) -> str:
+    """The cache key of a run's export: its name and a hash of every file that makes its weights (checkpoints and
+    the training log aside), with the tunesmith version and the quant type."""
+    digest = hashlib.sha256(f"{__version__}\0{GGUF_QUANT}".encode())
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        relative = path.relative_to(run).as_posix()
+        if relative.split("/")[0] in (runs.CHECKPOINTS, runs.LOG):
+            continue
+        digest.update(f"\0{relative}\0".encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return f"{run.resolve().name}-{digest.hexdigest()[:16]}"
+
+
+def exported(run: Path) -> Path:
+    """The run as a GGUF file in the cache, exported on first use. Written in a temporary directory and renamed
+    into place, so an interrupted export never leaves a file that a later start would trust."""
+    from ..gguf_export import export_gguf
+    from ..models import cache_dir
+
+    target = cache_dir() / "gguf" / run_key(Path(run))
+    path = target / "model.gguf"
+    if path.is_file():
+        return path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"tunesmith: exporting {run} to GGUF {GGUF_QUANT} once for llama.cpp; cached in {target}", file=sys.stderr,
+          flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # Verified against the run with transformers; llama.cpp loads it next, in this process (tests/
+        # test_backends.py compares its replies with the torch engine's).
+        export_gguf(run, tmp / "model.gguf", quant=GGUF_QUANT, force=True, llama_cpp=False)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same export first; theirs is as good
+            if not path.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _run_gguf(name: str, run: str | Path, fingerprint: str) -> tuple[Path, object, dict]:
+    """(GGUF file, generation config, run.json) of a run served as `name`, checked as the torch backend checks it."""
+    from ..models import load_generation_config
+
+    if not Path(run).is_dir():
+        raise ServeError(f"adapter {name!r}: there is no directory {run}")
+    info = runs.read_info(run)
+    if info is None:
+        raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no {runs.RUN_INFO})")
+    if info["task"] != "sft":
+        raise ServeError(f"adapter {name!r}: {run} is a {info['task']} run; the llama-cpp backend serves language "
+                         "models only: serve it with --backend torch")
+    check_template(name, str(run), info, fingerprint)
+    if info["peft"]:
+        from peft import PeftConfig
+
+        if PeftConfig.from_pretrained(str(run)).is_prompt_learning:
+            raise ServeError(f"adapter {name!r}: {run} learned virtual tokens ({info['method']} tuning), which cannot "
+                             "be merged into a GGUF's weights; serve it with --backend torch")
+    try:
+        path = exported(Path(run))
+    except TunesmithError as err:  # e.g. prompt tuning, which has no merged weights to export
+        raise ServeError(f"adapter {name!r}: the llama-cpp backend serves each run as an exported GGUF, and {err}; "
+                         "serve it with --backend torch") from None
+    return path, load_generation_config(str(run)), info
+
+
+def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
+                     context_window: int | None = None, max_batch: int = 8, max_queue: int = 64,
+                     device: str = "auto", threads: int | None = None):
+    """A `LlamaCppEngine` serving `model` under its own name and each run of `adapters` ({name: run dir}).
+
+    Sets torch to one thread: here torch only picks tokens (vocabulary-sized vectors, where a second thread gains
+    nothing), and its idle OpenMP threads spin on the cores llama.cpp's threads need (measured on 2 cores: the
+    sampler's step went from 0.25 to 8 ms and llama.cpp's from 18 to 30 ms)."""
+    import torch
+
+    from ..generation.llamacpp import GGUFModel, LlamaCppEngine
+
+    require_llama_cpp()
+    torch.set_num_threads(1)
+    if device not in ("auto", "cpu"):
+        raise ServeError(f"the llama-cpp backend runs on the CPU; --device {device} needs --backend torch")
+    path, tokenizer, generation_config = gguf_of(model)
+    template = chat_template_for(tokenizer, chat_template)
+    fingerprint = template_fingerprint(template)
+    options = dict(max_batch=max_batch, context_window=context_window, threads=threads)
+    base = GGUFModel(path, tokenizer, generation_config=generation_config, **options)
+    served = {model: Served(base)}
+    for name, run in (adapters or {}).items():
+        if name in served:
+            raise ServeError(f"adapter name {name!r} is used twice (or is the base model's name)")
+        run_path, config, _ = _run_gguf(name, run, fingerprint)
+        served[name] = Served(GGUFModel(run_path, tokenizer, generation_config=config, **options), run=str(run))
+    return LlamaCppEngine(served, tokenizer, context_window=base.window, chat_template=template,
+                          max_batch=max_batch, max_queue=max_queue)
+
+
+def load_gguf_served(engine, name: str, run: str | Path) -> Served:
+    """The run at `run` ready to be served as `name` by a llama-cpp engine (exported on first use). Reads and may
+    export weights: call it off the event loop."""
+    from ..generation.llamacpp import GGUFModel
+
+    base = engine.models[next(iter(engine.models))].module
+    run_path, config, _ = _run_gguf(name, run, template_fingerprint(engine.chat_template))
+    model = GGUFModel(run_path, engine.tokenizer, generation_config=config, max_batch=engine.max_batch,
+                      context_window=base.window, threads=base.threads)
+    return Served(model, run=str(run))
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend(load_engine, load_served),  # every adapter type, CPU or CUDA: the reference
+    "llama-cpp": Backend(load_gguf_engine, load_gguf_served),  # GGUF files on llama.cpp, CPU; `make setup-fast`
+}

@@ -1,0 +1,335 @@
+"""The same API tests against both decoders (`tunesmith serve --backend torch|llama-cpp`), through a real uvicorn
+server and the official `openai` client: every route, the conversation store, auth and errors behave alike,
+and the same prompt gives the same greedy text on both. The llama-cpp half skips without llama-cpp-python
+(`make setup-fast`); the tiny model is a full-weight run, which the llama-cpp backend exports to GGUF f16 on
+first use (into a cache directory of this module's own)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from serve_assets import uvicorn_on_loopback, write_base, write_run
+
+KEY = "test-key"
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (make setup-fast)")
+BACKENDS = ["torch", pytest.param("llama-cpp", marks=needs_llama_cpp)]
+# One llama.cpp thread for the tiny model, as conftest gives torch one: its threads sync by spinning, and a
+# second thread that another process keeps off a core of this 2-core machine makes each step take ~100 ms.
+LLAMA_THREADS = {"llama-cpp": {"threads": 1}}
+PROMPTS = ["What is the capital of France?", "Q: 2+2?\nA:", "Review: boring. Sentiment:"]
+USER = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def assets(bpe, tmp_path_factory):
+    """A tiny Llama saved as a full-weight tunesmith run (servable by both backends), a LoRA run over it, a
+    prompt-tuning run (no merged weights: torch only), and a cache directory for the GGUF exports."""
+    from tunesmith.data.templates import chat_template_for, template_fingerprint
+    from tunesmith.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("backends")
+    base = write_base(bpe, root / "base")
+    fingerprint = template_fingerprint(chat_template_for(load_tokenizer(str(base))))
+    (base / "run.json").write_text(json.dumps({"task": "sft", "base_model": "tiny", "method": "full", "peft": False,
+                                               "labels": None, "chat_template_fingerprint": fingerprint}))
+    return SimpleNamespace(root=root, base=base, model=str(base), lora=write_run(base, root / "lora", "lora"),
+                           prompt=write_run(base, root / "prompt", "prompt_tuning"), cache=root / "cache")
+
+
+@pytest.fixture(scope="module")
+def servers(assets):
+    """start(backend): a live server of that backend over the tiny run (adapter "mine" = the LoRA run), started
+    once per module."""
+    from tunesmith.serve import BACKENDS as LOADERS
+    from tunesmith.serve import ServeSettings, create_app
+
+    started = {}
+    with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNESMITH_CACHE", str(assets.cache))
+
+        def start(backend: str):
+            if backend not in started:
+                engine = LOADERS[backend].load_engine(assets.model, {"mine": str(assets.lora)}, max_batch=16,
+                                                      **LLAMA_THREADS.get(backend, {}))
+                settings = ServeSettings(api_key=KEY, conversations=str(assets.root / f"{backend}.sqlite"))
+                url = stack.enter_context(uvicorn_on_loopback(create_app(engine, settings)))
+                started[backend] = SimpleNamespace(url=url, engine=engine, backend=backend)
+            return started[backend]
+        yield start
+
+
+@pytest.fixture(params=BACKENDS)
+def server(request, servers):
+    return servers(request.param)
+
+
+def client_of(server, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def client(server):
+    return client_of(server)
+
+
+def complete(client, model, prompt, **kw):
+    return client.completions.create(model=model, prompt=prompt, **{"max_tokens": 16, "temperature": 0, **kw})
+
+
+def wait_idle(server):
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/health").json()["running"]:
+        assert time.monotonic() < deadline, "rows still running"
+        time.sleep(0.02)
+
+
+# -- the same text on both backends -------------------------------------------------------------------------
+
+@needs_llama_cpp
+def test_both_backends_give_the_same_greedy_text(servers, assets):
+    torch_client, llama_client = client_of(servers("torch")), client_of(servers("llama-cpp"))
+    for model in (assets.model, "mine"):
+        for prompt in PROMPTS:
+            expected = complete(torch_client, model, prompt, max_tokens=24).choices[0]
+            got = complete(llama_client, model, prompt, max_tokens=24).choices[0]
+            assert (got.text, got.finish_reason) == (expected.text, expected.finish_reason), (model, prompt)
+        expected = torch_client.chat.completions.create(model=model, messages=USER, max_tokens=24, temperature=0)
+        got = llama_client.chat.completions.create(model=model, messages=USER, max_tokens=24, temperature=0)
+        assert got.choices[0].message.content == expected.choices[0].message.content
+        assert got.usage == expected.usage
+    # the LoRA run really is another model: its merged GGUF does not answer like the base
+    assert complete(llama_client, "mine", PROMPTS[0]).choices[0].text != \
+        complete(llama_client, assets.model, PROMPTS[0]).choices[0].text
+
+
+@needs_llama_cpp
+def test_logprobs_agree_across_backends(servers, assets):
+    """The same tokens, and logprobs within what f16 weights move them (the sampler computes them on both)."""
+    replies = [complete(client_of(servers(b)), assets.model, PROMPTS[1], max_tokens=8, logprobs=3)
+               for b in ("torch", "llama-cpp")]
+    (a, b) = (r.choices[0].logprobs for r in replies)
+    assert a.tokens == b.tokens
+    assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < 0.02
+    # echo + logprobs with max_tokens 0 scores the prompt (lm-evaluation-harness' log-likelihoods)
+    scored = [complete(client_of(servers(b)), assets.model, PROMPTS[0], max_tokens=0, echo=True, logprobs=1)
+              for b in ("torch", "llama-cpp")]
+    a, b = (s.choices[0].logprobs.token_logprobs for s in scored)
+    assert a[0] is None and b[0] is None and len(a) == len(b) > 3
+    assert max(abs(x - y) for x, y in zip(a[1:], b[1:])) < 0.02
+
+
+# -- the API, on each backend -------------------------------------------------------------------------------
+
+def test_models_and_health(client, server, assets):
+    assert {m.id for m in client.models.list()} == {assets.model, "mine"}
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["running"] == 0
+
+
+def test_streaming_equals_non_streaming_and_a_seed_repeats(client, assets):
+    args = dict(messages=USER, max_tokens=12, temperature=0.9, seed=4)
+    for model in (assets.model, "mine"):
+        whole = client.chat.completions.create(model=model, **args).choices[0].message.content
+        chunks = list(client.chat.completions.create(model=model, stream=True, stream_options={"include_usage": True},
+                                                     **args))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+        assert chunks[-1].usage.completion_tokens > 0
+        assert client.chat.completions.create(model=model, **args).choices[0].message.content == whole
+        streamed = "".join(c.choices[0].text for c in complete(client, model, PROMPTS[0], stream=True))
+        assert streamed == complete(client, model, PROMPTS[0]).choices[0].text
+
+
+def test_max_tokens_and_stop_sequences(client, assets):
+    full = complete(client, assets.model, PROMPTS[0], max_tokens=20).choices[0]
+    assert full.finish_reason == "length"
+    reply = complete(client, assets.model, PROMPTS[0], max_tokens=5)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 5
+    assert full.text.startswith(reply.choices[0].text)
+    stop = full.text[len(full.text) // 2:][:3]  # a string from the middle of the greedy reply
+    cut = complete(client, assets.model, PROMPTS[0], max_tokens=20, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+
+
+def test_concurrent_clients_get_what_each_gets_alone(client, server, assets):
+    alone = {p: complete(client, assets.model, p).choices[0].text for p in PROMPTS}
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(lambda i: complete(client, assets.model, PROMPTS[i % 3]).choices[0].text, range(16)))
+    assert texts == [alone[PROMPTS[i % 3]] for i in range(16)]
+    wait_idle(server)
+
+
+def test_n_choices_and_json_mode(client, assets):
+    reply = complete(client, assets.model, PROMPTS[0], n=3, temperature=1.0, seed=1, max_tokens=6)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and reply.usage.completion_tokens <= 18
+    tokenizer = __import__("tunesmith.models", fromlist=["load_tokenizer"]).load_tokenizer(assets.model)
+    bias = {str(tokenizer.convert_tokens_to_ids(t)): 4.0 for t in ('"', "}", "]", "0")}
+    reply = client.chat.completions.create(model=assets.model, messages=USER, max_tokens=64, temperature=1.0,
+                                           seed=0, logit_bias=bias, response_format={"type": "json_object"})
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_a_conversation_of_three_turns(client, server, assets):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    cid = httpx.post(f"{server.url}/v1/conversations", json={"system": "Be brief."}, headers=headers).json()["id"]
+    for question in ["Hello", "What is 2+2?", "Thanks"]:
+        client.chat.completions.create(model="mine", messages=[{"role": "user", "content": question}], max_tokens=5,
+                                       temperature=0, extra_body={"conversation": cid})
+    messages = httpx.get(f"{server.url}/v1/conversations/{cid}/messages", headers=headers).json()["data"]
+    assert [m["content"] for m in messages[::2]] == ["Hello", "What is 2+2?", "Thanks"]
+
+
+def test_auth_and_errors_keep_the_envelope(client, server, assets):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        client_of(server, "wrong").models.list()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=USER)
+    assert err.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=assets.model, messages=[{"role": "robot", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError) as err:
+        complete(client, assets.model, PROMPTS[0], max_tokens=10_000)
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        complete(client, assets.model, PROMPTS[0], logit_bias={"100000": 1})
+    assert err.value.body["param"] == "logit_bias"
+
+
+def test_hung_up_streams_stop_and_free_their_cache(server, assets):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": assets.model, "messages": USER, "max_tokens": 60, "temperature": 1.0, "stream": True}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        for _ in range(6):
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())  # the first chunk has arrived: generation is under way; hang up
+        wait_idle(server)
+        assert http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}).status_code == 200
+    wait_idle(server)
+    if server.backend == "llama-cpp":  # every sequence id and KV-cache cell is free again
+        for served in server.engine.models.values():
+            assert served.module.reserved == 0 and len(served.module.free_seqs) == served.module.n_seq_max
+
+
+def test_loading_a_run_while_serving(server, assets):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(assets.lora)})
+        assert r.status_code == 200, r.text
+        same = [http.post("/v1/completions", json={"model": m, "prompt": PROMPTS[0], "max_tokens": 8,
+                                                   "temperature": 0}).json()["choices"][0]["text"]
+                for m in ("mine", "again")]
+        assert same[0] == same[1]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "again"}).status_code == 200
+
+
+# -- the llama-cpp backend's models: GGUF files, runs exported and cached, clear refusals ----------------------
+
+@needs_llama_cpp
+def test_a_gguf_file_serves_as_the_run_it_was_exported_from(servers, assets):
+    from tunesmith.serve.backends import load_gguf_engine
+    from tunesmith.serve.backends import run_key
+
+    gguf = assets.cache / "gguf" / run_key(assets.base) / "model.gguf"
+    servers("llama-cpp")  # exported the run into the cache
+    assert gguf.is_file()
+    engine = load_gguf_engine(str(gguf), threads=1)
+    expected = complete(client_of(servers("llama-cpp")), assets.model, PROMPTS[1]).choices[0].text
+    assert generate(engine, PROMPTS[1]) == expected
+
+
+def generate(engine, prompt: str, max_tokens: int = 16) -> str:
+    from tunesmith.generation import Request
+
+    events = []
+    engine.threaded = False
+    engine.submit([Request(next(iter(engine.models)), engine.tokenizer(prompt)["input_ids"], max_tokens,
+                           events.append, temperature=0)])
+    while engine.busy:
+        engine.step()
+    assert not any(e.error for e in events), events
+    return "".join(e.text for e in events)
+
+
+@needs_llama_cpp
+def test_requests_wait_for_room_in_the_kv_cache_instead_of_failing(servers, assets):
+    """The cache holds one window (256 cells for the tiny model): rows that would not fit beside the running
+    ones wait their turn, and every reply is what it is alone."""
+    from tunesmith.generation import Request
+    from tunesmith.serve.backends import load_gguf_engine, run_key
+
+    servers("llama-cpp")
+    engine = load_gguf_engine(str(assets.cache / "gguf" / run_key(assets.base) / "model.gguf"), max_batch=8,
+                              threads=1)
+    engine.threaded = False
+    cells = next(iter(engine.models.values())).module.cells
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    alone = generate(engine, PROMPTS[0], max_tokens=100)
+    events, most = [[] for _ in range(6)], 0
+    engine.submit([Request(next(iter(engine.models)), ids, 100, events[i].append, temperature=0) for i in range(6)])
+    while engine.busy:
+        engine.step()
+        most = max(most, engine.stats()["running"])
+    assert most == cells // (len(ids) + 100) < 6
+    assert ["".join(e.text for e in ev) for ev in events] == [alone] * 6
+
+
+def test_a_changed_run_is_exported_again(assets, tmp_path, monkeypatch):
+    import shutil
+
+    from tunesmith.serve import backends
+
+    run = Path(shutil.copytree(assets.lora, tmp_path / "run"))
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def export_gguf(run, out, **options):
+        calls.append(options)
+        Path(out).write_bytes(b"GGUF")
+
+    monkeypatch.setattr("tunesmith.gguf_export.export_gguf", export_gguf)
+    first = backends.exported(run)
+    assert backends.exported(run) == first and len(calls) == 1 and calls[0]["quant"] == "f16"
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "state.bin").write_bytes(b"x")  # not part of the weights: same export
+    assert backends.exported(run) == first and len(calls) == 1
+    weights = next(run.glob("adapter_model.*"))
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert backends.exported(run) != first and len(calls) == 2
+
+
+@needs_llama_cpp
+def test_runs_the_llama_cpp_backend_cannot_serve_are_refused_by_name(assets, monkeypatch):
+    from tunesmith.serve import ServeError
+    from tunesmith.serve.backends import load_gguf_engine
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(assets.cache))
+    with pytest.raises(ServeError, match="adapter 'soft'.*--backend torch"):
+        load_gguf_engine(assets.model, {"soft": str(assets.prompt)})
+    with pytest.raises(ServeError, match="tunesmith run directory"):
+        load_gguf_engine(str(assets.root))
+    with pytest.raises(ServeError, match="runs on the CPU"):
+        load_gguf_engine(assets.model, device="cuda")
+
+
+def test_without_llama_cpp_serve_names_make_setup_fast(assets, monkeypatch, capsys):
+    from tunesmith.cli import main
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    code = main(["serve", "--backend", "llama-cpp", "--model", assets.model])
+    err = capsys.readouterr().err
+    assert code != 0 and "make setup-fast" in err and "Traceback" not in err
