@@ -192,7 +192,8 @@ class TrainConfig(Strict):
     recompute: bool | None = Field(
         None, description="recompute activations in the backward pass instead of keeping them (activation "
                           "checkpointing): much less memory for one more forward pass (default: on when the "
-                          "activations would take over a quarter of the free memory)")
+                          "activations would outweigh the model's weights or take over a quarter of the free "
+                          "memory)")
     seed: int = 42
 
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default with an eval split: "

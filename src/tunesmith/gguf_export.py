@@ -39,10 +39,10 @@ class Tolerance:
 # Set from SmolLM2-135M (runs/demo-bf16, a LoRA run on the embedded model; the table is in docs/gguf.md, from
 # benchmarks/gguf_quality.py): the worse of the two loaders (transformers, llama.cpp) with a margin, top-1 about
 # 0.04-0.15 under the measured share and KL 2-3x over the measured mean. Measured: f16 0.997 / 1.2e-5, bf16
-# 0.993 / 7.0e-4, q8_0 0.972 / 7.8e-3, q5_0 0.857 / 0.143, q4_1 0.721 / 0.650, q4_0 0.669 / 0.586 (q5_1 not measured: q5_0's bound;
-# f32: the tiny test models' 1.000 / <= 3e-8). A 135M model loses much to 4-5 bit weights, so the low-bit bounds
-# are loose: they catch a broken file on a real model, not a subtle one (tested: a file without the q/k rope
-# permutation fails f32's bounds on a tiny model whose attention matters, at top-1 0.66 / KL 5e-3).
+# 0.993 / 7.0e-4, q8_0 0.972 / 7.8e-3, q5_0 0.857 / 0.143, q4_1 0.721 / 0.650, q4_0 0.669 / 0.586 (q5_1 not
+# measured: q5_0's bound; f32: the tiny test models' 1.000 / <= 3e-8). A 135M model loses much to 4-5 bit weights,
+# so the low-bit bounds are loose: they refuse a grossly wrong file, not a subtly wrong one (tested: a file without
+# the q/k rope permutation, on a tiny model whose attention matters, reaches top-1 0.66 / KL 5e-3 and fails f32's).
 TOLERANCE = {"f32": Tolerance(1.0, 1e-6), "f16": Tolerance(0.98, 2e-4), "bf16": Tolerance(0.95, 2e-3),
              "q8_0": Tolerance(0.90, 0.02), "q5_1": Tolerance(0.75, 0.35), "q5_0": Tolerance(0.75, 0.35),
              "q4_1": Tolerance(0.55, 1.5), "q4_0": Tolerance(0.55, 1.5)}

@@ -7,9 +7,9 @@ hidden states of the positions whose next token is learnable, and only those, go
 N the learnable tokens of the batch. Even those logits never exist at once: the head and the cross-entropy run
 on chunks of ~8 MB of logits each ([n, V], n = 42 rows for SmolLM2's vocabulary) under activation checkpointing,
 so the backward pass recomputes a chunk's logits instead of keeping them (~100 MB less at the peak of a demo
-step: logits, log-softmax and their gradient, for one more pass of the head). The loss is the same sum of cross-entropies divided the same way
-(`num_items_in_batch` when the Trainer gives it, else the mean), so values and gradients equal the plain loss
-(tested, packed rows included).
+step: logits, log-softmax and their gradient, for one more pass of the head). The loss is the same sum of
+cross-entropies divided the same way (`num_items_in_batch` when the Trainer gives it, else the mean), so values
+and gradients equal the plain loss (tested, packed rows and chunks included).
 
 Applies to causal LMs trained through their own forward (full, freeze, LoRA-family adapters); prompt and prefix
 tuning change the sequence peft feeds the model, so they keep the plain loss."""

@@ -158,9 +158,9 @@ def choose_recompute(config, batch_size: int, max_length: int, device: str, weig
                      ) -> tuple[bool, str]:
     """What `recompute` left unset means: recompute the activations in the backward pass (activation
     checkpointing, as TRL's SFTConfig does by default) when keeping them would take more memory than the model's
-    weights (and over 256 MB), or over a quarter of the free memory; keep them when they are small beside both. Recomputing costs
-    about one more forward pass: SmolLM2 LoRA on this project's 2-core CPU ran ~25 % slower with it and peaked
-    at 1.1 GB instead of 2.9 GB (benchmarks/train_vs_trl.py)."""
+    weights (and over 256 MB), or over a quarter of the free memory; keep them when they are small beside both.
+    Recomputing costs about one more forward pass: SmolLM2 LoRA on this project's 2-core CPU ran ~25 % slower
+    with it and peaked at 1.1 GB instead of 2.9 GB (benchmarks/train_vs_trl.py)."""
     need, free = activation_bytes(config, batch_size, max_length), free_memory(device)
     if need is None:
         return False, "recompute off: activations kept (their size could not be estimated)"
