@@ -1,15 +1,21 @@
 """`tunesmith serve --backend llama-cpp` against `tunesmith serve` (torch) on the same model, side by side in one
 run: batch-1 decode speed through the HTTP API (the openai client, streaming), the same llama.cpp called
 directly (llama-cpp-python's `Llama`, and tunesmith's llama-cpp engine without the server), then 16 concurrent
-streaming clients (aggregate tokens/s, time to first token). The servers run one at a time.
+streaming clients (aggregate tokens/s, time to first token).
 
-    .venv/bin/python benchmarks/serve_backends.py [--model smollm2-135m-instruct] [--max-tokens 128]
-                                                  [--repeats 3] [--clients 16] [--requests 2]
+    .venv/bin/python benchmarks/serve_backends.py [--model smollm2-135m-instruct | RUN] [--gguf-quant q8_0]
+                                                  [--max-tokens 128] [--rounds 5] [--clients 16] [--requests 2]
+
+This machine's speed drifts by a third within an hour (other tenants of the host), so the paths are measured in
+rounds: both servers are up from the start, and each round times one reply of every path back to back (only one
+of them computing at a time). The ratios are taken within each round; the table shows each path's median and
+best, and the median of the per-round ratios. --model may be a run directory: torch serves the run, llama.cpp
+its export at --gguf-quant.
 
 Batch 1: one streamed chat reply of exactly --max-tokens tokens (the stop tokens banned with logit_bias), greedy;
 "decode tokens/s" is (tokens - 1) / (time of the last token - time of the first), the speed once the reply
-streams; "with prefill" divides all tokens by the whole call. Best of --repeats after a warm-up. The
-embedded model is served from its Q4_1 GGUF by llama.cpp and as the dequantised float32 model by torch.
+streams. The embedded model is served from its Q4_1 GGUF by llama.cpp and as the dequantised float32 model by
+torch.
 Results: benchmarks/serve_backends.md."""
 
 from __future__ import annotations
@@ -41,14 +47,13 @@ def timed(stream) -> tuple[float, float, int]:
     return first - started, last - first, tokens
 
 
-def rates(runs: list[tuple[float, float, int]]) -> dict:
-    decode = [(n - 1) / span for _, span, n in runs]
-    whole = [n / (ttft + span) for ttft, span, n in runs]
-    return {"decode": max(decode), "whole": max(whole), "tokens": runs[0][2], "median": statistics.median(decode)}
+def decode_rate(run: tuple[float, float, int]) -> float:
+    _, span, n = run
+    return (n - 1) / span
 
 
-def over_http(url: str, model: str, max_tokens: int, ban: dict, repeats: int) -> dict:
-    """Batch-1 streamed chat through the openai client; one piece per token (usage checked)."""
+def over_http(url: str, model: str, max_tokens: int, ban: dict):
+    """One batch-1 streamed chat through the openai client, timed; one piece per token."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
@@ -59,11 +64,10 @@ def over_http(url: str, model: str, max_tokens: int, ban: dict, repeats: int) ->
                                                     stream_options={"include_usage": True}):
             if chunk.choices and chunk.choices[0].delta.content:  # the role chunk's content is ""
                 yield chunk.choices[0].delta.content
-    timed(pieces())  # warm-up
-    return rates([timed(pieces()) for _ in range(repeats)])
+    return lambda: timed(pieces())
 
 
-def llama_cpp_direct(gguf: Path, ids: list[int], max_tokens: int, ban: dict, repeats: int) -> dict:
+def llama_cpp_direct(gguf: Path, ids: list[int], max_tokens: int, ban: dict):
     """llama-cpp-python's own `Llama` on the same GGUF and prompt ids: greedy, streamed, no server."""
     from llama_cpp import Llama
 
@@ -73,16 +77,15 @@ def llama_cpp_direct(gguf: Path, ids: list[int], max_tokens: int, ban: dict, rep
         for out in llm.create_completion(ids, max_tokens=max_tokens, temperature=0, stream=True,
                                          logit_bias={int(k): v for k, v in ban.items()}):
             yield out["choices"][0]["text"] or " "
-    timed(pieces())
-    return rates([timed(pieces()) for _ in range(repeats)])
+    return lambda: timed(pieces())
 
 
-def engine_direct(model: str, ids: list[int], max_tokens: int, ban: dict, repeats: int) -> dict:
+def engine_direct(model: str, ids: list[int], max_tokens: int, ban: dict, quant: str):
     """tunesmith's llama-cpp engine driven by step() in this thread: the server's decoder without HTTP."""
     from tunesmith.generation import Request
     from tunesmith.serve.backends import load_gguf_engine
 
-    engine = load_gguf_engine(model, max_batch=16)
+    engine = load_gguf_engine(model, max_batch=16, gguf_quant=quant)
     engine.threaded = False
 
     def pieces():
@@ -95,15 +98,20 @@ def engine_direct(model: str, ids: list[int], max_tokens: int, ban: dict, repeat
                 event = events.pop(0)
                 if event.finish_reason is None:
                     yield event.text or " "
-    timed(pieces())
-    return rates([timed(pieces()) for _ in range(repeats)])
+    return lambda: timed(pieces())
+
+
+TORCH = "tunesmith serve --backend torch (HTTP, openai client)"
+LLAMA = "tunesmith serve --backend llama-cpp (HTTP, openai client)"
+LLAMA_DIRECT, ENGINE_DIRECT = "llama-cpp-python Llama, called directly", "tunesmith llama-cpp engine, called directly"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model or a run directory")
+    parser.add_argument("--gguf-quant", default="q8_0", help="the type a run is exported at for llama.cpp")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in the concurrent test")
     parser.add_argument("--concurrent-max-tokens", type=int, default=64)
@@ -112,42 +120,54 @@ def main() -> None:
     import torch
 
     from tunesmith.data.tokenize import encode_chat_prompt, stop_token_ids
-    from tunesmith.models import embedded_gguf, load_generation_config, load_tokenizer
+    from tunesmith.models import EMBEDDED, embedded_gguf, load_generation_config, load_tokenizer
+    from tunesmith.serve.backends import gguf_of
 
+    torch.set_num_threads(1)  # this process only times and drives; its idle OpenMP threads would spin
     tokenizer = load_tokenizer(args.model)
     ban = {str(t): -100.0 for t in sorted(stop_token_ids(tokenizer, load_generation_config(args.model)))}
     ids = encode_chat_prompt(tokenizer, QUESTION)
-    gguf = embedded_gguf(args.model)
+    run = args.model not in EMBEDDED
+    gguf = gguf_of(args.model, args.gguf_quant)[0] if run else embedded_gguf(args.model)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"llama-cpp-python {__import__('llama_cpp').__version__}; model {args.model}; prompt {len(ids)} tokens")
+          f"torch {torch.__version__}; llama-cpp-python {__import__('llama_cpp').__version__}; model {args.model}"
+          f" (llama.cpp: {gguf.name}{f', {args.gguf_quant}' if run else ''}); prompt {len(ids)} tokens")
 
-    batch1, concurrent = {}, {}
-    for backend in ("torch", "llama-cpp"):
-        proc, url = start_server(args.model, "--backend", backend, "--max-batch", str(args.clients))
-        try:
-            batch1[f"tunesmith serve --backend {backend} (HTTP, openai client)"] = \
-                over_http(url, args.model, args.max_tokens, ban, args.repeats)
+    paths, servers = {}, []
+    try:
+        for backend, name in (("torch", TORCH), ("llama-cpp", LLAMA)):
+            extra = ("--gguf-quant", args.gguf_quant) if run and backend == "llama-cpp" else ()
+            proc, url = start_server(args.model, "--backend", backend, "--max-batch", str(args.clients), *extra)
+            servers.append((backend, proc, url))
+            paths[name] = over_http(url, args.model, args.max_tokens, ban)
+        paths[LLAMA_DIRECT] = llama_cpp_direct(gguf, ids, args.max_tokens, ban)
+        paths[ENGINE_DIRECT] = engine_direct(args.model, ids, args.max_tokens, ban, args.gguf_quant)
+        for path in paths.values():  # warm-up
+            path()
+        rounds = []
+        for i in range(args.rounds):
+            rounds.append({name: decode_rate(path()) for name, path in paths.items()})
+            print(f"round {i + 1}: " + ", ".join(f"{r:.1f}" for r in rounds[-1].values()) + " tok/s", flush=True)
+        concurrent = {}
+        for backend, _, url in servers:
             asyncio.run(load(url, args.model, 1, 1, 4, ban))  # warm-up
             concurrent[backend] = asyncio.run(load(url, args.model, args.clients, args.requests,
                                                    args.concurrent_max_tokens, ban))
-        finally:
+    finally:
+        for _, proc, _ in servers:
             proc.terminate()
             proc.wait(timeout=30)
-    if gguf is not None:
-        batch1["llama-cpp-python Llama, called directly"] = llama_cpp_direct(gguf, ids, args.max_tokens, ban,
-                                                                              args.repeats)
-    batch1["tunesmith llama-cpp engine, called directly"] = engine_direct(args.model, ids, args.max_tokens, ban,
-                                                                          args.repeats)
 
-    torch_rate = batch1["tunesmith serve --backend torch (HTTP, openai client)"]["decode"]
-    print(f"\nbatch 1: one streamed greedy reply of {args.max_tokens} tokens, best of {args.repeats}")
-    print(f"{'path':58} {'decode tok/s':>12} {'median':>7} {'with prefill':>12} {'vs torch':>8}")
-    for name, r in batch1.items():
-        print(f"{name:58} {r['decode']:12.1f} {r['median']:7.1f} {r['whole']:12.1f} {r['decode'] / torch_rate:7.2f}x")
-    for name in list(batch1)[2:]:
-        served = batch1["tunesmith serve --backend llama-cpp (HTTP, openai client)"]["decode"]
-        print(f"llama-cpp server / {name}: {served / batch1[name]['decode']:.2f}x")
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(r[a] / r[b] for r in rounds)
+
+    print(f"\nbatch 1: one streamed greedy reply of {args.max_tokens} tokens per path per round, {args.rounds} rounds")
+    print(f"{'path':58} {'median tok/s':>12} {'best':>6} {'vs torch (median of rounds)':>28}")
+    for name in paths:
+        rates = [r[name] for r in rounds]
+        print(f"{name:58} {statistics.median(rates):12.1f} {max(rates):6.1f} {ratio(name, TORCH):27.2f}x")
+    for name in (LLAMA_DIRECT, ENGINE_DIRECT):
+        print(f"llama-cpp server / {name}: {ratio(LLAMA, name):.2f}x (median of rounds)")
     print(f"\n{args.clients} concurrent clients, {args.requests} streamed chat requests each, "
           f"max_tokens {args.concurrent_max_tokens} (every reply that long), --max-batch {args.clients}")
     print(f"{'backend':10} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'wall s':>7}")

@@ -1,8 +1,9 @@
 """The same API tests against both decoders (`tunesmith serve --backend torch|llama-cpp`), through a real uvicorn
 server and the official `openai` client: every route, the conversation store, auth and errors behave alike,
 and the same prompt gives the same greedy text on both. The llama-cpp half skips without llama-cpp-python
-(`make setup-fast`); the tiny model is a full-weight run, which the llama-cpp backend exports to GGUF f16 on
-first use (into a cache directory of this module's own)."""
+(`make setup-fast`); the tiny model is a full-weight run, which the llama-cpp backend exports to GGUF on first
+use (into a cache directory of this module's own): at f16 here, where the greedy text must match torch's, not at
+the q8_0 users get by default."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python
 BACKENDS = ["torch", pytest.param("llama-cpp", marks=needs_llama_cpp)]
 # One llama.cpp thread for the tiny model, as conftest gives torch one: its threads sync by spinning, and a
 # second thread that another process keeps off a core of this 2-core machine makes each step take ~100 ms.
-LLAMA_THREADS = {"llama-cpp": {"threads": 1}}
+LLAMA_OPTIONS = {"llama-cpp": {"threads": 1, "gguf_quant": "f16"}}
 PROMPTS = ["What is the capital of France?", "Q: 2+2?\nA:", "Review: boring. Sentiment:"]
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -60,7 +61,7 @@ def servers(assets):
         def start(backend: str):
             if backend not in started:
                 engine = LOADERS[backend].load_engine(assets.model, {"mine": str(assets.lora)}, max_batch=16,
-                                                      **LLAMA_THREADS.get(backend, {}))
+                                                      **LLAMA_OPTIONS.get(backend, {}))
                 settings = ServeSettings(api_key=KEY, conversations=str(assets.root / f"{backend}.sqlite"))
                 url = stack.enter_context(uvicorn_on_loopback(create_app(engine, settings)))
                 started[backend] = SimpleNamespace(url=url, engine=engine, backend=backend)
@@ -235,6 +236,11 @@ def test_loading_a_run_while_serving(server, assets):
                 for m in ("mine", "again")]
         assert same[0] == same[1]
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "again"}).status_code == 200
+    if server.backend == "llama-cpp":  # exported at the type the server was started with, not the default
+        from tunesmith.serve.backends import run_key
+
+        assert (assets.cache / "gguf" / run_key(assets.lora, "f16") / "model.gguf").is_file()
+        assert not (assets.cache / "gguf" / run_key(assets.lora, "q8_0")).exists()
 
 
 # -- the llama-cpp backend's models: GGUF files, runs exported and cached, clear refusals ----------------------
@@ -244,7 +250,7 @@ def test_a_gguf_file_serves_as_the_run_it_was_exported_from(servers, assets):
     from tunesmith.serve.backends import load_gguf_engine
     from tunesmith.serve.backends import run_key
 
-    gguf = assets.cache / "gguf" / run_key(assets.base) / "model.gguf"
+    gguf = assets.cache / "gguf" / run_key(assets.base, "f16") / "model.gguf"
     servers("llama-cpp")  # exported the run into the cache
     assert gguf.is_file()
     engine = load_gguf_engine(str(gguf), threads=1)
@@ -265,6 +271,26 @@ def generate(engine, prompt: str, max_tokens: int = 16) -> str:
     return "".join(e.text for e in events)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lora_run_serves_as_the_model_with_its_adapter_merged(backend, servers, assets):
+    """`--model RUN` for a LoRA run: both backends answer as the base server does for that run as an adapter."""
+    from tunesmith.serve import BACKENDS as LOADERS
+
+    engine = LOADERS[backend].load_engine(str(assets.lora), **LLAMA_OPTIONS.get(backend, {}))
+    expected = complete(client_of(servers("torch")), "mine", PROMPTS[0]).choices[0].text
+    assert expected != complete(client_of(servers("torch")), assets.model, PROMPTS[0]).choices[0].text
+    assert generate(engine, PROMPTS[0]) == expected
+
+
+def test_a_prompt_tuning_run_as_the_model_is_refused_with_what_to_do(assets):
+    from tunesmith.serve import ServeError, load_engine
+
+    with pytest.raises(ServeError) as refused:
+        load_engine(str(assets.prompt))
+    assert str(refused.value) == (f"--model {assets.prompt}: a prompt_tuning run cannot be served as the base model; "
+                                  f"serve its base with --model {assets.base} --adapter NAME={assets.prompt}")
+
+
 @needs_llama_cpp
 def test_requests_wait_for_room_in_the_kv_cache_instead_of_failing(servers, assets):
     """The cache holds one window (256 cells for the tiny model): rows that would not fit beside the running
@@ -273,7 +299,7 @@ def test_requests_wait_for_room_in_the_kv_cache_instead_of_failing(servers, asse
     from tunesmith.serve.backends import load_gguf_engine, run_key
 
     servers("llama-cpp")
-    engine = load_gguf_engine(str(assets.cache / "gguf" / run_key(assets.base) / "model.gguf"), max_batch=8,
+    engine = load_gguf_engine(str(assets.cache / "gguf" / run_key(assets.base, "f16") / "model.gguf"), max_batch=8,
                               threads=1)
     engine.threaded = False
     cells = next(iter(engine.models.values())).module.cells
@@ -303,7 +329,10 @@ def test_a_changed_run_is_exported_again(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr("tunesmith.gguf_export.export_gguf", export_gguf)
     first = backends.exported(run)
-    assert backends.exported(run) == first and len(calls) == 1 and calls[0]["quant"] == "f16"
+    assert backends.exported(run) == first and len(calls) == 1 and calls[0]["quant"] == "q8_0"  # the default
+    exact = backends.exported(run, "f16")  # another type is another file, exported once
+    assert exact != first and backends.exported(run, "f16") == exact and calls[1]["quant"] == "f16"
+    del calls[1:]
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "state.bin").write_bytes(b"x")  # not part of the weights: same export
     assert backends.exported(run) == first and len(calls) == 1
@@ -324,6 +353,15 @@ def test_runs_the_llama_cpp_backend_cannot_serve_are_refused_by_name(assets, mon
         load_gguf_engine(str(assets.root))
     with pytest.raises(ServeError, match="runs on the CPU"):
         load_gguf_engine(assets.model, device="cuda")
+
+
+def test_llama_cpp_flags_are_refused_with_the_torch_backend(assets, capsys):
+    from tunesmith.cli import main
+
+    code = main(["serve", "--model", assets.model, "--threads", "2", "--gguf-quant", "f16"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--threads and --gguf-quant apply to --backend llama-cpp only" in err
+    assert "Traceback" not in err
 
 
 def test_without_llama_cpp_serve_names_make_setup_fast(assets, monkeypatch, capsys):

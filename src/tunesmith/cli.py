@@ -262,7 +262,8 @@ def cmd_serve(args) -> int:
           f"http://{args.host}:{args.port}/)", file=sys.stderr, flush=True)
     serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port, settings=settings,
           chat_template=args.chat_template, max_batch=args.max_batch, max_queue=args.max_queue,
-          context_window=args.context_window, device=args.device, backend=args.backend)
+          context_window=args.context_window, device=args.device, backend=args.backend, threads=args.threads,
+          gguf_quant=args.gguf_quant)
     return 0
 
 
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decoder: torch (default; every adapter type) or llama-cpp (GGUF on llama.cpp: 2.7x torch "
                    "for one client on a 2-core CPU, see docs/backends.md; a run is exported to GGUF on first use; "
                    "needs `make setup-fast`)")
+    p.add_argument("--threads", type=int, help="llama-cpp backend: llama.cpp's threads (default: every core this "
+                   "process may use)")
+    p.add_argument("--gguf-quant", choices=list(QUANTS), help="llama-cpp backend: the GGUF type a run is exported "
+                   "at on first use (default: q8_0, 1.6x f16's speed; f16 is exact, q4_0 the fastest)")
     device_flag(p)
     p.set_defaults(func=cmd_serve)
 

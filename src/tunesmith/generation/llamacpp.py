@@ -172,8 +172,10 @@ class LlamaCppEngine(Engine):
 
     backend = "llama-cpp"
 
-    def __init__(self, models: dict[str, Served], tokenizer, *, context_window: int, **options):
+    def __init__(self, models: dict[str, Served], tokenizer, *, context_window: int, gguf_quant: str | None = None,
+                 **options):
         super().__init__(models, tokenizer, context_window=context_window, **options)
+        self.gguf_quant = gguf_quant  # the type a run loaded while serving is exported at (None: the default)
 
     def vocabulary(self, name: str) -> tuple[int, set[int]]:
         model = self.models[name].module

@@ -27,18 +27,23 @@ def __getattr__(name: str):
 
 def serve(model: str, adapters: dict[str, str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           settings=None, chat_template: str | None = None, max_batch: int = 8, max_queue: int = 64,
-          context_window: int | None = None, device: str = "auto", backend: str = "torch") -> None:
+          context_window: int | None = None, device: str = "auto", backend: str = "torch",
+          threads: int | None = None, gguf_quant: str | None = None) -> None:
     """Load the model and its adapters onto `device` (auto: CUDA when available) with the decoder `backend` (a
-    key of BACKENDS), then serve until interrupted."""
+    key of BACKENDS), then serve until interrupted. `threads` and `gguf_quant` are the llama-cpp backend's."""
     import uvicorn
 
     from .app import create_app
 
     if backend not in BACKENDS:
         raise ServeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    options = {k: v for k, v in (("threads", threads), ("gguf_quant", gguf_quant)) if v is not None}
+    if options and backend != "llama-cpp":
+        flags = " and ".join("--" + k.replace("_", "-") for k in options)
+        raise ServeError(f"{flags} apply to --backend llama-cpp only")
     engine = BACKENDS[backend].load_engine(model, adapters, chat_template=chat_template,
                                            context_window=context_window, max_batch=max_batch,
-                                           max_queue=max_queue, device=device)
+                                           max_queue=max_queue, device=device, **options)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
 

@@ -44,6 +44,20 @@ def check_template(name: str, run: str, info: dict, fingerprint: str) -> None:
                          f"(--chat-template) or retrain it")
 
 
+def _merged_run(run: str, info: dict):
+    """A peft run given as --model: its base with the adapter merged in, the model the llama-cpp backend exports.
+    (transformers alone would load it with the adapter attached in its own way, which the engine cannot route.)"""
+    from peft import PeftConfig
+
+    from ..models import load_run
+
+    if info["task"] != "sft" or PeftConfig.from_pretrained(run).is_prompt_learning:
+        kind = info["task"] if info["task"] != "sft" else info["method"]
+        raise ServeError(f"--model {run}: a {kind} run cannot be served as the base model; serve its base with "
+                         f"--model {info['base_model']} --adapter NAME={run}")
+    return load_run(run)[0].merge_and_unload()
+
+
 def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
                 context_window: int | None = None, **engine_options) -> Engine:
     """An `Engine` serving `model` under its own name and each run of `adapters` ({name: run dir})."""
@@ -54,7 +68,8 @@ def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_temp
     tokenizer = load_tokenizer(model)
     template = chat_template_for(tokenizer, chat_template)
     fingerprint = template_fingerprint(template)
-    base = load_causal_lm(model)
+    info = runs.read_info(model)
+    base = _merged_run(model, info) if info is not None and info["peft"] else load_causal_lm(model)
     served: dict[str, Served] = {model: Served(base)}
     shared = None  # the PeftModel whose adapters share `base`
     for name, run in (adapters or {}).items():

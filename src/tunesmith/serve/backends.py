@@ -5,10 +5,11 @@ Both load into an engine with the same interface, so the routes, the conversatio
 the same; only what computes the logits differs.
 
 The llama-cpp backend serves GGUF files. `--model` may be the embedded default (the GGUF it ships, used as is), a
-`.gguf` file, or a tunesmith run: exported to GGUF f16 on first use (`gguf_export.export_gguf`, which verifies the
-file against the run) and cached under the tunesmith cache directory, keyed by the run's content, so a changed
-run is exported again. Each `--adapter` run (and each run loaded while serving) is served as its own merged
-model; runs that cannot merge (prompt and prefix tuning) or that classify stay with the torch backend."""
+`.gguf` file, or a tunesmith run: exported to GGUF on first use (`gguf_export.export_gguf`, which verifies the
+file against the run; q8_0 unless `--gguf-quant` says otherwise) and cached under the tunesmith cache directory,
+keyed by the run's content and the quant type, so a changed run is exported again. Each `--adapter` run (and
+each run loaded while serving) is served as its own merged model; runs that cannot merge (prompt and prefix
+tuning) or that classify stay with the torch backend."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ from ..version import __version__
 from .adapters import ServeError, check_template, load_engine, load_served
 from .engine import Served
 
-GGUF_QUANT = "f16"  # runs are exported at f16: llama.cpp's speed, logits within 2e-3 of the run's
+# The type runs are exported at for llama.cpp (`--gguf-quant`). q8_0: on the project's 2-core CPU it decodes one
+# reply 1.6x as fast as f16 (81 against 51 tokens/s; half the bytes read per token), with top-1 agreement 0.97 and
+# mean KL 8e-3 against the run on SmolLM2 (docs/gguf.md). f16 is the exact choice, q4_0 the fastest (docs/backends.md).
+GGUF_QUANT = "q8_0"
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,9 @@ def _gguf_tokenizer(path: Path):
     return tokenizer
 
 
-def gguf_of(model: str) -> tuple[Path, object, object]:
-    """(GGUF file, tokenizer, generation config or None) for a --model of the llama-cpp backend."""
+def gguf_of(model: str, quant: str = GGUF_QUANT) -> tuple[Path, object, object]:
+    """(GGUF file, tokenizer, generation config or None) for a --model of the llama-cpp backend; a run is
+    exported at `quant`."""
     from ..models import EMBEDDED, embedded_gguf, load_generation_config, load_tokenizer
 
     if model in EMBEDDED:
@@ -74,16 +79,16 @@ def gguf_of(model: str) -> tuple[Path, object, object]:
                              "directory, exported on first use)")
         return path, _gguf_tokenizer(path), None
     if runs.read_info(path) is not None:
-        return exported(path), load_tokenizer(str(path)), load_generation_config(str(path))
+        return exported(path, quant), load_tokenizer(str(path)), load_generation_config(str(path))
     raise ServeError(f"--model {model}: the llama-cpp backend serves a .gguf file, the embedded default or a "
                      f"tunesmith run directory; for any other model export it to GGUF first, or serve it with "
                      "--backend torch")
 
 
-def run_key(run: Path) -> str:
+def run_key(run: Path, quant: str = GGUF_QUANT) -> str:
     """The cache key of a run's export: its name and a hash of every file that makes its weights (checkpoints and
     the training log aside), with the tunesmith version and the quant type."""
-    digest = hashlib.sha256(f"{__version__}\0{GGUF_QUANT}".encode())
+    digest = hashlib.sha256(f"{__version__}\0{quant}".encode())
     for path in sorted(p for p in run.rglob("*") if p.is_file()):
         relative = path.relative_to(run).as_posix()
         if relative.split("/")[0] in (runs.CHECKPOINTS, runs.LOG):
@@ -95,24 +100,24 @@ def run_key(run: Path) -> str:
     return f"{run.resolve().name}-{digest.hexdigest()[:16]}"
 
 
-def exported(run: Path) -> Path:
+def exported(run: Path, quant: str = GGUF_QUANT) -> Path:
     """The run as a GGUF file in the cache, exported on first use. Written in a temporary directory and renamed
     into place, so an interrupted export never leaves a file that a later start would trust."""
     from ..gguf_export import export_gguf
     from ..models import cache_dir
 
-    target = cache_dir() / "gguf" / run_key(Path(run))
+    target = cache_dir() / "gguf" / run_key(Path(run), quant)
     path = target / "model.gguf"
     if path.is_file():
         return path
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"tunesmith: exporting {run} to GGUF {GGUF_QUANT} once for llama.cpp; cached in {target}", file=sys.stderr,
+    print(f"tunesmith: exporting {run} to GGUF {quant} once for llama.cpp; cached in {target}", file=sys.stderr,
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         # Verified against the run with transformers; llama.cpp loads it next, in this process (tests/
         # test_backends.py compares its replies with the torch engine's).
-        export_gguf(run, tmp / "model.gguf", quant=GGUF_QUANT, force=True, llama_cpp=False)
+        export_gguf(run, tmp / "model.gguf", quant=quant, force=True, llama_cpp=False)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished the same export first; theirs is as good
@@ -123,7 +128,7 @@ def exported(run: Path) -> Path:
     return path
 
 
-def _run_gguf(name: str, run: str | Path, fingerprint: str) -> tuple[Path, object, dict]:
+def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple[Path, object, dict]:
     """(GGUF file, generation config, run.json) of a run served as `name`, checked as the torch backend checks it."""
     from ..models import load_generation_config
 
@@ -143,7 +148,7 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str) -> tuple[Path, objec
             raise ServeError(f"adapter {name!r}: {run} learned virtual tokens ({info['method']} tuning), which cannot "
                              "be merged into a GGUF's weights; serve it with --backend torch")
     try:
-        path = exported(Path(run))
+        path = exported(Path(run), quant)
     except TunesmithError as err:  # e.g. prompt tuning, which has no merged weights to export
         raise ServeError(f"adapter {name!r}: the llama-cpp backend serves each run as an exported GGUF, and {err}; "
                          "serve it with --backend torch") from None
@@ -152,8 +157,9 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str) -> tuple[Path, objec
 
 def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
                      context_window: int | None = None, max_batch: int = 8, max_queue: int = 64,
-                     device: str = "auto", threads: int | None = None):
-    """A `LlamaCppEngine` serving `model` under its own name and each run of `adapters` ({name: run dir}).
+                     device: str = "auto", threads: int | None = None, gguf_quant: str = GGUF_QUANT):
+    """A `LlamaCppEngine` serving `model` under its own name and each run of `adapters` ({name: run dir}), with
+    llama.cpp on `threads` threads (default: every core this process may use); runs are exported at `gguf_quant`.
 
     Sets torch to one thread: here torch only picks tokens (vocabulary-sized vectors, where a second thread gains
     nothing), and its idle OpenMP threads spin on the cores llama.cpp's threads need (measured on 2 cores: the
@@ -162,11 +168,17 @@ def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat
 
     from ..generation.llamacpp import GGUFModel, LlamaCppEngine
 
+    from ..gguf_export import QUANTS
+
     require_llama_cpp()
+    if gguf_quant not in QUANTS:
+        raise ServeError(f"unknown --gguf-quant {gguf_quant!r}; choose one of {', '.join(QUANTS)}")
+    if threads is not None and threads < 1:
+        raise ServeError(f"--threads {threads}: give at least 1")
     torch.set_num_threads(1)
     if device not in ("auto", "cpu"):
         raise ServeError(f"the llama-cpp backend runs on the CPU; --device {device} needs --backend torch")
-    path, tokenizer, generation_config = gguf_of(model)
+    path, tokenizer, generation_config = gguf_of(model, gguf_quant)
     template = chat_template_for(tokenizer, chat_template)
     fingerprint = template_fingerprint(template)
     options = dict(max_batch=max_batch, context_window=context_window, threads=threads)
@@ -175,10 +187,10 @@ def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat
     for name, run in (adapters or {}).items():
         if name in served:
             raise ServeError(f"adapter name {name!r} is used twice (or is the base model's name)")
-        run_path, config, _ = _run_gguf(name, run, fingerprint)
+        run_path, config, _ = _run_gguf(name, run, fingerprint, gguf_quant)
         served[name] = Served(GGUFModel(run_path, tokenizer, generation_config=config, **options), run=str(run))
     return LlamaCppEngine(served, tokenizer, context_window=base.window, chat_template=template,
-                          max_batch=max_batch, max_queue=max_queue)
+                          max_batch=max_batch, max_queue=max_queue, gguf_quant=gguf_quant)
 
 
 def load_gguf_served(engine, name: str, run: str | Path) -> Served:
@@ -187,7 +199,8 @@ def load_gguf_served(engine, name: str, run: str | Path) -> Served:
     from ..generation.llamacpp import GGUFModel
 
     base = engine.models[next(iter(engine.models))].module
-    run_path, config, _ = _run_gguf(name, run, template_fingerprint(engine.chat_template))
+    run_path, config, _ = _run_gguf(name, run, template_fingerprint(engine.chat_template),
+                                    engine.gguf_quant or GGUF_QUANT)
     model = GGUFModel(run_path, engine.tokenizer, generation_config=config, max_batch=engine.max_batch,
                       context_window=base.window, threads=base.threads)
     return Served(model, run=str(run))
