@@ -302,6 +302,8 @@ def test_a_file_without_the_rope_permutation_fails_verification(sharp_run, tmp_p
         rf"{tmp_path / 'm.gguf'} was not written: the GGUF does not match the run \(transformers: the most likely next "
         r"token is the run's at only 0\.\d+ of \d+ positions, below the 1 required for f32; transformers: the mean KL "
         r"divergence from the run's next-token distribution is [\d.e-]+ nats, over the 1e-06 tolerated for f32; "
+        r"transformers: the file lost what training changed: it is [\d.e+-]+ nats from the run, and the base model "
+        r"without the adapter is [\d.e-]+; a file must be within 0\.5 of that; "
         r"transformers: greedy continuations differ on \d/6 prompts, where f32 must reproduce them all\)\. "
         r"Measured: f32 \(tolerance: [^)]*\): transformers: top-1 agreement 0\.\d+ over \d+ positions, .*\. "
         r"Pass --no-verify to keep such a file anyway\.", str(refused.value))
@@ -310,6 +312,29 @@ def test_a_file_without_the_rope_permutation_fails_verification(sharp_run, tmp_p
     path = export_gguf(sharp_run, tmp_path / "m.gguf", quant="f32", verify=False).path
     [compared] = verify_gguf(sharp_run, path, llama_cpp=False).comparisons
     assert compared.top1 < 0.9 and compared.kl > 1e3 * TOLERANCE["f32"].kl and compared.kl > TOLERANCE["f16"].kl
+
+
+def test_a_file_that_lost_the_training_is_refused_even_within_its_quant_tolerance(lora_run, tmp_path, monkeypatch):
+    """The base model's weights written instead of the merged run's: what rounding a run onto its base's own
+    quant grid does (q4_1 over the embedded Q4_1 SmolLM2). No per-type tolerance is loose enough to notice
+    alone; the comparison with the base is."""
+    from tunesmith.models import load_run
+
+    assert export_gguf(lora_run, tmp_path / "right" / "m.gguf", quant="f32", llama_cpp=False).verification
+    monkeypatch.setitem(TOLERANCE, "f32", Tolerance(top1=0.0, kl=float("inf")))
+    monkeypatch.setattr(gguf_export, "_merged", lambda run: (lambda m, t, i: (m.unload(), t, i))(*load_run(run)))
+
+    with pytest.raises(ExportError) as refused:
+        export_gguf(lora_run, tmp_path / "m.gguf", quant="f32", llama_cpp=False)
+    [problem] = re.findall(r"transformers: the file lost what training changed: it is ([\d.e+-]+) nats from the "
+                           r"run, and the base model without the adapter is ([\d.e+-]+); a file must be within 0\.5 "
+                           r"of that", str(refused.value))
+    assert problem[0] == problem[1]  # the file is the base
+    path = export_gguf(lora_run, tmp_path / "m.gguf", quant="f32", verify=False).path
+    [base_file] = verify_gguf(lora_run, path, llama_cpp=False).comparisons
+    [merged_file] = verify_gguf(lora_run, tmp_path / "right" / "m.gguf", llama_cpp=False).comparisons
+    assert base_file.kl == pytest.approx(base_file.kl_base, rel=1e-3) and base_file.kl_base > 1e-4
+    assert merged_file.kl < 1e-6 and merged_file.kl_base == pytest.approx(base_file.kl_base, rel=1e-6)
 
 
 def test_a_refusal_says_by_how_much_against_which_tolerance_and_what_to_do(lora_run, tmp_path, monkeypatch):
@@ -344,7 +369,8 @@ def test_cli(lora_run, tmp_path, capsys, monkeypatch):
     assert f"exported {lora_run} to {out} (q8_0), with {tmp_path / 'Modelfile'}" in printed
     assert re.search(r"verified: q8_0 \(tolerance: top-1 agreement >= [\d.]+, mean KL <= [\d.e-]+ nats\): "
                      r"transformers: top-1 agreement [\d.]+ over \d+ positions, mean KL [\d.e+-]+ nats, max \|logit "
-                     r"difference\| .*; greedy continuations identical on \d/6 prompts\n", printed)
+                     r"difference\| .*; greedy continuations identical on \d/6 prompts; the base model is [\d.e+-]+ "
+                     r"nats from the run\n", printed)
 
     assert main(["export", str(lora_run), "-o", str(out), "--gguf"]) == 1
     assert capsys.readouterr().err.startswith(f"tunesmith: error: {out} already exists")

@@ -46,6 +46,11 @@ class Tolerance:
 TOLERANCE = {"f32": Tolerance(1.0, 1e-6), "f16": Tolerance(0.98, 2e-4), "bf16": Tolerance(0.95, 2e-3),
              "q8_0": Tolerance(0.90, 0.02), "q5_1": Tolerance(0.75, 0.35), "q5_0": Tolerance(0.75, 0.35),
              "q4_1": Tolerance(0.55, 1.5), "q4_0": Tolerance(0.55, 1.5)}
+# An adapter run's file must also keep what training changed: its KL from the run at most this share of the base
+# model's KL from the run. Measured on the demo run over SmolLM2 (base: 0.55 nats from the run): q8_0 0.003 keeps
+# it; q4_1 (0.51) rounds the merged weights back onto the embedded base's own Q4_1 grid, and q4_0 (0.59) is
+# further from the run than the untrained base, and both halve or zero the run's exact match (docs/gguf.md).
+TRAINING_KEPT = 0.5
 GREEDY_MUST_MATCH = {"f32"}  # elsewhere rounding may flip a near-tie; the count is reported, not required
 FINER = {"q4_0": "q8_0", "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0", "q8_0": "f16", "bf16": "f16",
          "f16": "f32"}  # what an error suggests instead
@@ -83,6 +88,7 @@ class Comparison:
     logit_scale: float  # max |logit(run)|
     greedy_same: int  # prompts whose greedy continuation (GREEDY_TOKENS) is the run's
     prompts: int
+    kl_base: float | None = None  # mean KL(run || base model) over the same positions: adapter runs only
 
     def problems(self, quant: str) -> list[str]:
         tol, problems = TOLERANCE[quant], []
@@ -92,6 +98,10 @@ class Comparison:
         if not self.kl <= tol.kl:  # NaN fails too
             problems.append(f"{self.backend}: the mean KL divergence from the run's next-token distribution is "
                             f"{self.kl:.3g} nats, over the {tol.kl:g} tolerated for {quant}")
+        if self.kl_base is not None and not self.kl <= TRAINING_KEPT * self.kl_base:
+            problems.append(f"{self.backend}: the file lost what training changed: it is {self.kl:.3g} nats from "
+                            f"the run, and the base model without the adapter is {self.kl_base:.3g}; a file must "
+                            f"be within {TRAINING_KEPT:g} of that")
         if quant in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
             problems.append(f"{self.backend}: greedy continuations differ on {self.prompts - self.greedy_same}/"
                             f"{self.prompts} prompts, where {quant} must reproduce them all")
@@ -101,7 +111,8 @@ class Comparison:
         return (f"{self.backend}: top-1 agreement {self.top1:.3f} over {self.positions} positions, mean KL "
                 f"{self.kl:.2e} nats, max |logit difference| {self.max_logit_diff:.3g} "
                 f"({self.max_logit_diff / max(self.logit_scale, 1e-12):.1e} of the largest logit); greedy "
-                f"continuations identical on {self.greedy_same}/{self.prompts} prompts")
+                f"continuations identical on {self.greedy_same}/{self.prompts} prompts"
+                + (f"; the base model is {self.kl_base:.2e} nats from the run" if self.kl_base is not None else ""))
 
 
 @dataclass
@@ -483,16 +494,18 @@ class _Prompt:
     ids: list[int]  # the prompt as the run's tokenizer encodes it
     full: list[int]  # ids + the run's GREEDY_TOKENS greedy tokens
     logits: object  # the run's logits at every position of `full`: (len(full), vocab) float64 numpy
+    base_logits: object = None  # the same without the adapter (the base model), for adapter runs
 
 
 def _reference(run) -> tuple[list[_Prompt], object]:
     """The fixed prompt set with the run's ids, greedy continuations and logits; and the run's tokenizer. The
-    run is loaded unmerged: the comparison is with the run as tunesmith itself serves it."""
+    run is loaded unmerged: the comparison is with the run as tunesmith itself serves it. For an adapter run, also
+    the base model's logits (the adapter disabled) at the same positions."""
     import torch
 
     from .data.templates import render_chat
 
-    model, tokenizer, _ = load_run(run)
+    model, tokenizer, info = load_run(run)
     texts = [render_chat(tokenizer, chat, add_generation_prompt=True) for chat in CHATS] \
         if tokenizer.chat_template else []
     prompts = []
@@ -501,7 +514,11 @@ def _reference(run) -> tuple[list[_Prompt], object]:
         full = _greedy(model, ids)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
-        prompts.append(_Prompt(text, ids, full, logits))
+            base = None
+            if info["peft"]:
+                with model.disable_adapter():
+                    base = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
+        prompts.append(_Prompt(text, ids, full, logits, base))
     return prompts, tokenizer
 
 
@@ -525,19 +542,21 @@ def _compare(backend: str, prompts: list[_Prompt], logits: list) -> Comparison:
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
-    agree, kl, max_diff, scale, greedy_same = [], [], 0.0, 0.0, 0
+    agree, kl, kl_base, max_diff, scale, greedy_same = [], [], [], 0.0, 0.0, 0
     for prompt, got in zip(prompts, logits):
         want, got = prompt.logits, np.asarray(got, dtype=np.float64)  # (T, vocab) each
         same = want.argmax(-1) == got.argmax(-1)  # (T,)
         want_log, got_log = log_softmax(want), log_softmax(got)
         kl.append((np.exp(want_log) * (want_log - got_log)).sum(-1))
+        if prompt.base_logits is not None:
+            kl_base.append((np.exp(want_log) * (want_log - log_softmax(prompt.base_logits))).sum(-1))
         agree.append(same)
         greedy_same += bool(same[len(prompt.ids) - 1:-1].all())  # position i predicts token i + 1
         max_diff = max(max_diff, float(np.abs(got - want).max()))
         scale = max(scale, float(np.abs(want).max()))
     agree, kl = np.concatenate(agree), np.concatenate(kl)
     return Comparison(backend, len(agree), float(agree.mean()), float(kl.mean()), max_diff, scale, greedy_same,
-                      len(prompts))
+                      len(prompts), float(np.concatenate(kl_base).mean()) if kl_base else None)
 
 
 class _LoaderCrashed(Exception):
