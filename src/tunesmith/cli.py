@@ -438,9 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", metavar="DIR", help="list the runs and compare/continual reports under DIR in the "
                    "web page at / (its runs view)")
     p.add_argument("--backend", choices=["torch", "llama-cpp"], default="torch",
-                   help="the decoder: torch (default; every adapter type) or llama-cpp (GGUF on llama.cpp: 2.7x torch "
-                   "for one client on a 2-core CPU, see docs/backends.md; a run is exported to GGUF on first use; "
-                   "needs `make setup-fast`)")
+                   help="the decoder: torch (default; every adapter type) or llama-cpp (GGUF on llama.cpp: 3.4-3.6x "
+                   "torch for one client on a 2-core CPU, see docs/backends.md; a run is exported to GGUF on first "
+                   "use; needs `make setup-fast`)")
     p.add_argument("--threads", type=int, help="llama-cpp backend: llama.cpp's threads (default: every core this "
                    "process may use)")
     p.add_argument("--gguf-quant", choices=list(QUANTS), help="llama-cpp backend: the GGUF type a run is exported "

@@ -1,6 +1,6 @@
 """Which decoder a server runs on (`tunesmith serve --backend`): `torch`, the reference for every adapter type,
-or `llama-cpp`, GGUF models on llama.cpp (2.7x torch's speed for one client on a 2-core CPU, slower at 16;
-docs/backends.md has the measurements).
+or `llama-cpp`, GGUF models on llama.cpp (3.4-3.6x torch's speed for one client on a 2-core CPU; at 16 clients
+faster on a run's q8_0 export, slower on the embedded Q4_1 file; docs/backends.md has the measurements).
 Both load into an engine with the same interface, so the routes, the conversation store, auth and errors are
 the same; only what computes the logits differs.
 
