@@ -328,6 +328,7 @@ def test_a_changed_run_is_exported_again(assets, tmp_path, monkeypatch):
         Path(out).write_bytes(b"GGUF")
 
     monkeypatch.setattr("tunesmith.gguf_export.export_gguf", export_gguf)
+    monkeypatch.setattr("tunesmith.gguf_export.verify_gguf", lambda run, path, **_: SimpleNamespace(ok=True))
     first = backends.exported(run)
     assert backends.exported(run) == first and len(calls) == 1 and calls[0]["quant"] == "q8_0"  # the default
     exact = backends.exported(run, "f16")  # another type is another file, exported once
@@ -339,6 +340,20 @@ def test_a_changed_run_is_exported_again(assets, tmp_path, monkeypatch):
     weights = next(run.glob("adapter_model.*"))
     weights.write_bytes(weights.read_bytes() + b" ")
     assert backends.exported(run) != first and len(calls) == 2
+
+
+def test_a_run_whose_export_fails_verification_is_refused_with_a_finer_type(assets, tmp_path, monkeypatch):
+    from tunesmith.gguf_export import TOLERANCE, Tolerance
+    from tunesmith.serve import ServeError
+    from tunesmith.serve.backends import exported
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    monkeypatch.setitem(TOLERANCE, "q4_0", Tolerance(top1=1.0, kl=0.0))
+    with pytest.raises(ServeError, match=rf"^{assets.lora} exported at q4_0 does not match the run \(transformers: "
+                                         r".*\); serve it at a finer --gguf-quant such as q8_0, or export it yourself "
+                                         r"with `tunesmith export RUN --gguf --no-verify` and serve that file$"):
+        exported(assets.lora, "q4_0")
+    assert not list((tmp_path / "gguf").iterdir())  # nothing half-made is cached
 
 
 @needs_llama_cpp

@@ -101,7 +101,7 @@ class Comparison:
         if self.kl_base is not None and not self.kl <= TRAINING_KEPT * self.kl_base:
             problems.append(f"{self.backend}: the file lost what training changed: it is {self.kl:.3g} nats from "
                             f"the run, and the base model without the adapter is {self.kl_base:.3g}; a file must "
-                            f"be within {TRAINING_KEPT:g} of that")
+                            f"be at most {TRAINING_KEPT:g} times as far")
         if quant in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
             problems.append(f"{self.backend}: greedy continuations differ on {self.prompts - self.greedy_same}/"
                             f"{self.prompts} prompts, where {quant} must reproduce them all")

@@ -33,6 +33,7 @@ from .engine import Served
 # reply 1.6x as fast as f16 (81 against 51 tokens/s; half the bytes read per token), with top-1 agreement 0.97 and
 # mean KL 8e-3 against the run on SmolLM2 (docs/gguf.md). f16 is the exact choice, q4_0 the fastest (docs/backends.md).
 GGUF_QUANT = "q8_0"
+CHECKS = 2  # part of every cache key: raised when what an export must pass changes (2: the training kept)
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ def gguf_of(model: str, quant: str = GGUF_QUANT) -> tuple[Path, object, object]:
 
 def run_key(run: Path, quant: str = GGUF_QUANT) -> str:
     """The cache key of a run's export: its name and a hash of every file that makes its weights (checkpoints and
-    the training log aside), with the tunesmith version and the quant type."""
-    digest = hashlib.sha256(f"{__version__}\0{quant}".encode())
+    the training log aside), with the tunesmith version, the quant type and the checks it passed."""
+    digest = hashlib.sha256(f"{__version__}\0{quant}\0{CHECKS}".encode())
     for path in sorted(p for p in run.rglob("*") if p.is_file()):
         relative = path.relative_to(run).as_posix()
         if relative.split("/")[0] in (runs.CHECKPOINTS, runs.LOG):
@@ -103,7 +104,7 @@ def run_key(run: Path, quant: str = GGUF_QUANT) -> str:
 def exported(run: Path, quant: str = GGUF_QUANT) -> Path:
     """The run as a GGUF file in the cache, exported on first use. Written in a temporary directory and renamed
     into place, so an interrupted export never leaves a file that a later start would trust."""
-    from ..gguf_export import export_gguf
+    from ..gguf_export import FINER, export_gguf, verify_gguf
     from ..models import cache_dir
 
     target = cache_dir() / "gguf" / run_key(Path(run), quant)
@@ -117,7 +118,12 @@ def exported(run: Path, quant: str = GGUF_QUANT) -> Path:
     try:
         # Verified against the run with transformers; llama.cpp loads it next, in this process (tests/
         # test_backends.py compares its replies with the torch engine's).
-        export_gguf(run, tmp / "model.gguf", quant=quant, force=True, llama_cpp=False)
+        export_gguf(run, tmp / "model.gguf", quant=quant, force=True, verify=False)
+        report = verify_gguf(run, tmp / "model.gguf", llama_cpp=False)
+        if not report.ok:
+            raise ServeError(f"{run} exported at {quant} does not match the run ({'; '.join(report.problems)}); "
+                             f"serve it at a finer --gguf-quant such as {FINER.get(quant, 'f32')}, or export it "
+                             "yourself with `tunesmith export RUN --gguf --no-verify` and serve that file")
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished the same export first; theirs is as good
@@ -149,6 +155,8 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple
                              "be merged into a GGUF's weights; serve it with --backend torch")
     try:
         path = exported(Path(run), quant)
+    except ServeError:  # the file did not match the run: the message says what to do
+        raise
     except TunesmithError as err:  # e.g. prompt tuning, which has no merged weights to export
         raise ServeError(f"adapter {name!r}: the llama-cpp backend serves each run as an exported GGUF, and {err}; "
                          "serve it with --backend torch") from None
