@@ -150,6 +150,11 @@ class Slot(Row):
         self.pos = 0  # positions already in the cache
         self.fresh = True  # its prompt is fed at the next step
 
+    @property
+    def scoring(self) -> bool:
+        """Its prompt is fed at this step with the logits of every position kept (echo + logprobs)."""
+        return self.fresh and self.req.params.prompt_logprobs is not None
+
     def release(self) -> None:
         if self.seq is not None:
             self.model.release(self.seq, self.cells)
@@ -247,11 +252,10 @@ class LlamaCppEngine(Engine):
         tokens, positions, seqs, outputs = [], [], [], []
         for row in rows:
             fed = row.req.ids if row.fresh else [row.last]
-            every = row.fresh and row.req.params.prompt_logprobs is not None
             tokens += fed
             positions += range(row.pos, row.pos + len(fed))
             seqs += [row.seq] * len(fed)
-            outputs += [every] * (len(fed) - 1) + [True]
+            outputs += [row.scoring] * (len(fed) - 1) + [True]
         try:
             logits = group.model.forward(tokens, positions, seqs, outputs) if rows else None
         except Exception as err:  # the forward pass: this model's rows fail, other models go on
@@ -262,9 +266,8 @@ class LlamaCppEngine(Engine):
             return
         last, at, done = [], 0, set()
         for i, row in enumerate(rows):
-            scoring = row.fresh and row.req.params.prompt_logprobs is not None
-            n = len(row.req.ids) if scoring else 1
-            if scoring and not self._scored(row, logits[at:at + n]):
+            n = len(row.req.ids) if row.scoring else 1
+            if row.scoring and not self._scored(row, logits[at:at + n]):
                 done.add(i)
             row.pos += len(row.req.ids) if row.fresh else 1
             row.fresh = False
