@@ -444,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="llama-cpp backend: llama.cpp's threads (default: every core this "
                    "process may use)")
     p.add_argument("--gguf-quant", choices=list(QUANTS), help="llama-cpp backend: the GGUF type a run is exported "
-                   "at on first use (default: q8_0, 1.6x f16's speed; f16 is exact; 4-bit types are faster, and refused when "
-                   "they lose what training changed)")
+                   "at on first use (default: q8_0, 1.6x f16's speed; f16 is exact; 4-bit types are faster, and "
+                   "refused when they lose what training changed)")
     device_flag(p)
     p.set_defaults(func=cmd_serve)
 

@@ -31,7 +31,8 @@ from .engine import Served
 
 # The type runs are exported at for llama.cpp (`--gguf-quant`). q8_0: on the project's 2-core CPU it decodes one
 # reply 1.6x as fast as f16 (81 against 51 tokens/s; half the bytes read per token), with top-1 agreement 0.97 and
-# mean KL 8e-3 against the run on SmolLM2 (docs/gguf.md). f16 is exact; 4-bit is faster but lost the demo run's training.
+# mean KL 8e-3 against the run on SmolLM2 (docs/gguf.md). f16 is exact; 4-bit is faster, but lost the demo run's
+# training (docs/backends.md).
 GGUF_QUANT = "q8_0"
 CHECKS = 2  # part of every cache key: raised when what an export must pass changes (2: the training kept)
 
