@@ -112,3 +112,16 @@ def uvicorn_on_loopback(app):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def check_three_turn_conversation(client, url: str, key: str) -> None:
+    """Three chat turns in one server-side conversation (adapter "mine"): the store keeps each user turn in order."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    cid = httpx.post(f"{url}/v1/conversations", json={"system": "Be brief."}, headers=headers).json()["id"]
+    for question in ["Hello", "What is 2+2?", "Thanks"]:
+        client.chat.completions.create(model="mine", messages=[{"role": "user", "content": question}], max_tokens=5,
+                                       temperature=0, extra_body={"conversation": cid})
+    messages = httpx.get(f"{url}/v1/conversations/{cid}/messages", headers=headers).json()["data"]
+    assert [m["content"] for m in messages[::2]] == ["Hello", "What is 2+2?", "Thanks"]

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from serve_assets import uvicorn_on_loopback, write_base, write_run
+from serve_assets import check_three_turn_conversation, uvicorn_on_loopback, write_base, write_run
 
 KEY = "test-key"
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -183,13 +183,7 @@ def test_n_choices_and_json_mode(client, assets):
 
 
 def test_a_conversation_of_three_turns(client, server, assets):
-    headers = {"Authorization": f"Bearer {KEY}"}
-    cid = httpx.post(f"{server.url}/v1/conversations", json={"system": "Be brief."}, headers=headers).json()["id"]
-    for question in ["Hello", "What is 2+2?", "Thanks"]:
-        client.chat.completions.create(model="mine", messages=[{"role": "user", "content": question}], max_tokens=5,
-                                       temperature=0, extra_body={"conversation": cid})
-    messages = httpx.get(f"{server.url}/v1/conversations/{cid}/messages", headers=headers).json()["data"]
-    assert [m["content"] for m in messages[::2]] == ["Hello", "What is 2+2?", "Thanks"]
+    check_three_turn_conversation(client, server.url, KEY)
 
 
 def test_auth_and_errors_keep_the_envelope(client, server, assets):

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from serve_assets import write_base, write_run
+from serve_assets import check_three_turn_conversation, write_base, write_run
 
 KEY = "test-key"
 
@@ -93,13 +93,7 @@ def test_errors_map_to_sdk_exceptions(client, server):
 
 
 def test_conversation_of_three_turns(client, server):
-    headers = {"Authorization": f"Bearer {KEY}"}
-    cid = httpx.post(f"{server['url']}/v1/conversations", json={"system": "Be brief."}, headers=headers).json()["id"]
-    for question in ["Hello", "What is 2+2?", "Thanks"]:
-        client.chat.completions.create(model="mine", messages=[{"role": "user", "content": question}], max_tokens=5,
-                                       temperature=0, extra_body={"conversation": cid})
-    messages = httpx.get(f"{server['url']}/v1/conversations/{cid}/messages", headers=headers).json()["data"]
-    assert [m["content"] for m in messages[::2]] == ["Hello", "What is 2+2?", "Thanks"]
+    check_three_turn_conversation(client, server["url"], KEY)
 
 
 def test_aborted_streams_stop_and_leave_no_half_turn(server):
