@@ -96,7 +96,7 @@ def main() -> None:
     import transformers
 
     from tunesmith.data.tokenize import stop_token_ids
-    from tunesmith.generate import SamplingParams, generate, prompt_ids
+    from tunesmith.generation import SamplingParams, generate, prompt_ids
     from tunesmith.generation.device import place
     from tunesmith.models import load
 

@@ -11,7 +11,7 @@ from tunesmith.serve.chat import chat_repl
 
 
 def test_repl_commands_history_and_save(tiny_lm, chatml_tokenizer, tmp_path):
-    from tunesmith.generate import SamplingParams
+    from tunesmith.generation import SamplingParams
 
     out = tmp_path / "chat.jsonl"
     script = "\n".join(["Hello", "What is 2+2?", f"/save {out}", "/reset", "/system Be brief.", "Hi",
@@ -34,7 +34,7 @@ def test_repl_ends_at_end_of_input(tiny_lm, chatml_tokenizer):
 
 def test_saved_conversation_is_valid_training_data(tiny_lm, chatml_tokenizer, tmp_path):
     from tunesmith.data.formats import validate
-    from tunesmith.generate import SamplingParams
+    from tunesmith.generation import SamplingParams
 
     out = tmp_path / "c.jsonl"
     chat_repl(tiny_lm, chatml_tokenizer, params=SamplingParams(max_new_tokens=3),

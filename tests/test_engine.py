@@ -83,7 +83,7 @@ SETTINGS = {
 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_same_text_from_generate_stream_batch_chat_and_the_server(offline, server, name):
-    from tunesmith.generate import SamplingParams, generate, generate_batch, stream
+    from tunesmith.generation import SamplingParams, generate, generate_batch, stream
     from tunesmith.serve.chat import chat_repl
 
     model, tokenizer = offline
@@ -110,7 +110,7 @@ def test_same_text_from_generate_stream_batch_chat_and_the_server(offline, serve
 
 
 def test_stop_strings_and_logit_bias_agree_on_every_path(offline, server):
-    from tunesmith.generate import SamplingParams, generate, generate_batch, prompt_ids
+    from tunesmith.generation import SamplingParams, generate, generate_batch, prompt_ids
 
     model, tokenizer = offline
     engine, client = server
@@ -131,7 +131,7 @@ def test_stop_strings_and_logit_bias_agree_on_every_path(offline, server):
 
 
 def test_a_seeded_row_ignores_its_batch_mates(server):
-    from tunesmith.generate import prompt_ids
+    from tunesmith.generation import prompt_ids
     from tunesmith.generation import SamplingParams
 
     engine, _ = server
@@ -147,7 +147,7 @@ def test_a_seeded_row_ignores_its_batch_mates(server):
 # -- continuous batching ------------------------------------------------------------------------------------------
 
 def test_a_request_joins_a_running_batch_and_both_match_their_solo_runs(server):
-    from tunesmith.generate import prompt_ids
+    from tunesmith.generation import prompt_ids
     from tunesmith.generation import Request, SamplingParams
 
     engine, _ = server
@@ -176,7 +176,7 @@ def test_a_request_joins_a_running_batch_and_both_match_their_solo_runs(server):
 
 
 def test_cancelled_rows_leave_at_once_and_the_others_go_on(server, monkeypatch):
-    from tunesmith.generate import prompt_ids
+    from tunesmith.generation import prompt_ids
     from tunesmith.generation import Request, SamplingParams
 
     engine, _ = server
@@ -204,7 +204,7 @@ def test_cancelled_rows_leave_at_once_and_the_others_go_on(server, monkeypatch):
 
 
 def test_a_failing_row_fails_alone(server):
-    from tunesmith.generate import prompt_ids
+    from tunesmith.generation import prompt_ids
     from tunesmith.generation import SamplingParams
 
     engine, _ = server
@@ -231,7 +231,7 @@ def test_a_failing_row_fails_alone(server):
 
 
 def test_zero_max_tokens_ends_after_the_prompt_and_length_ends_with_an_empty_event(server):
-    from tunesmith.generate import prompt_ids
+    from tunesmith.generation import prompt_ids
     from tunesmith.generation import Request, SamplingParams
 
     engine, _ = server
@@ -260,7 +260,7 @@ def test_prompt_logprobs_score_each_prompt_token_as_one_forward_pass_does(server
     before it, in a left-padded batch, equal to the unpadded forward pass; max_tokens 0 ends there."""
     import torch
 
-    from tunesmith.generate import prompt_ids
+    from tunesmith.generation import prompt_ids
     from tunesmith.generation import Request, SamplingParams
 
     engine, _ = server
@@ -292,7 +292,7 @@ def test_prompt_logprobs_score_each_prompt_token_as_one_forward_pass_does(server
 def test_prefix_tuning_rows_decode_with_base_rows_and_match_their_solo_runs(assets, monkeypatch):
     """Prefix tuning's virtual keys and values start the row's cache; from then on the row is a plain forward of
     the base, so it shares decode steps with the base model's rows."""
-    from tunesmith.generate import SamplingParams, generate, prompt_ids
+    from tunesmith.generation import SamplingParams, generate, prompt_ids
     from tunesmith.models import load
     from tunesmith.serve import load_engine
 
@@ -316,7 +316,7 @@ def test_prefix_tuning_rows_decode_with_base_rows_and_match_their_solo_runs(asse
 
 
 def test_the_cache_goes_in_as_cache_without_deprecation_warnings(assets, tiny_lm, chatml_tokenizer):
-    from tunesmith.generate import SamplingParams, generate
+    from tunesmith.generation import SamplingParams, generate
     from tunesmith.models import load
 
     prefix, tokenizer = load(str(assets["prefix"]))
@@ -348,7 +348,7 @@ class OnlyThese:
 
 
 def test_the_token_mask_hook_restricts_every_token(tiny_lm, chatml_tokenizer):
-    from tunesmith.generate import SamplingParams, generate
+    from tunesmith.generation import SamplingParams, generate
 
     allowed = chatml_tokenizer.convert_tokens_to_ids(["ĠParis", "Ġcapital", "Ġthe"])
     vocab = tiny_lm.get_output_embeddings().weight.shape[0]
@@ -366,7 +366,7 @@ def test_the_token_mask_hook_restricts_every_token(tiny_lm, chatml_tokenizer):
 
 
 def test_top_k_one_is_greedy_and_sampling_settings_are_checked(tiny_lm, chatml_tokenizer):
-    from tunesmith.generate import SamplingParams, generate
+    from tunesmith.generation import SamplingParams, generate
 
     greedy = generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=8))
     top1 = generate(tiny_lm, chatml_tokenizer, prompt="Hello",
@@ -403,7 +403,7 @@ def test_detokenizer_pieces_join_to_the_full_text_without_half_characters(chatml
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
 def test_on_the_gpu_generate_and_the_server_agree(assets):
-    from tunesmith.generate import SamplingParams, generate, prompt_ids
+    from tunesmith.generation import SamplingParams, generate, prompt_ids
     from tunesmith.generation.device import place
     from tunesmith.models import load
     from tunesmith.serve import load_engine

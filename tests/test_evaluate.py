@@ -9,7 +9,7 @@ import pytest
 
 from tunesmith.cli import main
 from tunesmith.evaluation import EvaluateError, evaluate
-from tunesmith.generate import SamplingParams, generate
+from tunesmith.generation import SamplingParams, generate
 
 CHAT = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
                       {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(5)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.generate import SamplingParams, generate, prompt_ids, stream
+from tunesmith.generation import SamplingParams, generate, prompt_ids, stream
 from tunesmith.generation import StopScanner
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

@@ -97,7 +97,7 @@ def test_lm_eval_local_completions_runs_loglikelihood_and_generate_until(setup):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from tunesmith.generate import SamplingParams, generate
+    from tunesmith.generation import SamplingParams, generate
     from tunesmith.models import load
     from tunesmith.serve import load_engine
 

@@ -18,7 +18,7 @@ from conftest import build_tiny_llama
 from test_train import config, run_train
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.generate import SamplingParams
+from tunesmith.generation import SamplingParams
 
 assets = test_train.assets  # the tiny models and data: a session fixture shared with test_train
 

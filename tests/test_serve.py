@@ -174,7 +174,7 @@ def test_special_tokens_in_content_stay_text(client, engine, monkeypatch):
 # -- adapters ---------------------------------------------------------------------------------------------------
 
 def test_adapters_share_base_and_match_offline_generation(client, assets, engine):
-    from tunesmith.generate import SamplingParams, generate
+    from tunesmith.generation import SamplingParams, generate
     from tunesmith.models import load
 
     replies = {name: chat(client, "What is the capital of France?", model=name, max_tokens=10)
@@ -266,8 +266,8 @@ def test_api_key(engine):
 
 def _collect(engine, requests_spec):
     """Submit requests in one go; returns their texts and the sizes of the batches the worker ran."""
-    from tunesmith.generate import prompt_ids
-    from tunesmith.serve.engine import Request
+    from tunesmith.generation import prompt_ids
+    from tunesmith.generation import Request
 
     done, texts, lock = threading.Event(), {}, threading.Lock()
 
@@ -318,8 +318,8 @@ def test_more_choices_than_the_queue_holds_is_a_400_not_a_retryable_429(engine):
 
 
 def test_cancelled_request_stops_at_once_and_the_worker_goes_on(engine):
-    from tunesmith.generate import prompt_ids
-    from tunesmith.serve.engine import Request
+    from tunesmith.generation import prompt_ids
+    from tunesmith.generation import Request
 
     events, first = [], threading.Event()
 

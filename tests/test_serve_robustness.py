@@ -202,8 +202,8 @@ def test_settings_that_would_change_the_reply_are_refused_by_name(client, path, 
 
 def _together(engine, specs: list[dict]) -> tuple[list[str], list[str | None]]:
     """Submit requests in one call (so they share a batch); their texts and errors."""
-    from tunesmith.generate import prompt_ids
-    from tunesmith.serve.engine import Request
+    from tunesmith.generation import prompt_ids
+    from tunesmith.generation import Request
 
     done, texts, errors, lock = threading.Event(), {}, {}, threading.Lock()
 
@@ -238,7 +238,7 @@ def test_values_that_cannot_sample_are_greedy_and_share_a_batch_with_others(base
 
 
 def test_a_row_that_fails_fails_alone(base_engine, monkeypatch):
-    from tunesmith.serve.engine import _Row
+    from tunesmith.generation import Row as _Row
 
     pick = _Row.pick
 
@@ -289,7 +289,7 @@ def test_health_answers_while_a_request_is_being_tokenized(base_engine, monkeypa
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(app_module, "encode_chat_prompt", held)
-    monkeypatch.setattr(importlib.import_module("tunesmith.generate"), "encode_chat_prompt", held)
+    monkeypatch.setattr(importlib.import_module("tunesmith.generation.api"), "encode_chat_prompt", held)
     many = [{"role": "user", "content": "hi<|im_end|>"} for _ in range(4)]
     with live(fresh(base_engine)) as (url, app, records), httpx.Client(base_url=url, timeout=60) as http:
         pending = {}
@@ -350,7 +350,7 @@ def test_at_most_max_queue_requests_wait_and_the_rest_get_429(base_engine):
 def test_the_bound_holds_between_batches_too(base_engine):
     """The old engine moved every waiting request into an unbounded list when it formed the next batch, so
     the queue looked empty again while they all still waited."""
-    from tunesmith.serve.engine import QueueFull, Request
+    from tunesmith.generation import QueueFull, Request
 
     small = fresh(base_engine, max_queue=3, max_batch=1)
     entered, go, finished = queue.Queue(), threading.Semaphore(0), queue.Queue()

@@ -93,7 +93,7 @@ def reply(client, model=BASE) -> str:
 
 
 def offline_reply(run) -> str:
-    from tunesmith.generate import SamplingParams, generate
+    from tunesmith.generation import SamplingParams, generate
     from tunesmith.models import load
 
     model, tokenizer = load(str(run))

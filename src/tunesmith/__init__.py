@@ -6,7 +6,7 @@ from .errors import TunesmithError, UsageError
 from .data.formats import DataError, convert_file, read_records, validate, write_jsonl
 from .data.templates import PromptTemplate, render_chat, select_shots
 from .data.tokenize import MaskError, tokenize_chat, tokenize_completion, tokenize_records
-from .generate import Generation, SamplingParams, generate, stream
+from .generation import Generation, SamplingParams, generate, stream
 from .models import EMBEDDED, load, load_causal_lm, load_tokenizer, resolve
 from .serve import load_engine, serve
 from .evaluation import Evaluation, evaluate

@@ -149,7 +149,7 @@ def _load_placed(name: str, device: str):
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from .generation import generate
 
     if (args.prompt is None) == (args.messages is None):
         raise UsageError("give either --prompt TEXT (completion) or --messages JSON|FILE (chat)")

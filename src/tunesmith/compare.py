@@ -124,7 +124,7 @@ def run_entry(directory: str | Path) -> dict:
 
 
 def _params(cfg: TrainConfig):
-    from .generate import SamplingParams
+    from .generation import SamplingParams
 
     return SamplingParams(max_new_tokens=cfg.eval_max_new_tokens)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 
-from ..generate import SamplingParams, generate_batch
+from ..generation import SamplingParams, generate_batch
 
 
 def probe_prompts() -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import runs
 from ..config import ConfigError, dump_config
-from ..generate import SamplingParams
+from ..generation import SamplingParams
 from .config import MAIN_METRIC, ContinualConfig, load_sequence, run_dir, step_config
 from .probe import probe_prompts, reference_answers, score_probe
 from .report import write_report

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..generate import SamplingParams
+from ..generation import SamplingParams
 from .results import EvaluateError, Evaluation, write_results
 from .scorers import evaluate_classification, evaluate_generation, evaluate_tagging
 

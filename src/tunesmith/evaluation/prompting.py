@@ -12,7 +12,7 @@ from ..batching import device_of
 from ..batching import pad as pad_rows
 from ..config import PromptingConfig
 from ..data.templates import PromptTemplate, select_shots
-from ..generate import prompt_ids
+from ..generation import prompt_ids
 from ..metrics import classification_metrics
 from ..progress import Progress
 from .results import EvaluateError, Evaluation

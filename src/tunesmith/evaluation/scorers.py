@@ -10,7 +10,7 @@ import math
 
 from ..batching import batches, device_of, pad
 from ..data.tokenize import IGNORE_INDEX, encode_classification, encode_tagging, tokenize_records
-from ..generate import SamplingParams, generate_batch
+from ..generation import SamplingParams, generate_batch
 from ..metrics import classification_metrics, exact_match, generation_metrics, ner_metrics
 from ..progress import Progress
 from .results import Evaluation

@@ -8,13 +8,14 @@ give the same text everywhere.
 - batch.py    the model side: routes (plain, LoRA mixed batches, prompt/prefix tuning), prefill, KV-cache groups
 - engine.py   Engine: the waiting list, continuous batching, events; Served, Request, Event
 - device.py   `--device`: where the model runs
-
-`tunesmith.generate` holds the Python API over it: `generate`, `stream` and `generate_batch`."""
+- api.py      the Python API over it: `generate`, `stream` and `generate_batch`, run in the caller's thread"""
 
 from .engine import Engine, Event, QueueFull, Request, Row, Served
 from .params import GREEDY_BELOW, SamplingParams, TokenMask
 from .sampler import Sampler, Token
 from .text import Detokenizer, StopScanner
+from .api import Generation, GenerationError, generate, generate_batch, prompt_ids, stream
 
 __all__ = ["Engine", "Event", "QueueFull", "Request", "Row", "Served", "GREEDY_BELOW", "SamplingParams",
-           "TokenMask", "Sampler", "Token", "Detokenizer", "StopScanner"]
+           "TokenMask", "Sampler", "Token", "Detokenizer", "StopScanner", "Generation", "GenerationError", "generate",
+           "generate_batch", "prompt_ids", "stream"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .adapters import ServeError, load_engine, parse_adapters
 from .backends import BACKENDS
-from .engine import Engine, Served
+from ..generation import Engine, Served
 
 API_KEY_ENV = "TUNESMITH_API_KEY"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from .. import runs
 from ..errors import TunesmithError
 from ..data.templates import chat_template_for, template_fingerprint
-from .engine import Engine, Served
+from ..generation import Engine, Served
 
 
 class ServeError(TunesmithError):

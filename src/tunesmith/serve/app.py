@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 
 from .adapters import ServeError
 from .conversations import ConversationStore, TurnGate
-from .engine import Engine
+from ..generation import Engine
 from .errors import APIError, add_handlers
 from .prompts import Prompts
 from .routes import adapters, chat, classify, completions, conversations, models, web

@@ -27,7 +27,7 @@ from ..data.templates import chat_template_for, template_fingerprint
 from ..errors import TunesmithError
 from ..version import __version__
 from .adapters import ServeError, check_template, load_engine, load_served
-from .engine import Served
+from ..generation import Served
 
 # The type runs are exported at for llama.cpp (`--gguf-quant`). q8_0: on the project's 2-core CPU it decodes one
 # reply 1.6x as fast as f16 (81 against 51 tokens/s; half the bytes read per token), with top-1 agreement 0.97 and

@@ -16,7 +16,7 @@ HELP = "commands: /reset, /system TEXT, /save FILE, /exit"
 def chat_repl(model, tokenizer, *, params=None, system: str | None = None, chat_template: str | None = None,
               stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """Run the REPL until /exit or end of input; returns the final conversation."""
-    from ..generate import SamplingParams, stream
+    from ..generation import SamplingParams, stream
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     params = params or SamplingParams(max_new_tokens=256)

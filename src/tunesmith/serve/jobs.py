@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from ..generation.grammar import ResponseFormatError, token_mask
-from .engine import Engine, Event, QueueFull, Request, SamplingParams
+from ..generation import Engine, Event, QueueFull, Request, SamplingParams
 from .errors import APIError
 
 

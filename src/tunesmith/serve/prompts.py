@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ..data.templates import render_chat
 from ..data.tokenize import MaskError, encode_chat_prompt
-from ..generate import prompt_ids
+from ..generation import prompt_ids
 from .conversations import ConversationStore, fit_history, pinned
-from .engine import Engine
+from ..generation import Engine
 from .errors import APIError
 
 

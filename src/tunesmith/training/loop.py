@@ -19,7 +19,7 @@ from .. import runs
 from ..config import PEFT_METHODS, TrainConfig, load_config, save_config
 from ..data.templates import chat_template_for, template_fingerprint
 from ..evaluation import score
-from ..generate import SamplingParams
+from ..generation import SamplingParams
 from ..runs import RunError
 from .callbacks import callback_classes, eval_metrics_fn, trainer_class
 from .defaults import CPU_BUDGET, best_checkpoint, resolve as resolve_defaults

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..conversations import KeyReused
-from ..engine import Event
+from ...generation import Event
 from ..errors import APIError
 from ..jobs import fits, job_for, json_mask, served
 from ..schemas import ChatRequest

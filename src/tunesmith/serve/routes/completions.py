@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..engine import Event
+from ...generation import Event
 from ..jobs import fits, job_for, served
 from ..schemas import CompletionRequest
 from .common import Reply, chunks_of, collect, read, streaming, usage
