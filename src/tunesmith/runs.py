@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import TunesmithError
@@ -43,9 +44,90 @@ NOT_ARTIFACTS = ("training_args.bin", "README.md")
 _LEFTOVERS = (CHECKPOINTS, LOG, METRICS_BEFORE)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
+# A report directory (`tunesmith compare` and `tunesmith continual` write the same names).
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+DONE = "done"  # a comparison entry's marker: it finished, a re-run skips it
+
 
 class RunError(TunesmithError, RuntimeError):
     """A run that cannot start as asked (e.g. its directory already holds another run)."""
+
+
+class NotARunError(RunError):
+    """A path given as a run that holds no finished tunesmith run (or one of another task than needed)."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """run.json, typed: what a finished run is and where it came from. Open one with `open_run`."""
+
+    path: Path  # the run directory, resolved (not stored in run.json)
+    task: str  # "sft", "classify" or "ner"
+    base_model: str  # the model the run's weights or adapter sit on
+    method: str  # methods.METHODS key
+    peft: bool  # an adapter over base_model (False: the directory holds whole weights)
+    labels: list[str] | None = None  # classification/NER label map, in the head's order
+    chat_template_fingerprint: str | None = None  # of the template the run trained with (sft)
+    defaults: dict = field(default_factory=dict)  # what training/defaults.py chose, and why: {field: line}
+    versions: dict = field(default_factory=dict)  # {package: version} at training time
+    data: dict | None = None  # {"train": file_record, "eval": file_record | None}
+    replay: dict | None = None  # what lineage.mix_replay mixed in
+    parent: dict | None = None  # {"path", "task", "method", "base_model"} of the run continued
+    lineage: list[dict] = field(default_factory=list)  # every run continued, oldest first
+    regularization: dict | None = None  # the anti-forgetting penalty used
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept when written back
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path) -> "RunInfo":
+        known = {f.name for f in fields(cls)} - {"path", "extra"}
+        return cls(path=Path(path).resolve(), **{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("path")
+        return {**data.pop("extra"), **data}
+
+    @property
+    def train_data(self) -> dict | None:
+        """The file record ({"path", "sha256", "examples"}) of the data the run trained on, if recorded."""
+        return (self.data or {}).get("train")
+
+    @property
+    def starts_from(self) -> str:
+        """Where a run that continues this one starts: the base model under an adapter, or these weights."""
+        return self.base_model if self.peft else str(self.path)
+
+    def link(self) -> dict:
+        """The entry a child run records for this one in its `parent` and `lineage`."""
+        return {"path": str(self.path), "task": self.task, "method": self.method, "base_model": self.base_model}
+
+
+def find_run(path: str | Path) -> RunInfo | None:
+    """The finished run at `path`, or None when `path` holds none (a model name, a data file, a plain model)."""
+    file = Path(path) / RUN_INFO
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return RunInfo.from_dict(data, path)
+    except (OSError, ValueError, TypeError) as err:
+        raise NotARunError(f"{path}: {RUN_INFO} is unreadable ({err}); train the run again") from None
+
+
+def open_run(path: str | Path, task: str | None = None, purpose: str | None = None) -> RunInfo:
+    """The finished run at `path`, checked: NotARunError when it holds none, or (with `task`) when it is a run
+    of another task; `purpose` ("exported as GGUF") finishes that sentence."""
+    info = find_run(path)
+    if info is None:
+        raise NotARunError(f"{path} is not a finished tunesmith run (no {RUN_INFO})")
+    if task is not None and info.task != task:
+        raise NotARunError(f"{path} is a {info.task} run; only {task} runs can be {purpose or 'used here'}")
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,13 +157,13 @@ def read_json(path: Path):
 
 
 def read_info(run_dir: str | Path) -> dict | None:
-    """The run.json of a tunesmith run directory, or None for anything else."""
-    info = Path(run_dir) / RUN_INFO
-    return json.loads(info.read_text()) if info.is_file() else None
+    """Transitional: run.json as a raw dict (callers move to `open_run` / `find_run`)."""
+    info = find_run(run_dir)
+    return None if info is None else {**info.to_dict()}
 
 
-def write_info(run_dir: Path, info: dict) -> None:
-    write_json(run_dir / RUN_INFO, info)
+def write_info(run_dir: Path, info: RunInfo | dict) -> None:
+    write_json(run_dir / RUN_INFO, info.to_dict() if isinstance(info, RunInfo) else info)
 
 
 def read_metrics(directory: str | Path) -> dict:
@@ -106,21 +188,32 @@ def append_log(run_dir: Path, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def truncate_log(run_dir: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed from (they will be written again), and a
-    half-written last line left by a kill."""
-    path = run_dir / LOG
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+def read_log(run_dir: str | Path, max_bytes: int | None = None) -> list[dict]:
+    """log.jsonl's entries, oldest first: every complete line holding a JSON object (a half-written last line,
+    left by a kill or still being written, is skipped). `max_bytes` reads only the file's start."""
+    try:
+        with (Path(run_dir) / LOG).open("rb") as f:
+            raw = f.read() if max_bytes is None else f.read(max_bytes)
+    except OSError:
+        return []
+    entries = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("step", 0) <= step:
-            kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def truncate_log(run_dir: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed from (they will be written again), and a
+    half-written last line left by a kill."""
+    if not (run_dir / LOG).exists():
+        return
+    kept = [entry for entry in read_log(run_dir) if entry.get("step", 0) <= step]
+    write_text(run_dir / LOG, "".join(json.dumps(entry) + "\n" for entry in kept))
 
 
 # ---------------------------------------------------------------------------------------------------------
