@@ -26,8 +26,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from . import runs
-from .config import (ConfigError, PromptingConfig, Strict, TrainConfig, _merge, dump_config, load_config,
-                     load_document)
+from .config import (ConfigError, PromptingConfig, Strict, TrainConfig, dump_config, load_config, load_document,
+                     merge)
 from .errors import TunesmithError
 
 
@@ -72,7 +72,7 @@ def load_compare(source: str | Path | dict) -> CompareConfig:
 
 
 def entry_config(cfg: CompareConfig, entry: Entry, source: str = "config") -> TrainConfig:
-    raw = _merge(cfg.base, entry.overrides)
+    raw = merge(cfg.base, entry.overrides)
     raw = {**raw, "output_dir": str(Path(cfg.output_dir) / entry.name / "run"), "evaluate_before": False}
     try:
         return load_config(raw)
