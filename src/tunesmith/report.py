@@ -11,8 +11,8 @@ import os
 import platform
 from pathlib import Path
 
-# The headline metric(s) per task, shown in the table and the plot (unless the comparison names its own).
-MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
+from .metrics import MAIN_METRICS
+
 COLUMNS = ["trainable params", "train s", "train ex/s", "total s", "peak RSS MiB"]
 
 

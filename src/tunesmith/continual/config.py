@@ -51,9 +51,6 @@ class ContinualConfig(Strict):
         return items
 
 
-MAIN_METRIC = {"sft": "exact_match", "classify": "accuracy", "ner": "f1"}
-
-
 def load_sequence(source: str | Path | dict, overrides: list[str] = ()) -> ContinualConfig:
     """A validated ContinualConfig whose every (strategy, task) step config validates too; `overrides` are
     key=value settings (output_dir=..., base.max_steps=20, ...)."""

@@ -15,7 +15,8 @@ from pathlib import Path
 from .. import runs
 from ..config import ConfigError, dump_config
 from ..generation import SamplingParams
-from .config import MAIN_METRIC, ContinualConfig, load_sequence, run_dir, step_config
+from ..metrics import main_metric
+from .config import ContinualConfig, load_sequence, run_dir, step_config
 from .probe import probe_prompts, reference_answers, score_probe
 from .report import write_report
 
@@ -29,7 +30,7 @@ class _Scorer:
 
         first = step_config(cfg, cfg.strategies[0], 0, parent=None)
         self.cfg, self.task, self.template = cfg, first.task, first.data.chat_template
-        self.metric = cfg.metric or MAIN_METRIC[self.task]
+        self.metric = cfg.metric or main_metric(self.task)
         self.params = SamplingParams(max_new_tokens=first.eval_max_new_tokens)
         self.max_length, self.limit = first.max_length, first.eval_limit
         # As training sees them: an sft task converted to the sequence's sft_format (a completion-format file
