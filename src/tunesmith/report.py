@@ -1,29 +1,15 @@
-"""The side-by-side report of a comparison: report.json (everything), report.md (the table, plots linked)
-and report.html (self-contained: styles inline, plots embedded as base64 PNGs), with matplotlib's Agg
-backend so no display is needed."""
+"""The side-by-side report of a comparison: report.json (everything), report.md and report.html (the page of
+reporting/), with a bar chart of the headline metrics and the trained entries' loss curves."""
 
 from __future__ import annotations
 
-import base64
-import html
-import json
-import os
-import platform
 from pathlib import Path
 
+from . import runs
 from .metrics import MAIN_METRICS
+from .reporting import Page, Table, describe, environment, fmt, pyplot, write_files
 
 COLUMNS = ["trainable params", "train s", "train ex/s", "total s", "peak RSS MiB"]
-
-
-def _fmt(value, digits=3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def table_rows(results: list[dict], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -31,24 +17,15 @@ def table_rows(results: list[dict], metrics: list[str]) -> tuple[list[str], list
     rows = []
     for r in results:
         m = r["metrics"]
-        rows.append([r["name"], r["kind"], Path(r["model"]).name, *(_fmt(m.get(k)) for k in metrics),
-                     _fmt(r.get("trainable_parameters")), _fmt(r.get("train_seconds"), 0),
-                     _fmt(r.get("train_examples_per_second"), 1), _fmt(r.get("seconds"), 0),
-                     _fmt(r.get("peak_rss_mib"), 0)])
+        rows.append([r["name"], r["kind"], Path(r["model"]).name, *(fmt(m.get(k)) for k in metrics),
+                     fmt(r.get("trainable_parameters")), fmt(r.get("train_seconds"), 0),
+                     fmt(r.get("train_examples_per_second"), 1), fmt(r.get("seconds"), 0),
+                     fmt(r.get("peak_rss_mib"), 0)])
     return header, rows
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def plot_metrics(results: list[dict], metrics: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["name"] for r in results]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) * len(metrics) + 1.2), dpi=80)
     height = 0.8 / len(metrics)
@@ -70,17 +47,13 @@ def plot_metrics(results: list[dict], metrics: list[str], path: Path) -> Path:
 
 def plot_losses(results: list[dict], path: Path) -> Path | None:
     """Training loss (solid) and eval loss (dashed) by optimizer step, for the entries that trained."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     trained = [r for r in results if r.get("log") and Path(r["log"]).exists()]
     if not trained:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=80)
     for n, r in enumerate(trained):
-        events = [json.loads(line) for line in Path(r["log"]).read_text().splitlines()]
+        events = runs.read_log(Path(r["log"]).parent)
         color = f"C{n % 10}"
         train = [(e["step"], e["loss"]) for e in events if "loss" in e]
         evals = [(e["step"], e["eval_loss"]) for e in events if "eval_loss" in e]
@@ -96,21 +69,6 @@ def plot_losses(results: list[dict], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _environment() -> dict:
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "python": platform.python_version(), "torch": torch.__version__}
-
-
-def embedded_figures(plots: dict[str, Path]) -> str:
-    """HTML figures with each PNG inline (base64), captioned by its key: the page needs no other file."""
-    return "".join(f"<figure><img alt='{html.escape(k)}' src='data:image/png;base64,"
-                   f"{base64.b64encode(v.read_bytes()).decode()}'><figcaption>{html.escape(k)}</figcaption></figure>"
-                   for k, v in plots.items())
 
 
 NOTE = ("Peak RSS is the resident-set high-water mark (ru_maxrss) of the process that ran the entry: "
@@ -132,29 +90,15 @@ def write_report(cfg, results: list[dict], out: Path) -> dict:
     header, rows = table_rows(results, metrics)
     data = {"title": cfg.title, "output_dir": str(out), "task": task, "data": cfg.base.get("data"),
             "seed": cfg.base.get("seed", 42),
-            "metrics": metrics, "environment": _environment(), "note": note, "table": {"header": header, "rows": rows},
+            "metrics": metrics, "environment": environment(), "note": note, "table": {"header": header, "rows": rows},
             "entries": results, "plots": {k: v.name for k, v in plots.items()}}
-    (out / "report.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-    env = data["environment"]
-    where = f"{env['cpu_count']} CPU cores, torch {env['torch']}, {'CUDA' if env['cuda'] else 'no GPU'}"
-    md = [f"# {cfg.title}", "", f"Task `{task}`, eval data `{(data['data'] or {}).get('eval')}`, seed {data['seed']}, "
-          f"{where}.", "", markdown_table(header, rows), "", note, ""]
-    md += [f"![{k}]({v.name})" for k, v in plots.items()]
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-
-    esc = html.escape
-    cells = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    images = embedded_figures(plots)
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(cfg.title)}</title>"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
-            "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
-            "td:nth-child(-n+3),th{text-align:left}th{background:#f3f3f3}figure{display:inline-block;margin:1em}"
-            "</style></head><body>"
-            f"<h1>{esc(cfg.title)}</h1><p>Task <code>{esc(task)}</code>, eval data "
-            f"<code>{esc(str((data['data'] or {}).get('eval')))}</code>, seed {data['seed']}, {esc(where)}.</p>"
-            f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table><p>{esc(note)}</p>{images}"
-            "</body></html>")
-    (out / "report.html").write_text(page, encoding="utf-8")
+    intro = (f"Task `{task}`, eval data `{(data['data'] or {}).get('eval')}`, seed {data['seed']}, "
+             f"{describe(data['environment'])}.")
+    write_files(out, data, Page(cfg.title, intro, [Table(header, rows, labels=3)], note, plots))
     return data
+
+
+# Transitional: cli.py still imports these from here (and training/defaults.py MAIN_METRICS); they live in
+# reporting/ and metrics.py.
+_fmt = fmt
+from .reporting import markdown_table  # noqa: E402, F401
