@@ -129,10 +129,11 @@ def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, don
     else:
         row, loaded = [], {}
         for j, path in enumerate(answering):
-            if path not in loaded:
-                loaded = {path: load_run(path)}  # one model in memory at a time
-            model, tokenizer, info = loaded[path]
-            row.append(scorer.score(model, tokenizer, j, labels=info.get("labels")))
+            if path not in loaded:  # one model in memory at a time
+                model, tokenizer, _ = load_run(path)
+                loaded = {path: (model, tokenizer, runs.open_run(path).labels)}
+            model, tokenizer, labels = loaded[path]
+            row.append(scorer.score(model, tokenizer, j, labels=labels))
             log(f"  {cfg.tasks[j].name}: {scorer.metric} {row[-1]:.4f}")
         model, tokenizer, _ = loaded.get(str(directory)) or load_run(directory)
         probe = scorer.probe(model, tokenizer, base["reference"]) if base.get("reference") else None
@@ -143,7 +144,7 @@ def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, don
     return data
 
 
-def continual(config: ContinualConfig | str | Path | dict, *, overrides: list[str] = (), log=print) -> dict:
+def run(config: ContinualConfig | str | Path | dict, *, overrides: list[str] = (), log=print) -> dict:
     """Run every strategy over the task sequence (skipping finished steps), then write the report. Returns the
     report's data (report.json, plus its output_dir). `overrides` are key=value settings of the sequence file."""
     cfg = config if isinstance(config, ContinualConfig) else load_sequence(config, overrides)
