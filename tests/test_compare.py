@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.compare import compare, load_compare
+from tunesmith.compare import load_compare, run
 from tunesmith.config import ConfigError
 
 REVIEWS = [("great movie, loved it", "positive"), ("boring", "negative"), ("it was fine", "neutral"),
@@ -57,7 +57,7 @@ def comparison(assets: Path, out: Path, **extra) -> dict:
 
 def test_compare_writes_the_report_and_skips_finished_entries(assets, tmp_path):
     out = tmp_path / "cmp"
-    report = compare(comparison(assets, out))
+    report = run(comparison(assets, out))
     assert {p.name for p in out.iterdir()} == {"compare.yaml", "zero-shot", "2-shot-calibrated", "lora", "full",
                                               "report.md", "report.html", "report.json", "metrics.png", "losses.png"}
     for name in ("zero-shot", "lora"):
@@ -86,7 +86,7 @@ def test_compare_writes_the_report_and_skips_finished_entries(assets, tmp_path):
     (out / "full" / "done").unlink()
     shutil.rmtree(out / "full" / "run")
     logged = []
-    again = compare(comparison(assets, out), log=logged.append)
+    again = run(comparison(assets, out), log=logged.append)
     assert logged == ["[1/4] zero-shot: done before, skipped", "[2/4] 2-shot-calibrated: done before, skipped",
                       "[3/4] lora: done before, skipped", "[4/4] full: running"]
     assert again["table"]["rows"][:3] == rows[:3]
@@ -117,13 +117,30 @@ def test_compare_config_errors_name_the_entry(assets, tmp_path):
         load_compare(cfg)
 
 
+def test_a_half_written_log_line_leaves_the_report_as_the_whole_lines_make_it(tmp_path):
+    """A log.jsonl cut by a kill (or still being written) ends in half a line: the loss curves skip it."""
+    from tunesmith.compare import CompareConfig
+    from tunesmith.compare.report import write_report
+
+    events = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
+    whole = "".join(json.dumps(e) + "\n" for e in events)
+    for name, log in (("whole", whole), ("cut", whole + '{"step": 3, "lo')):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "log.jsonl").write_text(log)
+        cfg = CompareConfig.model_validate({"title": "t", "base": {"task": "classify"}, "entries": [{"name": "lora"}]})
+        write_report(cfg, [{"name": "lora", "kind": "lora", "model": "lm", "metrics": {"accuracy": 0.5},
+                            "log": str(tmp_path / name / "run" / "log.jsonl"), "isolated": True}], tmp_path / name)
+    for file in ("losses.png", "report.md"):
+        assert (tmp_path / "cut" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install -y chromium)")
 def test_html_report_renders_in_headless_chromium(assets, tmp_path):
     from tunesmith.compare import CompareConfig
-    from tunesmith.report import write_report
+    from tunesmith.compare.report import write_report
 
     out = tmp_path / "report"
     out.mkdir()
@@ -135,11 +152,12 @@ def test_html_report_renders_in_headless_chromium(assets, tmp_path):
     write_report(cfg, results, out)
     shot = tmp_path / "shot.png"
     with tempfile.TemporaryDirectory() as profile:
-        run = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                              f"--user-data-dir={profile}", "--window-size=1000,800", f"--screenshot={shot}",
-                              (out / "report.html").as_uri()], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
+        chromium = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                   "--no-first-run", f"--user-data-dir={profile}", "--window-size=1000,800",
+                                   f"--screenshot={shot}", (out / "report.html").as_uri()],
+                                  capture_output=True, text=True, timeout=60)
+    assert chromium.returncode == 0, chromium.stderr
     assert shot.read_bytes()[:8] == PNG and shot.stat().st_size > 10_000  # a rendered page, not a blank one
 
 
@@ -155,7 +173,7 @@ def test_generation_comparison_with_prompt_tuning(assets, tmp_path):
             "entries": [{"name": "1-shot", "prompting": {"shots": 1}},
                         {"name": "prompt", "overrides": {"method": {"name": "prompt", "num_virtual_tokens": 3},
                                                          "learning_rate": 0.1}}]}
-    report = compare(cfg)
+    report = run(cfg)
     assert report["table"]["header"][3:5] == ["exact_match", "rouge_l"]
     shot = json.loads((tmp_path / "cmp" / "1-shot" / "predictions.jsonl").read_text().splitlines()[0])
     # the shot's user/assistant turns sit between the system message and the query

@@ -106,6 +106,23 @@ def test_method_shorthand_replaces_the_whole_method(tmp_path):
         f"{path}:5: method.r: unknown key; known keys: train_layers, train_head, name"]
 
 
+def test_overrides_of_a_sequence_merge_into_its_nested_mappings():
+    """`tunesmith continual SEQUENCE.yaml key=value`: an override replaces only the keys it names."""
+    from tunesmith.config import merge
+    from tunesmith.continual.config import load_sequence
+
+    base = {"base": {"max_steps": 40, "method": {"name": "lora", "r": 16}}, "title": "t"}
+    assert merge(base, {"base": {"method": {"r": 4}}, "title": {"x": 1}}) == {
+        "base": {"max_steps": 40, "method": {"name": "lora", "r": 4}}, "title": {"x": 1}}
+    assert base["base"]["method"]["r"] == 16  # neither argument changes
+    recipe = ROOT / "examples/continual-support.yaml"
+    cfg = load_sequence(recipe, ["output_dir=elsewhere", "base.max_steps=3", "base.method.r=4"])
+    original = load_sequence(recipe)
+    assert (cfg.output_dir, cfg.base["max_steps"], cfg.base["method"]) == (
+        "elsewhere", 3, {**original.base["method"], "r": 4})
+    assert {**cfg.base, "max_steps": 40, "method": original.base["method"]} == original.base
+
+
 def test_bad_override_says_what_an_override_looks_like():
     assert error({"data": DATA}, ["method.r"]) == [
         "override 'method.r' is not key=value (e.g. learning_rate=1e-4 or method.r=16)"]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import tunesmith.training
 import test_train
 from test_train import config, run_train, write_jsonl
+from tunesmith import runs
 from tunesmith.config import ConfigError, load_config
 from tunesmith.training.lineage import mix_replay
 from tunesmith.training.regularize import Anchor, fisher_diagonal
@@ -202,7 +203,7 @@ class PowerCut(Exception):
 
 
 def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monkeypatch):
-    from tunesmith.continual import continual
+    from tunesmith.continual import run
 
     real, calls, cut = tunesmith.training.train, [], [True]
 
@@ -215,7 +216,7 @@ def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monk
     monkeypatch.setattr(tunesmith.training, "train", counting)
     seq = sequence(assets, tmp_path)
     with pytest.raises(PowerCut):
-        continual(seq, log=lambda *_: None)
+        run(seq, log=lambda *_: None)
     out = tmp_path / "cl"
     naive = sorted(p.name for p in (out / "naive").iterdir())
     assert naive == ["1-sums", "2-doubles"]
@@ -223,18 +224,18 @@ def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monk
 
     calls.clear()
     cut[0] = False
-    report = continual(seq, log=lambda *_: None)
+    report = run(seq, log=lambda *_: None)
     # Only what had not finished trains again; every strategy's first step is naive's (the same training).
     assert [c.split("/cl/")[1] for c in calls] == ["replay/2-doubles/run", "adapters/2-doubles/run"]
     assert (out / "naive" / "2-doubles" / "scores.json").stat().st_mtime_ns == stamp
 
     def info(strategy, step):
-        return json.loads((out / strategy / step / "run" / "run.json").read_text())
+        return runs.open_run(out / strategy / step / "run")
 
-    assert info("naive", "2-doubles")["parent"]["path"] == str((out / "naive" / "1-sums" / "run").resolve())
-    replay = info("replay", "2-doubles")["replay"]
+    assert info("naive", "2-doubles").parent["path"] == str((out / "naive" / "1-sums" / "run").resolve())
+    replay = info("replay", "2-doubles").replay
     assert replay["count"] == 8 and replay["fraction"] == 0.5 and replay["files"] == [str(assets.chat.resolve())]
-    assert info("adapters", "2-doubles")["parent"] is None and not (out / "replay" / "1-sums" / "run").exists()
+    assert info("adapters", "2-doubles").parent is None and not (out / "replay" / "1-sums" / "run").exists()
     first = json.loads((out / "replay" / "1-sums" / "scores.json").read_text())
     assert first["run"] == str(out / "naive" / "1-sums" / "run")
     assert replay["files"] == [str(assets.chat.resolve())]  # replayed from naive's first run's recorded data
@@ -250,10 +251,10 @@ def test_continual_resumes_without_redoing_finished_steps(assets, tmp_path, monk
 
 
 def test_an_unknown_metric_is_a_sentence_naming_the_choices(assets, tmp_path):
-    from tunesmith.continual import continual
+    from tunesmith.continual import run
 
     with pytest.raises(ConfigError, match=r"metric: 'bleuu' is not a score of task sft; choose one of .*'bleu'"):
-        continual({**sequence(assets, tmp_path), "metric": "bleuu"}, log=lambda *_: None)
+        run({**sequence(assets, tmp_path), "metric": "bleuu"}, log=lambda *_: None)
 
 
 def test_each_score_is_the_one_its_run_reports_for_the_same_data(assets, tmp_path):
@@ -262,7 +263,7 @@ def test_each_score_is_the_one_its_run_reports_for_the_same_data(assets, tmp_pat
     training does (it once scored such a task as raw text, under the chat-trained model's real score)."""
     import json
 
-    from tunesmith.continual import continual
+    from tunesmith.continual import run
 
     doubles = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Double {i}?", "completion": f" {2 * i}"}
                                                  for i in range(8)])
@@ -270,7 +271,7 @@ def test_each_score_is_the_one_its_run_reports_for_the_same_data(assets, tmp_pat
     cfg["base"]["data"] = {"sft_format": "chat"}
     cfg["tasks"][1].update(train=str(doubles), eval=str(doubles))
     cfg.update(strategies=[{"name": "naive"}], metric="loss")
-    continual(cfg, log=lambda *_: None)
+    run(cfg, log=lambda *_: None)
     for i, step in enumerate(["1-sums", "2-doubles"]):
         row = json.loads((tmp_path / "cl" / "naive" / step / "scores.json").read_text())["row"]
         after = json.loads((tmp_path / "cl" / "naive" / step / "run" / "metrics.json").read_text())["after"]

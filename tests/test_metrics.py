@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.metrics import bleu, classification_metrics, exact_match, generation_metrics, ner_metrics, rouge_l
+from tunesmith.metrics import (MAIN_METRICS, bleu, classification_metrics, exact_match, generation_metrics, main_metric,
+                               ner_metrics, rouge_l)
 
 
 def test_exact_match_strips_and_optionally_normalizes():
@@ -71,3 +72,18 @@ def test_rouge_l_by_hand():
     assert rouge_l(["a b c d"], ["a c"]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
     m = generation_metrics([" the cat sat on a mat", "x"], ["the cat sat on a mat", "y"])
     assert m["exact_match"] == 0.5 and m["rouge_l"] == pytest.approx(0.5)
+
+
+def test_every_task_headlines_metrics_its_scorer_reports():
+    """One definition of each task's main metric (comparison columns, continual's score, best checkpoint), for every
+    task a config accepts, naming numbers the task's metric function really returns."""
+    from typing import get_args
+
+    from tunesmith.config import TrainConfig
+
+    assert MAIN_METRICS.keys() == set(get_args(TrainConfig.model_fields["task"].annotation))
+    reported = {"sft": generation_metrics(["a b"], ["a b"]), "classify": classification_metrics(["x"], ["x"], ["x"]),
+                "ner": ner_metrics([["B-X"]], [["B-X"]])}
+    for task, names in MAIN_METRICS.items():
+        assert set(names) <= reported[task].keys(), task
+    assert [main_metric(t) for t in ("sft", "classify", "ner")] == ["exact_match", "accuracy", "f1"]

@@ -336,8 +336,12 @@ def validate(model: type[BaseModel], raw: dict, source: str = "config", lines: d
         raise ConfigError(_explain(err, source, lines or {}, raw, model)) from None
 
 
-def load_document(source: str | Path | dict, model: type[BaseModel], what: str):
-    """(validated `model`, the source's name for messages) of a YAML file or a mapping."""
+def load_document(source: str | Path | dict, model: type[BaseModel], what: str, overrides: list[str] = ()):
+    """(validated `model`, the source's name for messages) of a YAML file or a mapping, with `key=value`
+    overrides merged in (errors then name the merged mapping, not the file's lines)."""
+    if overrides:
+        raw = source if isinstance(source, dict) else read_yaml(source, what)[0]
+        source = merge(raw, parse_overrides(list(overrides)))
     if isinstance(source, dict):
         return validate(model, source, "config", {}), "config"
     raw, lines = read_yaml(source, what)
@@ -369,10 +373,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, mapping into mapping at every depth (a new dict; neither argument changes)."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -382,7 +387,7 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> TrainCo
         raw, name, lines = source, "config", {}
     else:
         (raw, lines), name = read_yaml(source, "config"), str(source)
-    raw = _merge(raw, parse_overrides(list(overrides)))
+    raw = merge(raw, parse_overrides(list(overrides)))
     if isinstance(raw.get("method"), str):  # `method: lora` is shorthand for `method: {name: lora}`
         raw["method"] = {"name": raw["method"]}
     return validate(TrainConfig, raw, name, lines)

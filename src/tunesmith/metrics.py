@@ -1,6 +1,6 @@
 """Metric functions on plain lists of strings: no models here. Classification through scikit-learn, entities
 through seqeval, BLEU through sacrebleu and ROUGE-L through rouge-score, so the numbers match what those
-tools report on their own."""
+tools report on their own. Which of them headline each task is here too (MAIN_METRICS)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ import re
 import string
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+# The headline metrics of each task, its main one first: the columns and plot of a comparison, the score of each
+# task in `tunesmith continual`, and what training keeps its best checkpoint by (classify, ner).
+MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
+
+
+def main_metric(task: str) -> str:
+    """The one number a task is judged by: exact_match (sft), accuracy (classify), f1 (ner)."""
+    return MAIN_METRICS[task][0]
 
 
 def normalize(text: str) -> str:

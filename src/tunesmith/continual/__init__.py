@@ -2,13 +2,18 @@
 
 - config.py   the sequence file: tasks in order, strategies (sequential with replay/regularisation, or per-task
               adapters), shared training settings
-- runner.py   `continual()`: every strategy over the sequence, every task scored after every step, resumable
+- runner.py   `run()`: every strategy over the sequence, every task scored after every step, resumable
 - probe.py    general-ability retention on shipped everyday prompts
 - summary.py  average score, forgetting, backward and forward transfer from the score matrix
 - report.py   report.json / .md / .html with heat-maps and per-task curves
 
-Training itself (continue_from, replay, regularization) is the training loop's: see training/lineage.py."""
+Training itself (continue_from, replay, regularization) is the training loop's: see training/lineage.py; the
+report's page, tables and number formats are shared with compare/'s: see reporting/."""
 
-from .runner import continual
+from .config import ContinualConfig, load_sequence
+from .runner import run
 
-__all__ = ["continual"]
+__all__ = ["ContinualConfig", "load_sequence", "run"]
+
+# Transitional: tunesmith/__init__.py and cli.py still import the old name; remove once they call `run`.
+continual = run

@@ -9,8 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ..config import (ConfigError, Strict, TrainConfig, _merge, load_config, load_document, parse_overrides,
-                      read_yaml)
+from ..config import ConfigError, Strict, TrainConfig, load_config, load_document, merge
 
 NAME = r"^[A-Za-z0-9._-]+$"
 
@@ -52,16 +51,10 @@ class ContinualConfig(Strict):
         return items
 
 
-MAIN_METRIC = {"sft": "exact_match", "classify": "accuracy", "ner": "f1"}
-
-
 def load_sequence(source: str | Path | dict, overrides: list[str] = ()) -> ContinualConfig:
     """A validated ContinualConfig whose every (strategy, task) step config validates too; `overrides` are
     key=value settings (output_dir=..., base.max_steps=20, ...)."""
-    if overrides:
-        raw, _ = (source, None) if isinstance(source, dict) else read_yaml(source, "continual config")
-        source = _merge(raw, parse_overrides(list(overrides)))
-    cfg, name = load_document(source, ContinualConfig, "continual config")
+    cfg, name = load_document(source, ContinualConfig, "continual config", overrides)
     for strategy in cfg.strategies:
         for i in range(len(cfg.tasks)):
             step_config(cfg, strategy, i, parent=None if i == 0 else "PARENT", source=name)
@@ -74,7 +67,7 @@ def step_config(cfg: ContinualConfig, strategy: StrategySpec, i: int, *, parent:
     data, its run directory, continuing from `parent` (sequential strategies) with replay drawn from
     `replay_from` unless the strategy names its own sources."""
     task = cfg.tasks[i]
-    raw = _merge(_merge(cfg.base, task.overrides), strategy.overrides)
+    raw = merge(merge(cfg.base, task.overrides), strategy.overrides)
     data = {**raw.get("data", {}), "train": task.train, "eval": task.eval}
     raw = {**raw, "data": data, "output_dir": str(run_dir(cfg, strategy, i)), "evaluate_before": False}
     if strategy.kind == "sequential" and i > 0:

@@ -15,7 +15,8 @@ from pathlib import Path
 from .. import runs
 from ..config import ConfigError, dump_config
 from ..generation import SamplingParams
-from .config import MAIN_METRIC, ContinualConfig, load_sequence, run_dir, step_config
+from ..metrics import main_metric
+from .config import ContinualConfig, load_sequence, run_dir, step_config
 from .probe import probe_prompts, reference_answers, score_probe
 from .report import write_report
 
@@ -29,7 +30,7 @@ class _Scorer:
 
         first = step_config(cfg, cfg.strategies[0], 0, parent=None)
         self.cfg, self.task, self.template = cfg, first.task, first.data.chat_template
-        self.metric = cfg.metric or MAIN_METRIC[self.task]
+        self.metric = cfg.metric or main_metric(self.task)
         self.params = SamplingParams(max_new_tokens=first.eval_max_new_tokens)
         self.max_length, self.limit = first.max_length, first.eval_limit
         # As training sees them: an sft task converted to the sequence's sft_format (a completion-format file
@@ -128,10 +129,11 @@ def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, don
     else:
         row, loaded = [], {}
         for j, path in enumerate(answering):
-            if path not in loaded:
-                loaded = {path: load_run(path)}  # one model in memory at a time
-            model, tokenizer, info = loaded[path]
-            row.append(scorer.score(model, tokenizer, j, labels=info.get("labels")))
+            if path not in loaded:  # one model in memory at a time
+                model, tokenizer, _ = load_run(path)
+                loaded = {path: (model, tokenizer, runs.open_run(path).labels)}
+            model, tokenizer, labels = loaded[path]
+            row.append(scorer.score(model, tokenizer, j, labels=labels))
             log(f"  {cfg.tasks[j].name}: {scorer.metric} {row[-1]:.4f}")
         model, tokenizer, _ = loaded.get(str(directory)) or load_run(directory)
         probe = scorer.probe(model, tokenizer, base["reference"]) if base.get("reference") else None
@@ -142,7 +144,7 @@ def _step(cfg: ContinualConfig, scorer: _Scorer, base: dict, s: int, i: int, don
     return data
 
 
-def continual(config: ContinualConfig | str | Path | dict, *, overrides: list[str] = (), log=print) -> dict:
+def run(config: ContinualConfig | str | Path | dict, *, overrides: list[str] = (), log=print) -> dict:
     """Run every strategy over the task sequence (skipping finished steps), then write the report. Returns the
     report's data (report.json, plus its output_dir). `overrides` are key=value settings of the sequence file."""
     cfg = config if isinstance(config, ContinualConfig) else load_sequence(config, overrides)
