@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tunesmith.serve.chat import chat_repl
+from tunesmith.cli.chat import chat_repl
 
 
 def test_repl_commands_history_and_save(tiny_lm, chatml_tokenizer, tmp_path):

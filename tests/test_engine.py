@@ -84,7 +84,7 @@ SETTINGS = {
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_same_text_from_generate_stream_batch_chat_and_the_server(offline, server, name):
     from tunesmith.generation import SamplingParams, generate, generate_batch, stream
-    from tunesmith.serve.chat import chat_repl
+    from tunesmith.cli.chat import chat_repl
 
     model, tokenizer = offline
     engine, client = server

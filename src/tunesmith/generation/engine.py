@@ -97,7 +97,7 @@ class Request:
         return f"Request({self.model!r}, {len(self.ids)} prompt tokens, index={self.index})"
 
 
-def _fail(req: Request, error: str) -> None:
+def fail(req: Request, error: str) -> None:
     """End `req` with an error event; a callback that fails too is ignored (its client is gone)."""
     try:
         req.emit(Event(req.index, error=error))
@@ -257,7 +257,7 @@ class Engine:
         with self._changed:
             waiting, self._waiting = list(self._waiting), deque()
         for req in waiting + [row.req for group in self._groups.values() for row in group.rows]:
-            _fail(req, "the server is shutting down")
+            fail(req, "the server is shutting down")
         self._groups.clear()
         self._running = 0
 
@@ -276,7 +276,7 @@ class Engine:
             except Exception as err:  # a bug must not take the worker down: fail what runs, keep serving
                 for group in self._groups.values():
                     for row in group.rows:
-                        _fail(row.req, f"{type(err).__name__}: {err}")
+                        fail(row.req, f"{type(err).__name__}: {err}")
                 self._groups.clear()
                 self._running = 0
 
@@ -321,7 +321,7 @@ class Engine:
             try:
                 path = generating(self.models, req).route()
             except Exception as err:
-                _fail(req, f"{type(err).__name__}: {err}")
+                fail(req, f"{type(err).__name__}: {err}")
                 continue
             if req.params.max_new_tokens == 0 and req.params.prompt_logprobs is None:  # the prompt's usage only
                 req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
@@ -334,7 +334,7 @@ class Engine:
                 try:
                     rows.append(self._row(req, path))
                 except Exception as err:  # e.g. a logit_bias outside the vocabulary: this request alone
-                    _fail(req, f"{type(err).__name__}: {err}")
+                    fail(req, f"{type(err).__name__}: {err}")
             if rows:
                 self._prefill(rows)
 
@@ -356,7 +356,7 @@ class Engine:
                                                  device_of(path.decoder), every_position=bool(scored))
         except Exception as err:  # the forward pass itself: these rows fail, the running ones go on
             for row in rows:
-                _fail(row.req, f"{type(err).__name__}: {err}")
+                fail(row.req, f"{type(err).__name__}: {err}")
             return
         done = self._score([rows[i] for i in scored], every[scored]) if scored else set()
         keep = self._pick(rows, logits, skip={scored[i] for i in done})
@@ -381,7 +381,7 @@ class Engine:
                     req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
             except Exception as err:
                 done.add(i)
-                _fail(req, f"{type(err).__name__}: {err}")
+                fail(req, f"{type(err).__name__}: {err}")
         return done
 
     def _decode(self, key: tuple) -> None:
@@ -392,7 +392,7 @@ class Engine:
                 logits = group.step()
             except Exception as err:  # the forward pass: this group's rows fail, other groups go on
                 for row in group.rows:
-                    _fail(row.req, f"{type(err).__name__}: {err}")
+                    fail(row.req, f"{type(err).__name__}: {err}")
                 group.keep([])
             else:
                 group.keep(self._pick(group.rows, logits))
@@ -409,7 +409,7 @@ class Engine:
                 token, info = row.pick(logits[i])
                 finished = row.advance(token, info)
             except Exception as err:  # this row's settings or callback: it fails alone
-                _fail(row.req, f"{type(err).__name__}: {err}")
+                fail(row.req, f"{type(err).__name__}: {err}")
                 continue
             if not finished and not row.req.cancelled.is_set():  # cancelled from its own callback: gone now
                 keep.append(i)

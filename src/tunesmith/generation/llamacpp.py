@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..data.tokenize import stop_token_ids
 from ..errors import TunesmithError
-from .engine import Engine, Event, Request, Row, Served, _fail, generating
+from .engine import Engine, Event, Request, Row, Served, fail, generating
 from .sampler import prompt_logprobs
 
 N_BATCH = 512  # tokens per llama_decode call (longer prompts go in pieces): bounds the logits buffer
@@ -239,7 +239,7 @@ class LlamaCppEngine(Engine):
                 model.reset()  # none of its rows runs: cells a failed step left behind are free again
             slot = Slot(req, model, self.tokenizer)
         except Exception as err:  # this request alone: e.g. a logit_bias outside the vocabulary
-            _fail(req, f"{type(err).__name__}: {err}")
+            fail(req, f"{type(err).__name__}: {err}")
             return
         self._groups.setdefault(id(model), Group(model)).rows.append(slot)
 
@@ -260,7 +260,7 @@ class LlamaCppEngine(Engine):
             logits = group.model.forward(tokens, positions, seqs, outputs) if rows else None
         except Exception as err:  # the forward pass: this model's rows fail, other models go on
             for row in rows:
-                _fail(row.req, f"{type(err).__name__}: {err}")
+                fail(row.req, f"{type(err).__name__}: {err}")
                 row.release()
             del self._groups[key]
             return
@@ -291,7 +291,7 @@ class LlamaCppEngine(Engine):
                 req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
                 return False
         except Exception as err:
-            _fail(req, f"{type(err).__name__}: {err}")
+            fail(req, f"{type(err).__name__}: {err}")
             return False
         return True
 

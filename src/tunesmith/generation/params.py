@@ -1,10 +1,47 @@
-"""The one set of sampling settings every caller passes: the CLI, the terminal chat, evaluation and the server."""
+"""The one set of sampling settings every caller passes: the CLI, the terminal chat, evaluation and the server,
+and `LIMITS`, the one set of ranges they are checked against on every surface (SamplingParams, the CLI's flags,
+the server's request schemas)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+from annotated_types import Interval
+
+# OpenAI's documented ranges are the reference (temperature 0..2, top_p 0..1, presence and frequency penalty
+# -2..2, logit_bias -100..100); top_p 0 would leave no token to sample, so it is excluded. pydantic reads an
+# Interval inside Annotated as it reads Field(ge=..., le=...), so the server's schemas use these objects as is.
+LIMITS: dict[str, Interval] = {
+    "max_new_tokens": Interval(ge=0),  # 0 ends after the prompt
+    "temperature": Interval(ge=0, le=2),
+    "top_p": Interval(gt=0, le=1),
+    "top_k": Interval(ge=0),
+    "presence_penalty": Interval(ge=-2, le=2),
+    "frequency_penalty": Interval(ge=-2, le=2),
+    "repetition_penalty": Interval(gt=0),
+    "logit_bias": Interval(ge=-100, le=100),  # of each token's bias
+    "n": Interval(ge=1),
+    "logprobs": Interval(ge=0),
+    "prompt_logprobs": Interval(ge=0),
+}
+
+
+def describe(limit: Interval) -> str:
+    """The range in words: "in [0, 2]", "in (0, 1]", "0 or more", "above 0"."""
+    low, high = (limit.ge if limit.ge is not None else limit.gt), (limit.le if limit.le is not None else limit.lt)
+    if low is not None and high is not None:
+        return f"in {'[' if limit.ge is not None else '('}{low:g}, {high:g}{']' if limit.le is not None else ')'}"
+    if low is not None:
+        return f"{low:g} or more" if limit.ge is not None else f"above {low:g}"
+    return f"{high:g} or less" if limit.le is not None else f"below {high:g}"
+
+
+def within(value, limit: Interval) -> bool:
+    """Whether `value` is inside `limit` (NaN never is)."""
+    return ((limit.ge is None or value >= limit.ge) and (limit.gt is None or value > limit.gt)
+            and (limit.le is None or value <= limit.le) and (limit.lt is None or value < limit.lt))
 
 # Below this temperature sampling means argmax, as in vLLM (_SAMPLING_EPS): logits / 1e-45 overflow float32 to
 # inf and softmax turns them into NaN, which torch.multinomial rejects.
@@ -46,17 +83,10 @@ class SamplingParams:
     token_mask: Callable[[], TokenMask] | None = None  # constrained decoding: one fresh mask per row
 
     def __post_init__(self):
-        problems = [f"{name} {value!r} {rule}" for name, value, ok, rule in [
-            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 0, "must be 0 or more"),
-            ("temperature", self.temperature, self.temperature >= 0, "must be 0 or more (0 = greedy)"),
-            ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k, self.top_k >= 0, "must be 0 (off) or more"),
-            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "must be above 0 (1 = off)"),
-            ("n", self.n, self.n >= 1, "must be 1 or more"),
-            ("logprobs", self.logprobs, self.logprobs is None or self.logprobs >= 0, "must be None or 0 or more"),
-            ("prompt_logprobs", self.prompt_logprobs, self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-             "must be None or 0 or more"),
-        ] if not ok]
+        checks = [(name, getattr(self, name), limit) for name, limit in LIMITS.items() if name != "logit_bias"]
+        checks += [(f"logit_bias[{token}]", bias, LIMITS["logit_bias"]) for token, bias in self.logit_bias.items()]
+        problems = [f"{name} {value!r} must be {describe(limit)}" for name, value, limit in checks
+                    if value is not None and not within(value, limit)]
         if problems:
             raise ValueError("sampling settings: " + "; ".join(problems))
         self.stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 
 from .adapters import ServeError
+from .config import runs_problem
 from .conversations import ConversationStore, TurnGate
 from ..generation import Engine
 from .errors import APIError, add_handlers
@@ -29,6 +29,8 @@ __all__ = ["APIError", "ServeSettings", "create_app"]
 
 @dataclass
 class ServeSettings:
+    """What the routes read on `app.state.settings`; `tunesmith serve` builds it from its ServeConfig."""
+
     api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer KEY`; no /docs
     max_body_bytes: int = MAX_BODY_BYTES  # larger bodies are answered 413
     conversations: str = ":memory:"  # SQLite file for /v1/conversations
@@ -60,8 +62,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     settings = settings or ServeSettings()
     if settings.api_key is not None and not settings.api_key.strip():
         raise ServeError("an empty API key would let anyone in: give a key, or None to serve without one")
-    if settings.runs is not None and not Path(settings.runs).is_dir():
-        raise ServeError(f"--runs {settings.runs}: no such directory; give the directory your runs are in")
+    if (problem := runs_problem(settings.runs)) is not None:
+        raise ServeError(problem)
     # With a key, the interactive docs go (a browser cannot send the key to them) and the schema needs the key.
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
     app = FastAPI(title="tunesmith", lifespan=_lifespan, **docs)

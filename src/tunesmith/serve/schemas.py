@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..generation.grammar import response_format_error
+from ..generation.params import LIMITS
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_DEPTH = 64  # OpenAI's bodies nest a handful of levels; far deeper is an attack on recursive parsers
@@ -39,17 +40,19 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    # The sampling ranges are generation's LIMITS, the same for Python and the CLI; the caps on n and the
+    # int64 seed are the wire format's.
+    temperature: Annotated[float, LIMITS["temperature"]] = 1.0
+    top_p: Annotated[float, LIMITS["top_p"]] = 1.0
+    n: Annotated[int, LIMITS["n"], Field(le=16)] = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None  # OpenAI's seed is an int64
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # keys: token ids
+    presence_penalty: Annotated[float, LIMITS["presence_penalty"]] = 0.0
+    frequency_penalty: Annotated[float, LIMITS["frequency_penalty"]] = 0.0
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's chat: at least one token; see completions'
+    logit_bias: dict[str, Annotated[float, LIMITS["logit_bias"]]] | None = None  # keys: token ids
     # Accepted and ignored: bookkeeping on OpenAI's side that does not change the reply.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -81,10 +84,10 @@ class CompletionRequest(_Sampling):
     # A string, a list of strings, a list of token ids, or a list of token-id lists, as OpenAI's API takes
     # (lm-evaluation-harness sends token ids by default).
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: only the prompt (with echo + logprobs: scoring)
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    max_tokens: Annotated[int, LIMITS["max_new_tokens"]] | None = None  # 0: only the prompt (echo + logprobs: scoring)
+    logprobs: Annotated[int, LIMITS["logprobs"], Field(le=5)] | None = None
     echo: bool = False
-    best_of: Annotated[int, Field(ge=1, le=16)] | None = None
+    best_of: Annotated[int, LIMITS["n"], Field(le=16)] | None = None
     suffix: str | None = None
 
     @property
@@ -141,7 +144,7 @@ class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, LIMITS["logprobs"], Field(le=20)] | None = None
     conversation: str | None = None  # tunesmith extension: the server supplies and extends the history
     # Accepted when they ask for nothing beyond plain text; anything else is refused by `unsupported()`.
     tools: list[dict[str, Any]] | None = None
