@@ -10,11 +10,9 @@ from .. import runs
 from ..errors import UsageError
 from .common import model_options, sampling, sampling_options
 
-# The compare and continual runners and the report helpers, imported in this one place only.
-from ..compare import compare
-from ..continual import continual
+from .. import compare, continual
 from ..continual.report import SUMMARIES
-from ..report import _fmt, markdown_table
+from ..reporting import fmt, markdown_table
 
 
 def _format_metric(value) -> str:
@@ -124,16 +122,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    report = compare(args.config)
+    report = compare.run(args.config)
     print(markdown_table(report["table"]["header"], report["table"]["rows"]))
     print(f"report written to {Path(report['output_dir']) / runs.REPORT_HTML}")
     return 0
 
 
 def cmd_continual(args) -> int:
-    report = continual(args.config, overrides=args.overrides)
+    report = continual.run(args.config, overrides=args.overrides)
     header = ["strategy", *(label for _, label in SUMMARIES)]
-    rows = [[name, *(_fmt(s["summary"][key]) for key, _ in SUMMARIES)] for name, s in report["strategies"].items()]
+    rows = [[name, *(fmt(s["summary"][key]) for key, _ in SUMMARIES)] for name, s in report["strategies"].items()]
     print(markdown_table(header, rows))
     print(f"report written to {Path(report['output_dir']) / runs.REPORT_HTML}")
     return 0

@@ -11,6 +11,3 @@ from .config import CompareConfig, Entry, entry_config, load_compare
 from .runner import CompareError, run, run_entry
 
 __all__ = ["CompareConfig", "CompareError", "Entry", "entry_config", "load_compare", "run", "run_entry"]
-
-# Transitional: tunesmith/__init__.py and cli.py still import the old names; remove once they call `run`.
-compare = run

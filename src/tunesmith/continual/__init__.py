@@ -14,6 +14,3 @@ from .config import ContinualConfig, load_sequence
 from .runner import run
 
 __all__ = ["ContinualConfig", "load_sequence", "run"]
-
-# Transitional: tunesmith/__init__.py and cli.py still import the old name; remove once they call `run`.
-continual = run

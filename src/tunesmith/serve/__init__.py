@@ -35,6 +35,3 @@ def run(config: ServeConfig | None = None, /, **fields) -> None:
     settings = config.settings()  # a bad key or --runs is refused before the model loads
     engine = BACKENDS[config.backend].load_engine(config.model, config.adapters, **config.engine_options())
     uvicorn.run(create_app(engine, settings), host=config.host, port=config.port, log_level="warning")
-
-
-serve = run  # transitional: src/tunesmith/__init__.py still imports `serve` from here; goes when it stops

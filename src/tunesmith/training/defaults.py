@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import PEFT_METHODS, TrainConfig
-from ..report import MAIN_METRICS
+from ..metrics import MAIN_METRICS
 
 # AdamW learning rates per method for a base the size of SmolLM2-135M. lora (and adalora, the same update
 # with a pruned rank) at alpha 16, the method's default: the update B @ A is scaled by alpha / r and Adam moves
