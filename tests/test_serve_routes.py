@@ -126,15 +126,15 @@ def test_classify_equals_the_runs_offline_predictions(client, assets, name):
     body = response.json()
     assert body["object"] == "list" and body["model"] == name and body["id"].startswith("classify-")
     model, tokenizer, info = load_run(assets[name])
-    offline = evaluate_classification(model, tokenizer, [{"text": t, "label": info["labels"][0]} for t in TEXTS],
-                                      info["labels"]).predictions
+    offline = evaluate_classification(model, tokenizer, [{"text": t, "label": info.labels[0]} for t in TEXTS],
+                                      info.labels).predictions
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert [d["label"] for d in body["data"]] == [p["prediction"] for p in offline]
     for text, item in zip(TEXTS, body["data"]):  # the batched scores are each text's own, alone
         with torch.no_grad():
             alone = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0].tolist()
         assert item["probs"] == pytest.approx(alone, abs=1e-5)
-        assert item["num_classes"] == len(info["labels"]) == len(item["probs"])
+        assert item["num_classes"] == len(info.labels) == len(item["probs"])
     tokens = sum(len(tokenizer(t)["input_ids"]) for t in TEXTS)
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
 
@@ -160,7 +160,7 @@ def test_long_input_is_cut_to_the_models_context(client, assets):
     body = client.post("/classify", json={"model": "clf", "input": text}).json()
     assert body["usage"]["prompt_tokens"] == CONTEXT
     model, tokenizer, info = load_run(assets["clf"])
-    offline = evaluate_classification(model, tokenizer, [{"text": text, "label": "neg"}], info["labels"],
+    offline = evaluate_classification(model, tokenizer, [{"text": text, "label": "neg"}], info.labels,
                                       max_length=CONTEXT)
     assert body["data"][0]["label"] == offline.predictions[0]["prediction"]
 
@@ -297,7 +297,7 @@ def test_load_errors_are_400s_naming_the_field(client, assets, tmp_path):
 
     assert "no directory" in error(load(client, "x", tmp_path / "missing"), "lora_path")
     (tmp_path / "empty").mkdir()
-    assert "not a tunesmith run" in error(load(client, "x", tmp_path / "empty"), "lora_path")
+    assert "is not a finished tunesmith run" in error(load(client, "x", tmp_path / "empty"), "lora_path")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run.json").write_text((assets["lora"] / "run.json").read_text())  # no weights, no adapter config
