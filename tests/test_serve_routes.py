@@ -205,6 +205,33 @@ def test_ner_words_past_the_context_are_o_without_a_score(client, assets):
     assert item["scores"][-1] is None and item["labels"][-1] == "O" and item["scores"][0] is not None
 
 
+@pytest.mark.parametrize("name", ["topic", "tags"])
+def test_eval_and_classify_give_a_text_the_same_labels_and_probabilities(client, assets, name, monkeypatch):
+    """`tunesmith eval` on the run and /classify label through one path (heads.py): the probabilities the scorer
+    computed for each text, caught where it labels, are the ones /classify answers, and so are the labels."""
+    from tunesmith import heads
+    from tunesmith.evaluation import evaluate, scorers
+
+    texts = ["John  Smith lives in Paris", "boring", "What is the capital of France ?"]
+    label = heads.label_texts if name == "topic" else heads.label_words
+    caught = []
+    monkeypatch.setattr(scorers, label.__name__, lambda *a, **k: caught.extend(label(*a, **k)) or caught)
+    records = ([{"text": t, "label": "a"} for t in texts] if name == "topic" else
+               [{"tokens": t.split(), "tags": ["O"] * len(t.split())} for t in texts])
+    offline = evaluate(str(assets[name]), records).predictions
+    body = client.post("/classify", json={"model": name, "input": texts}).json()["data"]
+    assert len(caught) == len(body) == len(offline) == 3
+    for scored, item, prediction in zip(caught, body, offline):
+        if name == "topic":
+            assert item["label"] == scored.label == prediction["prediction"]
+            assert item["probs"] == pytest.approx(scored.probs, abs=1e-6) and sum(item["probs"]) == pytest.approx(1)
+        else:
+            assert item["labels"] == scored.labels == prediction["prediction"]
+            assert item["scores"] == pytest.approx(scored.scores, abs=1e-6)
+    if name == "tags":  # the random head tags something here, so more than one label is compared
+        assert len({tag for item in body for tag in item["labels"]}) > 1
+
+
 def test_concurrent_requests_share_a_head(client):
     alone = client.post("/classify", json={"model": "tags", "input": TEXTS}).json()["data"]
     threads = [_in_thread(lambda: client.post("/classify", json={"model": m, "input": TEXTS}))
