@@ -67,4 +67,4 @@ def test_cli_chat_and_serve_arguments(bpe, tmp_path, monkeypatch, capsys):
     with pytest.raises(ServeError, match="'a' is given twice"):
         parse_adapters(["a=r1", "a=r2"])
     assert main(["serve", "--model", str(base), "--adapter", f"x={tmp_path}"]) == 1
-    assert "not a tunesmith run" in capsys.readouterr().err
+    assert "is not a finished tunesmith run" in capsys.readouterr().err

@@ -209,4 +209,4 @@ def test_cli_exit_codes(lora_run, full_run, tmp_path, capsys):
     assert err.startswith("tunesmith: error: ") and "export without --merge" in err
 
     assert main(["export", str(tmp_path / "no-run"), "-o", str(tmp_path / "x")]) == 1
-    assert "is not a tunesmith run" in capsys.readouterr().err
+    assert "is not a finished tunesmith run" in capsys.readouterr().err

@@ -126,15 +126,15 @@ def test_classify_equals_the_runs_offline_predictions(client, assets, name):
     body = response.json()
     assert body["object"] == "list" and body["model"] == name and body["id"].startswith("classify-")
     model, tokenizer, info = load_run(assets[name])
-    offline = evaluate_classification(model, tokenizer, [{"text": t, "label": info["labels"][0]} for t in TEXTS],
-                                      info["labels"]).predictions
+    offline = evaluate_classification(model, tokenizer, [{"text": t, "label": info.labels[0]} for t in TEXTS],
+                                      info.labels).predictions
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert [d["label"] for d in body["data"]] == [p["prediction"] for p in offline]
     for text, item in zip(TEXTS, body["data"]):  # the batched scores are each text's own, alone
         with torch.no_grad():
             alone = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0].tolist()
         assert item["probs"] == pytest.approx(alone, abs=1e-5)
-        assert item["num_classes"] == len(info["labels"]) == len(item["probs"])
+        assert item["num_classes"] == len(info.labels) == len(item["probs"])
     tokens = sum(len(tokenizer(t)["input_ids"]) for t in TEXTS)
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
 
@@ -160,7 +160,7 @@ def test_long_input_is_cut_to_the_models_context(client, assets):
     body = client.post("/classify", json={"model": "clf", "input": text}).json()
     assert body["usage"]["prompt_tokens"] == CONTEXT
     model, tokenizer, info = load_run(assets["clf"])
-    offline = evaluate_classification(model, tokenizer, [{"text": text, "label": "neg"}], info["labels"],
+    offline = evaluate_classification(model, tokenizer, [{"text": text, "label": "neg"}], info.labels,
                                       max_length=CONTEXT)
     assert body["data"][0]["label"] == offline.predictions[0]["prediction"]
 
@@ -203,6 +203,33 @@ def test_ner_words_past_the_context_are_o_without_a_score(client, assets):
                                max_length=CONTEXT).predictions[0]
     assert item["labels"] == offline["prediction"]
     assert item["scores"][-1] is None and item["labels"][-1] == "O" and item["scores"][0] is not None
+
+
+@pytest.mark.parametrize("name", ["topic", "tags"])
+def test_eval_and_classify_give_a_text_the_same_labels_and_probabilities(client, assets, name, monkeypatch):
+    """`tunesmith eval` on the run and /classify label through one path (heads.py): the probabilities the scorer
+    computed for each text, caught where it labels, are the ones /classify answers, and so are the labels."""
+    from tunesmith import heads
+    from tunesmith.evaluation import evaluate, scorers
+
+    texts = ["John  Smith lives in Paris", "boring", "What is the capital of France ?"]
+    label = heads.label_texts if name == "topic" else heads.label_words
+    caught = []
+    monkeypatch.setattr(scorers, label.__name__, lambda *a, **k: caught.extend(label(*a, **k)) or caught)
+    records = ([{"text": t, "label": "a"} for t in texts] if name == "topic" else
+               [{"tokens": t.split(), "tags": ["O"] * len(t.split())} for t in texts])
+    offline = evaluate(str(assets[name]), records).predictions
+    body = client.post("/classify", json={"model": name, "input": texts}).json()["data"]
+    assert len(caught) == len(body) == len(offline) == 3
+    for scored, item, prediction in zip(caught, body, offline):
+        if name == "topic":
+            assert item["label"] == scored.label == prediction["prediction"]
+            assert item["probs"] == pytest.approx(scored.probs, abs=1e-6) and sum(item["probs"]) == pytest.approx(1)
+        else:
+            assert item["labels"] == scored.labels == prediction["prediction"]
+            assert item["scores"] == pytest.approx(scored.scores, abs=1e-6)
+    if name == "tags":  # the random head tags something here, so more than one label is compared
+        assert len({tag for item in body for tag in item["labels"]}) > 1
 
 
 def test_concurrent_requests_share_a_head(client):
@@ -297,7 +324,7 @@ def test_load_errors_are_400s_naming_the_field(client, assets, tmp_path):
 
     assert "no directory" in error(load(client, "x", tmp_path / "missing"), "lora_path")
     (tmp_path / "empty").mkdir()
-    assert "not a tunesmith run" in error(load(client, "x", tmp_path / "empty"), "lora_path")
+    assert "is not a finished tunesmith run" in error(load(client, "x", tmp_path / "empty"), "lora_path")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run.json").write_text((assets["lora"] / "run.json").read_text())  # no weights, no adapter config

@@ -242,7 +242,7 @@ def test_adalora_prunes_ranks_down_to_the_target_budget(method_run):
 def test_saved_run_reloads_to_the_same_outputs(name, method_run, assets):
     run, trainer = method_run(name)
     model, tokenizer, info = load_run(run.path)
-    assert info["method"] == METHODS[name][0]["name"] and info["task"] == "sft"
+    assert info.method == METHODS[name][0]["name"] and info.task == "sft"
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3+3?"}], add_generation_prompt=True,
                                         tokenize=True, return_dict=True)["input_ids"]
     trained = logits(trainer.model, ids)

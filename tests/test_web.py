@@ -183,6 +183,19 @@ def test_a_long_log_is_thinned_to_the_points_a_curve_needs(tmp_path, engine):
     assert len(log) == MAX_LOG_POINTS and log[0]["step"] == 1 and log[-1]["step"] == 5000
 
 
+def test_a_broken_run_json_shows_the_run_unfinished_never_a_500(tmp_path, engine):
+    for name, text in {"half": '{"task": "sft", "base_', "list": "[1, 2]", "partial": '{"task": "sft"}'}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(text, encoding="utf-8")
+    _log(tmp_path / "half", 3, 1.0)
+    with client_for(engine, runs=str(tmp_path)) as c:
+        listed = {r["id"]: r for r in c.get("/v1/runs").json()["data"]}
+        assert set(listed) == {"half", "list", "partial"}
+        assert {r["status"] for r in listed.values()} == {"unfinished"} and listed["half"]["task"] is None
+        run = c.get("/v1/runs/half")
+        assert run.status_code == 200 and len(run.json()["log"]) == 3 and run.json()["lineage"] == []
+
+
 @pytest.mark.parametrize("name", ["../outside", "..%2Foutside", "%2E%2E/outside", "support-lora/../../outside",
                                   "linked", ".hidden", "still-training/checkpoints/checkpoint-5", "nope",
                                   "%2Fetc%2Fpasswd", "support-lora%00", "a" * 5000])

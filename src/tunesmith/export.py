@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import runs
 from .errors import TunesmithError
 from .models import load_run, resolve
 
@@ -26,12 +27,13 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
         raise ExportError(f"{out} is the run itself (or inside it); export to another directory")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    model, tokenizer, info = load_run(run)
-    if merge and not info["peft"]:
-        raise ExportError(f"{run} is a {info['method']} run: its weights are already standalone; export without --merge")
-    if merge and info["method"] in UNMERGEABLE:
-        raise ExportError(f"{info['method']} tuning learns virtual tokens, which cannot be merged into the weights; "
+    info = runs.open_run(run)
+    if merge and not info.peft:
+        raise ExportError(f"{run} is a {info.method} run: its weights are already standalone; export without --merge")
+    if merge and info.method in UNMERGEABLE:
+        raise ExportError(f"{info.method} tuning learns virtual tokens, which cannot be merged into the weights; "
                           "export the adapter instead (without --merge)")
+    model, tokenizer, _ = load_run(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -39,8 +41,8 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
             model = model.merge_and_unload()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if info["peft"] and not merge:
-            _point_adapter_at_base(tmp, info["base_model"])
+        if info.peft and not merge:
+            _point_adapter_at_base(tmp, info.base_model)
         for extra in ("README.md",):
             (tmp / extra).unlink(missing_ok=True)
         if out.exists():

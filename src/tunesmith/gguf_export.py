@@ -163,7 +163,7 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}-{os.getpid()}.tmp.gguf")  # beside `out`, so the rename is atomic
     try:
-        write_gguf(model, tokenizer, tmp, quant=quant, name=Path(run).resolve().name, base=info["base_model"])
+        write_gguf(model, tokenizer, tmp, quant=quant, name=Path(run).resolve().name, base=info.base_model)
         del model  # verification loads the run afresh: the comparison is with the run as tunesmith serves it
         report = verify_gguf(run, tmp, llama_cpp=llama_cpp) if verify else None
         if report is not None and not report.ok:
@@ -177,13 +177,12 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
 
 def _merged(run):
     """(model, tokenizer, info): the run's weights as one standalone causal LM."""
-    model, tokenizer, info = load_run(run)
-    if info["task"] != "sft":
-        raise ExportError(f"{run} is a {info['task']} run; only language-model (sft) runs can be exported as GGUF")
-    if info["method"] in UNMERGEABLE:
-        raise ExportError(f"{info['method']} tuning learns virtual tokens, which cannot be merged into the weights "
+    info = runs.open_run(run, task="sft", purpose="exported as GGUF")
+    if info.method in UNMERGEABLE:
+        raise ExportError(f"{info.method} tuning learns virtual tokens, which cannot be merged into the weights "
                           "a GGUF holds; export the adapter instead (without --gguf)")
-    if info["peft"]:
+    model, tokenizer, _ = load_run(run)
+    if info.peft:
         model = model.merge_and_unload()
     check_supported(model.config)
     return model.eval(), tokenizer, info
@@ -515,7 +514,7 @@ def _reference(run) -> tuple[list[_Prompt], object]:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
             base = None
-            if info["peft"]:
+            if info.peft:
                 with model.disable_adapter():
                     base = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
         prompts.append(_Prompt(text, ids, full, logits, base))

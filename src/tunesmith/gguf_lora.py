@@ -47,7 +47,7 @@ def export_lora_gguf(run: str | Path, out: str | Path, *, quant: str = "f32", fo
         raise ExportError(f"{out} already exists; pass --force to replace it")
     model, tokenizer, info = _lora_run(run)
     writer, alpha, pairs = _adapter_writer(model, quant, name=Path(run).resolve().name)
-    base_gguf = embedded_gguf(info["base_model"])
+    base_gguf = embedded_gguf(info.base_model)
     base_gguf = base_gguf if base_gguf is not None and base_gguf.is_file() else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}-{os.getpid()}.tmp.gguf")
@@ -73,14 +73,10 @@ def export_lora_gguf(run: str | Path, out: str | Path, *, quant: str = "f32", fo
 
 def _lora_run(run):
     """(PeftModel, tokenizer, info) of a plain-LoRA language-model run; anything else is refused by name."""
-    info = runs.read_info(run)
-    if info is None:
-        raise ExportError(f"{run} is not a tunesmith run (no {runs.RUN_INFO})")
-    if info["task"] != "sft":
-        raise ExportError(f"{run} is a {info['task']} run; only language-model (sft) runs can be exported as GGUF")
-    config = json.loads((Path(run) / "adapter_config.json").read_text()) if info["peft"] else {}
-    what = ("a full fine-tune, which has no adapter" if not info["peft"] else
-            f"{info['method']} tuning" if config.get("peft_type") != "LORA" else
+    info = runs.open_run(run, task="sft", purpose="exported as GGUF")
+    config = json.loads((Path(run) / "adapter_config.json").read_text()) if info.peft else {}
+    what = ("a full fine-tune, which has no adapter" if not info.peft else
+            f"{info.method} tuning" if config.get("peft_type") != "LORA" else
             "DoRA, whose magnitude vector llama.cpp's LoRA format has no place for" if config.get("use_dora") else
             "LoRA with trained whole modules (modules_to_save)" if config.get("modules_to_save") else
             "LoRA with trained token rows (trainable_token_indices)" if config.get("trainable_token_indices") else

@@ -208,28 +208,27 @@ def is_causal_lm(name: str) -> bool:
 
 
 def load_run(path: str | Path):
-    """(model, tokenizer, info) for a run directory: the full model, or the base model with its adapter (and
-    trained head) attached. Needs nothing but the path."""
-    info = runs.read_info(path)
-    if info is None:
-        raise ModelNotFoundError(f"{path} is not a tunesmith run (no {runs.RUN_INFO})")
+    """(model, tokenizer, RunInfo) for a run directory: the full model, or the base model with its adapter (and
+    trained head) attached. Needs nothing but the path; runs.NotARunError when it holds no finished run."""
+    info = runs.open_run(path)
     tokenizer = load_tokenizer(str(path))
-    if info["peft"]:
+    if info.peft:
         from peft import PeftModel
 
-        base = load_for_task(info["base_model"], info["task"], info.get("labels"), tokenizer=tokenizer)
+        base = load_for_task(info.base_model, info.task, info.labels, tokenizer=tokenizer)
         with warnings.catch_warnings():  # peft calls an API transformers deprecated: noise to users
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
             model = PeftModel.from_pretrained(base, str(path))
     else:
-        model = load_for_task(str(path), info["task"], info.get("labels"), tokenizer=tokenizer)
+        model = load_for_task(str(path), info.task, info.labels, tokenizer=tokenizer)
     model.eval()
     return model, tokenizer, info
 
 
 def load(name: str, **kwargs):
     """(model, tokenizer) for generation; `name` may also be a tunesmith run directory."""
-    if runs.read_info(name) is not None:
+    if runs.find_run(name) is not None:
         model, tokenizer, _ = load_run(name)
         return model, tokenizer
     return load_causal_lm(name, **kwargs), load_tokenizer(name)

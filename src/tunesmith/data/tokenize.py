@@ -380,17 +380,20 @@ def tokenize_records(tokenizer, records, *, max_length: int | None = None, chat_
 # ---------------------------------------------------------------------------------------------------------
 
 def encode_classification(tokenizer, records, label2id, max_length) -> list[dict]:
+    """Each record's text cut to max_length tokens (None: not cut), and its label's id (none without label2id:
+    texts to label)."""
     out = []
     for r in records:
-        enc = tokenizer(r["text"], truncation=True, max_length=max_length)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                    "labels": label2id[r["label"]]})
+        enc = tokenizer(r["text"], truncation=max_length is not None, max_length=max_length)
+        features = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        out.append(features if label2id is None else {**features, "labels": label2id[r["label"]]})
     return out
 
 
 def encode_tagging(tokenizer, records, label2id, max_length) -> list[dict]:
-    """Words joined by spaces and tokenized with offsets; each word's tag goes on its first sub-token and
-    every other sub-token gets -100. Works for any fast tokenizer (no `is_split_into_words` quirks)."""
+    """Words joined by spaces and tokenized with offsets (cut to max_length tokens; None: not cut); each word's
+    tag goes on its first sub-token and every other sub-token gets -100. Works for any fast tokenizer (no
+    `is_split_into_words` quirks)."""
     out = []
     for r in records:
         starts, text = {}, ""
@@ -398,7 +401,7 @@ def encode_tagging(tokenizer, records, label2id, max_length) -> list[dict]:
             text += " " if text else ""
             starts[len(text)] = label2id[tag]
             text += word
-        enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        enc = tokenizer(text, truncation=max_length is not None, max_length=max_length, return_offsets_mapping=True)
         labels, seen = [], set()
         for start, end in enc["offset_mapping"]:
             # Byte-level BPE puts the space before a word into its first token: skip it to find the word.

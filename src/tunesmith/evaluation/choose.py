@@ -63,8 +63,8 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
     if not records:
         raise EvaluateError(f"{data}: no records to evaluate")
     records = records[:limit] if limit else records
-    info = runs.read_info(model) if isinstance(model, (str, Path)) else None
-    task = task or (info or {}).get("task") or _TASK_OF_KIND[kind_of(records[0])]
+    info = runs.find_run(model) if isinstance(model, (str, Path)) else None
+    task = task or (info and info.task) or _TASK_OF_KIND[kind_of(records[0])]
     pool = (list(train_data) if isinstance(train_data, list) else read_records(train_data)) if train_data else []
     if isinstance(prompting, dict):
         prompting = load_prompting(prompting)
@@ -72,7 +72,7 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
         raise EvaluateError(f"{prompting.shots}-shot prompting needs at least {prompting.shots} exemplars from "
                             f"the training data, but {'it has ' + str(len(pool)) if train_data else 'none was given'}"
                             " (give train_data, or --train-data on the command line)")
-    labels = labels or (info or {}).get("labels")
+    labels = labels or (info and info.labels)
     if task == "classify" and not labels:
         labels = sorted({r["label"] for r in records} | {r["label"] for r in pool})
     if task == "ner" and not labels:

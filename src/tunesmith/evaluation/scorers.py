@@ -1,7 +1,8 @@
 """The scorers of a model on held-out records, one per kind of output: generation (exact match, BLEU, ROUGE-L,
 and the loss on the learnable tokens only), sequence classification (accuracy, P/R/F1, per-class report,
-confusion matrix) and token classification (entity-level P/R/F1 per type). Which one scores a model is decided
-in one place, `score` (choose.py); the metric functions live in metrics.py."""
+confusion matrix) and token classification (entity-level P/R/F1 per type), the last two labelling through
+heads.py as the server's /classify does. Which one scores a model is decided in one place, `score` (choose.py);
+the metric functions live in metrics.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import functools
 import math
 
 from ..batching import batches, device_of, pad
-from ..data.tokenize import IGNORE_INDEX, encode_classification, encode_tagging, tokenize_records
+from ..data.tokenize import IGNORE_INDEX, tokenize_records
 from ..generation import SamplingParams, generate_batch
+from ..heads import encode_texts, encode_words, label_texts, label_words
 from ..metrics import classification_metrics, exact_match, generation_metrics, ner_metrics
 from ..progress import Progress
 from .results import Evaluation
@@ -81,39 +83,26 @@ def evaluate_generation(model, tokenizer, records, *, chat_template=None, max_le
     return Evaluation(metrics, predictions)
 
 
-@_inference
 def evaluate_classification(model, tokenizer, records, labels, *, max_length=512, batch_size=32,
                             desc: str = "scoring") -> Evaluation:
-    label2id = {label: i for i, label in enumerate(labels)}
-    feats = encode_classification(tokenizer, records, label2id, max_length)
-    predicted = []
-    with Progress(desc, len(feats)) as progress:
-        for _, ids, mask in batches(feats, batch_size, tokenizer.pad_token_id, device=device_of(model),
-                                    progress=progress):
-            predicted += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
-    names = [labels[i] for i in predicted]
+    features = encode_texts(tokenizer, [r["text"] for r in records], max_length)
+    with Progress(desc, len(features)) as progress:
+        found = label_texts(model, features, labels, tokenizer.pad_token_id, batch_size=batch_size,
+                            progress=progress)
+    names = [p.label for p in found]
     golds = [r["label"] for r in records]
     predictions = [{"input": r["text"], "gold": g, "prediction": p, "correct": g == p}
                    for r, g, p in zip(records, golds, names)]
     return Evaluation(classification_metrics(golds, names, labels, details=True), predictions)
 
 
-@_inference
 def evaluate_tagging(model, tokenizer, records, labels, *, max_length=512, batch_size=32,
                      desc: str = "scoring") -> Evaluation:
-    label2id = {label: i for i, label in enumerate(labels)}
-    feats = encode_tagging(tokenizer, records, label2id, max_length)
-    golds, preds, predictions = [], [], []
-    with Progress(desc, len(feats)) as progress:
-        for chunk, ids, mask in batches(feats, batch_size, tokenizer.pad_token_id, device=device_of(model),
-                                        progress=progress):
-            argmax = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
-            for f, row in zip(chunk, argmax):
-                words = [labels[p] for p, gold in zip(row, f["labels"]) if gold != IGNORE_INDEX]
-                preds.append(words)
-    for record, words in zip(records, preds):
-        words = words + ["O"] * (len(record["tags"]) - len(words))  # words cut by truncation count as O
-        golds.append(record["tags"])
-        predictions.append({"input": " ".join(record["tokens"]), "gold": record["tags"], "prediction": words,
-                            "correct": words == record["tags"]})
-    return Evaluation(ner_metrics(golds, [p["prediction"] for p in predictions], details=True), predictions)
+    features = encode_words(tokenizer, [r["tokens"] for r in records], max_length)
+    with Progress(desc, len(features)) as progress:
+        found = label_words(model, features, labels, tokenizer.pad_token_id, batch_size=batch_size,
+                            progress=progress)
+    predictions = [{"input": " ".join(r["tokens"]), "gold": r["tags"], "prediction": words.labels,
+                    "correct": words.labels == r["tags"]} for r, words in zip(records, found)]
+    return Evaluation(ner_metrics([r["tags"] for r in records], [p["prediction"] for p in predictions],
+                                  details=True), predictions)

@@ -36,25 +36,33 @@ class NameTaken(ServeError):
     """A name that cannot be given to a loaded run: the base model's, or one already served."""
 
 
-def check_template(name: str, run: str, info: dict, fingerprint: str) -> None:
-    saved = info.get("chat_template_fingerprint")
+def open_served_run(name: str, run: str | Path) -> runs.RunInfo:
+    """The run to be served as `name`, opened; a ServeError (the server's 400) with runs' sentence when it is none."""
+    try:
+        return runs.open_run(run)
+    except runs.NotARunError as err:
+        raise ServeError(f"adapter {name!r}: {err}") from None
+
+
+def check_template(name: str, run: str, info: runs.RunInfo, fingerprint: str) -> None:
+    saved = info.chat_template_fingerprint
     if saved and saved != fingerprint:
         raise ServeError(f"adapter {name!r} ({run}) was trained with chat template {saved}, but the server renders "
                          f"chat with template {fingerprint}; serve it with the template it was trained with "
                          f"(--chat-template) or retrain it")
 
 
-def _merged_run(run: str, info: dict):
+def _merged_run(run: str, info: runs.RunInfo):
     """A peft run given as --model: its base with the adapter merged in, the model the llama-cpp backend exports.
     (transformers alone would load it with the adapter attached in its own way, which the engine cannot route.)"""
     from peft import PeftConfig
 
     from ..models import load_run
 
-    if info["task"] != "sft" or PeftConfig.from_pretrained(run).is_prompt_learning:
-        kind = info["task"] if info["task"] != "sft" else info["method"]
+    if info.task != "sft" or PeftConfig.from_pretrained(run).is_prompt_learning:
+        kind = info.task if info.task != "sft" else info.method
         raise ServeError(f"--model {run}: a {kind} run cannot be served as the base model; serve its base with "
-                         f"--model {info['base_model']} --adapter NAME={run}")
+                         f"--model {info.base_model} --adapter NAME={run}")
     return load_run(run)[0].merge_and_unload()
 
 
@@ -68,22 +76,20 @@ def load_engine(model: str, adapters: dict[str, str] | None = None, *, chat_temp
     tokenizer = load_tokenizer(model)
     template = chat_template_for(tokenizer, chat_template)
     fingerprint = template_fingerprint(template)
-    info = runs.read_info(model)
-    base = _merged_run(model, info) if info is not None and info["peft"] else load_causal_lm(model)
+    info = runs.find_run(model)
+    base = _merged_run(model, info) if info is not None and info.peft else load_causal_lm(model)
     served: dict[str, Served] = {model: Served(base)}
     shared = None  # the PeftModel whose adapters share `base`
     for name, run in (adapters or {}).items():
         if name in served:
             raise ServeError(f"adapter name {name!r} is used twice (or is the base model's name)")
-        info = runs.read_info(run)
-        if info is None:
-            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no {runs.RUN_INFO})")
-        if info["task"] != "sft":  # classification/tagging: listed, served by their own head
+        info = open_served_run(name, run)
+        if info.task != "sft":  # classification/tagging: listed, served by their own head
             module, _, _ = load_run(run)
-            served[name] = Served(module, task=info["task"], run=str(run))
+            served[name] = Served(module, task=info.task, run=str(run))
             continue
         check_template(name, run, info, fingerprint)
-        if not info["peft"]:
+        if not info.peft:
             served[name] = Served(load_causal_lm(str(run)), run=str(run))
             continue
         config = PeftConfig.from_pretrained(str(run))
@@ -183,15 +189,13 @@ def load_served(engine, name: str, run: str | Path) -> Served:
     if not Path(run).is_dir():
         raise ServeError(f"adapter {name!r}: there is no directory {run}")
     try:
-        info = runs.read_info(run)
-        if info is None:
-            raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no {runs.RUN_INFO})")
-        if info["task"] != "sft":  # a trained head: its own model, as at start-up
+        info = open_served_run(name, run)
+        if info.task != "sft":  # a trained head: its own model, as at start-up
             module, _, _ = load_run(run)
-            return Served(_beside_base(module, engine), task=info["task"], run=str(run))
+            return Served(_beside_base(module, engine), task=info.task, run=str(run))
         template = getattr(engine, "chat_template", None) or chat_template_for(engine.tokenizer)
         check_template(name, str(run), info, template_fingerprint(template))
-        if not info["peft"]:
+        if not info.peft:
             return Served(_beside_base(load_causal_lm(str(run)), engine), run=str(run))
         config = PeftConfig.from_pretrained(str(run))
         internal = f"run{len(engine.models)}"  # never the user's name (see load_engine)

@@ -26,7 +26,7 @@ from .. import runs
 from ..data.templates import chat_template_for, template_fingerprint
 from ..errors import TunesmithError
 from ..version import __version__
-from .adapters import ServeError, check_template, load_engine, load_served
+from .adapters import ServeError, check_template, load_engine, load_served, open_served_run
 from ..generation import Served
 
 # The type runs are exported at for llama.cpp (`--gguf-quant`). q8_0: on the project's 2-core CPU it decodes one
@@ -80,7 +80,7 @@ def gguf_of(model: str, quant: str = GGUF_QUANT) -> tuple[Path, object, object]:
             raise ServeError(f"--model {model}: the llama-cpp backend reads .gguf files (or a tunesmith run "
                              "directory, exported on first use)")
         return path, _gguf_tokenizer(path), None
-    if runs.read_info(path) is not None:
+    if runs.find_run(path) is not None:
         return exported(path, quant), load_tokenizer(str(path)), load_generation_config(str(path))
     raise ServeError(f"--model {model}: the llama-cpp backend serves a .gguf file, the embedded default or a "
                      f"tunesmith run directory; for any other model export it to GGUF first, or serve it with "
@@ -135,24 +135,22 @@ def exported(run: Path, quant: str = GGUF_QUANT) -> Path:
     return path
 
 
-def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple[Path, object, dict]:
-    """(GGUF file, generation config, run.json) of a run served as `name`, checked as the torch backend checks it."""
+def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple[Path, object]:
+    """(GGUF file, generation config) of a run served as `name`, checked as the torch backend checks it."""
     from ..models import load_generation_config
 
     if not Path(run).is_dir():
         raise ServeError(f"adapter {name!r}: there is no directory {run}")
-    info = runs.read_info(run)
-    if info is None:
-        raise ServeError(f"adapter {name!r}: {run} is not a tunesmith run (no {runs.RUN_INFO})")
-    if info["task"] != "sft":
-        raise ServeError(f"adapter {name!r}: {run} is a {info['task']} run; the llama-cpp backend serves language "
+    info = open_served_run(name, run)
+    if info.task != "sft":
+        raise ServeError(f"adapter {name!r}: {run} is a {info.task} run; the llama-cpp backend serves language "
                          "models only: serve it with --backend torch")
     check_template(name, str(run), info, fingerprint)
-    if info["peft"]:
+    if info.peft:
         from peft import PeftConfig
 
         if PeftConfig.from_pretrained(str(run)).is_prompt_learning:
-            raise ServeError(f"adapter {name!r}: {run} learned virtual tokens ({info['method']} tuning), which cannot "
+            raise ServeError(f"adapter {name!r}: {run} learned virtual tokens ({info.method} tuning), which cannot "
                              "be merged into a GGUF's weights; serve it with --backend torch")
     try:
         path = exported(Path(run), quant)
@@ -161,7 +159,7 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple
     except TunesmithError as err:  # e.g. prompt tuning, which has no merged weights to export
         raise ServeError(f"adapter {name!r}: the llama-cpp backend serves each run as an exported GGUF, and {err}; "
                          "serve it with --backend torch") from None
-    return path, load_generation_config(str(run)), info
+    return path, load_generation_config(str(run))
 
 
 def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
@@ -196,7 +194,7 @@ def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat
     for name, run in (adapters or {}).items():
         if name in served:
             raise ServeError(f"adapter name {name!r} is used twice (or is the base model's name)")
-        run_path, config, _ = _run_gguf(name, run, fingerprint, gguf_quant)
+        run_path, config = _run_gguf(name, run, fingerprint, gguf_quant)
         served[name] = Served(GGUFModel(run_path, tokenizer, generation_config=config, **options), run=str(run))
     return LlamaCppEngine(served, tokenizer, context_window=base.window, chat_template=template,
                           max_batch=max_batch, max_queue=max_queue, gguf_quant=gguf_quant)
@@ -208,8 +206,8 @@ def load_gguf_served(engine, name: str, run: str | Path) -> Served:
     from ..generation.llamacpp import GGUFModel
 
     base = engine.models[next(iter(engine.models))].module
-    run_path, config, _ = _run_gguf(name, run, template_fingerprint(engine.chat_template),
-                                    engine.gguf_quant or GGUF_QUANT)
+    run_path, config = _run_gguf(name, run, template_fingerprint(engine.chat_template),
+                                 engine.gguf_quant or GGUF_QUANT)
     model = GGUFModel(run_path, engine.tokenizer, generation_config=config, max_batch=engine.max_batch,
                       context_window=base.window, threads=base.threads)
     return Served(model, run=str(run))

@@ -5,7 +5,8 @@ answers one item per input text with its whitespace-separated words, a label and
 of the word's first sub-token, as in training and `tunesmith evaluate`), and the entities those IOB labels
 spell, grouped as seqeval groups them for the metrics and shaped like transformers' token-classification
 pipeline (`entity_group`, `score`, `word`, `start`, `end`; offsets in the input text). Inputs longer than the
-model's context are cut on the right, as in training; the usage counts the tokens that were read."""
+model's context are cut on the right, as in training; the usage counts the tokens that were read. The labelling
+itself is heads.py's, the path `tunesmith eval` scores with: a text gets the same label from both."""
 
 from __future__ import annotations
 
@@ -59,61 +60,38 @@ def head_of(entry, fallback_tokenizer) -> Head:
     return Head([config.id2label[i] for i in range(config.num_labels)], tokenizer, min(limits, default=None))
 
 
-def _probs(model, rows: list[list[int]], pad_id: int):
-    """Softmax over the head's logits for right-padded `rows`: [B, K] (classify) or [B, T, K] (ner)."""
-    import torch
-
-    from ...batching import device_of, pad
-
-    ids, mask = pad(rows, pad_id, device=device_of(model))
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1).cpu()
-
-
 def classify_texts(model, head: Head, texts: list[str]) -> tuple[list[dict], int]:
     """vLLM's classification items for `texts`, and the number of tokens read."""
-    tok = head.tokenizer
+    from ...heads import encode_texts, label_texts
+
     with head.lock:
-        rows = [tok(t, truncation=head.max_length is not None, max_length=head.max_length)["input_ids"]
-                for t in texts]
-    _refuse_empty([len(r) for r in rows], "has no tokens")
-    items = []
-    for start in range(0, len(rows), BATCH):
-        for i, p in enumerate(_probs(model, rows[start:start + BATCH], tok.pad_token_id).tolist(), start):
-            best = max(range(len(p)), key=p.__getitem__)
-            items.append({"index": i, "label": head.labels[best], "probs": p, "num_classes": len(p)})
-    return items, sum(map(len, rows))
+        features = encode_texts(head.tokenizer, texts, head.max_length)
+    _refuse_empty([len(f["input_ids"]) for f in features], "has no tokens")
+    found = label_texts(model, features, head.labels, head.tokenizer.pad_token_id, batch_size=BATCH)
+    items = [{"index": i, "label": p.label, "probs": p.probs, "num_classes": len(p.probs)} for i, p in enumerate(found)]
+    return items, sum(len(f["input_ids"]) for f in features)
 
 
 def tag_texts(model, head: Head, texts: list[str]) -> tuple[list[dict], int]:
-    """Per-word labels, scores and entities for `texts`, and the number of tokens read. Words are encoded
-    exactly as training encoded them (`encode_tagging`: joined by single spaces, labelled on first sub-tokens)."""
+    """Per-word labels, scores and entities for `texts` (words: runs of non-space), and the number of tokens read."""
     from seqeval.metrics.sequence_labeling import get_entities
 
-    from ...data.tokenize import IGNORE_INDEX, encode_tagging
+    from ...heads import encode_words, label_words
 
     spans = [[m.span() for m in re.finditer(r"\S+", t)] for t in texts]  # (start, end) of each word
     _refuse_empty([len(s) for s in spans], "has no words")
-    records = [{"tokens": [t[a:b] for a, b in s], "tags": ["O"] * len(s)} for t, s in zip(texts, spans)]
+    words = [[t[a:b] for a, b in s] for t, s in zip(texts, spans)]
     with head.lock:
-        feats = encode_tagging(head.tokenizer, records, {"O": 0}, head.max_length)
+        features = encode_words(head.tokenizer, words, head.max_length)
+    found = label_words(model, features, head.labels, head.tokenizer.pad_token_id, batch_size=BATCH)
     items = []
-    for start in range(0, len(feats), BATCH):
-        chunk = feats[start:start + BATCH]
-        probs = _probs(model, [f["input_ids"] for f in chunk], head.tokenizer.pad_token_id)  # [B, T, K]
-        for i, (f, p) in enumerate(zip(chunk, probs), start):
-            first = [t for t, gold in enumerate(f["labels"]) if gold != IGNORE_INDEX]  # a word's first sub-token
-            score, best = p[first].max(-1)
-            cut = len(spans[i]) - len(first)  # words cut off by truncation: O with no score, as in evaluation
-            labels = [head.labels[c] for c in best.tolist()] + ["O"] * cut
-            scores = score.tolist() + [None] * cut
-            text, span = texts[i], spans[i]
-            entities = [{"entity_group": kind, "score": sum(scores[a:b + 1]) / (b + 1 - a),
-                         "word": text[span[a][0]:span[b][1]], "start": span[a][0], "end": span[b][1]}
-                        for kind, a, b in get_entities(labels)]  # words a..b inclusive, never cut-off ones
-            items.append({"index": i, "words": records[i]["tokens"], "labels": labels, "scores": scores,
-                          "entities": entities, "num_classes": len(head.labels)})
-    return items, sum(len(f["input_ids"]) for f in feats)
+    for i, (text, span, tagged) in enumerate(zip(texts, spans, found)):
+        entities = [{"entity_group": kind, "score": sum(tagged.scores[a:b + 1]) / (b + 1 - a),
+                     "word": text[span[a][0]:span[b][1]], "start": span[a][0], "end": span[b][1]}
+                    for kind, a, b in get_entities(tagged.labels)]  # words a..b inclusive, never cut-off ones
+        items.append({"index": i, "words": words[i], "labels": tagged.labels, "scores": tagged.scores,
+                      "entities": entities, "num_classes": len(head.labels)})
+    return items, sum(len(f["input_ids"]) for f in features)
 
 
 def _refuse_empty(sizes: list[int], what: str) -> None:

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from ... import runs
+from ...errors import TunesmithError
 from ..errors import APIError
 
 router = APIRouter()
@@ -123,17 +124,24 @@ def _object(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _parent(info: dict) -> dict | None:
-    parent = info.get("parent")
-    return parent if isinstance(parent, dict) else None
+def _info(directory: Path) -> runs.RunInfo | None:
+    """The run's run.json; None while it trains, and for a run.json the page cannot read (shown unfinished)."""
+    try:
+        return runs.find_run(directory)
+    except TunesmithError:
+        return None
+
+
+def _parent(info: runs.RunInfo | None) -> dict | None:
+    return info.parent if info is not None and isinstance(info.parent, dict) else None
 
 
 def _summary(name: str, directory: Path, ids: dict[str, str]) -> dict:
-    info, metrics = _object(directory / runs.RUN_INFO), _object(directory / runs.METRICS)
-    finished = bool(info)
+    info, metrics = _info(directory), _object(directory / runs.METRICS)
+    finished = info is not None
     return {"id": name, "object": "run", "status": "finished" if finished else "unfinished",
-            "task": info.get("task"), "method": info.get("method"), "base_model": info.get("base_model"),
-            "peft": info.get("peft"), "modified": _mtime(directory / (runs.RUN_INFO if finished else runs.LOG)),
+            "task": info and info.task, "method": info and info.method, "base_model": info and info.base_model,
+            "peft": info and info.peft, "modified": _mtime(directory / (runs.RUN_INFO if finished else runs.LOG)),
             "before": _scalars(metrics.get("before")), "after": _scalars(metrics.get("after")),
             "parent": _link(_parent(info), ids)}
 
@@ -158,20 +166,8 @@ def _resolved(path: str | Path) -> str:
 def _log(directory: Path) -> list[dict]:
     """The training log's numeric fields, one dict per line (half-written lines skipped), thinned evenly to at
     most MAX_LOG_POINTS lines (the last one always kept)."""
-    path = directory / runs.LOG
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_LOG_BYTES)
-    except OSError:
-        return []
-    points = []
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)):
-            points.append(_scalars(entry))
+    points = [_scalars(entry) for entry in runs.read_log(directory, max_bytes=MAX_LOG_BYTES)
+              if isinstance(entry.get("step"), (int, float))]
     if len(points) > MAX_LOG_POINTS:
         stride = len(points) / MAX_LOG_POINTS
         points = [points[int(i * stride)] for i in range(MAX_LOG_POINTS - 1)] + [points[-1]]
@@ -197,17 +193,18 @@ def _detail(request: Request, name: str) -> dict:
                        type="not_found_error")
     directory = found[name]
     ids = {_resolved(p): n for n, p in found.items()}
-    info, metrics = _object(directory / runs.RUN_INFO), _object(directory / runs.METRICS)
+    info, metrics = _info(directory), _object(directory / runs.METRICS)
     here = _resolved(directory)
-    lineage = info.get("lineage") if isinstance(info.get("lineage"), list) else []
-    parents = {n: (_parent(_object(p / runs.RUN_INFO)) or {}).get("path") for n, p in found.items()}
+    lineage = info.lineage if info is not None and isinstance(info.lineage, list) else []
+    parents = {n: (_parent(_info(p)) or {}).get("path") for n, p in found.items()}
     children = sorted(n for n, path in parents.items() if path and _resolved(path) == here)
     served = [model for model, entry in request.app.state.engine.models.items()
               if entry.run and _resolved(entry.run) == here]
     before = metrics.get("before") if isinstance(metrics.get("before"), dict) else {}
-    return {**_summary(name, directory, ids), "path": str(directory), "labels": info.get("labels"),
-            "data": info.get("data"), "replay": info.get("replay"), "regularization": info.get("regularization"),
-            "defaults": info.get("defaults"), "versions": info.get("versions"),
+    return {**_summary(name, directory, ids), "path": str(directory), "labels": info and info.labels,
+            "data": info and info.data, "replay": info and info.replay,
+            "regularization": info and info.regularization, "defaults": info and info.defaults,
+            "versions": info and info.versions,
             "metrics": {k: _scalars(v) for k, v in metrics.items() if isinstance(v, dict)},
             "before_kind": before.get("before_kind"),  # what "before" scored: the base model, or the parent run
             "lineage": [_link(e, ids) for e in lineage if isinstance(e, dict)], "children": children,
