@@ -34,7 +34,8 @@ from ..runs import RunError, RunInfo
 from ..version import __version__
 from . import lineage, precision
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
-from .data import build_features, check_kind, collator, label_list, load_splits, read_data, sft_records
+from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
+                   sft_records)
 from .defaults import CPU_BUDGET, Chosen, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
 from .regularize import anchor_for
@@ -134,6 +135,7 @@ def _load_data(cfg: TrainConfig, tokenizer, parent: RunInfo | None) -> _Data:
     labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
     labels = lineage.parent_labels(parent, labels, cfg.data.train)
     train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
+    check_trainable(train_features, stats, cfg, cfg.data.train)
     eval_features, _ = build_features(cfg, tokenizer, eval_records, labels, cfg.data.eval or "eval split") \
         if eval_records else ([], None)
     if cfg.packing:
