@@ -88,6 +88,39 @@ def test_specific_messages_name_what_to_fix(files, capsys):
     assert "unknown format 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["one record, eval split", "empty train file", "empty eval file",
+                                  "every record too long"])
+def test_data_that_leaves_training_or_evaluation_nothing_is_a_sentence_naming_the_file_and_the_fix(
+        case, files, tmp_path, capsys):
+    """A new user's first try: a one-record file, whose only record the default eval split took (an IndexError
+    before), or a file left empty, or max_length below every example (a run that trained zero steps before)."""
+    one, empty = tmp_path / "one.jsonl", tmp_path / "empty.jsonl"
+    one.write_text(json.dumps(CHAT) + "\n")
+    empty.write_text("")
+    config, expected = {
+        "one record, eval split": (
+            files["config"]("one", data={"train": str(one)}),
+            f"{one}: holds 1 record, and data.eval_fraction 0.1 holds out 1 for evaluation, leaving none to train "
+            "on; add records, set data.eval_fraction: 0, or give data.eval a file"),
+        "empty train file": (
+            files["config"]("empty-train", data={"train": str(empty)}),
+            f"{empty}: holds no records to train on; add records to it"),
+        "empty eval file": (
+            files["config"]("empty-eval", data={"train": files["data"], "eval": str(empty)}),
+            f"{empty}: holds no records to evaluate on; add records to it, or leave data.eval unset to hold out "
+            "data.eval_fraction of the training data"),
+        "every record too long": (
+            files["config"]("short", max_length=4),
+            f"{files['data']}: none of its 8 examples keeps a learnable token once truncated to max_length 4, so "
+            "there is nothing to train on; raise max_length or shorten the examples"),
+    }[case]
+    code = main(["train", config])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("tunesmith: error:")] == [
+        f"tunesmith: error: {expected}"]
+
+
 def test_validate_prints_warnings_for_empty_system_content(tmp_path, capsys):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "system", "content": ""}, *CHAT["messages"]]}) + "\n")

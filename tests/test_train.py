@@ -94,21 +94,17 @@ def run_train(cfg: dict, *, resume: bool = False, callbacks=()):
     `trainer.initial` its parameters as they were before the first step (after the method was applied).
     `callbacks` are added to the Trainer."""
     made = []
-    original = tunesmith.training.loop.trainer_class
 
-    def capturing():
-        class Capturing(original()):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-                for callback in callbacks:
-                    self.add_callback(callback)
-                made.append(self)
-
-        return Capturing
+    class Capturing(tunesmith.training.loop.RunTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            for callback in callbacks:
+                self.add_callback(callback)
+            made.append(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tunesmith.training.loop, "trainer_class", capturing)
+        patch.setattr(tunesmith.training.loop, "RunTrainer", Capturing)
         run = train(cfg, resume=resume)
     return run, made[-1]
 
@@ -325,6 +321,9 @@ def test_ner_labels_sit_on_the_first_sub_token_of_each_word(assets):
 
 RUN_FILES = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "train_config.yaml", "run.json",
              "log.jsonl", "metrics.json"}
+# run.json's keys, in the order written (runs.RunInfo's fields)
+RUN_INFO_KEYS = ["task", "base_model", "method", "peft", "labels", "chat_template_fingerprint", "defaults", "versions",
+                 "data", "replay", "parent", "lineage", "regularization"]
 
 
 def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
@@ -364,6 +363,7 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
     assert 0 < metrics["train"]["trainable_parameters"] < metrics["train"]["total_parameters"]
 
     info = json.loads((run.path / "run.json").read_text())
+    assert list(info) == RUN_INFO_KEYS
     assert info["base_model"] == str(assets.lm.resolve()) and info["peft"] and info["labels"] is None
     assert info["chat_template_fingerprint"]
     # The resolved config: what the config left unset holds the values chosen (tests/test_defaults.py).
@@ -554,7 +554,7 @@ def test_the_trainer_is_imported_without_datasets_pandas_and_pyarrow():
     import sys
 
     pytest.importorskip("datasets")  # installed with the test extras (lm-eval): the case that matters
-    code = ("import sys; from tunesmith.training.callbacks import trainer_class; trainer_class(); "
+    code = ("import sys; import tunesmith.training; "
             "print(sorted({'datasets', 'pandas', 'pyarrow'} & set(sys.modules))); "
             "import datasets; print(datasets.Dataset.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -585,24 +585,21 @@ def test_length_grouped_batches_hold_similar_lengths_in_a_random_order():
 
 def test_a_run_trains_on_length_grouped_batches_unless_turned_off(assets, tmp_path, monkeypatch):
     """The batches the model sees: similar lengths with the default, the plain random sampler when off."""
-    import tunesmith.training.callbacks as callbacks
+    from tunesmith.training.callbacks import RunTrainer
 
     widths: dict[bool, list[int]] = {}
     for grouped in (True, False):
         seen = widths.setdefault(grouped, [])
-        original = callbacks.trainer_class
 
-        def spying(original=original, seen=seen):
-            cls = original()
+        class Spy(RunTrainer):
+            padding = seen  # this run's, bound now
 
-            class Spy(cls):
-                def training_step(self, model, inputs, *args, **kwargs):
-                    mask = inputs["attention_mask"]
-                    seen.append(int((mask.shape[1] * mask.shape[0]) - mask.sum()))  # padding in this batch
-                    return super().training_step(model, inputs, *args, **kwargs)
-            return Spy
+            def training_step(self, model, inputs, *args, **kwargs):
+                mask = inputs["attention_mask"]
+                self.padding.append(int((mask.shape[1] * mask.shape[0]) - mask.sum()))  # padding in this batch
+                return super().training_step(model, inputs, *args, **kwargs)
 
-        monkeypatch.setattr(tunesmith.training.loop, "trainer_class", spying)
+        monkeypatch.setattr(tunesmith.training.loop, "RunTrainer", Spy)
         run_train(config(assets, tmp_path / f"g{grouped}", max_steps=6, batch_size=4, group_by_length=grouped))
     assert len(widths[True]) == len(widths[False]) == 6
     assert sum(widths[True]) < sum(widths[False])

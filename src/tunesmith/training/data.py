@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 from ..config import ConfigError, TrainConfig
-from ..data.formats import kind_of, read_records, to_chat, to_completion
-from ..data.tokenize import encode_classification, encode_tagging, tokenize_records
+from ..data.formats import EMPTY, DataError, kind_of, read_records, to_chat, to_completion
+from ..data.tokenize import TokenizeStats, encode_classification, encode_tagging, tokenize_records
 
 
 def read_data(path: str, cfg: TrainConfig) -> list[dict]:
@@ -16,17 +16,42 @@ def read_data(path: str, cfg: TrainConfig) -> list[dict]:
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """(train, eval) records: the eval file, or a seeded split of train when there is none."""
-    train = read_data(cfg.data.train, cfg)
+    """(train, eval) records: the eval file, or a seeded split of train when there is none. A file without
+    records, or a split that leaves training none, is a DataError saying what to change."""
+    train = _read_split(cfg.data.train, cfg, "train on; add records to it")
     if cfg.data.eval:
-        return train, read_data(cfg.data.eval, cfg)
+        return train, _read_split(cfg.data.eval, cfg, "evaluate on; add records to it, or leave data.eval unset "
+                                                      "to hold out data.eval_fraction of the training data")
     if cfg.data.eval_fraction <= 0:
         return train, []
+    n_eval = max(1, int(len(train) * cfg.data.eval_fraction))  # at least one: of a single record, all of it
+    if n_eval >= len(train):
+        raise DataError(f"{cfg.data.train}: holds {len(train)} record{'s' if len(train) != 1 else ''}, and "
+                        f"data.eval_fraction {cfg.data.eval_fraction} holds out {n_eval} for evaluation, leaving "
+                        "none to train on; add records, set data.eval_fraction: 0, or give data.eval a file")
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(len(train) * cfg.data.eval_fraction))
     held = set(order[:n_eval])
     return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def _read_split(path: str, cfg: TrainConfig, advice: str) -> list[dict]:
+    """read_data, where an empty file is a sentence saying what the run needs it for (`advice`)."""
+    try:
+        return read_data(path, cfg)
+    except DataError as err:
+        if [problem.message for problem in err.problems] != [EMPTY]:
+            raise
+        raise DataError(f"{path}: holds no records to {advice}") from None
+
+
+def check_trainable(features: list[dict], stats: TokenizeStats | None, cfg: TrainConfig, source: str) -> None:
+    """A sentence, not a run that trains zero steps and calls itself finished, when truncation to max_length
+    dropped every training example (tokenize_records drops those left with no learnable token)."""
+    if not features:
+        raise DataError(f"{source}: none of its {stats.examples} examples keeps a learnable token once truncated "
+                        f"to max_length {cfg.max_length}, so there is nothing to train on; raise max_length or "
+                        "shorten the examples")
 
 
 _EXPECTED_KIND = {"classify": ("classification",), "ner": ("tagging",), "sft": ("chat", "completion")}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import runs
 from ..config import ConfigError, TrainConfig
-from ..runs import RunError
+from ..runs import NotARunError, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -29,72 +29,67 @@ def file_record(path: str | Path, examples: int) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest(), "examples": examples}
 
 
-def parent_info(cfg: TrainConfig) -> dict | None:
-    """The run.json of `continue_from`, checked: a finished run of the same task whose method this run can go
-    on with (the same PEFT method, or any method on a full/freeze parent's weights)."""
+def parent_info(cfg: TrainConfig) -> RunInfo | None:
+    """The run `continue_from` names, checked: a finished run of the same task whose method this run can go on
+    with (the same PEFT method, or any method on a full/freeze parent's weights)."""
     if not cfg.continue_from:
         return None
-    info = runs.read_info(cfg.continue_from)
-    if info is None:
-        raise RunError(f"continue_from: {cfg.continue_from} is not a finished tunesmith run (no {runs.RUN_INFO})")
-    if info["task"] != cfg.task:
-        raise ConfigError(f"continue_from: {cfg.continue_from} is a {info['task']} run; this run's task is "
-                          f"{cfg.task}")
-    if info["peft"] and info["method"] != cfg.method.name:
-        raise ConfigError(f"continue_from: {cfg.continue_from} trained a {info['method']} adapter; continuing it "
-                          f"needs method.name: {info['method']} (this config says {cfg.method.name})")
+    parent = runs.find_run(cfg.continue_from)
+    if parent is None:
+        raise NotARunError(f"continue_from: {cfg.continue_from} is not a finished tunesmith run (no {runs.RUN_INFO})")
+    if parent.task != cfg.task:
+        raise ConfigError(f"continue_from: {cfg.continue_from} is a {parent.task} run; this run's task is {cfg.task}")
+    if parent.peft and parent.method != cfg.method.name:
+        raise ConfigError(f"continue_from: {cfg.continue_from} trained a {parent.method} adapter; continuing it "
+                          f"needs method.name: {parent.method} (this config says {cfg.method.name})")
     explicit = "model" in cfg.model_fields_set
-    starts_from = info["base_model"] if info["peft"] else str(Path(cfg.continue_from).resolve())
-    if explicit and cfg.model != starts_from and cfg.model != info["base_model"]:
-        raise ConfigError(f"continue_from: {cfg.continue_from} was trained on {info['base_model']}; leave `model` "
+    if explicit and cfg.model != parent.starts_from and cfg.model != parent.base_model:
+        raise ConfigError(f"continue_from: {cfg.continue_from} was trained on {parent.base_model}; leave `model` "
                           f"unset (this config says {cfg.model})")
-    return {**info, "path": str(Path(cfg.continue_from).resolve()), "starts_from": starts_from}
+    return parent
 
 
-def parent_labels(parent: dict | None, labels: list[str] | None, source: str) -> list[str] | None:
+def parent_labels(parent: RunInfo | None, labels: list[str] | None, source: str) -> list[str] | None:
     """A continued classifier keeps its parent's head: the parent's labels, which must cover the new data's."""
     if not parent or labels is None:
         return labels
-    unknown = sorted(set(labels) - set(parent["labels"] or []))
+    unknown = sorted(set(labels) - set(parent.labels or []))
     if unknown:
-        raise ConfigError(f"{source}: labels {unknown} are not among the parent run's {parent['labels']}: a "
+        raise ConfigError(f"{source}: labels {unknown} are not among the parent run's {parent.labels}: a "
                           "continued run keeps its parent's head")
-    return list(parent["labels"])
+    return list(parent.labels)
 
 
-def load_parent(parent: dict, task: str, labels, tokenizer):
+def load_parent(parent: RunInfo, task: str, labels, tokenizer):
     """The model to train on: a PEFT parent's base with its adapter (and head) attached, trainable; a full
     parent's weights (the method is applied to them afterwards, as to any base)."""
     from ..models import load_for_task
 
-    if not parent["peft"]:
-        return load_for_task(parent["path"], task, labels, tokenizer=tokenizer)
+    if not parent.peft:
+        return load_for_task(str(parent.path), task, labels, tokenizer=tokenizer)
     import warnings
 
     from peft import PeftModel
 
-    base = load_for_task(parent["base_model"], task, labels, tokenizer=tokenizer)
+    base = load_for_task(parent.base_model, task, labels, tokenizer=tokenizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return PeftModel.from_pretrained(base, parent["path"], is_trainable=True)
+        return PeftModel.from_pretrained(base, str(parent.path), is_trainable=True)
 
 
-def lineage(parent: dict | None) -> list[dict]:
+def lineage(parent: RunInfo | None) -> list[dict]:
     """The chain of runs this one continues, oldest first."""
-    if not parent:
-        return []
-    entry = {k: parent.get(k) for k in ("path", "task", "method", "base_model")}
-    return [*parent.get("lineage", []), entry]
+    return [*parent.lineage, parent.link()] if parent else []
 
 
 def _source_records(source: str, read) -> tuple[list[dict], list[str]]:
     """(records, the files they came from) of one replay source: a data file, or a run's recorded training data."""
-    info = runs.read_info(source)
-    if info is None:
+    run = runs.find_run(source)
+    if run is None:
         if not Path(source).is_file():
             raise ConfigError(f"replay.from: {source} is neither a data file nor a finished tunesmith run")
         return read(source), [source]
-    recorded = (info.get("data") or {}).get("train")
+    recorded = run.train_data
     if not recorded:
         raise ConfigError(f"replay.from: the run {source} does not record its training data (trained before "
                           "tunesmith recorded it); give the data file instead")

@@ -1,8 +1,10 @@
 """The one training loop, for every task and method, on transformers' `Trainer`.
 
-`train(config)` reads and tokenizes the data (data.py), loads the base model for the task, applies the method
-(methods.py), scores the base model on the eval split, trains with atomic checkpoints that `--resume` picks up
-(callbacks.py), then writes a self-describing run directory (its format: runs.py)."""
+`train(config)` reads as its phases: the data read, checked and tokenized (data.py, lineage.py's replay), the
+base model (or the parent run) loaded for the task, what the config leaves unset chosen (defaults.py), the base
+model scored on the eval split, the method applied (methods.py) and the Trainer built (callbacks.py), frozen
+weights lowered to bf16 (precision.py), training with atomic checkpoints that `--resume` picks up, then a
+self-describing run directory written (its format: runs.py), run.json last."""
 
 from __future__ import annotations
 
@@ -15,16 +17,26 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import transformers
+from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArguments, set_seed
+
 from .. import runs
 from ..config import PEFT_METHODS, TrainConfig, load_config, save_config
+from ..data.packing import pack
 from ..data.templates import chat_template_for, template_fingerprint
+from ..data.tokenize import TokenizeStats
 from ..evaluation import score
 from ..generation import SamplingParams
-from ..runs import RunError
-from .callbacks import callback_classes, eval_metrics_fn, trainer_class
-from .defaults import CPU_BUDGET, best_checkpoint, resolve as resolve_defaults
-from . import lineage
-from .data import build_features, check_kind, collator, label_list, load_splits, read_data, sft_records
+from ..methods import prepare, trainable_parameters
+from ..models import EMBEDDED, is_causal_lm, load_causal_lm, load_for_task, load_tokenizer, resolve
+from ..runs import RunError, RunInfo
+from ..version import __version__
+from . import lineage, precision
+from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
+from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
+                   sft_records)
+from .defaults import CPU_BUDGET, Chosen, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
 from .regularize import anchor_for
 
@@ -39,6 +51,255 @@ class Run:
     metrics: dict
 
 
+@dataclass(frozen=True)
+class _Data:
+    """A run's data, ready: the records (scored before and after training), the features the Trainer sees, and
+    what run.json records of where they came from."""
+
+    train_records: list[dict]  # the train split, replayed records mixed in
+    eval_records: list[dict]
+    labels: list[str] | None  # classify/ner: the head's labels, in order
+    train_features: list[dict]  # packed into rows when cfg.packing
+    eval_features: list[dict]
+    stats: TokenizeStats | None  # the train split's tokenization (sft)
+    template: str | None  # the chat template the sft data is rendered with; the run carries it
+    files: dict  # run.json's "data": {"train": file_record, "eval": file_record | None}
+    replay: dict | None  # run.json's "replay"
+
+
+@dataclass(frozen=True)
+class _Fit:
+    metrics: dict  # the Trainer's; train_loss averages every step, across resumes
+    wall: float  # seconds in trainer.train
+
+
+def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False,
+          labelled_only: bool = True) -> Run:
+    """Train as configured and return the run (its directory and metrics). See the module docstring.
+    `labelled_only=False` computes the sft loss the plain way, logits at every position (equal results; for
+    benchmarks and tests of loss.py)."""
+    cfg, parent = _start(config, overrides, resume)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    data = _load_data(cfg, tokenizer, parent)
+    model = _load_model(cfg, parent, data.labels, tokenizer)
+    cfg, chosen = _resolve_defaults(cfg, data, model, parent)
+    metrics = {}
+    if cfg.evaluate_before and _is_main():
+        metrics["before"] = _score_before(cfg, model, tokenizer, data, parent)
+    # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
+    set_seed(cfg.seed)
+    model = _apply_method(cfg, model, parent, chosen.total_steps)
+    parameters = trainable_parameters(model)  # (trainable, total)
+    trainer = _build_trainer(cfg, model, tokenizer, data, parent, labelled_only)
+    cfg, lowered = _lower_precision(cfg, trainer, chosen)
+    fit = _fit(cfg, trainer, resume)
+    if lowered:  # the base's own fp32 weights back: the run is saved and scored as a user will load it
+        precision.restore_frozen_linears(trainer.model, lowered,
+                                         load_for_task(cfg.model, cfg.task, data.labels, tokenizer=tokenizer))
+    if trainer.is_world_process_zero():
+        _save_model(cfg, trainer, tokenizer, data.template)
+        metrics["train"] = _train_metrics(fit, trainer, parameters, data)
+        metrics["after"] = _score_after(cfg, trainer.model, tokenizer, data)
+        _save_run(cfg, data, parent, chosen, metrics)
+    return Run(Path(cfg.output_dir), metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the phases, in order
+# ---------------------------------------------------------------------------------------------------------
+
+def _start(config, overrides, resume: bool) -> tuple[TrainConfig, RunInfo | None]:
+    """The config, the run it continues (if any), and its output directory claimed."""
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
+    parent = lineage.parent_info(cfg)
+    if parent:  # the parent's base (or, for a full parent, its weights) is where this run starts
+        cfg = cfg.model_copy(update={"model": parent.starts_from})
+    run_dir = Path(cfg.output_dir)
+    if resume and cfg.method.name == "adalora":
+        raise RunError(f"{run_dir}: {_NO_ADALORA_RESUME}")
+    if _is_main():  # other ranks would see rank 0's first files and refuse the directory
+        runs.claim(run_dir, resume)
+    return cfg, parent
+
+
+def _load_data(cfg: TrainConfig, tokenizer, parent: RunInfo | None) -> _Data:
+    """The splits, replayed records mixed in, checked against the task; the labels; the features, packed."""
+    train_records, eval_records = load_splits(cfg)
+    files = {"train": lineage.file_record(cfg.data.train, len(train_records)),
+             "eval": lineage.file_record(cfg.data.eval, len(eval_records)) if cfg.data.eval else None}
+    train_records, replay = lineage.mix_replay(cfg, train_records, lambda path: read_data(path, cfg))
+    check_kind(train_records, cfg, cfg.data.train)
+    if eval_records:
+        check_kind(eval_records, cfg, cfg.data.eval or cfg.data.train)
+    labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
+    labels = lineage.parent_labels(parent, labels, cfg.data.train)
+    train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
+    check_trainable(train_features, stats, cfg, cfg.data.train)
+    eval_features, _ = build_features(cfg, tokenizer, eval_records, labels, cfg.data.eval or "eval split") \
+        if eval_records else ([], None)
+    if cfg.packing:
+        train_features = pack(train_features, cfg.max_length)
+        eval_features = pack(eval_features, cfg.max_length) if eval_features else []
+    template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
+    return _Data(train_records, eval_records, labels, train_features, eval_features, stats, template, files, replay)
+
+
+def _load_model(cfg: TrainConfig, parent: RunInfo | None, labels, tokenizer):
+    if parent:
+        model = lineage.load_parent(parent, cfg.task, labels, tokenizer)
+    else:
+        model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
+    model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
+    return model
+
+
+def _resolve_defaults(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> tuple[TrainConfig, Chosen]:
+    """What the config leaves unset, chosen from the data's and the model's size; the run saves the values."""
+    cfg, chosen = resolve_defaults(
+        cfg, examples=len(data.train_features), tokens=sum(len(f["input_ids"]) for f in data.train_features),
+        eval_tokens=sum(len(f["input_ids"]) for f in data.eval_features),
+        parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
+        world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
+    _print_defaults(chosen.reasons)
+    return cfg, chosen
+
+
+def _score_before(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None) -> dict:
+    """metrics.json's "before", kept in metrics_before.json so that a resumed run does not score it again."""
+    run_dir = Path(cfg.output_dir)
+    before = runs.read_json(run_dir / runs.METRICS_BEFORE)  # kept from an interrupted attempt of this run
+    if before is None:
+        before = _base_score(model, tokenizer, cfg, data.train_records, data.eval_records, data.labels)
+        if parent and before:
+            before["before_kind"] = "parent run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_json(run_dir / runs.METRICS_BEFORE, before)
+    return before
+
+
+def _apply_method(cfg: TrainConfig, model, parent: RunInfo | None, total_steps: int):
+    if parent and parent.peft:  # a PEFT parent's adapter is already on, trainable
+        return model
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
+
+
+def _build_trainer(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None,
+                   labelled_only: bool) -> RunTrainer:
+    anchor = anchor_for(cfg, model, _parent_features(cfg, parent, tokenizer, data.labels), collator(cfg, tokenizer))
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [JsonlLog(run_dir)]
+    if cfg.method.name == "adalora":
+        callbacks.append(AdaLora())
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping.patience))
+    trainer = RunTrainer(
+        model=model, args=_training_args(cfg, run_dir / runs.CHECKPOINTS, bool(data.eval_features)),
+        train_dataset=data.train_features, eval_dataset=data.eval_features or None,
+        data_collator=collator(cfg, tokenizer), callbacks=callbacks,
+        compute_metrics=eval_metrics_fn(cfg.task, data.labels))
+    trainer.keep = cfg.save_total_limit
+    trainer.anchor = anchor
+    trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
+    trainer.group_by_length = cfg.group_by_length and not cfg.packing  # packed rows are all max_length long
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(Progress())
+    return trainer
+
+
+def _lower_precision(cfg: TrainConfig, trainer: RunTrainer, chosen: Chosen) -> tuple[TrainConfig, list[str]]:
+    """Frozen weights in bf16 and activations recomputed, as configured or chosen for this device; (the config
+    with what was chosen, the lowered modules to restore). Done once the Trainer is built: it has placed the
+    model, and its starting weights are the fp32 ones."""
+    device = "cuda" if _cuda() else "cpu"
+    if cfg.precision == "auto":
+        setting, chosen.reasons["precision"] = precision.choose(cfg.method, device)
+        cfg = cfg.model_copy(update={"precision": setting})  # the run saves what it used
+    lowered = precision.lower_frozen_linears(trainer.model) if cfg.precision == "bf16" else []
+    if cfg.recompute is None:
+        on, chosen.reasons["recompute"] = precision.choose_recompute(
+            trainer.model.config, cfg.batch_size, cfg.max_length, device,
+            weight_bytes=sum(p.numel() * p.element_size() for p in trainer.model.parameters()))
+        cfg = cfg.model_copy(update={"recompute": on})
+    if cfg.recompute:
+        precision.recompute_activations(trainer.model)
+    _print_defaults({field: chosen.reasons[field] for field in ("precision", "recompute") if field in chosen.reasons})
+    return cfg, lowered
+
+
+def _fit(cfg: TrainConfig, trainer: RunTrainer, resume: bool) -> _Fit:
+    """Train, from the last complete checkpoint when resuming; Ctrl-C is a sentence saying how to go on."""
+    run_dir = Path(cfg.output_dir)
+    checkpoints = run_dir / runs.CHECKPOINTS
+    resume_from = None
+    if resume:
+        resume_from = runs.complete_checkpoints(checkpoints)[-1]
+        # nan (unknown, and stays so) for a checkpoint marked before loss_sum was recorded
+        trainer.loss_sum = runs.read_marker(resume_from).get("loss_sum", math.nan)
+        if _is_main():
+            runs.truncate_log(run_dir, runs.checkpoint_step(resume_from))
+        log.warning("resuming from %s", resume_from)
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        done = runs.complete_checkpoints(checkpoints)
+        hint = f"continue from {done[-1].name} with --resume" if done else "no checkpoint was complete yet"
+        if cfg.method.name == "adalora":
+            hint = _NO_ADALORA_RESUME
+        raise RunError(f"training interrupted at step {trainer.state.global_step}; {hint}") from None
+    wall = time.perf_counter() - started
+    metrics = dict(result.metrics)
+    if resume_from and not math.isnan(trainer.loss_sum):
+        metrics["train_loss"] = trainer.loss_sum / max(trainer.state.global_step, 1)
+    return _Fit(metrics, wall)
+
+
+def _save_model(cfg: TrainConfig, trainer: RunTrainer, tokenizer, template: str | None) -> None:
+    """The weights (or adapter), the tokenizer with the chat template the run trained with, the resolved config."""
+    run_dir = Path(cfg.output_dir)
+    if template:
+        tokenizer.chat_template = template
+    trainer.save_model(str(run_dir))
+    tokenizer.save_pretrained(str(run_dir))
+    runs.drop_non_artifacts(run_dir)
+    save_config(cfg, run_dir / runs.CONFIG)
+
+
+def _train_metrics(fit: _Fit, trainer: RunTrainer, parameters: tuple[int, int], data: _Data) -> dict:
+    trainable, total = parameters
+    seen, stats = trainer.state.num_input_tokens_seen, data.stats
+    return {**fit.metrics, "wall_seconds": fit.wall, "trainable_parameters": trainable, "tokens_seen": seen,
+            "tokens_per_second": seen / max(fit.metrics.get("train_runtime", fit.wall), 1e-9),
+            "total_parameters": total, "examples": len(data.train_records),
+            "tokens": getattr(stats, "tokens", None), "learnable_tokens": getattr(stats, "learnable_tokens", None),
+            "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
+
+
+def _score_after(cfg: TrainConfig, model, tokenizer, data: _Data) -> dict:
+    """metrics.json's "after"; the predictions behind it go to predictions.jsonl."""
+    after = _score(model, tokenizer, cfg, data.eval_records, data.labels, "after (trained)")
+    if after:
+        runs.write_predictions(Path(cfg.output_dir), after.predictions)
+    return after.metrics if after else {}
+
+
+def _save_run(cfg: TrainConfig, data: _Data, parent: RunInfo | None, chosen: Chosen, metrics: dict) -> None:
+    run_dir = Path(cfg.output_dir)
+    runs.write_metrics(run_dir, metrics)
+    # run.json last: it is what makes the directory a finished run (runs.is_complete). Killed before it, the
+    # run still has its checkpoints and --resume finishes it; after it, metrics.json is there for readers.
+    runs.write_info(run_dir, _run_info(cfg, data, parent, chosen.reasons))
+    runs.finish(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the phases share
+# ---------------------------------------------------------------------------------------------------------
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -48,14 +309,16 @@ def _is_main() -> bool:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
-def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool):
-    from transformers import TrainingArguments
+def _print_defaults(reasons: dict) -> None:
+    if _is_main():
+        for line in reasons.values():
+            print(f"defaults: {line}", file=sys.stderr, flush=True)
 
+
+def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> TrainingArguments:
     best = best_checkpoint(cfg, has_eval)  # (metric, greater_is_better) or None
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
@@ -87,12 +350,10 @@ def _score(model, tokenizer, cfg: TrainConfig, records, labels, desc: str, *, pr
                  desc=f"{desc}: {len(records)} held-out")
 
 
-def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_records, labels) -> dict:
+def _base_score(model, tokenizer, cfg: TrainConfig, train_records, eval_records, labels) -> dict:
     """The base model's score, and what kind of score it is: sft is zero-shot with the same chat template; a
     classifier on a causal-LM base with `prompting` set is scored through the language model (verbalizers);
     otherwise a classifier's "before" is its untrained, randomly initialised head."""
-    from ..models import is_causal_lm, load_causal_lm
-
     if not eval_records:
         return {}
     desc = "before (base model)"
@@ -104,196 +365,29 @@ def _score_before(model, tokenizer, cfg: TrainConfig, train_records, eval_record
     return {**_score(model, tokenizer, cfg, eval_records, labels, desc).metrics, "before_kind": kind}
 
 
-def _run_info(cfg: TrainConfig, labels, template, defaults: dict) -> dict:
-    import peft
-    import torch
-    import transformers
-
-    from ..version import __version__
-    from ..models import EMBEDDED
+def _run_info(cfg: TrainConfig, data: _Data, parent: RunInfo | None, defaults: dict) -> RunInfo:
+    import peft  # only for its version: imported here, after callbacks.py imported the Trainer its own way
 
     base = cfg.model if cfg.model in EMBEDDED or not Path(cfg.model).exists() else str(Path(cfg.model).resolve())
-    return {"task": cfg.task, "base_model": base, "method": cfg.method.name,
-            "peft": cfg.method.name in PEFT_METHODS,
-            "labels": labels, "chat_template_fingerprint": template_fingerprint(template) if template else None,
-            "defaults": defaults,  # what training/defaults.py chose, and why: {field: line}
-            "versions": {"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                         "torch": torch.__version__}}
+    return RunInfo(
+        path=Path(cfg.output_dir).resolve(), task=cfg.task, base_model=base, method=cfg.method.name,
+        peft=cfg.method.name in PEFT_METHODS, labels=data.labels,
+        chat_template_fingerprint=template_fingerprint(data.template) if data.template else None,
+        defaults=defaults,  # what training/defaults.py chose, and why: {field: line}
+        versions={"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                  "torch": torch.__version__},
+        data=data.files, replay=data.replay, parent=parent.link() if parent else None,
+        lineage=lineage.lineage(parent),
+        regularization=cfg.regularization.model_dump() if cfg.regularization else None)
 
 
-def _parent_features(cfg: TrainConfig, parent: dict | None, tokenizer, labels) -> list[dict] | None:
+def _parent_features(cfg: TrainConfig, parent: RunInfo | None, tokenizer, labels) -> list[dict] | None:
     """EWC's Fisher estimate needs the parent's own training examples, as the parent recorded them."""
     if not (cfg.regularization and cfg.regularization.kind == "ewc"):
         return None
-    recorded = ((parent.get("data") or {}).get("train") or {}).get("path")
+    recorded = (parent.train_data or {}).get("path")
     if not recorded or not Path(recorded).is_file():
         raise RunError(f"regularization: ewc estimates the Fisher on the parent's training data, but "
-                       f"{parent['path']} records {recorded or 'none'}; use kind: l2sp")
+                       f"{parent.path} records {recorded or 'none'}; use kind: l2sp")
     features, _ = build_features(cfg, tokenizer, read_data(recorded, cfg), labels, recorded)
     return features
-
-
-def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *, resume: bool = False,
-          labelled_only: bool = True) -> Run:
-    """Train as configured and return the run (its directory and metrics). See the module docstring.
-    `labelled_only=False` computes the sft loss the plain way, logits at every position (equal results; for
-    benchmarks and tests of loss.py)."""
-    from transformers import EarlyStoppingCallback, ProgressCallback, set_seed
-
-    from ..data.packing import pack
-    from ..methods import prepare, trainable_parameters
-    from . import precision
-    from ..models import load_for_task, load_tokenizer, resolve
-
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
-    parent = lineage.parent_info(cfg)
-    if parent:  # the parent's base (or, for a full parent, its weights) is where this run starts
-        cfg = cfg.model_copy(update={"model": parent["starts_from"]})
-    run_dir = Path(cfg.output_dir)
-    checkpoints = run_dir / runs.CHECKPOINTS
-    if resume and cfg.method.name == "adalora":
-        raise RunError(f"{run_dir}: {_NO_ADALORA_RESUME}")
-    if _is_main():  # other ranks would see rank 0's first files and refuse the directory
-        runs.claim(run_dir, resume)
-    set_seed(cfg.seed)
-
-    tokenizer = load_tokenizer(cfg.model)
-    train_records, eval_records = load_splits(cfg)
-    origin = {"data": {"train": lineage.file_record(cfg.data.train, len(train_records)),
-                       "eval": lineage.file_record(cfg.data.eval, len(eval_records)) if cfg.data.eval else None}}
-    train_records, origin["replay"] = lineage.mix_replay(cfg, train_records, lambda path: read_data(path, cfg))
-    check_kind(train_records, cfg, cfg.data.train)
-    if eval_records:
-        check_kind(eval_records, cfg, cfg.data.eval or cfg.data.train)
-    labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
-    labels = lineage.parent_labels(parent, labels, cfg.data.train)
-    train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
-    eval_features, _ = build_features(cfg, tokenizer, eval_records, labels, cfg.data.eval or "eval split") \
-        if eval_records else ([], None)
-    if cfg.packing:
-        train_features = pack(train_features, cfg.max_length)
-        eval_features = pack(eval_features, cfg.max_length) if eval_features else []
-
-    template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
-
-    if parent:
-        model = lineage.load_parent(parent, cfg.task, labels, tokenizer)
-    else:
-        model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
-    model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
-    # What the config leaves unset is chosen from the data's and the model's size; the run saves the values.
-    cfg, chosen = resolve_defaults(
-        cfg, examples=len(train_features), tokens=sum(len(f["input_ids"]) for f in train_features),
-        eval_tokens=sum(len(f["input_ids"]) for f in eval_features),
-        parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
-        world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
-    if _is_main():
-        for line in chosen.reasons.values():
-            print(f"defaults: {line}", file=sys.stderr, flush=True)
-    total_steps = chosen.total_steps
-    metrics: dict = {}
-    before_file = run_dir / runs.METRICS_BEFORE
-    if cfg.evaluate_before and _is_main():
-        metrics["before"] = runs.read_json(before_file)  # kept from an interrupted attempt of this run
-        if metrics["before"] is None:
-            metrics["before"] = _score_before(model, tokenizer, cfg, train_records, eval_records, labels)
-            if parent and metrics["before"]:
-                metrics["before"]["before_kind"] = "parent run"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            runs.write_json(before_file, metrics["before"])
-    # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
-    set_seed(cfg.seed)
-    with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        if not (parent and parent["peft"]):  # a PEFT parent's adapter is already on, trainable
-            model = prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
-    trainable, total = trainable_parameters(model)
-    anchor = anchor_for(cfg, model, _parent_features(cfg, parent, tokenizer, labels), collator(cfg, tokenizer))
-
-    JsonlLog, Progress, AdaLora = callback_classes()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [JsonlLog(run_dir)]
-    if cfg.method.name == "adalora":
-        callbacks.append(AdaLora())
-    if cfg.early_stopping:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping.patience))
-    trainer = trainer_class()(
-        model=model, args=_training_args(cfg, checkpoints, bool(eval_features)), train_dataset=train_features,
-        eval_dataset=eval_features or None, data_collator=collator(cfg, tokenizer), callbacks=callbacks,
-        compute_metrics=eval_metrics_fn(cfg.task, labels))
-    trainer.keep = cfg.save_total_limit
-    trainer.anchor = anchor
-    trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
-    trainer.group_by_length = cfg.group_by_length and not cfg.packing  # packed rows are all max_length long
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(Progress())
-    # Lowered once the Trainer is built: it has placed the model, and its starting weights are the fp32 ones.
-    device = "cuda" if _cuda() else "cpu"
-    if cfg.precision == "auto":
-        setting, chosen.reasons["precision"] = precision.choose(cfg.method, device)
-        cfg = cfg.model_copy(update={"precision": setting})  # the run saves what it used
-    lowered = precision.lower_frozen_linears(trainer.model) if cfg.precision == "bf16" else []
-    if cfg.recompute is None:
-        on, chosen.reasons["recompute"] = precision.choose_recompute(
-            trainer.model.config, cfg.batch_size, cfg.max_length, device,
-            weight_bytes=sum(p.numel() * p.element_size() for p in trainer.model.parameters()))
-        cfg = cfg.model_copy(update={"recompute": on})
-    if cfg.recompute:
-        precision.recompute_activations(trainer.model)
-    if _is_main():
-        for field in ("precision", "recompute"):
-            if field in chosen.reasons:
-                print(f"defaults: {chosen.reasons[field]}", file=sys.stderr, flush=True)
-
-    resume_from = None
-    if resume:
-        resume_from = runs.complete_checkpoints(checkpoints)[-1]
-        # nan (unknown, and stays so) for a checkpoint marked before loss_sum was recorded
-        trainer.loss_sum = runs.read_marker(resume_from).get("loss_sum", math.nan)
-        if _is_main():
-            runs.truncate_log(run_dir, runs.checkpoint_step(resume_from))
-        log.warning("resuming from %s", resume_from)
-    started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except KeyboardInterrupt:
-        done = runs.complete_checkpoints(checkpoints)
-        hint = f"continue from {done[-1].name} with --resume" if done else "no checkpoint was complete yet"
-        if cfg.method.name == "adalora":
-            hint = _NO_ADALORA_RESUME
-        raise RunError(f"training interrupted at step {trainer.state.global_step}; {hint}") from None
-    wall = time.perf_counter() - started
-    train_metrics = dict(result.metrics)
-    if resume_from and not math.isnan(trainer.loss_sum):
-        train_metrics["train_loss"] = trainer.loss_sum / max(trainer.state.global_step, 1)
-
-    if lowered:  # the base's own fp32 weights back: the run is saved and scored as a user will load it
-        precision.restore_frozen_linears(trainer.model, lowered,
-                                         load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer))
-    if trainer.is_world_process_zero():
-        if template:
-            tokenizer.chat_template = template  # the run carries the template it was trained with
-        trainer.save_model(str(run_dir))
-        tokenizer.save_pretrained(str(run_dir))
-        runs.drop_non_artifacts(run_dir)
-        origin.update(parent={k: parent[k] for k in ("path", "task", "method", "base_model")} if parent else None,
-                      lineage=lineage.lineage(parent),
-                      regularization=cfg.regularization.model_dump() if cfg.regularization else None)
-        save_config(cfg, run_dir / runs.CONFIG)
-        seen = trainer.state.num_input_tokens_seen
-        metrics["train"] = {**train_metrics, "wall_seconds": wall, "trainable_parameters": trainable,
-                            "tokens_seen": seen, "tokens_per_second": seen / max(result.metrics.get("train_runtime", wall), 1e-9),
-                            "total_parameters": total, "examples": len(train_records),
-                            "tokens": getattr(stats, "tokens", None),
-                            "learnable_tokens": getattr(stats, "learnable_tokens", None),
-                            "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
-        after = _score(trainer.model, tokenizer, cfg, eval_records, labels, "after (trained)")
-        metrics["after"] = after.metrics if after else {}
-        if after:
-            runs.write_predictions(run_dir, after.predictions)
-        runs.write_metrics(run_dir, metrics)
-        # run.json last: it is what makes the directory a finished run (runs.is_complete). Killed before it, the
-        # run still has its checkpoints and --resume finishes it; after it, metrics.json is there for readers.
-        runs.write_info(run_dir, {**_run_info(cfg, labels, template, chosen.reasons), **origin})
-        runs.finish(run_dir)
-    return Run(run_dir, metrics)
