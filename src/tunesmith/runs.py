@@ -156,12 +156,6 @@ def read_json(path: Path):
         return None
 
 
-def read_info(run_dir: str | Path) -> dict | None:
-    """Transitional: run.json as a raw dict (callers move to `open_run` / `find_run`)."""
-    info = find_run(run_dir)
-    return None if info is None else {**info.to_dict()}
-
-
 def write_info(run_dir: Path, info: RunInfo | dict) -> None:
     write_json(run_dir / RUN_INFO, info.to_dict() if isinstance(info, RunInfo) else info)
 
