@@ -44,10 +44,15 @@ NOT_ARTIFACTS = ("training_args.bin", "README.md")
 _LEFTOVERS = (CHECKPOINTS, LOG, METRICS_BEFORE)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-# A report directory (`tunesmith compare` and `tunesmith continual` write the same names).
+# A report directory (`tunesmith compare` and `tunesmith continual` write the same names) holds the resolved
+# config the command ran (its name says which command: REPORT_CONFIGS), the report and, for a comparison, one
+# directory per entry with ENTRY, RESULT and DONE.
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+REPORT_CONFIGS = {"compare": "compare.yaml", "continual": "continual.yaml"}
+ENTRY = "entry.json"  # what a comparison entry runs, written before it starts
+RESULT = "result.json"  # what it measured, written before DONE
 DONE = "done"  # a comparison entry's marker: it finished, a re-run skips it
 
 

@@ -28,8 +28,6 @@ from ..errors import TunesmithError
 from .config import CompareConfig, entry_config, load_compare
 from .report import write_report
 
-ENTRY = "entry.json"  # what an entry runs, written before it starts
-RESULT = "result.json"  # what it measured, written before `done`
 
 
 class CompareError(TunesmithError, RuntimeError):
@@ -46,7 +44,7 @@ def run_entry(directory: str | Path) -> dict:
     from ..training import load_splits, train
 
     directory = Path(directory)
-    spec = json.loads((directory / ENTRY).read_text())
+    spec = json.loads((directory / runs.ENTRY).read_text())
     cfg = load_config(spec["config"])
     started = time.perf_counter()
     result = {"name": spec["name"], "kind": "prompting" if spec["prompting"] else cfg.method.name,
@@ -73,7 +71,7 @@ def run_entry(directory: str | Path) -> dict:
         write_results(Evaluation(metrics["after"], runs.read_predictions(run_dir)), directory)
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mib"] = _peak_mib()
-    (directory / RESULT).write_text(json.dumps(result, indent=2))
+    (directory / runs.RESULT).write_text(json.dumps(result, indent=2))
     (directory / runs.DONE).write_text("")
     return result
 
@@ -90,26 +88,26 @@ def run(config: CompareConfig | str | Path | dict, *, overrides: list[str] = (),
     cfg = config if isinstance(config, CompareConfig) else load_compare(config, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (out / runs.REPORT_CONFIGS["compare"]).write_text(dump_config(cfg), encoding="utf-8")
     results = []
     for n, entry in enumerate(cfg.entries, start=1):
         directory = out / entry.name
         if (directory / runs.DONE).exists():
             log(f"[{n}/{len(cfg.entries)}] {entry.name}: done before, skipped")
-            results.append(json.loads((directory / RESULT).read_text()))
+            results.append(json.loads((directory / runs.RESULT).read_text()))
             continue
         log(f"[{n}/{len(cfg.entries)}] {entry.name}: running")
         directory.mkdir(parents=True, exist_ok=True)
         spec = {"name": entry.name, "config": entry_config(cfg, entry).model_dump(mode="json"),
                 "prompting": entry.prompting.model_dump(mode="json") if entry.prompting else None,
                 "isolated": cfg.isolate}
-        (directory / ENTRY).write_text(json.dumps(spec, indent=2))
+        (directory / runs.ENTRY).write_text(json.dumps(spec, indent=2))
         if cfg.isolate:
             code = subprocess.call([sys.executable, "-c", _CHILD, str(directory)])
             if code != 0:
                 raise CompareError(f"entry {entry.name} failed (exit code {code}; its error is printed above); "
                                    "fix it and re-run (finished entries are skipped)")
-            results.append(json.loads((directory / RESULT).read_text()))
+            results.append(json.loads((directory / runs.RESULT).read_text()))
         else:
             results.append(run_entry(directory))
     return write_report(cfg, results, out)

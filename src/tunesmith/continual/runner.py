@@ -150,7 +150,7 @@ def run(config: ContinualConfig | str | Path | dict, *, overrides: list[str] = (
     cfg = config if isinstance(config, ContinualConfig) else load_sequence(config, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "continual.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (out / runs.REPORT_CONFIGS["continual"]).write_text(dump_config(cfg), encoding="utf-8")
     scorer = _Scorer(cfg)
     base = _base(cfg, scorer, out, log)
     strategies, shared = {}, {}

@@ -42,8 +42,7 @@ MAX_DIRS = 5000
 MAX_LOG_POINTS = 400  # loss-curve points sent to the page (a long run's log is thinned evenly)
 MAX_LOG_BYTES = 20_000_000
 MAX_CONFIG_BYTES = 100_000
-REPORT = "report.html"
-REPORT_KINDS = {"compare.yaml": "compare", "continual.yaml": "continual"}  # the config each command writes
+REPORT = runs.REPORT_HTML
 
 
 # -- the page -------------------------------------------------------------------------------------------------
@@ -212,8 +211,8 @@ def _detail(request: Request, name: str) -> dict:
 
 
 def _report(name: str, directory: Path) -> dict:
-    title = _object(directory / "report.json").get("title")
-    kind = next((k for f, k in REPORT_KINDS.items() if (directory / f).is_file()), "report")
+    title = _object(directory / runs.REPORT_JSON).get("title")
+    kind = next((k for k, f in runs.REPORT_CONFIGS.items() if (directory / f).is_file()), "report")
     return {"id": name, "object": "report", "kind": kind, "title": title or name,
             "modified": _mtime(directory / REPORT)}
 
