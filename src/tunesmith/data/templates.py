@@ -15,6 +15,7 @@ import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 from ..errors import TunesmithError
+from .tools import for_template
 
 # ---------------------------------------------------------------------------------------------------------
 # Chat templates
@@ -60,16 +61,20 @@ def chat_template_for(tokenizer, name: str | None = None) -> str:
     return CHAT_TEMPLATES[_FALLBACK_BY_EOS.get(tokenizer.eos_token, "plain")]
 
 
-def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
-                chat_template: str | None = None) -> str:
-    """Render messages to text with the chosen chat template (see `chat_template_for`).
+# What of a message reaches the template: per-message training fields such as `weight` are ours.
+_TEMPLATE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
-    Only role and content reach the template: per-message training fields such as `weight` are ours."""
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
+                chat_template: str | None = None, tools: list[dict] | None = None) -> str:
+    """Render messages to text with the chosen chat template (see `chat_template_for`). Tool definitions,
+    calls and results reach it as `data/tools.py` says for that template."""
+    template = chat_template_for(tokenizer, chat_template)
+    messages, tools = for_template(messages, tools, template)
+    clean = [{k: m[k] for k in _TEMPLATE_FIELDS if k in m} for m in messages]
+    extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        clean, tokenize=False, add_generation_prompt=add_generation_prompt,
-        chat_template=chat_template_for(tokenizer, chat_template),
-    )
+        clean, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template, **extra)
 
 
 # Placeholders for message content: private-use characters have no case and no whitespace, so they pass
@@ -78,7 +83,8 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 
 
 def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
-                      chat_template: str | None = None) -> tuple[str, list[tuple[int, int, int]] | None]:
+                      chat_template: str | None = None,
+                      tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int, int]] | None]:
     """`render_chat`, plus where each message's content sits in the text: `(message index, start, end)` for
     every place the template prints it, in text order. None when the template changes content beyond
     trimming whitespace (e.g. drops old reasoning), so the spans cannot be known exactly.
@@ -89,14 +95,14 @@ def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt:
     placeholders, and the real rendering must be exactly those pieces with each content put back, as given
     or stripped where the template trims."""
     text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                       chat_template=chat_template)
+                       chat_template=chat_template, tools=tools)
     contents = [m["content"] for m in messages]
     tag = _OPEN
     while any(tag in c for c in contents):  # a tag no content contains: the placeholders cannot collide
         tag += _OPEN
     marked = [{**m, "content": f"{tag}{i}{_CLOSE}"} for i, m in enumerate(messages)]
     skeleton = render_chat(tokenizer, marked, add_generation_prompt=add_generation_prompt,
-                           chat_template=chat_template)
+                           chat_template=chat_template, tools=tools)
     # pieces = [template text, message index, template text, message index, ..., template text]
     pieces = re.split(f"{re.escape(tag)}([0-9]+){re.escape(_CLOSE)}", skeleton)
     return text, _align(text, pieces, contents)

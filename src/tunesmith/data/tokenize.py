@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import TunesmithError
 from .templates import chat_template_for, render_chat, render_chat_spans
+from .tools import for_template
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # what transformers' loss functions skip
@@ -161,12 +162,12 @@ def _learnable(message: dict) -> bool:
     return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
-def _render(tokenizer, messages, template, *, add_generation_prompt=False):
+def _render(tokenizer, messages, template, *, add_generation_prompt=False, tools=None):
     """The rendered text and each content's exact (message index, start, end) span, or None for a template
     that changes content. Plain content is fine then, but content holding a special-token string could not
     be told apart from the template's text, so it is refused rather than guessed at."""
     text, spans = render_chat_spans(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                                    chat_template=template)
+                                    chat_template=template, tools=tools)
     if spans is None:
         specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)
         pattern = re.compile("|".join(map(re.escape, specials)) or "(?!)")
@@ -243,7 +244,7 @@ def _cut_after_stop(text: str, tail: int, end: int, stops: list[str], index: int
 
 
 def tokenize_chat(tokenizer, messages: list[dict], *, chat_template: str | None = None,
-                  generation_config=None) -> Example:
+                  generation_config=None, tools: list[dict] | None = None) -> Example:
     """Input ids of the rendered conversation, labels only on learnable assistant turns (incl. stop token).
 
     A turn ends with a stop token: the tokenizer's EOS or one of `generation_config.eos_token_id`. Pass the
@@ -252,7 +253,8 @@ def tokenize_chat(tokenizer, messages: list[dict], *, chat_template: str | None 
     eos_token_id in it), a special token that the template prints right after every assistant message in
     this conversation also counts, so such templates still train to stop."""
     template = chat_template_for(tokenizer, chat_template)
-    text, spans = _render(tokenizer, messages, template)
+    messages, tools = for_template(messages, tools, template)
+    text, spans = _render(tokenizer, messages, template, tools=tools)
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if getattr(generation_config, "eos_token_id", None) is None:
         stop_ids |= _turn_end_ids(tokenizer, messages, text, spans)
@@ -283,11 +285,13 @@ def _check_turn(tokenizer, ids, covered, message, index, stop_ids) -> None:
                         "which does not contain the message; the mask is misaligned")
 
 
-def encode_chat_prompt(tokenizer, messages: list[dict], *, chat_template: str | None = None) -> list[int]:
+def encode_chat_prompt(tokenizer, messages: list[dict], *, chat_template: str | None = None,
+                       tools: list[dict] | None = None) -> list[int]:
     """Ids of a conversation followed by the generation prompt, ready for the model to answer.
     Special-token strings in content stay plain text, as in training; linear in the conversation's size."""
     template = chat_template_for(tokenizer, chat_template)
-    text, spans = _render(tokenizer, messages, template, add_generation_prompt=True)
+    messages, tools = for_template(messages, tools, template)
+    text, spans = _render(tokenizer, messages, template, add_generation_prompt=True, tools=tools)
     ids, _ = _encode_protected(tokenizer, text, _content_spans(spans))
     return ids
 
@@ -325,7 +329,7 @@ def tokenize_record(tokenizer, record: dict, *, chat_template: str | None = None
     """Tokenize one internal chat or completion record."""
     if "messages" in record:
         return tokenize_chat(tokenizer, record["messages"], chat_template=chat_template,
-                             generation_config=generation_config)
+                             generation_config=generation_config, tools=record.get("tools"))
     if "prompt" in record and "completion" in record:
         return tokenize_completion(tokenizer, record["prompt"], record["completion"])
     raise MaskError(f"record with keys {sorted(record)} is neither chat nor completion")
