@@ -169,6 +169,9 @@ def bad_arguments(arguments):
     (chat(ANSWER, tools=[LOOKUP | {"parameters": {"type": "object", "properties": {"order_id": {"type": "text"}}}}]),
      "tools[0].parameters.properties.order_id.type: parameters is not a valid JSON schema: 'text' is not valid "
      "under any of the given schemas"),
+    (chat(ANSWER, tools=[LOOKUP | {"parameters": {"$schema": ["draft-07"], "type": "object"}}]),
+     "tools[0].parameters.$schema: parameters is not a valid JSON schema: $schema must be a string (the URI of a "
+     "JSON schema draft), got list"),
     (chat(ANSWER, tools=[LOOKUP | {"parameters": {"type": "string"}}]),
      "tools[0].parameters.type: parameters must describe an object (arguments always are one), got type 'string'"),
     (chat(ANSWER, tools=[LOOKUP | {"parameters": "order_id: string"}]),

@@ -442,6 +442,9 @@ def _schema(text: str) -> tuple[Any, tuple[list, str] | None]:
     from jsonschema import Draft202012Validator, exceptions, validators  # lazily: only tool data needs it
 
     schema = json.loads(text)
+    if not isinstance(schema.get("$schema", ""), str):  # validator_for() would fail on it with a TypeError
+        return None, (["$schema"], f"parameters is not a valid JSON schema: $schema must be a string (the URI "
+                                   f"of a JSON schema draft), got {_type(schema['$schema'])}")
     cls = validators.validator_for(schema, default=Draft202012Validator)  # $schema picks the draft
     try:
         cls.check_schema(schema)
