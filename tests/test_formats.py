@@ -42,8 +42,8 @@ def problems_of(path, **kw) -> list[str]:
 
 def test_openai_chat_keeps_role_content_weight_and_ignores_extra_keys(tmp_path):
     record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?", "name": "ann"},
-                           {"role": "assistant", "content": "Hey.", "weight": 0}, USER, ASSISTANT],
-              "tools": [{"type": "function"}]}
+                           {"role": "assistant", "content": "Hey.", "weight": 0, "tool_calls": []}, USER, ASSISTANT],
+              "tools": [], "metadata": {"source": "crm"}}
     assert read_records(write(tmp_path, "data.jsonl", [record])) == [{"messages": [
         {"role": "system", "content": "Be brief."}, USER | {"content": "Hi?"},
         {"role": "assistant", "content": "Hey.", "weight": 0}, USER, ASSISTANT]}]
@@ -206,7 +206,7 @@ def msg(*messages, **extra):
     ({"messages": []}, "data.jsonl:2: messages: messages is empty"),
     (msg("hi", ASSISTANT), "data.jsonl:2: messages[0]: message must be an object, got string"),
     (msg({"role": "bot", "content": "x"}, ASSISTANT),
-     "data.jsonl:2: messages[0].role: unknown role 'bot' (expected system, user or assistant)"),
+     "data.jsonl:2: messages[0].role: unknown role 'bot' (expected system, user, assistant or tool)"),
     (msg({"content": "x"}, ASSISTANT), "data.jsonl:2: messages[0].role: missing role"),
     (msg(USER, {"role": "assistant"}), "data.jsonl:2: messages[1].content: missing content"),
     (msg(USER, {"role": "assistant", "content": ["x"]}),
@@ -239,7 +239,7 @@ def test_openai_chat_problems(tmp_path, bad, expected):
     ("alpaca", {"instruction": "i", "output": "o", "history": [["Hi", " "]]}, "data.jsonl:2: history[0][1]: empty message"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
      "data.jsonl:2: conversations[1].from: unknown speaker 'bot' (expected one of human, user, gpt, assistant, "
-     "chatgpt, model, bing, bard, system)"),
+     "chatgpt, model, bing, bard, system, function_call, observation)"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]},
      "data.jsonl:2: conversations[1].value: empty message"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "a"}]},
@@ -436,7 +436,7 @@ LONE = "unpaired surrogate escape \\ud83d is not a Unicode character (half of an
     (json.dumps(msg({"role": ["user"], "content": "x"}, ASSISTANT)),
      "data.jsonl:2: messages[0].role: role must be a string, got list"),
     (json.dumps(msg({"role": "x" * 100, "content": "x"}, ASSISTANT)),
-     f"data.jsonl:2: messages[0].role: unknown role '{'x' * 60}…' (expected system, user or assistant)"),
+     f"data.jsonl:2: messages[0].role: unknown role '{'x' * 60}…' (expected system, user, assistant or tool)"),
 ])
 def test_hostile_jsonl_line_is_a_problem_on_its_line(tmp_path, bad, expected):
     good = json.dumps(CHAT).encode() + b"\n"

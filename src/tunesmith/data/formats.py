@@ -18,6 +18,8 @@ Conversion mapping (also in docs/formats.md):
   " " + content. That is lossy: roles become text. Weights are always dropped.
 - alpaca and sharegpt are read as chat; plain text as completion {"prompt": "", "completion": paragraph}.
 - classification and tagging records have no chat or completion form; converting them is a DataError.
+- chat records with tools (definitions, calls or results) keep them as chat; they have no completion form, so
+  converting one to completion is a DataError too.
 """
 
 from __future__ import annotations
@@ -34,30 +36,60 @@ from typing import Iterable, Iterator, Literal, TypedDict
 from ..errors import TunesmithError, UsageError
 from .readers import (CONLL_SUFFIXES, CSV_SUFFIXES, FORMATS, JSON_SUFFIXES, Problem, ReadOptions, Reader,
                       first_object, has_content, json_values)
+from .tools import has_tools
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "FORMATS", "Problem", "DataError", "Report", "Reader", "Message", "ChatRecord",
-           "CompletionRecord", "ClassificationRecord", "TaggingRecord", "kind_of", "detect_format",
-           "iter_records", "read_records", "validate", "to_chat", "to_completion", "write_jsonl",
-           "convert_file"]
+__all__ = ["KINDS", "FORMATS", "Problem", "DataError", "Report", "Reader", "Message", "ChatRecord", "Tool",
+           "FunctionDefinition", "ToolCall", "FunctionCall", "CompletionRecord", "ClassificationRecord",
+           "TaggingRecord", "kind_of", "detect_format", "iter_records", "read_records",
+           "validate", "to_chat", "to_completion", "write_jsonl", "convert_file"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # record shapes
 # ---------------------------------------------------------------------------------------------------------
 
+class FunctionCall(TypedDict):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCall(TypedDict):
+    id: str  # given, or call_0, call_1... in record order where the input's spelling has none
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class _MessageBase(TypedDict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None  # None only on an assistant message that makes calls and says nothing
 
 
 class Message(_MessageBase, total=False):
     weight: Literal[0, 1]  # assistant only, as in OpenAI fine-tuning: 0 = seen in context, not learned
+    tool_calls: list[ToolCall]  # assistant only
+    tool_call_id: str  # tool only: the call this result answers
+    name: str  # tool only, when the input named the function that answered
 
 
-class ChatRecord(TypedDict):
+class FunctionDefinition(TypedDict, total=False):
+    name: str  # required
+    description: str
+    parameters: dict  # a JSON schema of the arguments object
+
+
+class Tool(TypedDict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _ChatBase(TypedDict):
     messages: list[Message]
+
+
+class ChatRecord(_ChatBase, total=False):
+    tools: list[Tool]  # absent when the record defines none
 
 
 class CompletionRecord(TypedDict):
@@ -254,6 +286,10 @@ def to_chat(record: dict) -> dict:
     return {"messages": user + [{"role": "assistant", "content": record["completion"]}]}
 
 
+_NO_TOOL_COMPLETION = ("a tool conversation (tools, tool calls or tool results) has no completion form: keep it as "
+                      "chat (convert --to chat, or sft_format: chat)")
+
+
 def to_completion(record: dict) -> dict:
     """A completion record for a chat or completion record (see the mapping in the module docstring)."""
     kind = kind_of(record)
@@ -262,6 +298,8 @@ def to_completion(record: dict) -> dict:
     if kind != "chat":
         raise DataError(message=_not_convertible(kind, "completion"))
     messages = record["messages"]
+    if has_tools(messages, record.get("tools")):
+        raise DataError(message=_NO_TOOL_COMPLETION)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise DataError(message="a chat record without an assistant message has no completion")
@@ -317,4 +355,14 @@ def convert_file(src, dst, *, to: str, force: bool = False, **read_kw) -> int:
     if kind not in _CONVERTERS:
         raise DataError([Problem(str(src), None, None, _not_convertible(kind, to))])
     # iter_records raises its DataError after the last record, which write_jsonl turns into "no file".
-    return write_jsonl(map(_CONVERTERS[to], iter_records(src, format=name, **read_kw)), dst, force=force)
+    return write_jsonl(_converted(iter_records(src, format=name, **read_kw), _CONVERTERS[to], src), dst, force=force)
+
+
+def _converted(records: Iterable[dict], convert, src) -> Iterator[dict]:
+    """convert() of each record; a record it refuses (a tool conversation to completion) stops the file with
+    a sentence that says which record."""
+    for number, record in enumerate(records, 1):
+        try:
+            yield convert(record)
+        except DataError as err:
+            raise DataError(message=f"{src}: record {number}: {err}") from None
