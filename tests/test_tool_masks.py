@@ -275,3 +275,22 @@ def test_llama3_fallback_renders_a_tool_result_under_a_tool_header(llama3_tokeni
     example = tokenize_chat(llama3_tokenizer, CONVERSATION[1:], tools=TOOLS[:1])
     assert "<|eot_id|><|start_header_id|>tool<|end_header_id|>\n\nshipped<|eot_id|>" in example.text
     assert learnable_runs(example) == [f"{LOOKUP}<|eot_id|>", "Order 42 has shipped.<|eot_id|>"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what run.json records of a run trained on tool data
+# ---------------------------------------------------------------------------------------------------------
+
+def test_a_run_records_how_its_template_rendered_tools_only_when_its_data_has_them():
+    from conftest import SMOLLM2_TEMPLATE
+
+    from tunesmith.training.data import tool_rendering
+
+    with_tools = [{"messages": CONVERSATION, "tools": TOOLS}]
+    assert tool_rendering(with_tools, SMOLLM2_TEMPLATE) == {"mode": "convention", "style": "hermes"}
+    assert tool_rendering(with_tools, QWEN25_TEMPLATE) == {"mode": "native", "style": "hermes"}
+    assert tool_rendering(with_tools, LLAMA31_TOOLS_TEMPLATE) == {"mode": "native", "style": "json"}
+    # Tool turns alone (no definitions) are tool data too; plain chat and completions are not.
+    assert tool_rendering([{"messages": CONVERSATION}], QWEN25_TEMPLATE) == {"mode": "native", "style": "hermes"}
+    assert tool_rendering([{"messages": CONVERSATION[:2]}, {"prompt": "a", "completion": "b"}], QWEN25_TEMPLATE) is None
+

@@ -177,3 +177,9 @@ def parse_reply(text: str, style: Style = "hermes") -> tuple[str | None, list[di
     if not calls or CALL_OPEN in rest or CALL_CLOSE in rest:  # an unclosed or stray tag: not a clean call
         return text, None
     return rest.strip() or None, calls
+
+
+def rendering(template: str) -> dict:
+    """How `template` renders tools, as run.json records it for a run trained on tool data (`RunInfo.tools`):
+    `{"mode": "native" | "convention", "style": "hermes" | "json"}`."""
+    return {"mode": render_mode(template), "style": call_style(template)}
