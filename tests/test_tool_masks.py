@@ -294,3 +294,20 @@ def test_a_run_records_how_its_template_rendered_tools_only_when_its_data_has_th
     assert tool_rendering([{"messages": CONVERSATION}], QWEN25_TEMPLATE) == {"mode": "native", "style": "hermes"}
     assert tool_rendering([{"messages": CONVERSATION[:2]}, {"prompt": "a", "completion": "b"}], QWEN25_TEMPLATE) is None
 
+
+
+def test_generation_reads_calls_back_in_the_style_the_template_prints_them(llama31_tools_tokenizer):
+    from conftest import build_tiny_llama
+    from test_generate import saying
+
+    from tunesmith.generation import generate
+
+    model = build_tiny_llama(llama31_tools_tokenizer).eval()
+    said = '{"name": "lookup_order", "parameters": {"order_id": "42"}}'
+    out = generate(model, llama31_tools_tokenizer, messages=CONVERSATION[:2], tools=TOOLS,
+                   params=saying(model, llama31_tools_tokenizer, said))
+    assert out.text == said and out.content is None
+    assert [c["function"] for c in out.tool_calls] == [{"name": "lookup_order", "arguments": '{"order_id": "42"}'}]
+    # Its prompt is the training text up to the call.
+    example = tokenize_chat(llama31_tools_tokenizer, CONVERSATION[:3], tools=TOOLS)
+    assert out.prompt_tokens == prompt_length(example)

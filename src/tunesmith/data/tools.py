@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Literal
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -183,3 +184,9 @@ def rendering(template: str) -> dict:
     """How `template` renders tools, as run.json records it for a run trained on tool data (`RunInfo.tools`):
     `{"mode": "native" | "convention", "style": "hermes" | "json"}`."""
     return {"mode": render_mode(template), "style": call_style(template)}
+
+
+def with_ids(calls: list[dict] | None) -> list[dict] | None:
+    """Parsed calls (`parse_reply`) with the unique `id` each OpenAI call carries, which its `tool` result
+    answers with `tool_call_id`."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", **call} for call in calls] if calls else calls
