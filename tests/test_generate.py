@@ -127,11 +127,17 @@ class Script:
         pass
 
 
-def saying(model, tokenizer, text: str) -> SamplingParams:
-    """Greedy settings under which the model replies `text` and stops with EOS."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def saying(model, tokenizer, *texts: str) -> SamplingParams:
+    """Greedy settings under which the model's replies are `texts`, in turn (the last one from then on), each
+    ended with EOS."""
+    replies = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
     vocab = model.get_output_embeddings().weight.shape[0]
-    return SamplingParams(max_new_tokens=len(ids) + 1, token_mask=lambda: Script(ids, vocab))
+    made = []
+
+    def next_reply() -> Script:
+        made.append(Script(replies[min(len(made), len(replies) - 1)], vocab))
+        return made[-1]
+    return SamplingParams(max_new_tokens=max(map(len, replies)) + 1, token_mask=next_reply)
 
 
 def test_a_reply_that_calls_a_tool_comes_back_as_tool_calls(tiny_lm, chatml_tokenizer):
