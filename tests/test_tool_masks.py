@@ -12,7 +12,7 @@ import pytest
 from conftest import EXTRA_SPECIALS, _wrap
 from test_tokenize import ids, learnable_runs
 
-from tunesmith.data.templates import ChatTemplateError, render_chat
+from tunesmith.data.templates import ChatTemplateError, render_chat, render_chat_spans
 from tunesmith.data.tokenize import IGNORE_INDEX, MaskError, encode_chat_prompt, tokenize_chat, tokenize_records
 from tunesmith.data.tools import definitions_text, format_call
 
@@ -155,6 +155,13 @@ def test_qwen25_learns_the_call_as_its_template_prints_it(qwen_tokenizer):
     assert learned_ids(example) == ids(tok, LOOKUP) + [im_end] + ids(tok, "Order 42 has shipped.") + [im_end]
     assert tok.convert_tokens_to_ids("<tool_call>") in learned_ids(example)  # one added token, learnt as such
     assert encode_chat_prompt(tok, CONVERSATION[:2], tools=TOOLS) == example.input_ids[:prompt_length(example)]
+
+
+def test_qwen25_content_spans_skip_a_call_turn_without_text(qwen_tokenizer):
+    # A placeholder in the call turn's empty content would make Qwen print a text line there: it gets none.
+    text, spans = render_chat_spans(qwen_tokenizer, CONVERSATION, tools=TOOLS)
+    assert [i for i, _, _ in spans] == [0, 1, 3, 4]
+    assert [text[start:end] for _, start, end in spans] == [m["content"] for m in CONVERSATION if m["content"]]
 
 
 def test_qwen25_parallel_calls_and_their_results(qwen_tokenizer):
