@@ -1,4 +1,4 @@
-"""`tunesmith chat`: the REPL driven with scripted input."""
+"""`tunesmith chat`: the REPL driven with scripted input, with and without tools."""
 
 from __future__ import annotations
 
@@ -68,3 +68,77 @@ def test_cli_chat_and_serve_arguments(bpe, tmp_path, monkeypatch, capsys):
         parse_adapters(["a=r1", "a=r2"])
     assert main(["serve", "--model", str(base), "--adapter", f"x={tmp_path}"]) == 1
     assert "is not a finished tunesmith run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --tools: calls shown as calls, answered with /result
+# ---------------------------------------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order.",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"order_id": {"type": "string"}}}}}]
+
+
+def test_repl_with_tools_shows_calls_and_takes_their_results(tiny_lm, chatml_tokenizer, tmp_path):
+    from test_generate import saying
+
+    from tunesmith.data.tokenize import tokenize_record
+    from tunesmith.data.tools import format_call
+
+    calls = format_call("lookup_order", {"order_id": "42"}) + "\n" + format_call("lookup_order", {"order_id": "43"})
+    params = saying(tiny_lm, chatml_tokenizer, calls, "42 has shipped; 43 is late.")
+    out = tmp_path / "tools.jsonl"
+    script = "\n".join(["/result too early", "Where are orders 42 and 43?", "And 44?", "/result shipped",
+                        "/result late", f"/save {out}", "/exit"]) + "\n"
+    stdout = io.StringIO()
+    final = chat_repl(tiny_lm, chatml_tokenizer, params=params, tools=TOOLS, stdin=io.StringIO(script),
+                      stdout=stdout)
+    shown = stdout.getvalue()
+    assert shown.startswith("commands: /reset, /system TEXT, /save FILE, /exit, /result TEXT (answer the model's "
+                            "tool call)\n> (no tool call to answer)\n> ")
+    assert ('> call lookup_order({"order_id": "42"})\ncall lookup_order({"order_id": "43"})\n'
+            "(answer with /result TEXT, once per call, in order)\n"
+            "> (the model called a tool: answer with /result TEXT, or /reset)\n"
+            "> > 42 has shipped; 43 is late.\n") in shown
+    assert "<tool_call>" not in shown  # a call is never shown as markup
+    assert [m["role"] for m in final] == ["user", "assistant", "tool", "tool", "assistant"]
+    ids = [c["id"] for c in final[1]["tool_calls"]]
+    assert final[1]["content"] is None and len(set(ids)) == 2
+    assert [(m["tool_call_id"], m["content"]) for m in final[2:4]] == [(ids[0], "shipped"), (ids[1], "late")]
+    assert final[4] == {"role": "assistant", "content": "42 has shipped; 43 is late."}
+    (saved,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert saved == {"messages": final, "tools": TOOLS}
+    # What the session saved trains: the calls learnable exactly as the model said them.
+    example = tokenize_record(chatml_tokenizer, saved)
+    learned = chatml_tokenizer.decode([label for label in example.labels if label != -100])
+    assert learned == f"{calls}<|im_end|>42 has shipped; 43 is late.<|im_end|>"
+
+
+def test_result_is_no_command_without_tools(tiny_lm, chatml_tokenizer):
+    stdout = io.StringIO()
+    chat_repl(tiny_lm, chatml_tokenizer, stdin=io.StringIO("/result x\n"), stdout=stdout)
+    assert "unknown command /result" in stdout.getvalue()
+
+
+def test_cli_chat_tools_file(bpe, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from serve_assets import write_base
+
+    from tunesmith.cli import main
+
+    base = write_base(bpe, tmp_path / "base")
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/exit\n"))
+    assert main(["chat", "--model", str(base), "--max-new-tokens", "3", "--tools", str(tools)]) == 0
+    assert "/result TEXT" in capsys.readouterr().out
+    for content, error in [("{", "not valid JSON (Expecting property name enclosed in double quotes at line 1"),
+                           ('{"tools": []}', "must hold a JSON list of tool definitions"),
+                           ('[{"type": "function", "function": {"description": "x"}}]', "tool 0 has no function name")]:
+        tools.write_text(content)
+        assert main(["chat", "--model", str(base), "--tools", str(tools)]) == 2
+        assert f"--tools {tools}: {error}" in capsys.readouterr().err
+    assert main(["chat", "--model", str(base), "--tools", str(tmp_path / "none.json")]) == 2
+    assert "cannot be read (No such file or directory)" in capsys.readouterr().err
+

@@ -323,7 +323,7 @@ RUN_FILES = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "
              "log.jsonl", "metrics.json"}
 # run.json's keys, in the order written (runs.RunInfo's fields)
 RUN_INFO_KEYS = ["task", "base_model", "method", "peft", "labels", "chat_template_fingerprint", "defaults", "versions",
-                 "data", "replay", "parent", "lineage", "regularization"]
+                 "data", "replay", "parent", "lineage", "regularization", "tools"]
 
 
 def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
@@ -365,7 +365,7 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
     info = json.loads((run.path / "run.json").read_text())
     assert list(info) == RUN_INFO_KEYS
     assert info["base_model"] == str(assets.lm.resolve()) and info["peft"] and info["labels"] is None
-    assert info["chat_template_fingerprint"]
+    assert info["chat_template_fingerprint"] and info["tools"] is None  # no tools in its data
     # The resolved config: what the config left unset holds the values chosen (tests/test_defaults.py).
     from tunesmith.training.precision import bf16_native
 
@@ -603,3 +603,51 @@ def test_a_run_trains_on_length_grouped_batches_unless_turned_off(assets, tmp_pa
         run_train(config(assets, tmp_path / f"g{grouped}", max_steps=6, batch_size=4, group_by_length=grouped))
     assert len(widths[True]) == len(widths[False]) == 6
     assert sum(widths[True]) < sum(widths[False])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tool calling: a tools file trains with only model and data, and the run records how it rendered tools
+# ---------------------------------------------------------------------------------------------------------
+
+def tool_records(n: int) -> list[dict]:
+    """Support conversations with tools: a call, its result and the answer; a plain reply where no call is due.
+    (Records that end with their call are left out here: training's before/after scoring of a call as the gold
+    reply is the evaluation part of issue 21.)"""
+    tools = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"order_id": {"type": "string"}}}}}]
+    records = []
+    for i in range(n):
+        ask = {"role": "user", "content": f"Where is order {i}?"}
+        call = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": str(i)})}}]}
+        shape = [[ask, call, {"role": "tool", "tool_call_id": f"call_{i}", "content": "shipped"},
+                  {"role": "assistant", "content": f"Order {i} has shipped."}],
+                 [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "How can I help you today?"}]]
+        records.append({"tools": tools, "messages": shape[i % 2]})
+    return records
+
+
+def test_a_tools_file_trains_with_only_model_and_data_and_the_run_records_how(assets, tmp_path, monkeypatch):
+    from tunesmith.data.templates import render_chat
+    from tunesmith.models import load_tokenizer
+
+    records = tool_records(18)
+    path = write_jsonl(tmp_path / "tools.jsonl", records)
+    # The openai-chat reader that keeps tools, tool_calls and tool messages is another part of issue 21; until
+    # it lands the file is read as the records it holds.
+    monkeypatch.setattr(tunesmith.training.data, "read_records",
+                        lambda file, **_: [json.loads(line) for line in Path(file).read_text().splitlines()])
+    run, _ = run_train({"model": str(assets.lm), "data": {"train": str(path)}, "output_dir": str(tmp_path / "run")})
+    info = json.loads((run.path / "run.json").read_text())
+    # The tiny model's ChatML template has no tool support: tunesmith's convention, calls in <tool_call> tags.
+    assert info["tools"] == {"mode": "convention", "style": "hermes"}
+    assert run.metrics["train"]["learnable_tokens"] > 0 and run.metrics["after"]
+    saved, base = load_tokenizer(str(run.path)), load_tokenizer(str(assets.lm))
+    for record in records[:2]:
+        assert render_chat(saved, record["messages"], tools=record["tools"]) == \
+            render_chat(base, record["messages"], tools=record["tools"])
+    assert '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "0"}}\n</tool_call><|im_end|>' in \
+        render_chat(saved, records[0]["messages"], tools=records[0]["tools"])
+

@@ -82,6 +82,7 @@ class RunInfo:
     parent: dict | None = None  # {"path", "task", "method", "base_model"} of the run continued
     lineage: list[dict] = field(default_factory=list)  # every run continued, oldest first
     regularization: dict | None = None  # the anti-forgetting penalty used
+    tools: dict | None = None  # how tool data was rendered (data.tools.rendering), None without tools in the data
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept when written back
 
     @classmethod

@@ -1,7 +1,12 @@
 """`tunesmith chat`: a terminal conversation with a model or a trained run, streamed as it is generated.
 
 Commands: `/reset` (forget the history, keep the system prompt), `/system TEXT` (set it and reset),
-`/save FILE` (the conversation as one OpenAI chat JSONL record, ready to train on), `/exit`."""
+`/save FILE` (the conversation as one OpenAI chat JSONL record, ready to train on), `/exit`.
+
+With `--tools FILE` (a JSON list of OpenAI tool definitions) the model is prompted with them as training
+rendered them (data/tools.py), each reply is shown once complete, and a reply that calls tools is shown as its
+calls, `call NAME(ARGUMENTS)`. Answer each call with `/result TEXT` (a `tool` turn for the oldest unanswered
+call); once every call of the turn has its result, the model replies. `/save` keeps the tools in the record."""
 
 from __future__ import annotations
 
@@ -10,49 +15,127 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from ..errors import UsageError
+
 HELP = "commands: /reset, /system TEXT, /save FILE, /exit"
+TOOLS_HELP = ", /result TEXT (answer the model's tool call)"
+
+
+def load_tools(path: str) -> list[dict]:
+    """--tools FILE: a JSON list of tool definitions (or an object with "tools"), OpenAI's `{"type": "function",
+    "function": {"name", "description", "parameters"}}` or the bare function objects."""
+    from ..data.readers import parse_json
+    from ..data.tools import function_of
+
+    try:
+        data = parse_json(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UsageError(f"--tools {path}: cannot be read ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--tools {path}: not valid JSON ({err.msg} at line {err.lineno}, "
+                         f"column {err.colno})") from None
+    tools = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(tools, list) or not tools:
+        raise UsageError(f'--tools {path}: must hold a JSON list of tool definitions ({{"type": "function", '
+                         '"function": {"name": ..., "description": ..., "parameters": {...}}})')
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(function_of(tool).get("name"), str):
+            raise UsageError(f"--tools {path}: tool {i} has no function name (a string at function.name)")
+    return tools
+
+
+class _Chat:
+    """One conversation: its messages, the calls still waiting for a result, and how it is shown."""
+
+    def __init__(self, model, tokenizer, params, chat_template, tools, system, stdout):
+        self.model, self.tokenizer, self.params, self.chat_template = model, tokenizer, params, chat_template
+        self.tools, self.out = tools, stdout
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.waiting: list[str] = []  # ids of the last turn's calls without a result, oldest first
+
+    def say(self, *text: str, end: str = "\n") -> None:
+        print(*text, end=end, file=self.out, flush=True)
+
+    def user(self, line: str) -> None:
+        if self.waiting:
+            self.say("(the model called a tool: answer with /result TEXT, or /reset)")
+            return
+        self.messages.append({"role": "user", "content": line})
+        self.reply()
+
+    def result(self, text: str) -> None:
+        if not self.waiting:
+            self.say("(no tool call to answer)")
+            return
+        self.messages.append({"role": "tool", "tool_call_id": self.waiting.pop(0), "content": text})
+        if not self.waiting:
+            self.reply()
+
+    def reply(self) -> None:
+        from ..generation import generate
+
+        # Without tools the reply streams; with them it is shown once complete, so a call never shows as markup.
+        on_text = None if self.tools else (lambda piece: self.say(piece, end=""))
+        out = generate(self.model, self.tokenizer, messages=self.messages, params=self.params,
+                       chat_template=self.chat_template, tools=self.tools, on_text=on_text)
+        if not self.tools:  # streamed already
+            self.say()
+        elif out.content or not out.tool_calls:
+            self.say(out.content or "")
+        for call in out.tool_calls or ():
+            self.say(f"call {call['function']['name']}({call['function']['arguments']})")
+        if out.tool_calls:
+            self.say("(answer with /result TEXT" + (", once per call, in order)" if len(out.tool_calls) > 1 else ")"))
+            self.waiting = [call["id"] for call in out.tool_calls]
+        self.messages.append(out.message)
+
+    def save(self, arg: str) -> None:
+        if not arg.strip():
+            self.say("usage: /save FILE")
+            return
+        path = Path(arg.strip())
+        record = {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
+        with path.open("a", encoding="utf-8") as f:  # append: one conversation per line, a training set
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.say(f"(saved {len(self.messages)} messages to {path})")
+
+    def reset(self, system: str | None = None) -> None:
+        """Forget the history; keep the system prompt, or set it to `system` ("": none)."""
+        kept = [m for m in self.messages if m["role"] == "system"]
+        self.messages = kept if system is None else ([{"role": "system", "content": system}] if system else [])
+        self.waiting = []
 
 
 def chat_repl(model, tokenizer, *, params=None, system: str | None = None, chat_template: str | None = None,
-              stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
+              tools: list[dict] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """Run the REPL until /exit or end of input; returns the final conversation."""
-    from ..generation import SamplingParams, stream
+    from ..generation import SamplingParams
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    params = params or SamplingParams(max_new_tokens=256)
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    print(HELP, file=stdout, flush=True)
+    chat = _Chat(model, tokenizer, params or SamplingParams(max_new_tokens=256), chat_template, tools, system, stdout)
+    help_line = HELP + (TOOLS_HELP if tools else "")
+    chat.say(help_line)
     while True:
-        print("> ", end="", file=stdout, flush=True)
+        chat.say("> ", end="")
         line = stdin.readline()
         if not line:
-            print(file=stdout)
-            return messages
+            chat.say()
+            return chat.messages
         line = line.rstrip("\n")
         command, _, arg = line.partition(" ")
         if command == "/exit":
-            return messages
+            return chat.messages
         if command == "/reset":
-            messages = [m for m in messages if m["role"] == "system"]
-            print("(history cleared)", file=stdout)
+            chat.reset()
+            chat.say("(history cleared)")
         elif command == "/system":
-            messages = [{"role": "system", "content": arg}] if arg.strip() else []
-            print("(system prompt set; history cleared)" if arg.strip() else "(system prompt removed)", file=stdout)
+            chat.reset(arg if arg.strip() else "")
+            chat.say("(system prompt set; history cleared)" if arg.strip() else "(system prompt removed)")
         elif command == "/save":
-            if not arg.strip():
-                print("usage: /save FILE", file=stdout)
-                continue
-            path = Path(arg.strip())
-            with path.open("a", encoding="utf-8") as f:  # append: one conversation per line, a training set
-                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-            print(f"(saved {len(messages)} messages to {path})", file=stdout)
+            chat.save(arg)
+        elif command == "/result" and tools:
+            chat.result(arg)
         elif command.startswith("/"):
-            print(f"unknown command {command}; {HELP}", file=stdout)
+            chat.say(f"unknown command {command}; {help_line}")
         elif line.strip():
-            messages.append({"role": "user", "content": line})
-            pieces = []
-            for piece in stream(model, tokenizer, messages=messages, params=params, chat_template=chat_template):
-                pieces.append(piece)
-                print(piece, end="", file=stdout, flush=True)
-            print(file=stdout, flush=True)
-            messages.append({"role": "assistant", "content": "".join(pieces)})
+            chat.user(line)

@@ -58,11 +58,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import chat_repl
+    from .chat import chat_repl, load_tools
 
     params = sampling(args)
+    tools = load_tools(args.tools) if args.tools else None
     model, tokenizer = _load_placed(args.adapter or args.model, args.device)
-    chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template)
+    chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template, tools=tools)
     return 0
 
 
@@ -89,6 +90,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("chat", parents=generating, help="chat with a model or a trained run in the terminal")
     p.add_argument("--adapter", metavar="RUN", help="a trained run directory (its base model is loaded)")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--tools", metavar="FILE", help="a JSON list of tool definitions the model may call; answer a "
+                                                   "call with /result TEXT")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve the model and adapters over an OpenAI-compatible HTTP API")

@@ -5,6 +5,7 @@ exemplars for the completion format."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
         "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'tool' %}{{ 'Tool: ' + message['content'] + '\n\n' }}"
         "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
@@ -61,8 +63,15 @@ def chat_template_for(tokenizer, name: str | None = None) -> str:
     return CHAT_TEMPLATES[_FALLBACK_BY_EOS.get(tokenizer.eos_token, "plain")]
 
 
-# What of a message reaches the template: per-message training fields such as `weight` are ours.
-_TEMPLATE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
+# What of a message reaches the template: per-message training fields such as `weight` are ours. Tool fields
+# go only where they hold something: Llama 3.1's template takes any message with a `tool_calls` key, even
+# None, for a call turn.
+_TEMPLATE_FIELDS = ("role", "content")
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
+
+
+class ChatTemplateError(TunesmithError, ValueError):
+    """A conversation the chat template refuses (its own `raise_exception`, e.g. Llama 3.1's one call per turn)."""
 
 
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
@@ -71,10 +80,14 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     calls and results reach it as `data/tools.py` says for that template."""
     template = chat_template_for(tokenizer, chat_template)
     messages, tools = for_template(messages, tools, template)
-    clean = [{k: m[k] for k in _TEMPLATE_FIELDS if k in m} for m in messages]
+    clean = [{**{k: m[k] for k in _TEMPLATE_FIELDS if k in m}, **{k: m[k] for k in _TOOL_FIELDS if m.get(k)}}
+             for m in messages]
     extra = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(
-        clean, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template, **extra)
+    try:
+        return tokenizer.apply_chat_template(
+            clean, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template, **extra)
+    except jinja2.TemplateError as err:
+        raise ChatTemplateError(f"the chat template refuses this conversation: {err}") from None
 
 
 # Placeholders for message content: private-use characters have no case and no whitespace, so they pass
@@ -92,15 +105,17 @@ def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt:
     The spans come from positions, never from searching the text for the content (a search can match the
     template's own text, e.g. a default system prompt's `<|im_end|>`): the conversation is rendered a second
     time with a unique placeholder for each content, the template's own text is what lies between the
-    placeholders, and the real rendering must be exactly those pieces with each content put back, as given
-    or stripped where the template trims."""
+    placeholders, and the real rendering must be exactly those pieces with each content put back, as given,
+    stripped where the template trims, or JSON-escaped where it prints content through `tojson`."""
     text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
                        chat_template=chat_template, tools=tools)
-    contents = [m["content"] for m in messages]
+    contents = [m.get("content") for m in messages]
     tag = _OPEN
-    while any(tag in c for c in contents):  # a tag no content contains: the placeholders cannot collide
+    while any(tag in c for c in contents if isinstance(c, str)):  # no content holds the tag: no collision
         tag += _OPEN
-    marked = [{**m, "content": f"{tag}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    # A call turn without text keeps its empty content: a placeholder there would make templates that print
+    # content only when there is some (`{% if message.content %}`, Qwen2.5) render another conversation.
+    marked = [{**m, "content": f"{tag}{i}{_CLOSE}"} if _printed_content(m) else m for i, m in enumerate(messages)]
     skeleton = render_chat(tokenizer, marked, add_generation_prompt=add_generation_prompt,
                            chat_template=chat_template, tools=tools)
     # pieces = [template text, message index, template text, message index, ..., template text]
@@ -108,17 +123,25 @@ def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt:
     return text, _align(text, pieces, contents)
 
 
-def _align(text: str, pieces: list[str], contents: list[str]) -> list[tuple[int, int, int]] | None:
+def _printed_content(message: dict) -> bool:
+    content = message.get("content")
+    return isinstance(content, str) and bool(content or not message.get("tool_calls"))
+
+
+def _align(text: str, pieces: list[str], contents: list) -> list[tuple[int, int, int]] | None:
     if not text.startswith(pieces[0]):
         return None
     spans, at = [], len(pieces[0])
     for index, after in zip(pieces[1::2], pieces[2::2]):
         index = int(index)
-        if index >= len(contents):
+        if index >= len(contents) or not isinstance(contents[index], str):
             return None
         content = contents[index]
-        # As given first, then as Jinja's `trim` (str.strip) and its one-sided forms would print it.
-        for printed in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+        # As given first, then as Jinja's `trim` (str.strip) and its one-sided forms would print it, then as
+        # `tojson` prints a string, inside its quotes (Llama 3.1 prints tool results so).
+        forms = (content, content.strip(), content.lstrip(), content.rstrip(),
+                 json.dumps(content, ensure_ascii=False)[1:-1])
+        for printed in dict.fromkeys(forms):
             if text.startswith(printed, at) and text.startswith(after, at + len(printed)):
                 break
         else:

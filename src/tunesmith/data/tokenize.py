@@ -9,7 +9,9 @@ conversation as the concatenation of its turns (ChatML, Llama 3, Gemma, template
 system prompt or trim whitespace), with no `{% generation %}` tags; templates that re-render earlier turns
 differently use the message's exact content span instead. The turn ends right after the first stop token
 after the content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, EOS; see `tokenize_chat`), so the model
-learns to stop but not the newline the template prints after it.
+learns to stop but not the newline the template prints after it. Tool conversations (data/tools.py) mask the
+same way: a call turn is an assistant turn, learnable by its weight and checked by its functions' names; tool
+results and the definitions the template prints are never learnable.
 
 Completion: prompt and completion are tokenized as one string, so the boundary token is what the model
 will see; every token that covers any completion character is learnable, plus an appended EOS.
@@ -28,7 +30,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from ..errors import TunesmithError
-from .templates import chat_template_for, render_chat, render_chat_spans
+from .templates import ChatTemplateError, chat_template_for, render_chat, render_chat_spans
 from .tools import for_template
 
 log = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ def _render(tokenizer, messages, template, *, add_generation_prompt=False, tools
         specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)
         pattern = re.compile("|".join(map(re.escape, specials)) or "(?!)")
         for i, message in enumerate(messages):
-            if found := pattern.search(message["content"]):
+            if found := pattern.search(message.get("content") or ""):
                 raise MaskError(
                     f"message {i} ({message['role']}) contains the special-token string {found.group()!r}, and "
                     "the chat template changes message content (beyond trimming whitespace), so it cannot be "
@@ -198,8 +200,9 @@ def _turn_end_ids(tokenizer, messages, text, spans) -> set[int]:
     return common or set()
 
 
-def _assistant_spans(tokenizer, messages, template, text, spans, stops) -> dict[int, tuple[int, int]]:
-    """Character span [start, end) of each learnable assistant turn, ending right after its stop token."""
+def _assistant_spans(tokenizer, messages, template, text, spans, stops, tools) -> dict[int, tuple[int, int]]:
+    """Character span [start, end) of each learnable assistant turn, ending right after its stop token. The
+    prefixes render with the same `tools` as the whole, since a template prints them ahead of every turn."""
     printed: dict[int, list[tuple[int, int, int]]] = {}  # index -> (start, end, next content's start)
     for k, (i, start, end) in enumerate(spans or ()):
         printed.setdefault(i, []).append((start, end, spans[k + 1][1] if k + 1 < len(spans) else len(text)))
@@ -209,9 +212,11 @@ def _assistant_spans(tokenizer, messages, template, text, spans, stops) -> dict[
             continue
         # An empty conversation cannot be rendered (and a template may inject a system prompt before a
         # first assistant turn), so a conversation that opens with the assistant uses its content span.
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, chat_template=template) if i else None
-        through = render_chat(tokenizer, messages[:i + 1], chat_template=template)
-        if before is not None and text.startswith(through) and through.startswith(before) and len(through) > len(before):
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, chat_template=template,
+                             tools=tools) if i else None
+        through = render_chat(tokenizer, messages[:i + 1], chat_template=template, tools=tools)
+        if before is not None and text.startswith(through) and through.startswith(before) \
+                and len(through) > len(before):
             start, end = len(before), len(through)
             # The stop token is looked for after the content only: the content may spell one as text.
             inside = [e for s, e, _ in printed.get(i, ()) if start <= s and e <= end]
@@ -259,7 +264,7 @@ def tokenize_chat(tokenizer, messages: list[dict], *, chat_template: str | None 
     if getattr(generation_config, "eos_token_id", None) is None:
         stop_ids |= _turn_end_ids(tokenizer, messages, text, spans)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
-    turns = _assistant_spans(tokenizer, messages, template, text, spans, stops)
+    turns = _assistant_spans(tokenizer, messages, template, text, spans, stops, tools)
     ids, offsets = _encode_protected(tokenizer, text, _content_spans(spans))
 
     labels = [IGNORE_INDEX] * len(ids)
@@ -280,9 +285,13 @@ def _check_turn(tokenizer, ids, covered, message, index, stop_ids) -> None:
     if ids[covered[-1]] not in stop_ids:
         raise MaskError(f"message {index} (assistant): the learnable span does not end with a stop token")
     decoded = tokenizer.decode([ids[t] for t in covered], skip_special_tokens=False)
-    if message["content"].strip() not in decoded:
+    # A call turn is checked by its functions' names: templates print the call in their own way (Llama 3.1
+    # as {"name": ..., "parameters": ...}, and without the turn's text).
+    expected = [c["function"]["name"] for c in message["tool_calls"]] if message.get("tool_calls") \
+        else [message["content"].strip()]
+    if missing := next((part for part in expected if part not in decoded), None):
         raise MaskError(f"message {index} (assistant): the learnable tokens decode to {decoded[:60]!r}, "
-                        "which does not contain the message; the mask is misaligned")
+                        f"which does not contain {missing[:40]!r}; the mask is misaligned")
 
 
 def encode_chat_prompt(tokenizer, messages: list[dict], *, chat_template: str | None = None,
@@ -360,8 +369,8 @@ def tokenize_records(tokenizer, records, *, max_length: int | None = None, chat_
         try:
             example = tokenize_record(tokenizer, record, chat_template=chat_template,
                                       generation_config=generation_config)
-        except MaskError as err:
-            raise MaskError(f"{source}: example {n}: {err}") from None
+        except (MaskError, ChatTemplateError) as err:
+            raise type(err)(f"{source}: example {n}: {err}") from None
         stats.examples += 1
         stats.lengths.append(len(example.input_ids))
         if max_length is not None and len(example.input_ids) > max_length:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Literal
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -177,3 +178,15 @@ def parse_reply(text: str, style: Style = "hermes") -> tuple[str | None, list[di
     if not calls or CALL_OPEN in rest or CALL_CLOSE in rest:  # an unclosed or stray tag: not a clean call
         return text, None
     return rest.strip() or None, calls
+
+
+def rendering(template: str) -> dict:
+    """How `template` renders tools, as run.json records it for a run trained on tool data (`RunInfo.tools`):
+    `{"mode": "native" | "convention", "style": "hermes" | "json"}`."""
+    return {"mode": render_mode(template), "style": call_style(template)}
+
+
+def with_ids(calls: list[dict] | None) -> list[dict] | None:
+    """Parsed calls (`parse_reply`) with the unique `id` each OpenAI call carries, which its `tool` result
+    answers with `tool_call_id`."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", **call} for call in calls] if calls else calls

@@ -1,13 +1,19 @@
 """Text generation from Python: `generate` (one reply), `stream` (its pieces as they come) and `generate_batch`
 (many prompts, as evaluation uses it). Each is a thin caller of the one engine (`generation.engine`) that
-the terminal chat and the server use too, run in the caller's thread over the model as the caller left it."""
+the terminal chat and the server use too, run in the caller's thread over the model as the caller left it.
+
+With `tools=` (OpenAI's tool definitions) a chat prompt carries them as training rendered them (data/tools.py),
+and the calls a reply makes are read back into `Generation.tool_calls`; `Generation.message` is the assistant
+message to append to the conversation before the `tool` results."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..data.templates import chat_template_for
 from ..data.tokenize import encode_chat_prompt
+from ..data.tools import call_style, parse_reply, with_ids
 from ..errors import TunesmithError, UsageError
 from .engine import Engine, Event, Request
 from .params import SamplingParams
@@ -17,20 +23,47 @@ __all__ = ["Generation", "GenerationError", "SamplingParams", "generate", "gener
 
 @dataclass
 class Generation:
-    text: str
+    text: str  # the reply as generated, a call's markup included
     finish_reason: str  # "stop" (a stop token or string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[dict] | None = None  # with tools=: the calls made (OpenAI's, with ids); None when none parse
+    content: str | None = None  # the text besides the calls (None: nothing but calls); the text when no call
+
+    def __post_init__(self):
+        if self.tool_calls is None and self.content is None:
+            self.content = self.text
+
+    @property
+    def message(self) -> dict:
+        """The reply as the assistant message of an OpenAI conversation."""
+        calls = {"tool_calls": self.tool_calls} if self.tool_calls else {}
+        return {"role": "assistant", "content": self.content, **calls}
 
 
 def prompt_ids(tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
-               chat_template: str | None = None) -> list[int]:
-    """Token ids for a completion prompt or a chat conversation (with the generation prompt appended)."""
+               chat_template: str | None = None, tools: list[dict] | None = None) -> list[int]:
+    """Token ids for a completion prompt or a chat conversation (with the generation prompt appended; `tools`
+    rendered as data/tools.py says for the template)."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt (completion) or messages (chat)")
     if messages is not None:
-        return encode_chat_prompt(tokenizer, messages, chat_template=chat_template)
+        return encode_chat_prompt(tokenizer, messages, chat_template=chat_template, tools=tools)
+    if tools:
+        raise UsageError("tools need a chat conversation (messages), not a completion prompt")
     return tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+
+
+def _reader(tokenizer, chat_template: str | None, tools: list[dict] | None):
+    """What turns a finished reply's text into (content, calls with ids), given tools; None without tools."""
+    if not tools:
+        return None
+    style = call_style(chat_template_for(tokenizer, chat_template))
+
+    def read(text: str) -> tuple[str | None, list[dict] | None]:
+        content, calls = parse_reply(text, style)
+        return content, with_ids(calls)
+    return read
 
 
 class GenerationError(TunesmithError, RuntimeError):
@@ -40,12 +73,12 @@ class GenerationError(TunesmithError, RuntimeError):
 class _Collect:
     """The events of one request, gathered into its text, the pieces not yet streamed, and its Generation."""
 
-    def __init__(self, n_prompt: int, on_done: Callable[[], None] | None = None):
+    def __init__(self, n_prompt: int, on_done: Callable[[], None] | None = None, read=None):
         self.pieces: list[str] = []
         self.fresh: list[str] = []  # pieces not yet handed to a stream's caller
         self.result: Generation | None = None
         self.error: str | None = None
-        self.n_prompt, self.on_done = n_prompt, on_done
+        self.n_prompt, self.on_done, self.read = n_prompt, on_done, read
 
     def check(self) -> None:
         if self.error:
@@ -57,21 +90,24 @@ class _Collect:
             self.pieces.append(event.text)
             self.fresh.append(event.text)
         if event.finish_reason:
-            self.result = Generation("".join(self.pieces), event.finish_reason, self.n_prompt, event.completion_tokens)
+            text = "".join(self.pieces)
+            content, calls = self.read(text) if self.read else (None, None)
+            self.result = Generation(text, event.finish_reason, self.n_prompt, event.completion_tokens, calls, content)
             if self.on_done:
                 self.on_done()
 
 
 def stream(model, tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
-           params: SamplingParams | None = None, chat_template: str | None = None,
+           params: SamplingParams | None = None, chat_template: str | None = None, tools: list[dict] | None = None,
            result: list | None = None) -> Iterator[str]:
-    """Yield the reply as it is generated. If `result` is a list, the final `Generation` is appended to it."""
+    """Yield the reply as it is generated (a call's markup too). If `result` is a list, the final `Generation`
+    is appended to it."""
     params = params or SamplingParams()
     if params.n != 1:
         raise UsageError(f"stream and generate give one reply; use generate_batch for n={params.n} choices")
-    ids = prompt_ids(tokenizer, prompt=prompt, messages=messages, chat_template=chat_template)
+    ids = prompt_ids(tokenizer, prompt=prompt, messages=messages, chat_template=chat_template, tools=tools)
     engine = Engine.for_model(model, tokenizer)
-    collect = _Collect(len(ids))
+    collect = _Collect(len(ids), read=_reader(tokenizer, chat_template, tools))
     engine.submit([Request("model", ids, params, collect)])
     while engine.busy:
         engine.step()
@@ -83,28 +119,30 @@ def stream(model, tokenizer, *, prompt: str | None = None, messages: list[dict] 
 
 
 def generate(model, tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
-             params: SamplingParams | None = None, chat_template: str | None = None,
+             params: SamplingParams | None = None, chat_template: str | None = None, tools: list[dict] | None = None,
              on_text: Callable[[str], None] | None = None) -> Generation:
     """Generate one reply; `on_text` receives each streamed piece as it arrives."""
     result: list[Generation] = []
     for piece in stream(model, tokenizer, prompt=prompt, messages=messages, params=params,
-                        chat_template=chat_template, result=result):
+                        chat_template=chat_template, tools=tools, result=result):
         if on_text:
             on_text(piece)
     return result[0]
 
 
 def generate_batch(model, tokenizer, requests: list[dict], *, params: SamplingParams | None = None,
-                   chat_template: str | None = None, batch_size: int = 16, progress=None) -> list[Generation]:
-    """Generate for many requests ({"prompt": ...} or {"messages": [...]}), `batch_size` rows at a time with
-    continuous batching (a finished row's place goes to the next prompt at once).
+                   chat_template: str | None = None, tools: list[dict] | None = None, batch_size: int = 16,
+                   progress=None) -> list[Generation]:
+    """Generate for many requests ({"prompt": ...} or {"messages": [...]}, with their own "tools" or `tools`),
+    `batch_size` rows at a time with continuous batching (a finished row's place goes to the next prompt at once).
 
     Each reply is what `generate` gives for that request alone. With `params.n` > 1 each request has n
     replies, one after the other (choice j seeded with seed + j). Used by evaluation; `progress` (a
     progress.Progress) advances as each request's replies are done."""
     params = params or SamplingParams()
-    encoded = [prompt_ids(tokenizer, prompt=r.get("prompt"), messages=r.get("messages"),
-                          chat_template=chat_template) for r in requests]
+    tools_of = [r.get("tools", tools) for r in requests]
+    encoded = [prompt_ids(tokenizer, prompt=r.get("prompt"), messages=r.get("messages"), chat_template=chat_template,
+                          tools=t) for r, t in zip(requests, tools_of)]
     engine = Engine.for_model(model, tokenizer, max_batch=batch_size)
     left = [params.n] * len(encoded)  # replies still running, per request
 
@@ -113,7 +151,8 @@ def generate_batch(model, tokenizer, requests: list[dict], *, params: SamplingPa
         if not left[i] and progress is not None:
             progress.update(1)
 
-    collected = [_Collect(len(ids), lambda i=i: done(i)) for i, ids in enumerate(encoded) for _ in range(params.n)]
+    collected = [_Collect(len(ids), lambda i=i: done(i), _reader(tokenizer, chat_template, tools_of[i]))
+                 for i, ids in enumerate(encoded) for _ in range(params.n)]
     engine.submit([Request("model", ids, choice, collected[i * params.n + j], index=i * params.n + j)
                    for i, ids in enumerate(encoded) for j, choice in enumerate(params.choices())])
     while engine.busy:

@@ -8,6 +8,7 @@ import random
 from ..config import ConfigError, TrainConfig
 from ..data.formats import EMPTY, DataError, kind_of, read_records, to_chat, to_completion
 from ..data.tokenize import TokenizeStats, encode_classification, encode_tagging, tokenize_records
+from ..data.tools import has_tools, rendering
 
 
 def read_data(path: str, cfg: TrainConfig) -> list[dict]:
@@ -67,6 +68,14 @@ def check_kind(records: list[dict], cfg: TrainConfig, source: str) -> None:
 def sft_records(records: list[dict], cfg: TrainConfig) -> list[dict]:
     convert = {"chat": to_chat, "completion": to_completion}.get(cfg.data.sft_format)
     return [convert(r) for r in records] if convert else records
+
+
+def tool_rendering(records: list[dict], template: str | None) -> dict | None:
+    """run.json's `tools`: how `template` rendered the tools of these sft records (so the run is served the
+    same way), or None when no record involves tools."""
+    if template and any("messages" in r and has_tools(r["messages"], r.get("tools")) for r in records):
+        return rendering(template)
+    return None
 
 
 def label_list(records: list[dict], task: str) -> list[str]:

@@ -35,7 +35,7 @@ from ..version import __version__
 from . import lineage, precision
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
 from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
-                   sft_records)
+                   sft_records, tool_rendering)
 from .defaults import CPU_BUDGET, Chosen, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
 from .regularize import anchor_for
@@ -63,6 +63,7 @@ class _Data:
     eval_features: list[dict]
     stats: TokenizeStats | None  # the train split's tokenization (sft)
     template: str | None  # the chat template the sft data is rendered with; the run carries it
+    tools: dict | None  # run.json's "tools": how the template rendered the data's tools (None: no tool data)
     files: dict  # run.json's "data": {"train": file_record, "eval": file_record | None}
     replay: dict | None  # run.json's "replay"
 
@@ -142,7 +143,9 @@ def _load_data(cfg: TrainConfig, tokenizer, parent: RunInfo | None) -> _Data:
         train_features = pack(train_features, cfg.max_length)
         eval_features = pack(eval_features, cfg.max_length) if eval_features else []
     template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
-    return _Data(train_records, eval_records, labels, train_features, eval_features, stats, template, files, replay)
+    tools = tool_rendering(sft_records(train_records, cfg), template) if cfg.task == "sft" else None
+    return _Data(train_records, eval_records, labels, train_features, eval_features, stats, template, tools, files,
+                 replay)
 
 
 def _load_model(cfg: TrainConfig, parent: RunInfo | None, labels, tokenizer):
@@ -378,7 +381,7 @@ def _run_info(cfg: TrainConfig, data: _Data, parent: RunInfo | None, defaults: d
                   "torch": torch.__version__},
         data=data.files, replay=data.replay, parent=parent.link() if parent else None,
         lineage=lineage.lineage(parent),
-        regularization=cfg.regularization.model_dump() if cfg.regularization else None)
+        regularization=cfg.regularization.model_dump() if cfg.regularization else None, tools=data.tools)
 
 
 def _parent_features(cfg: TrainConfig, parent: RunInfo | None, tokenizer, labels) -> list[dict] | None:
