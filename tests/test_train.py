@@ -629,16 +629,12 @@ def tool_records(n: int) -> list[dict]:
     return records
 
 
-def test_a_tools_file_trains_with_only_model_and_data_and_the_run_records_how(assets, tmp_path, monkeypatch):
+def test_a_tools_file_trains_with_only_model_and_data_and_the_run_records_how(assets, tmp_path):
     from tunesmith.data.templates import render_chat
     from tunesmith.models import load_tokenizer
 
     records = tool_records(18)
     path = write_jsonl(tmp_path / "tools.jsonl", records)
-    # The openai-chat reader that keeps tools, tool_calls and tool messages is another part of issue 21; until
-    # it lands the file is read as the records it holds.
-    monkeypatch.setattr(tunesmith.training.data, "read_records",
-                        lambda file, **_: [json.loads(line) for line in Path(file).read_text().splitlines()])
     run, _ = run_train({"model": str(assets.lm), "data": {"train": str(path)}, "output_dir": str(tmp_path / "run")})
     info = json.loads((run.path / "run.json").read_text())
     # The tiny model's ChatML template has no tool support: tunesmith's convention, calls in <tool_call> tags.
