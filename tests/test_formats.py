@@ -514,7 +514,7 @@ def test_csv_field_over_the_csv_size_limit_names_the_line_its_row_starts(tmp_pat
 
 
 def test_parse_json_turns_every_unreadable_input_into_a_json_decode_error():
-    from tunesmith.data.readers import parse_json
+    from tunesmith.data.jsonparse import parse_json
 
     for text, message, column in [(DEEP, NESTED.format(100_000), 100_000), ("9" * 5000, LONG_INT, 1),
                                   ('{"a": [1, "\\ud83d"]}', LONE, 12), ("{oops", None, 2)]:

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, TypedDict
 
 from ..errors import TunesmithError, UsageError
-from .readers import (CONLL_SUFFIXES, CSV_SUFFIXES, FORMATS, JSON_SUFFIXES, Problem, ReadOptions, Reader,
-                      first_object, has_content, json_values)
+from .problems import Problem
+from .readers import CONLL_SUFFIXES, CSV_SUFFIXES, FORMATS, JSON_SUFFIXES, ReadOptions, Reader
+from .sources import first_object, has_content, json_values
 from .tools import has_tools
 
 logger = logging.getLogger(__name__)
