@@ -14,7 +14,7 @@ from .common import add_fields, config_from_args, model_options, sampling, sampl
 
 def _load_messages(value: str) -> list[dict]:
     """--messages takes a JSON list, a JSON object with "messages", or a path to a file holding either."""
-    from ..data.readers import parse_json
+    from ..data.jsonparse import parse_json
 
     path = Path(value)
     text = path.read_text(encoding="utf-8") if not value.lstrip().startswith(("[", "{")) and path.is_file() else value

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
-from .jsonparse import parse_json  # noqa: F401  (cli/serve.py imports it from here; jsonparse is its home)
 from .problems import Issues, Problem, json_type, quote
 from .records import (parse_alpaca, parse_chat, parse_classification, parse_completion, parse_sharegpt,
                       parse_tagging, parse_text)
