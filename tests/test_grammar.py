@@ -260,3 +260,13 @@ def test_a_call_of_a_function_not_offered_is_outside_the_grammar(chatml_tokenize
     constraint = Constraint(chatml_tokenizer, tool_call_grammar(FUNCTIONS[1:], "json"), len(chatml_tokenizer))
     ids = chatml_tokenizer.encode('{"name": "get_weather"', add_special_tokens=False)
     assert not all(constraint.advance(t) for t in ids) and constraint.error
+
+
+def test_calls_are_held_to_the_spacing_they_are_trained_on(chatml_tokenizer):
+    """json.dumps' separators, as data/tools.format_call writes calls: no compact JSON, no padding."""
+    from tunesmith.generation.grammar import tool_call_grammar
+
+    for text, fits in [('{"name": "now", "parameters": {}}', True), ('{"name":"now"', False),
+                       ('{"name":  "now"', False), ('{\n"name": "now"', False)]:
+        constraint = Constraint(chatml_tokenizer, tool_call_grammar(FUNCTIONS, "json"), len(chatml_tokenizer))
+        assert all(constraint.advance(t) for t in chatml_tokenizer.encode(text, add_special_tokens=False)) == fits

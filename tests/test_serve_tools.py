@@ -283,3 +283,12 @@ def test_a_run_is_read_in_the_style_it_was_trained_with():
     body = SimpleNamespace(functions_of_tools=[], choice="auto", parallel_tool_calls=None, legacy=False)
     assert ToolPlan.of(body, SMOLLM2_TEMPLATE).style == "hermes"  # the convention's, for a template without tools
     assert ToolPlan.of(body, SMOLLM2_TEMPLATE, {"mode": "native", "style": "json"}).style == "json"
+
+
+def test_the_prompt_has_the_tools_as_the_client_sent_them(sdk, live):
+    """Key order and all: the definitions render as the same entries would in a training file."""
+    from tunesmith.data.tokenize import encode_chat_prompt
+
+    reordered = [{"type": "function", "function": {"parameters": ADD, "name": "add", "description": "Add."}}]
+    ask(sdk, tools=reordered, tool_choice="none", max_tokens=2)
+    assert live.seen[-1].ids == encode_chat_prompt(live.engine.tokenizer, USER, tools=reordered)

@@ -55,10 +55,14 @@ class ToolPlan:
     functions: list[dict] = field(default_factory=list)  # {"name", "parameters"} of each tool
 
     @classmethod
-    def of(cls, body, template: str, trained: dict | None = None) -> ToolPlan:
-        """The plan for a ChatRequest served with `template`; `trained` (run_tools) fixes the style."""
+    def of(cls, body, template: str, trained: dict | None = None, data: dict | None = None) -> ToolPlan:
+        """The plan for a ChatRequest served with `template`; `trained` (run_tools) fixes the style. The prompt
+        gets the tools as the client sent them (`data`, the request's JSON: keys in its order, as in the
+        training file it presumably shares a producer with); the grammar gets the validated definitions."""
         functions = [f.model_dump(exclude_none=True) for f in body.functions_of_tools]
-        tools = [{"type": "function", "function": f} for f in functions] or None
+        data = data or {}
+        sent = data.get("tools") or [{"type": "function", "function": f} for f in data.get("functions") or []]
+        tools = (sent or [{"type": "function", "function": f} for f in functions]) if functions else None
         style = (trained or {}).get("style") or call_style(template)
         parallel = body.parallel_tool_calls is not False and not body.legacy
         return cls(tools, body.choice, parallel, body.legacy, style, functions)

@@ -46,7 +46,7 @@ async def chat(request: Request):
                            code="conversation_not_found")
         if body.n != 1:
             raise APIError(400, "A conversation continues with one reply: n must be 1.", param="n")
-    plan = ToolPlan.of(body, state.prompts.chat_template, run_tools(body.model, entry.run))
+    plan = ToolPlan.of(body, state.prompts.chat_template, run_tools(body.model, entry.run), data)
     if conversation is None or not key:
         return await answer(state, body, plan, conversation, None, None)
     if len(key) > 255:
