@@ -1,5 +1,6 @@
 """Tiny on-disk assets for the server tests: a base model directory and trained-looking runs (LoRA, IA3,
-prompt tuning, a classifier), written the way `tunesmith.training` writes them (weights, tokenizer, run.json)."""
+prompt tuning, a classifier), written the way `tunesmith.training` writes them (weights, tokenizer, run.json);
+tool definitions and the checks of a call the tool-calling tests share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ from pathlib import Path
 
 CONTEXT = 128  # small, so the context-window boundaries are cheap to reach
 
+# Tool definitions for the tool-calling tests (tests/test_serve_tools.py, tests/test_backends.py).
+WINDOW = 2048  # the convention's tool definitions take ~700 tokens of the tiny tokenizer
+# Bounded arguments (short strings, enums, small integers, no extra keys), so a random model's call ends well
+# within max_tokens.
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "unit": {"type": "string", "enum": ["c", "f"]}},
+           "required": ["city"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+
 
 def tokenizer_from(bpe):
     from conftest import SMOLLM2_TEMPLATE
@@ -23,22 +39,23 @@ def tokenizer_from(bpe):
     return tokenizer
 
 
-def _config(tokenizer):
+def _config(tokenizer, context: int = CONTEXT):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id)
 
 
-def write_base(bpe, directory: Path) -> Path:
+def write_base(bpe, directory: Path, *, context: int = CONTEXT) -> Path:
+    """The tiny Llama and its ChatML tokenizer; `context` positions (tool definitions need more than CONTEXT)."""
     import torch
     from transformers import LlamaForCausalLM
 
     tokenizer = tokenizer_from(bpe)
     torch.manual_seed(0)
-    LlamaForCausalLM(_config(tokenizer)).save_pretrained(directory)
+    LlamaForCausalLM(_config(tokenizer, context)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -125,3 +142,31 @@ def check_three_turn_conversation(client, url: str, key: str) -> None:
                                        temperature=0, extra_body={"conversation": cid})
     messages = httpx.get(f"{url}/v1/conversations/{cid}/messages", headers=headers).json()["data"]
     assert [m["content"] for m in messages[::2]] == ["Hello", "What is 2+2?", "Thanks"]
+
+
+def check_call(call, names=tuple(SCHEMAS)) -> dict:
+    """The call's arguments, after checking its shape: id, type, a known name, arguments that validate."""
+    assert call.id.startswith("call_") and len(call.id) > 10 and call.type == "function"
+    import jsonschema
+
+    assert call.function.name in names
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, SCHEMAS[call.function.name])
+    return arguments
+
+
+def streamed_calls(chunks) -> tuple[str, list[dict], str]:
+    """(content, calls, finish_reason) put together from stream chunks as OpenAI's clients do, checking that
+    each call's first chunk carries index, id, type and name with empty arguments."""
+    content, calls, finish = "", [], None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for part in choice.delta.tool_calls or []:
+                if part.id is not None:
+                    assert part.index == len(calls) and part.type == "function" and part.function.arguments == ""
+                    calls.append({"id": part.id, "name": part.function.name, "arguments": ""})
+                else:
+                    calls[part.index]["arguments"] += part.function.arguments
+            finish = choice.finish_reason or finish
+    return content, calls, finish

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from serve_assets import check_three_turn_conversation, uvicorn_on_loopback, write_base, write_run
+from serve_assets import (TOOLS, WINDOW, check_call, check_three_turn_conversation, streamed_calls,
+                          uvicorn_on_loopback, write_base, write_run)
 
 KEY = "test-key"
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -47,10 +48,8 @@ def assets(bpe, tmp_path_factory):
                            prompt=write_run(base, root / "prompt", "prompt_tuning"), cache=root / "cache")
 
 
-@pytest.fixture(scope="module")
-def servers(assets):
-    """start(backend): a live server of that backend over the tiny run (adapter "mine" = the LoRA run), started
-    once per module."""
+def _servers(assets, model: str, adapters: dict, name: str):
+    """start(backend): a live server of that backend over `model`, started once per module."""
     from tunesmith.serve import BACKENDS as LOADERS
     from tunesmith.serve import ServeSettings, create_app
 
@@ -60,18 +59,43 @@ def servers(assets):
 
         def start(backend: str):
             if backend not in started:
-                engine = LOADERS[backend].load_engine(assets.model, {"mine": str(assets.lora)}, max_batch=16,
-                                                      **LLAMA_OPTIONS.get(backend, {}))
-                settings = ServeSettings(api_key=KEY, conversations=str(assets.root / f"{backend}.sqlite"))
+                engine = LOADERS[backend].load_engine(model, adapters, max_batch=16, **LLAMA_OPTIONS.get(backend, {}))
+                settings = ServeSettings(api_key=KEY, conversations=str(assets.root / f"{name}-{backend}.sqlite"))
                 url = stack.enter_context(uvicorn_on_loopback(create_app(engine, settings)))
                 started[backend] = SimpleNamespace(url=url, engine=engine, backend=backend)
             return started[backend]
         yield start
 
 
+@pytest.fixture(scope="module")
+def servers(assets):
+    """start(backend): a live server of that backend over the tiny run (adapter "mine" = the LoRA run)."""
+    yield from _servers(assets, assets.model, {"mine": str(assets.lora)}, "main")
+
+
+@pytest.fixture(scope="module")
+def tool_servers(assets, bpe):
+    """start(backend): a live server over a tiny run with room for tool definitions (a WINDOW-token context),
+    trained with tools as the convention writes them."""
+    from tunesmith.data.templates import chat_template_for, template_fingerprint
+    from tunesmith.models import load_tokenizer
+
+    base = write_base(bpe, assets.root / "tools", context=WINDOW)
+    fingerprint = template_fingerprint(chat_template_for(load_tokenizer(str(base))))
+    (base / "run.json").write_text(json.dumps({"task": "sft", "base_model": "tiny", "method": "full", "peft": False,
+                                               "labels": None, "chat_template_fingerprint": fingerprint,
+                                               "tools": {"mode": "convention", "style": "hermes"}}))
+    yield from _servers(assets, str(base), {}, "tools")
+
+
 @pytest.fixture(params=BACKENDS)
 def server(request, servers):
     return servers(request.param)
+
+
+@pytest.fixture(params=BACKENDS)
+def tool_server(request, tool_servers):
+    return tool_servers(request.param)
 
 
 def client_of(server, key: str = KEY):
@@ -235,6 +259,56 @@ def test_loading_a_run_while_serving(server, assets):
 
         assert (assets.cache / "gguf" / run_key(assets.lora, "f16") / "model.gguf").is_file()
         assert not (assets.cache / "gguf" / run_key(assets.lora, "q8_0")).exists()
+
+
+# -- tool calling, on each backend ----------------------------------------------------------------------------
+
+def ask_tools(client, **kw):
+    model = client.models.list().data[0].id
+    return client.chat.completions.create(model=model, **{"messages": USER, "tools": TOOLS, "max_tokens": 200,
+                                                          "temperature": 1.0, **kw})
+
+
+def test_forced_calls_validate_and_stream_as_they_answer(tool_server):
+    client = client_of(tool_server)
+    assert client.models.list().data[0].model_dump()["tools"] == {"mode": "convention", "style": "hermes"}
+    for kw in ({"tool_choice": "required", "seed": 3, "max_tokens": 400},
+               {"tool_choice": {"type": "function", "function": {"name": "add"}}, "seed": 5}):
+        whole = ask_tools(client, **kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.content is None
+        for call in whole.message.tool_calls:
+            check_call(call)
+        content, calls, finish = streamed_calls(ask_tools(client, stream=True, **kw))
+        assert (content, finish) == ("", "tool_calls")
+        assert [(c["name"], c["arguments"]) for c in calls] == \
+            [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+
+
+def test_a_tool_result_reaches_the_model_as_training_renders_it(tool_server, monkeypatch):
+    """The openai SDK's loop: call, run the function, send its result; the next prompt is training's rendering."""
+    from tunesmith.data.tokenize import tokenize_chat
+
+    client, engine, seen = client_of(tool_server), tool_server.engine, []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda requests: (seen.extend(requests), submit(requests))[1])
+    call = ask_tools(client, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                     seed=0).choices[0].message.tool_calls[0]
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+               {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    final = ask_tools(client, messages=history, max_tokens=4, temperature=0)
+    assert final.choices[0].message.tool_calls is None and final.usage.prompt_tokens == len(seen[-1].ids)
+    trained = tokenize_chat(engine.tokenizer, [*history, {"role": "assistant", "content": "Sunny."}], tools=TOOLS)
+    prompt = seen[-1].ids
+    assert trained.input_ids[:len(prompt)] == prompt
+    assert engine.tokenizer.decode([t for t in trained.labels[len(prompt):] if t >= 0]) == "Sunny.<|im_end|>"
+
+
+@needs_llama_cpp
+def test_both_backends_make_the_same_greedy_call(tool_servers):
+    kw = {"tool_choice": "required", "parallel_tool_calls": False, "temperature": 0}
+    expected = ask_tools(client_of(tool_servers("torch")), **kw).choices[0].message.tool_calls[0].function
+    got = ask_tools(client_of(tool_servers("llama-cpp")), **kw).choices[0].message.tool_calls[0].function
+    assert (got.name, got.arguments) == (expected.name, expected.arguments)
 
 
 # -- the llama-cpp backend's models: GGUF files, runs exported and cached, clear refusals ----------------------

@@ -40,7 +40,7 @@ def test_store_is_durable_and_turns_are_atomic_and_idempotent(tmp_path):
     again = ConversationStore(path)  # a restart
     assert again.get(conv["id"]) == conv
     assert [(m["role"], m["content"]) for m in again.messages(conv["id"])] == [("user", "hi"), ("assistant", "hello")]
-    assert again.reply_for(conv["id"], "k1") == "hello"
+    assert again.reply_for(conv["id"], "k1") == {"role": "assistant", "content": "hello"}
     assert again.delete(conv["id"]) and again.get(conv["id"]) is None and again.messages(conv["id"]) == []
 
 
@@ -55,6 +55,30 @@ def test_history_policy_keeps_the_system_prompt_and_drops_whole_oldest_turns():
     assert fit_history(system, history, new, count, 3) == system + new
     assert fit_history(system, history, new, count, 2) == system + new
     assert fit_history(system, history, new, count, 1) is None
+
+
+def test_tool_turns_are_stored_and_come_back_in_the_record_shape(tmp_path):
+    store = ConversationStore(tmp_path / "c.sqlite")
+    cid = store.create()["id"]
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    assert store.add_turn(cid, [{"role": "user", "content": "hi"}], {"role": "assistant", "content": None,
+                                                                      "tool_calls": [call]}, key="k")
+    assert store.add_turn(cid, [{"role": "tool", "tool_call_id": "call_1", "content": "2"}], "It is 2.")
+    stored = [{k: v for k, v in m.items() if k != "created_at"} for m in store.messages(cid)]
+    assert stored == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "content": "2", "tool_call_id": "call_1"},
+                      {"role": "assistant", "content": "It is 2."}]
+    assert store.reply_for(cid, "k") == {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+def test_history_policy_keeps_a_call_with_its_results():
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}
+    history = [{"role": "user", "content": "u0"}, call, {"role": "tool", "tool_call_id": "c", "content": "r"},
+               {"role": "assistant", "content": "a0"}, {"role": "user", "content": "u1"},
+               {"role": "assistant", "content": "a1"}]
+    new = [{"role": "user", "content": "now"}]
+    assert fit_history([], history, new, len, 7) == history + new
+    assert fit_history([], history, new, len, 6) == history[4:] + new  # the whole tool turn goes, never half
 
 
 def test_conversation_endpoints_and_three_turns(client):

@@ -36,10 +36,11 @@ def json_schema(schema, strict=True):
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": strict}}
 
 
-def decode(model, tokenizer, response_format, *, seed=None, max_new_tokens=600):
+def decode(model, tokenizer, response_format, *, seed=None, max_new_tokens=600, more=False):
     """The engine's contract written out: mask the logits, pick (argmax, or sample when seeded), advance.
     A random model has no reason to ever end a string or an object, so a fixed bias toward '"', '}' and ']'
-    gives it one; the mask alone decides what is legal. Returns (text, finished)."""
+    gives it one; the mask alone decides what is legal. `more`: the grammar may go on after a complete
+    sentence (parallel tool calls), so EOS is allowed before the end. Returns (text, finished)."""
     from transformers import DynamicCache
 
     vocab_size = model.config.vocab_size
@@ -57,7 +58,7 @@ def decode(model, tokenizer, response_format, *, seed=None, max_new_tokens=600):
             mask = constraint.allowed()
             assert mask.shape == (vocab_size,) and mask.dtype == torch.bool
             assert not mask[len(tokenizer):].any(), "lm_head padding allowed"
-            assert bool(mask[eos]) == constraint.is_done(), "EOS allowed before the JSON was complete"
+            assert bool(mask[eos]) == constraint.is_done() or more, "EOS allowed before the JSON was complete"
             logits[~mask] = float("-inf")
             token = int(logits.argmax() if generator is None else torch.multinomial(logits.softmax(-1), 1,
                                                                                      generator=generator))
@@ -210,3 +211,62 @@ def test_non_strict_schemas_enforce_what_they_can(chatml_tokenizer):
     constraint = Constraint(chatml_tokenizer, json_schema(schema, strict=False), len(chatml_tokenizer))
     assert constraint.advance(chatml_tokenizer.convert_tokens_to_ids("["))
     assert not constraint.advance(chatml_tokenizer.convert_tokens_to_ids('"'))  # items are integers
+
+
+# -- tool calls: tool_call_grammar ------------------------------------------------------------------------------
+
+FUNCTIONS = [{"name": "get_weather", "parameters": {"type": "object", "properties": {
+                  "city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+                  "required": ["city"], "additionalProperties": False}},
+             {"name": "now"}]  # no parameters: the arguments are {}
+
+
+@pytest.mark.parametrize("style", ["hermes", "json"])
+def test_tool_call_grammar_decodes_to_calls_that_parse_and_validate(models, style):
+    import jsonschema
+
+    from tunesmith.data.tools import parse_reply
+    from tunesmith.generation.grammar import parameters_schema, tool_call_grammar
+
+    tokenizer, lms = models
+    for seed in range(6):
+        named = seed % 3 == 2  # every third decode names get_weather
+        grammar_ = tool_call_grammar(FUNCTIONS[:1] if named else FUNCTIONS, style, parallel=style == "hermes")
+        text, finished = decode(lms[seed % 3], tokenizer, grammar_, seed=seed, more=style == "hermes")
+        content, calls = parse_reply(text, style)
+        assert finished and content is None and calls, text
+        for call in calls:
+            function = next(f for f in FUNCTIONS if f["name"] == call["function"]["name"])
+            assert not named or function is FUNCTIONS[0]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), parameters_schema(function.get("parameters")))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_complete_call_ends_the_reply_or_starts_another(chatml_tokenizer, parallel):
+    from tunesmith.data.tools import format_call
+    from tunesmith.generation.grammar import tool_call_grammar
+
+    constraint = Constraint(chatml_tokenizer, tool_call_grammar(FUNCTIONS, "hermes", parallel=parallel),
+                            len(chatml_tokenizer))
+    for token in chatml_tokenizer.encode(format_call("get_weather", {"city": "Paris"}), add_special_tokens=False):
+        assert constraint.allowed()[token] and constraint.advance(token)
+    after = {chatml_tokenizer.decode([t]) for t in constraint.allowed().nonzero().flatten().tolist()}
+    assert after == ({"<|im_end|>", "\n"} if parallel else {"<|im_end|>"})
+
+
+def test_a_call_of_a_function_not_offered_is_outside_the_grammar(chatml_tokenizer):
+    from tunesmith.generation.grammar import tool_call_grammar
+
+    constraint = Constraint(chatml_tokenizer, tool_call_grammar(FUNCTIONS[1:], "json"), len(chatml_tokenizer))
+    ids = chatml_tokenizer.encode('{"name": "get_weather"', add_special_tokens=False)
+    assert not all(constraint.advance(t) for t in ids) and constraint.error
+
+
+def test_calls_are_held_to_the_spacing_they_are_trained_on(chatml_tokenizer):
+    """json.dumps' separators, as data/tools.format_call writes calls: no compact JSON, no padding."""
+    from tunesmith.generation.grammar import tool_call_grammar
+
+    for text, fits in [('{"name": "now", "parameters": {}}', True), ('{"name":"now"', False),
+                       ('{"name":  "now"', False), ('{\n"name": "now"', False)]:
+        constraint = Constraint(chatml_tokenizer, tool_call_grammar(FUNCTIONS, "json"), len(chatml_tokenizer))
+        assert all(constraint.advance(t) for t in chatml_tokenizer.encode(text, add_special_tokens=False)) == fits

@@ -177,16 +177,34 @@ def test_the_official_client_with_its_usual_arguments(client):
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
+    ("/v1/chat/completions", {"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools.0.type"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "string"}}}]}, "tools.0.function.parameters"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}]}, "tools.0.function.parameters"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}] * 2},
+     "tools.1.function.name"),
+    ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": []}]}, "functions.0.parameters"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
     ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
-     "messages.0.tool_calls"),
+     "messages.0.tool_calls.0.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "1"}]},
+     "messages.1.tool_call_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "1",
+                                                                                "tool_call_id": "call_9"}]},
+     "messages.1.tool_call_id"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "and then"}, "suffix"),
     ("/v1/completions", {"logit_bias": {"five": -100}}, "logit_bias"),

@@ -19,7 +19,11 @@ Constraint is a `generation.params.TokenMask`, and `token_mask()` gives `Samplin
 Costs: the tokenizer's byte table is built once per tokenizer (~0.5 s for a 49k vocabulary) and kept while the
 tokenizer lives; each schema's grammar is compiled once (an LRU of SCHEMA_CACHE_SIZE per tokenizer) and every
 request starts from a copy of it (~10 us); a mask costs ~0.01-0.2 ms on CPU, far below a decode step.
-`response_format_error()` checks a request up front and returns the sentence for a 400 on `response_format`."""
+`response_format_error()` checks a request up front and returns the sentence for a 400 on `response_format`.
+
+Tool calls (tool_choice "required" or a named function) are forced the same way: `tool_call_grammar()` writes a
+Lark grammar with each function's parameters as an inline `%json` schema, and a `Grammar` goes wherever a
+response_format does (`Constraint`, `token_mask`)."""
 
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
+from ..data.tools import CALL_CLOSE, CALL_OPEN
 from ..errors import TunesmithError
 
 SCHEMA_CACHE_SIZE = 64  # compiled grammars kept per tokenizer, least recently used dropped first
@@ -43,6 +49,13 @@ SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 
 class ResponseFormatError(TunesmithError, ValueError):
     """A `response_format` this server cannot enforce; the message names the field and says what to change."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """An llguidance grammar built elsewhere (`tool_call_grammar`), enforced as is where a response_format goes."""
+
+    text: str
 
 
 def _llguidance():
@@ -94,25 +107,27 @@ def _schema_of(response_format) -> tuple[dict | None, bool]:
 
 
 @functools.lru_cache(maxsize=256)
-def _grammar(schema_json: str, strict: bool) -> str:
-    """llguidance's grammar for a canonical schema text, checked. strict rejects keywords llguidance cannot
-    enforce (uniqueItems, not, if/then, ...); non-strict, as OpenAI's strict=false, enforces the rest."""
+def _grammar(schema_json: str, strict: bool, field: str = "response_format.json_schema.schema") -> str:
+    """llguidance's grammar for a canonical schema text, checked; errors name `field`. strict rejects keywords
+    llguidance cannot enforce (uniqueItems, not, if/then, ...); non-strict, as OpenAI's strict=false, enforces
+    the rest."""
     llg = _llguidance()
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(json.loads(schema_json),
                                                          defaults={**JSON_OPTIONS, "lenient": not strict})
     except ValueError as error:
-        raise ResponseFormatError(f"response_format.json_schema.schema is not a valid JSON Schema: {error}.") from None
+        raise ResponseFormatError(f"{field} is not a valid JSON Schema: {error}.") from None
     failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
         hint = (" Remove them, or set response_format.json_schema.strict to false to enforce the rest."
-                if strict and "Unimplemented keys" in messages[0] else "")
-        raise ResponseFormatError("response_format.json_schema.schema cannot be enforced: "
-                                  f"{messages[0].strip()}.{hint}")
+                if strict and "Unimplemented keys" in messages[0] and field.startswith("response_format") else "")
+        raise ResponseFormatError(f"{field} cannot be enforced: {messages[0].strip()}.{hint}")
     return grammar
 
 
 def _grammar_for(response_format) -> str | None:
+    if isinstance(response_format, Grammar):
+        return response_format.text
     schema, strict = _schema_of(response_format)
     if schema is None:
         return None
@@ -235,3 +250,58 @@ def token_mask(tokenizer, response_format, vocab_size: int, *, eos_token_ids=Non
         return None
     Constraint(tokenizer, response_format, vocab_size, eos_token_ids=eos_token_ids)  # compile and cache now
     return functools.partial(Constraint, tokenizer, response_format, vocab_size, eos_token_ids=eos_token_ids)
+
+
+def parameters_schema(parameters: dict | None) -> dict:
+    """The JSON schema a function's arguments must match: its `parameters` (an object schema), or no arguments
+    at all when it has none (OpenAI: "omitting parameters defines a function with an empty parameter list")."""
+    if not parameters:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return {"type": "object", **parameters}
+
+
+def schema_error(schema: dict, field: str, *, strict: bool = False) -> str | None:
+    """The sentence for a 400 on `field` when llguidance cannot read or enforce the JSON schema; None when fine."""
+    try:
+        _grammar(json.dumps(schema, separators=(",", ":")), strict, field)
+    except ResponseFormatError as error:
+        return str(error)
+    return None
+
+
+def tool_call_grammar(functions: list[dict], style: str, *, parallel: bool = False) -> Grammar:
+    """A grammar whose every sentence is a call of one of `functions` ({"name", "parameters"}), written as `style`
+    (data/tools.py) prints calls, so `parse_reply` reads it and the arguments validate:
+    - "hermes": `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`; with `parallel`, one or more
+      such calls separated by a newline (as Qwen2.5's template joins them);
+    - "json": the whole reply one object `{"name": ..., "parameters": {...}}` (Llama 3.1), one call only.
+    The call object is an inline `%json` schema: anyOf one branch per function, its name a const."""
+    key = "parameters" if style == "json" else "arguments"
+    branches = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                   key: parameters_schema(f.get("parameters"))},
+                 "required": ["name", key], "additionalProperties": False} for f in functions]
+    # The call is held to the exact spacing calls are trained on (data/tools.format_call and templates' tojson
+    # write json.dumps' ", " and ": "): with response_format's flexible whitespace 8 of the embedded model's
+    # 100 forced calls ran past 256 tokens (99 tokens a call on average), with this spacing 4 (74 a call;
+    # docs/benchmarks.md#tool-calling). Lenient: keywords llguidance cannot enforce are skipped, as OpenAI's
+    # strict=false (the tools passed schema_error already).
+    options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+    call = json.dumps({"x-guidance": options, "anyOf": branches}, ensure_ascii=False)
+    if style == "json":
+        lark = f"start: %json {call}\n"
+    else:  # json.dumps writes each literal as a Lark string: quoted, the newline escaped
+        opening, closing = json.dumps(CALL_OPEN + "\n"), json.dumps("\n" + CALL_CLOSE)
+        more = ' ("\\n" call)*' if parallel else ""
+        lark = f"start: call{more}\ncall: {opening} %json {call} {closing}\n"
+    return Grammar(_lark(lark))
+
+
+@functools.lru_cache(maxsize=256)
+def _lark(lark: str) -> str:
+    """llguidance's grammar for a Lark text, checked (cached: the same tools come with every request of an agent)."""
+    llg = _llguidance()
+    grammar = llg.LLMatcher.grammar_from_lark(lark)
+    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:  # each function's parameters passed schema_error: a failure here is a bug, not the client's
+        raise ResponseFormatError(f"the tool call grammar cannot be enforced: {messages[0].strip()}")
+    return grammar

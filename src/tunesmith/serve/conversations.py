@@ -6,9 +6,14 @@ fingerprint of its request: a retry with the same key and body finds the stored 
 second turn; the same key with another body is a client error (`KeyReused`), as in payment APIs. While a
 keyed turn is being generated, `TurnGate` makes a concurrent retry wait for it.
 
+Tool turns are stored as they came: an assistant message's calls (`tool_calls`, JSON) and each `tool` result
+with the `tool_call_id` it answers, and they come back in the same shape (data/tools.py's record), so a replayed
+conversation renders as the client's own history would.
+
 History policy when it outgrows the context window (`fit_history`): the system prompt (the conversation's,
 and system messages sent before the first user message) is always kept and the oldest turns are dropped,
-whole, until the prompt plus the reply budget fits."""
+whole (a call is never kept without its results, nor a result without its call), until the prompt plus the
+reply budget fits."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role TEXT NOT NULL, content TEXT NOT NULL, created_at INTEGER NOT NULL, idempotency_key TEXT,
-    request_hash TEXT);
+    request_hash TEXT, tool_calls TEXT, tool_call_id TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages(conversation_id, idempotency_key);
 """
 
@@ -49,8 +54,9 @@ class ConversationStore:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(messages)")}
-            if "request_hash" not in columns:  # a store written before request fingerprints
-                self._db.execute("ALTER TABLE messages ADD COLUMN request_hash TEXT")
+            for column in ("request_hash", "tool_calls", "tool_call_id"):  # a store written before them
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -83,38 +89,58 @@ class ConversationStore:
         with self._lock:
             return self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount > 0
 
+    @staticmethod
+    def _message(row) -> dict:
+        """A stored message in the chat record's shape: content None on a reply that is only calls."""
+        message = {"role": row["role"], "content": row["content"], "created_at": row["created_at"]}
+        if row["tool_calls"]:
+            message["tool_calls"] = json.loads(row["tool_calls"])
+            message["content"] = row["content"] or None
+        if row["tool_call_id"] is not None:
+            message["tool_call_id"] = row["tool_call_id"]
+        return message
+
     def messages(self, cid: str) -> list[dict]:
         """The stored turns, oldest first (the system prompt is on the conversation, not here)."""
         with self._lock:
-            rows = self._db.execute("SELECT role, content, created_at FROM messages WHERE conversation_id = ? "
-                                    "ORDER BY seq", (cid,)).fetchall()
-        return [dict(row) for row in rows]
+            rows = self._db.execute("SELECT role, content, created_at, tool_calls, tool_call_id FROM messages "
+                                    "WHERE conversation_id = ? ORDER BY seq", (cid,)).fetchall()
+        return [self._message(row) for row in rows]
 
-    def reply_for(self, cid: str, key: str, request_hash: str | None = None) -> str | None:
-        """The reply already stored for an idempotency key, if this turn was written before. KeyReused if
-        that turn's request had another fingerprint than `request_hash`."""
+    def reply_for(self, cid: str, key: str, request_hash: str | None = None) -> dict | None:
+        """The reply message ({"role", "content", "tool_calls"?}) already stored for an idempotency key, if this
+        turn was written before. KeyReused if that turn's request had another fingerprint than `request_hash`."""
         with self._lock:
-            row = self._db.execute("SELECT content, request_hash FROM messages WHERE conversation_id = ? AND "
-                                   "idempotency_key = ?", (cid, key)).fetchone()
+            row = self._db.execute("SELECT role, content, created_at, tool_calls, tool_call_id, request_hash "
+                                   "FROM messages WHERE conversation_id = ? AND idempotency_key = ?",
+                                   (cid, key)).fetchone()
         if row is None:
             return None
         if request_hash and row["request_hash"] and row["request_hash"] != request_hash:
             raise KeyReused(key)
-        return row["content"]
+        message = self._message(row)
+        message.pop("created_at")
+        return message
 
-    def add_turn(self, cid: str, user: list[dict], reply: str, key: str | None = None,
+    def add_turn(self, cid: str, user: list[dict], reply: str | dict, key: str | None = None,
                  request_hash: str | None = None) -> bool:
-        """Append the user messages and the reply atomically. False if the key was already used (a retry)."""
+        """Append the new messages (user turns, tool results) and the reply (its text, or the record of a reply
+        with calls) atomically. False if the key was already used (a retry)."""
+        reply = {"role": "assistant", "content": reply} if isinstance(reply, str) else reply
         now = int(time.time())
+        insert = ("INSERT INTO messages (conversation_id, role, content, created_at, tool_calls, tool_call_id, "
+                  "idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+        def row(message: dict, key: str | None = None, request_hash: str | None = None) -> tuple:
+            calls = message.get("tool_calls")
+            return (cid, message["role"], message.get("content") or "", now, json.dumps(calls) if calls else None,
+                    message.get("tool_call_id"), key, request_hash)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 for message in user:
-                    self._db.execute("INSERT INTO messages (conversation_id, role, content, created_at) "
-                                     "VALUES (?, ?, ?, ?)", (cid, message["role"], message["content"], now))
-                self._db.execute("INSERT INTO messages (conversation_id, role, content, created_at, idempotency_key, "
-                                 "request_hash) VALUES (?, 'assistant', ?, ?, ?, ?)",
-                                 (cid, reply, now, key, request_hash))
+                    self._db.execute(insert, row(message))
+                self._db.execute(insert, row(reply, key, request_hash))
                 self._db.execute("COMMIT")
                 return True
             except sqlite3.IntegrityError:
@@ -152,9 +178,11 @@ def pinned(system: str | None, stored: list[dict]) -> tuple[list[dict], list[dic
 def fit_history(system: list[dict], history: list[dict], new: list[dict], count, budget: int) -> list[dict] | None:
     """system + the newest part of history + new, dropping the oldest turns until `count(messages)` (prompt
     tokens) is at most `budget`. A turn starts with the first message sent after a reply (a user message, or a
-    system message sent with it), so a reply never loses its question. None if even system + new does not fit."""
+    system message sent with it), so a reply never loses its question; tool results are not a new turn, so a
+    call keeps its results and they their call. None if even system + new does not fit."""
+    replies = ("assistant", "tool")
     starts = [i for i, m in enumerate(history)
-              if m["role"] != "assistant" and (i == 0 or history[i - 1]["role"] == "assistant")] + [len(history)]
+              if m["role"] not in replies and (i == 0 or history[i - 1]["role"] in replies)] + [len(history)]
     lo, hi = 0, len(starts) - 1  # binary search the first kept turn: fewer turns, fewer tokens
     if count(system + history[starts[0]:] + new) <= budget:
         return system + history[starts[0]:] + new

@@ -1,7 +1,7 @@
 """How one API call becomes engine requests, and how their events come back: the model it names must generate,
 the completions it asks for must fit the queue, its sampling fields become `SamplingParams` (n choices per
-prompt, choice j seeded with seed + j), and response_format becomes a token mask. Shared by /v1/completions and
-/v1/chat/completions; no HTTP here, only `APIError`s to answer."""
+prompt, choice j seeded with seed + j), and a forced tool call or response_format becomes a token mask. Shared
+by /v1/completions and /v1/chat/completions; no HTTP here, only `APIError`s to answer."""
 
 from __future__ import annotations
 
@@ -74,16 +74,20 @@ def logit_bias(body, vocab: int) -> dict[int, float]:
     return bias
 
 
-def json_mask(engine: Engine, body):
-    """Constrained decoding for response_format json_object / json_schema (None for text): every reply
-    parses, and validates against the schema. Compiled before the request is queued (cached per schema)."""
-    if body.response_format is None or body.response_format.type == "text":
-        return None
+def constraint(engine: Engine, body, plan=None):
+    """Constrained decoding: a forced tool call (tool_choice "required" or a named function: the call parses
+    and its arguments validate), else response_format json_object / json_schema (every reply parses, and
+    validates against the schema), else None. Compiled before the request is queued (cached per grammar)."""
+    spec = plan.grammar() if plan is not None else None
+    if spec is None:
+        if body.response_format is None or body.response_format.type == "text":
+            return None
+        spec = body.response_format
     vocab, stops = engine.vocabulary(body.model)
     try:
-        return token_mask(engine.tokenizer, body.response_format, vocab, eos_token_ids=sorted(stops))
+        return token_mask(engine.tokenizer, spec, vocab, eos_token_ids=sorted(stops))
     except ResponseFormatError as err:
-        raise APIError(400, str(err), param="response_format") from None
+        raise APIError(400, str(err), param="response_format" if spec is body.response_format else "tools") from None
 
 
 def job_for(engine: Engine, body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None, *,

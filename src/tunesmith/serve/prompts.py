@@ -1,9 +1,10 @@
-"""Prompt token ids for the server: completion prompts, chat messages and a conversation's trimmed history,
-each checked against the context window before it is tokenized. No HTTP here, only `APIError`s to answer."""
+"""Prompt token ids for the server: completion prompts, chat messages (with the tools they may call) and a
+conversation's trimmed history, each checked against the context window before it is tokenized. No HTTP here,
+only `APIError`s to answer."""
 
 from __future__ import annotations
 
-from ..data.templates import render_chat
+from ..data.templates import chat_template_for, render_chat
 from ..data.tokenize import MaskError, encode_chat_prompt
 from ..generation import prompt_ids
 from .conversations import ConversationStore, fit_history, pinned
@@ -19,6 +20,7 @@ class Prompts:
 
     def __init__(self, engine: Engine):
         self.tokenizer, self.template, self.window = engine.tokenizer, engine.chat_template, engine.context_window
+        self.chat_template = chat_template_for(self.tokenizer, self.template)  # the text chat prompts render with
         self.longest = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
 
     def budget(self, n_prompt: int, max_tokens: int | None, default: int | None, param: str, *,
@@ -39,27 +41,29 @@ class Prompts:
     def _at_least(self, text: str) -> int:
         return -(-len(text) // self.longest)
 
-    def _render(self, messages: list[dict]) -> str:
+    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
         try:
-            return render_chat(self.tokenizer, messages, add_generation_prompt=True, chat_template=self.template)
+            return render_chat(self.tokenizer, messages, add_generation_prompt=True, chat_template=self.template,
+                               tools=tools)
         except Exception as err:  # a template that rejects this conversation (e.g. roles out of order)
             raise APIError(400, f"The chat template cannot render these messages: {err}", param="messages") from None
 
-    def _encode(self, messages: list[dict]) -> list[int]:
+    def _encode(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         try:
-            return encode_chat_prompt(self.tokenizer, messages, chat_template=self.template)
+            return encode_chat_prompt(self.tokenizer, messages, chat_template=self.template, tools=tools)
         except MaskError as err:  # content that could only be kept from forging a role by refusing it
             raise APIError(400, f"These messages cannot be encoded safely: {err}", param="messages") from None
 
-    def count(self, messages: list[dict]) -> int:
+    def count(self, messages: list[dict], tools: list[dict] | None = None) -> int:
         """Prompt tokens of `messages`, or a lower bound when that is already more than the window."""
-        if (low := self._at_least(self._render(messages))) > self.window:
+        if (low := self._at_least(self._render(messages, tools))) > self.window:
             return low
-        return len(self._encode(messages))
+        return len(self._encode(messages, tools))
 
-    def chat(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
-        self.budget(self._at_least(self._render(messages)), max_tokens, None, "messages", at_least=True)
-        return self._encode(messages)
+    def chat(self, messages: list[dict], max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+        """The prompt of `messages` with `tools` (OpenAI's entries) rendered as data/tools.py says for the template."""
+        self.budget(self._at_least(self._render(messages, tools)), max_tokens, None, "messages", at_least=True)
+        return self._encode(messages, tools)
 
     def completion(self, prompt: str | list[int], max_tokens: int | None = None) -> list[int]:
         if not isinstance(prompt, str):  # token ids, as lm-evaluation-harness sends them
@@ -78,11 +82,13 @@ class Prompts:
             ids = [start]
         return ids
 
-    def history(self, store: ConversationStore, conversation: dict, new: list[dict], reserve: int) -> list[dict]:
+    def history(self, store: ConversationStore, conversation: dict, new: list[dict], reserve: int,
+                tools: list[dict] | None = None) -> list[dict]:
         """The prompt messages of a conversation's next turn, trimmed to the window (in a worker thread)."""
-        stored = [{"role": m["role"], "content": m["content"]} for m in store.messages(conversation["id"])]
+        stored = [{k: v for k, v in m.items() if k != "created_at"} for m in store.messages(conversation["id"])]
         system, history = pinned(conversation["system"], stored)
-        fitted = fit_history(system, history, new, self.count, self.window - reserve)
+        fitted = fit_history(system, history, new, lambda messages: self.count(messages, tools),
+                             self.window - reserve)
         if fitted is None:
             raise APIError(400, f"The system prompt and the new messages leave no room for a {reserve}-token "
                            f"reply in the {self.window}-token context window.", param="messages",

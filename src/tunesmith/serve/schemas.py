@@ -2,10 +2,12 @@
 turns raw body bytes into one of them.
 
 Types are strict, as OpenAI's are: `"max_tokens": "10"` and `"temperature": true` are rejected (an integer is
-still a valid float). Fields OpenAI's clients send that do not change a plain-text reply (`user`, `metadata`,
-`store`, `tools: []`, ...) are accepted and ignored; settings that would change the reply and that this
-server cannot honour (tools, audio) are rejected by `unsupported()` with the
-parameter's name. Any other unknown field is rejected (400), never silently ignored."""
+still a valid float). Fields OpenAI's clients send that do not change the reply (`user`, `metadata`, `store`,
+...) are accepted and ignored; settings that would change the reply and that this server cannot honour (audio,
+best_of) are rejected by `unsupported()` with the parameter's name. Any other unknown field is rejected (400),
+never silently ignored. Tools (`tools`, `tool_choice`, `parallel_tool_calls`, the older `functions` and
+`function_call`, assistant `tool_calls` and `tool` messages) are checked here: every function's parameters must
+be a JSON schema of an object that llguidance can enforce, since `required` forces calls that validate."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..generation.grammar import response_format_error
+from ..data.tools import arguments_object
+from ..generation.grammar import parameters_schema, response_format_error, schema_error
 from ..generation.params import LIMITS
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # function: the older tool role
+NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 MAX_DEPTH = 64  # OpenAI's bodies nest a handful of levels; far deeper is an attack on recursive parsers
 
 
@@ -110,12 +114,34 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, arguments: str) -> str:
+        try:
+            arguments_object(arguments)
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"arguments must be a JSON object as a string ({err})") from None
+        return arguments
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
     refusal: str | None = None  # on assistant messages an SDK sends back as history
-    tool_calls: list[dict[str, Any]] | None = None  # only [] (tools are unsupported)
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this result answers
+    function_call: CalledFunction | None = None  # assistant, the older API: its one call
 
     @field_validator("role")
     @classmethod
@@ -128,6 +154,27 @@ class Message(_Strict):
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class FunctionDef(_Strict):
+    name: Annotated[str, Field(pattern=NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedTool(_Strict):  # tool_choice {"type": "function", "function": {"name": ...}}
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormat(_Strict):
@@ -146,35 +193,102 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, LIMITS["logprobs"], Field(le=20)] | None = None
     conversation: str | None = None  # tunesmith extension: the server supplies and extends the history
-    # Accepted when they ask for nothing beyond plain text; anything else is refused by `unsupported()`.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    functions: list[FunctionDef] | None = None  # the older spelling of tools, answered in its own shape
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
     prediction: Prediction | None = None
     reasoning_effort: str | None = None  # these models do not reason before answering: nothing to tune
 
-    def plain_messages(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for the system role; chat templates know only "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    @property
+    def functions_of_tools(self) -> list[FunctionDef]:
+        """The functions the model may call, from `tools` or the older `functions`."""
+        return [t.function for t in self.tools or []] or list(self.functions or [])
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the request uses the older `functions` / `function_call` (answered with `function_call`)."""
+        return bool(self.functions) or (self.function_call is not None and self.tool_choice is None)
+
+    @property
+    def choice(self) -> str:
+        """How tools are used: "none", "auto", "required" or the name of the one function to call."""
+        choice = self.function_call if self.legacy else self.tool_choice
+        if isinstance(choice, (NamedTool, NamedFunction)):
+            return choice.function.name if isinstance(choice, NamedTool) else choice.name
+        if choice in (None, "auto") and not self.functions_of_tools:
+            return "none"  # OpenAI: "none is the default when no tools are present"
+        return choice or "auto"
+
+    def prompt_messages(self) -> list[dict]:
+        """The messages as tunesmith's chat record (data/tools.py): "developer" is the system role (chat templates
+        know only "system"); the older assistant `function_call` and `function` messages become a call with an
+        id and a `tool` message answering it."""
+        out, legacy = [], None
+        for i, m in enumerate(self.messages):
+            if m.role == "function":
+                out.append({"role": "tool", "tool_call_id": legacy or f"call_{i}", "content": m.text()})
+                continue
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            calls = [c.model_dump() for c in m.tool_calls or []]
+            if m.function_call is not None:
+                legacy = f"call_{i}"
+                calls.append({"id": legacy, "type": "function", "function": m.function_call.model_dump()})
+            if calls:
+                message.update(content=m.text() or None, tool_calls=calls)
+            if m.role == "tool":
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        return out
+
+    def _tools_problem(self) -> tuple[str, str] | None:
+        if self.tools and self.functions:
+            return "functions", "Send tools or the older functions, not both."
+        field = "tools" if self.tools else "functions"
+        names = [f.name for f in self.functions_of_tools]
+        for i, f in enumerate(self.functions_of_tools):
+            where = f"{field}.{i}.function" if self.tools else f"functions.{i}"
+            if names.index(f.name) != i:
+                return f"{where}.name", f"{where}.name: the function {f.name!r} is defined twice."
+            kind = (f.parameters or {}).get("type", "object")
+            if kind != "object":
+                return f"{where}.parameters", (f"{where}.parameters must be a JSON schema of type \"object\", "
+                                               f"not {kind!r}.")
+            if problem := schema_error(parameters_schema(f.parameters), f"{where}.parameters",
+                                       strict=bool(f.strict)):
+                return f"{where}.parameters", problem
+        param = "function_call" if self.legacy else "tool_choice"
+        if self.choice == "required" and not names:
+            return param, f"{param} 'required' needs tools to call; send tools or leave {param} out."
+        if self.choice not in ("none", "auto", "required") and self.choice not in names:
+            return param, f"{param} names the function {self.choice!r}, which is not among the tools."
+        return self._tool_messages_problem()
+
+    def _tool_messages_problem(self) -> tuple[str, str] | None:
+        """A tool result must answer a call: its id one of the calls of the last assistant message before it (in
+        a server-side conversation that message may be stored, so only the id's presence is checked)."""
+        calls: set[str] = set()
+        for i, m in enumerate(self.messages):
+            if m.role == "assistant":
+                calls = {c.id for c in m.tool_calls or []}
+            elif m.role == "tool":
+                if not m.tool_call_id:
+                    return f"messages.{i}.tool_call_id", f"messages.{i}.tool_call_id is required on a tool message."
+                if self.conversation is None and m.tool_call_id not in calls:
+                    return f"messages.{i}.tool_call_id", (
+                        f"messages.{i}.tool_call_id {m.tool_call_id!r} answers no call of the assistant message "
+                        "before it; a tool message must follow the assistant message with that call in tool_calls.")
+            elif m.role == "function" and not m.name:
+                return f"messages.{i}.name", f"messages.{i}.name is required on a function message."
+        return None
 
     def unsupported(self) -> tuple[str, str] | None:
-        no_tools = "this server generates plain text and cannot call tools"
-        if self.tools:
-            return "tools", f"tools are not supported: {no_tools}; send [] or leave it out."
-        if self.functions:
-            return "functions", f"functions are not supported: {no_tools}; send [] or leave it out."
-        if self.tool_choice is not None and self.tool_choice not in ("none", "auto"):  # without tools auto = none
-            return "tool_choice", f"tool_choice {self.tool_choice!r} is not supported: {no_tools}."
-        if self.function_call is not None and self.function_call not in ("none", "auto"):
-            return "function_call", f"function_call {self.function_call!r} is not supported: {no_tools}."
-        for i, m in enumerate(self.messages):
-            if m.tool_calls:
-                return f"messages.{i}.tool_calls", f"messages with tool_calls are not supported: {no_tools}."
+        if problem := self._tools_problem():
+            return problem
         if self.response_format is not None and (problem := response_format_error(self.response_format)):
             return "response_format", problem
         if "audio" in (self.modalities or []):

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: chat replies, n choices, streamed or not, optionally constrained to JSON by
-response_format. With `conversation` the server keeps the history: the turn's prompt is the stored history
-trimmed to the window, the reply is stored when it ends, and an Idempotency-Key makes a retry replay the
-stored reply instead of generating (and storing) a second one."""
+response_format, with tools the model may call (serve/tools.py: the prompt, the grammar that forces a call,
+and the reply's `tool_calls`). With `conversation` the server keeps the history: the turn's prompt is the
+stored history trimmed to the window, the reply (its calls too) is stored when it ends, and an Idempotency-Key
+makes a retry replay the stored reply instead of generating (and storing) a second one."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from ..conversations import KeyReused
 from ...generation import Event
 from ..errors import APIError
-from ..jobs import fits, job_for, json_mask, served
+from ..jobs import constraint, fits, job_for, served
 from ..schemas import ChatRequest
+from ..tools import ToolPlan, run_tools
 from .common import Reply, Stream, chunks_of, collect, read_json, sse, streaming, usage
 
 router = APIRouter()
@@ -32,7 +34,7 @@ def _fingerprint(data: dict) -> str:
 async def chat(request: Request):
     state = request.app.state
     body, data = await read_json(request, ChatRequest)
-    served(state.engine, body.model)
+    entry = served(state.engine, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
     fits(state.engine, body.n)
@@ -44,15 +46,16 @@ async def chat(request: Request):
                            code="conversation_not_found")
         if body.n != 1:
             raise APIError(400, "A conversation continues with one reply: n must be 1.", param="n")
+    plan = ToolPlan.of(body, state.prompts.chat_template, run_tools(body.model, entry.run), data)
     if conversation is None or not key:
-        return await answer(state, body, conversation, None, None)
+        return await answer(state, body, plan, conversation, None, None)
     if len(key) > 255:
         raise APIError(400, "The Idempotency-Key header is longer than 255 characters.",
                        code="invalid_idempotency_key")
     # One generation per (conversation, key): a concurrent retry waits here for the first to end.
     await state.turns.acquire(conversation["id"], key)
     try:
-        response = await answer(state, body, conversation, key, _fingerprint(data))
+        response = await answer(state, body, plan, conversation, key, _fingerprint(data))
     except BaseException:
         state.turns.release(conversation["id"], key)
         raise
@@ -63,10 +66,11 @@ async def chat(request: Request):
     return response
 
 
-async def answer(state, body: ChatRequest, conversation: dict | None, key: str | None, fingerprint: str | None):
+async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | None, key: str | None,
+                 fingerprint: str | None):
     engine, store, prompts, settings = state.engine, state.store, state.prompts, state.settings
     max_tokens = body.max_completion_tokens or body.max_tokens
-    messages = new = body.plain_messages()
+    messages = new = body.prompt_messages()
     reply = Reply("chatcmpl", "chat.completion.chunk", body.model)
     if key:
         try:
@@ -79,11 +83,11 @@ async def answer(state, body: ChatRequest, conversation: dict | None, key: str |
             return _replayed(body, reply, stored)  # an SDK retry: the turn is already written
     if conversation is not None:
         reserve = max_tokens or settings.reply_reserve or prompts.window // 4
-        messages = await run_in_threadpool(prompts.history, store, conversation, new, reserve)
-    ids = await run_in_threadpool(prompts.chat, messages, max_tokens)
+        messages = await run_in_threadpool(prompts.history, store, conversation, new, reserve, plan.tools)
+    ids = await run_in_threadpool(prompts.chat, messages, max_tokens, plan.tools)
     limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = job_for(engine, body, [ids], [limit], top, mask=await run_in_threadpool(json_mask, engine, body))
+    job = job_for(engine, body, [ids], [limit], top, mask=await run_in_threadpool(constraint, engine, body, plan))
 
     def logprobs(ev: Event):
         if top is None or ev.token is None:
@@ -93,44 +97,58 @@ async def answer(state, body: ChatRequest, conversation: dict | None, key: str |
                              "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())}
                                               for s, v in t.top]}]}
 
-    def save(text: str) -> None:
+    def save(record: dict) -> None:
         if conversation is not None:
-            store.add_turn(conversation["id"], new, text, key, fingerprint)
+            store.add_turn(conversation["id"], new, record, key, fingerprint)
 
     if body.stream:
-        text = []
-
-        def choices_for(ev: Event):
-            text.append(ev.text)
-            lp = logprobs(ev)
-            if ev.text or ev.finish_reason or lp:
-                yield {"index": ev.index, "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
-                       "finish_reason": ev.finish_reason}
-
-        async def chunks():
-            for i in range(body.n):
-                yield reply([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            async for data in chunks_of(job, body, reply, len(ids), choices_for):
-                yield data
-        return streaming(job, chunks(), on_done=lambda: save("".join(text)))
-
+        return _streamed(job, body, plan, reply, len(ids), logprobs, save)
     texts = [""] * body.n
     finish, lps, completion = await collect(job, texts, logprobs)
-    save(texts[0])
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+    replies = [plan.finish(texts[i], finish[i]) for i in range(body.n)]
+    save(replies[0].record)
+    choices = [{"index": i, "message": done.message,
                 "logprobs": lps.get(i, {"content": []}) if top is not None else None,
-                "finish_reason": finish[i]} for i in range(body.n)]
+                "finish_reason": done.reason} for i, done in enumerate(replies)]
     return reply(choices, usage(len(ids), completion), object="chat.completion")
 
 
-def _replayed(body: ChatRequest, reply: Reply, text: str):
+def _streamed(job, body: ChatRequest, plan: ToolPlan, reply: Reply, prompt_tokens: int, logprobs, save):
+    """The reply as chunks: content as it comes (text that may begin a call held back), then each call."""
+    streams = [plan.stream() for _ in range(body.n)]
+    ends = {}
+
+    def choices_for(ev: Event):
+        stream, lp = streams[ev.index], logprobs(ev)
+        text = stream.feed(ev.text)
+        if text or lp:
+            yield {"index": ev.index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                   "finish_reason": None}
+        if ev.finish_reason:
+            deltas, ends[ev.index] = stream.end(ev.finish_reason)
+            for delta in deltas:
+                yield {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            yield {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ends[ev.index].reason}
+
+    async def chunks():
+        for i in range(body.n):
+            yield reply([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for data in chunks_of(job, body, reply, prompt_tokens, choices_for):
+            yield data
+    return streaming(job, chunks(), on_done=lambda: save(ends[0].record))
+
+
+def _replayed(body: ChatRequest, reply: Reply, message: dict):
     """The stored reply of a turn that was already written (same idempotency key), without generating again."""
+    finish = "tool_calls" if message.get("tool_calls") else "stop"
     if body.stream:
         async def again():
-            yield sse(reply([{"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None,
-                              "finish_reason": "stop"}]))
+            delta = {"role": "assistant", "content": message["content"]}
+            for i, call in enumerate(message.get("tool_calls") or []):
+                delta.setdefault("tool_calls", []).append({"index": i, **call})
+            yield sse(reply([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
             yield "data: [DONE]\n\n"
         return StreamingResponse(again(), media_type="text/event-stream")
-    return reply([{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": "stop"}], usage(0, 0), object="chat.completion")
+    return reply([{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}], usage(0, 0),
+                 object="chat.completion")

@@ -1,9 +1,13 @@
-"""What is served: GET /v1/models (the base model and every run loaded over it), GET /health (open to all,
-with the engine's queue and batch counts) and, when the server has an API key, the OpenAPI schema behind it."""
+"""What is served: GET /v1/models (the base model and every run loaded over it, each with its task and how it
+was trained with tools: `tools` is run.json's record, e.g. {"mode": "convention", "style": "hermes"}, or null),
+GET /health (open to all, with the engine's queue and batch counts) and, when the server has an API key, the
+OpenAPI schema behind it."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+
+from ..tools import run_tools
 
 router = APIRouter()
 health_router = APIRouter()  # included without the API-key check
@@ -26,4 +30,5 @@ async def models(request: Request):
     base = next(iter(engine.models))
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "tunesmith", "root": base,
-         "parent": None if name == base else base, "task": entry.task} for name, entry in engine.models.items()]}
+         "parent": None if name == base else base, "task": entry.task, "tools": run_tools(name, entry.run)}
+        for name, entry in engine.models.items()]}
