@@ -26,7 +26,7 @@ def run_tools(name: str, run: str | None) -> dict | None:
     info = runs.find_run(run or name)
     if info is None:
         return None
-    return getattr(info, "tools", None) or info.extra.get("tools")
+    return info.tools
 
 
 def call_id() -> str:

@@ -135,7 +135,10 @@ class Pane {
     this.conversation = conversation;
     this.turns = stored.data.filter((m) => m.role === 'assistant').length;
     if (conversation.system) this.bubble('system', conversation.system);
-    for (const m of stored.data) this.bubble(m.role, m.content, m.role === 'assistant' ? conversation.model : '');
+    for (const m of stored.data) {  // a tool-call turn has no content: show its calls
+      const text = m.content ?? (m.tool_calls ? JSON.stringify(m.tool_calls.map((c) => c.function)) : '');
+      this.bubble(m.role, text, m.role === 'assistant' ? conversation.model : '');
+    }
     if (!served && conversation.model) {
       tell(`This conversation was held with ${conversation.model}, which is not served now; it goes on with ${this.model}.`);
     }
