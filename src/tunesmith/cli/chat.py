@@ -24,7 +24,7 @@ TOOLS_HELP = ", /result TEXT (answer the model's tool call)"
 def load_tools(path: str) -> list[dict]:
     """--tools FILE: a JSON list of tool definitions (or an object with "tools"), OpenAI's `{"type": "function",
     "function": {"name", "description", "parameters"}}` or the bare function objects."""
-    from ..data.readers import parse_json
+    from ..data.jsonparse import parse_json
     from ..data.tools import function_of
 
     try:
