@@ -1,5 +1,6 @@
 """Write tunesmith's demo datasets: customer support for Northwind Cycles, a made-up online bike and
-outdoor gear shop, as one small dataset per task kind (chat, completion, classification, tagging).
+outdoor gear shop, as one small dataset per task kind (chat, completion, classification, tagging, and chat
+with tool calls).
 
 Everything comes from templates and word lists below, drawn with `random.Random(SEED)`: stdlib only, no
 network, and the same bytes on every run and machine. Texts are deduplicated across train and test.
@@ -287,6 +288,16 @@ GREETINGS = ["", "", "Hi,", "Hello,", "Hi there,", "Hey,", "Hi Northwind,", "Hel
 CLOSINGS = ["", "", "Thanks!", "Thanks.", "Thank you.", "Cheers.", "Thanks in advance.", "Appreciate it.", "Thx"]
 
 
+def _dress(sentences: list[str], rng: random.Random) -> str:
+    """A customer's message around its sentences: a greeting, a sign-off and a name, sometimes email style."""
+    greeting, closing = rng.choice(GREETINGS), rng.choice(CLOSINGS)
+    signature = rng.choice(NAMES) if rng.random() < 0.3 else ""
+    if rng.random() < 0.3 and greeting:  # email style, on separate lines
+        sign_off = "\n".join(filter(None, [closing, signature]))
+        return "\n\n".join(filter(None, [greeting, " ".join(sentences), sign_off]))
+    return _greet(greeting, " ".join(filter(None, [*sentences, closing, signature and f"- {signature}"])))
+
+
 def _chat_row(rng: random.Random, i: int) -> dict:
     intent = INTENTS[i % len(INTENTS)]
     spec = CHAT[intent]
@@ -303,13 +314,7 @@ def _chat_row(rng: random.Random, i: int) -> dict:
         sentences.insert(0 if first else 1, _cap(rng.choice(spec["extra"]).format(**slots)))
     if has_id and not inline:
         sentences.insert(rng.choice([0, len(sentences)]), rng.choice(ID_SENTENCES))
-    greeting, closing = rng.choice(GREETINGS), rng.choice(CLOSINGS)
-    signature = rng.choice(NAMES) if rng.random() < 0.3 else ""
-    if rng.random() < 0.3 and greeting:  # email style, on separate lines
-        sign_off = "\n".join(filter(None, [closing, signature]))
-        text = "\n\n".join(filter(None, [greeting, " ".join(sentences), sign_off]))
-    else:
-        text = _greet(greeting, " ".join(filter(None, [*sentences, closing, signature and f"- {signature}"])))
+    text = _dress(sentences, rng)
     oid = order_id(rng) if has_id else None
     text = _casual(text, rng).replace(ID, oid or "")
     reply = json.dumps({"intent": intent, "order_id": oid}, separators=(", ", ": "))
@@ -633,6 +638,176 @@ def _ner_row(rng: random.Random, i: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 5. support-tools: the same customers, answered by calling the shop's order tools (chat SFT with tools, in
+#    OpenAI's fine-tuning format: `tools` per record, assistant `tool_calls`, `tool` results)
+# ---------------------------------------------------------------------------------------------------------
+
+REASONS = ("returned", "damaged", "wrong_item")
+
+
+def _tool(name: str, description: str, **properties) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": list(properties)}}}
+
+
+# Terse on purpose: every prompt carries all of them (about 300 tokens with the convention's preamble), and a
+# conversation must fit the default max_length of 512 tokens with them, or its last turn is cut off in training.
+SHOP_TOOLS = [
+    _tool("lookup_order", "Order status and tracking.", order_id={"type": "string"}),
+    _tool("create_refund", "Refund an order.", order_id={"type": "string"},
+          reason={"type": "string", "enum": list(REASONS)}),
+    _tool("change_address", "Change an order's shipping address.", order_id={"type": "string"},
+          address={"type": "string"}),
+]
+# What a customer asks for: the function, or for a refund its reason. Every request names the order ({order}).
+ADDRESS = "\x01"  # like ID: the address is put back verbatim after the message is roughed up
+TOOL_REQUESTS = {
+    "lookup_order": CHAT["order_status"]["core"],
+    "returned": [
+        "I returned {product} {when_past} and still haven't seen the refund for {order}.",
+        "You received my return for {order} {days} days ago but there's no refund yet.",
+        "I sent {product} back {when_past}, please refund {order}.", "Still waiting on my refund for {order}.",
+        "My return for {order} was delivered to you {when_past}. Where's my money?",
+        "The return tracking for {order} says you got it, can you refund me?",
+        "I mailed {product} from {order} back to you, I'd like the refund please."],
+    "damaged": CHAT["damaged_item"]["core"],
+    "wrong_item": [
+        "{order} had the wrong item in it: I got {gear} instead of {product}.",
+        "Wrong item in {order}, I ordered {wear} in {size} and got something else.",
+        "The box for {order} had {part} in it, which is not what I ordered.",
+        "{order} came with someone else's order inside.", "I got the wrong color: {order} was supposed to be {color}.",
+        "Please refund {order}, you shipped the wrong size.", "You sent me {gear} in {order}, I never ordered that."],
+    "change_address": [
+        "Please ship {order} to {address} instead.", "Wrong address on {order}, it should go to {address}.",
+        "Can I redirect {order} to my work address? It's {address}.",
+        "Could you change the address for {order} to {address}?", "Change of address for {order}: {address}.",
+        "I just moved, please send {order} to {address}.", "New address for {order} is {address}, can you update it?",
+        "I typed my old address on {order}, the right one is {address}."],
+}
+TOOL_EXTRAS = {
+    "lookup_order": CHAT["order_status"]["extra"],
+    "returned": ["It didn't fit.", "It was the wrong size for me.", "I dropped it off at the {carrier} store {when_past}."],
+    "damaged": ["I've attached a couple of photos.", "The packaging looked fine from the outside.",
+                "I haven't even used it.", "Really disappointed, it was a gift."],
+    "wrong_item": ["Photos attached.", "I double checked my confirmation email.", "I need the right one {when_future}."],
+    "change_address": ["Sorry for the hassle!", "I won't be at the old place anymore."],
+}
+# lookups and address changes each twice as likely as one kind of refund: 2/7, 3/7 (refunds) and 2/7 per function
+ACTIONS = ("lookup_order", "lookup_order", *REASONS, "change_address", "change_address")
+PRODUCT_QUESTIONS = [c for c in CHAT["product_question"]["core"] if "{order}" not in c]
+PARALLEL = ["Where are {order} and {order2}?", "Can you check the status of {order} and {order2}?",
+            "Any news on my two orders, {order} and {order2}?", "Has either {order} or {order2} shipped yet?",
+            "I have two orders on the way, {order} and {order2}. When will they arrive?"]
+ID2 = "\x02"
+GIVE_ID = ["It's " + ID + ".", ID, "Order number is " + ID + ".", "Sorry, it's " + ID, "#" + ID, ID + " thanks",
+           "oh right, " + ID]
+THANKS = ["Thanks!", "Great, thank you.", "perfect thx", "Awesome, thanks for the help.", "Thank you so much!",
+          "ok thanks"]
+# The assistant's fixed words where no call is due, so a reply in words is as learnable as a call.
+ASK_ID = "I can help with that. What is the order number? It looks like NW-12345."
+PRODUCT_REPLY = ("I can only help with orders here. For product questions, our shop team answers at "
+                 "gear@northwindcycles.com.")
+WELCOME = "You're welcome! Enjoy the ride."
+# What each conversation ends with (its last assistant turn is what evaluation scores), cycled for balance:
+# a call (the id in the message; given when asked; two orders at once), words after a tool result, plain words.
+TOOL_KINDS = ["call"] * 8 + ["ask_then_call"] * 2 + ["parallel"] + ["answer"] * 4 + ["ask"] * 2 + ["product"] * 2 + \
+    ["thanks"]
+
+
+def _call_turn(*calls: tuple[str, dict]) -> dict:
+    return {"role": "assistant", "tool_calls": [
+        {"id": f"call_{k}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        for k, (name, args) in enumerate(calls, 1)]}
+
+
+def _arguments(action: str, oid: str, address: str) -> tuple[str, dict]:
+    if action == "lookup_order":
+        return action, {"order_id": oid}
+    if action == "change_address":
+        return action, {"order_id": oid, "address": address}
+    return "create_refund", {"order_id": oid, "reason": action}
+
+
+def _outcome(name: str, args: dict, rng: random.Random) -> tuple[dict, str]:
+    """What the shop's system answers to a call, and what the assistant tells the customer from it."""
+    oid, date, carrier = args["order_id"], f"{rng.choice(MONTHS)} {rng.randrange(1, 29)}", rng.choice(CARRIERS)
+    if name == "lookup_order":
+        status = rng.choice(["processing", "shipped", "delivered"])
+        if status == "processing":
+            return {"status": status, "ships_by": date}, f"Order {oid} is being packed and should ship by {date}."
+        if status == "shipped":
+            return ({"status": status, "carrier": carrier, "eta": date},
+                    f"Order {oid} shipped with {carrier} and should arrive on {date}.")
+        return {"status": status, "carrier": carrier, "on": date}, f"{carrier} delivered order {oid} on {date}."
+    if name == "create_refund":
+        amount = f"{rng.randrange(9, 400)}.{rng.choice(['00', '99'])}"
+        return {"refunded": amount}, f"Done: ${amount} for order {oid} is back on your card in 3-5 business days."
+    if rng.random() < 0.75:
+        return {"updated": True}, f"Done: order {oid} will now ship to the new address."
+    return {"updated": False, "status": "shipped"}, f"Order {oid} has already shipped, so its address can't change."
+
+
+def _tools_message(core: str, extras: list[str], slots: dict, rng: random.Random, id_sentence: bool) -> str:
+    """A customer's message: the core request, maybe some context, and (id_sentence) the id on its own."""
+    sentences = [_cap(core.format(**slots))]
+    if extras and rng.random() < 0.4:
+        sentences.append(_cap(rng.choice(extras).format(**slots)))
+    if id_sentence:
+        sentences.insert(rng.choice([0, len(sentences)]), rng.choice(ID_SENTENCES))
+    return _casual(_dress(sentences, rng), rng)
+
+
+# A conversation's messages as JSON at most this long come to at most ~505 tokens with the definitions (SmolLM2's
+# tokenizer, which spells digits one by one): under the default max_length of 512, so no last turn is cut off.
+MAX_CONVERSATION_CHARS = 620
+
+
+def _tools_row(rng: random.Random, i: int) -> dict:
+    """A conversation of kind TOOL_KINDS[i % len(TOOL_KINDS)], drawn again while it is too long to train whole."""
+    while len(json.dumps((row := _conversation(rng, i))["messages"])) > MAX_CONVERSATION_CHARS:
+        pass
+    return row
+
+
+def _conversation(rng: random.Random, i: int) -> dict:
+    kind = TOOL_KINDS[i % len(TOOL_KINDS)]
+    slots = _slots(rng)
+    oid, oid2, address = order_id(rng), order_id(rng), slots["address"]
+    slots.update(damage=rng.choice(DAMAGE), piece=rng.choice(PIECES), spec=rng.choice(SPECS), address=ADDRESS)
+    messages = []  # no system prompt: the definitions make one (the convention's), and every token counts
+    if kind == "product":
+        text = _tools_message(rng.choice(PRODUCT_QUESTIONS), CHAT["product_question"]["extra"], slots, rng, False)
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": PRODUCT_REPLY}]
+        return {"messages": messages, "tools": SHOP_TOOLS}
+    if kind == "parallel":
+        slots.update(order=rng.choice(["", "#", "order "]) + ID, order2=ID2)
+        text = _tools_message(rng.choice(PARALLEL), [], slots, rng, False).replace(ID, oid).replace(ID2, oid2)
+        messages += [{"role": "user", "content": text},
+                     _call_turn(("lookup_order", {"order_id": oid}), ("lookup_order", {"order_id": oid2}))]
+        return {"messages": messages, "tools": SHOP_TOOLS}
+    action = rng.choice(ACTIONS)
+    with_id, core = kind not in ("ask", "ask_then_call"), rng.choice(TOOL_REQUESTS[action])
+    inline = with_id and "{order}" in core and rng.random() < 0.7  # else the id comes in a sentence of its own
+    slots["order"] = rng.choice(ORDER_WITH_ID) if inline else rng.choice(ORDER_WITHOUT_ID).format(**slots)
+    text = _tools_message(core, TOOL_EXTRAS[action], slots, rng, with_id and not inline)
+    messages.append({"role": "user", "content": text.replace(ID, oid).replace(ADDRESS, address)})
+    if not with_id:
+        messages.append({"role": "assistant", "content": ASK_ID})
+        if kind == "ask":
+            return {"messages": messages, "tools": SHOP_TOOLS}
+        messages.append({"role": "user", "content": rng.choice(GIVE_ID).replace(ID, oid)})
+    name, args = _arguments(action, oid, address)
+    messages.append(_call_turn((name, args)))
+    if kind in ("answer", "thanks"):
+        result, words = _outcome(name, args, rng)
+        messages += [{"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)},
+                     {"role": "assistant", "content": words}]
+    if kind == "thanks":
+        messages += [{"role": "user", "content": rng.choice(THANKS)}, {"role": "assistant", "content": WELCOME}]
+    return {"messages": messages, "tools": SHOP_TOOLS}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------
 
@@ -655,7 +830,7 @@ def _conll(rows: list[dict]) -> str:
 def _text_of(row: dict) -> str:
     """The input text of a row: what must not repeat between train and test."""
     if "messages" in row:
-        return row["messages"][1]["content"]
+        return next(m["content"] for m in row["messages"] if m["role"] == "user")
     return row.get("prompt") or row.get("text") or " ".join(row["tokens"])
 
 
@@ -665,6 +840,7 @@ DATASETS = {
     "product-titles": (_title_row, 400, 80, "jsonl", _jsonl),
     "ticket-topics": (_ticket_row, 500, 100, "csv", _csv),
     "gear-ner": (_ner_row, 400, 80, "conll", _conll),
+    "support-tools": (_tools_row, 300, 80, "jsonl", _jsonl),
 }
 
 

@@ -1,16 +1,23 @@
 """Metric functions on plain lists of strings: no models here. Classification through scikit-learn, entities
 through seqeval, BLEU through sacrebleu and ROUGE-L through rouge-score, so the numbers match what those
-tools report on their own. Which of them headline each task is here too (MAIN_METRICS)."""
+tools report on their own; tool calls (OpenAI's call objects, as parsed from replies) against their gold calls,
+arguments checked against the function's JSON schema with jsonschema. Which of them headline each task is here
+too (MAIN_METRICS)."""
 
 from __future__ import annotations
 
+import json
 import re
 import string
+from collections import defaultdict
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 # The headline metrics of each task, its main one first: the columns and plot of a comparison, the score of each
-# task in `tunesmith continual`, and what training keeps its best checkpoint by (classify, ner).
+# task in `tunesmith continual`, and what training keeps its best checkpoint by (classify, ner). sft data with
+# tools keeps "exact_match" as its main metric, made tools-aware (`reply_matches`): a record whose gold reply is a
+# call turn counts as matched when its calls do (call exact match), a plain reply when its text does and it makes
+# no call; so one number, comparable across tool and plain data, still judges every sft run.
 MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
 
 
@@ -54,6 +61,104 @@ def generation_metrics(predictions: list[str], references: list[str], *, normali
     return {"exact_match": sum(matches) / max(len(matches), 1),
             "bleu": bleu([p.strip() for p in predictions], [r.strip() for r in references]),
             "rouge_l": rouge_l(predictions, references)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tool calls. A call is OpenAI's `{"function": {"name": ..., "arguments": "<JSON string>"}}` (id and type are
+# ignored); a turn's calls are a list of them, or None for a plain reply. Arguments are an arbitrary string, as
+# an API may return them: what does not parse as a JSON object matches nothing and is never valid.
+# ---------------------------------------------------------------------------------------------------------
+
+def _arguments(call: dict) -> dict | None:
+    try:
+        value = json.loads(call["function"]["arguments"])
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _same_json(a, b) -> bool:
+    """Equal as JSON values: objects order-free, numbers by value (1 == 1.0), but true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    return a == b
+
+
+def _same_call(a: dict, b: dict) -> bool:
+    args = _arguments(a)
+    return (a["function"]["name"] == b["function"]["name"] and args is not None
+            and _same_json(args, _arguments(b)))
+
+
+def calls_match(predicted: list[dict] | None, gold: list[dict] | None) -> bool:
+    """Call exact match: the same calls (function name and arguments, compared as parsed JSON objects), as many
+    of each, in any order (parallel calls have none). No call on either side matches only no call."""
+    if not predicted or not gold:
+        return not predicted and not gold
+    left = list(predicted)
+    for call in gold:
+        found = next((i for i, p in enumerate(left) if _same_call(p, call)), None)
+        if found is None:
+            return False
+        left.pop(found)
+    return not left
+
+
+def arguments_valid(call: dict, tools: list[dict]) -> bool:
+    """Whether a call names a function in `tools` (OpenAI's entries or bare function objects) and its arguments
+    parse as a JSON object that validates against the function's `parameters` (any object when it has none;
+    never against a schema that is not one)."""
+    import jsonschema
+
+    functions = {f.get("name"): f for f in (t["function"] if isinstance(t.get("function"), dict) else t
+                                            for t in tools)}
+    function, args = functions.get(call["function"]["name"]), _arguments(call)
+    if function is None or args is None:
+        return False
+    schema = function.get("parameters") or {"type": "object"}
+    try:
+        validator = jsonschema.validators.validator_for(schema)
+        validator.check_schema(schema)
+        return validator(schema).is_valid(args)
+    except jsonschema.SchemaError:
+        return False
+
+
+def reply_matches(text: str, calls: list[dict] | None, gold_text: str, gold_calls: list[dict] | None, *,
+                  normalized: bool = False) -> bool:
+    """The tools-aware exact match of one reply (MAIN_METRICS): a gold call turn by its calls, a gold plain
+    reply by its text, with no call made."""
+    if gold_calls:
+        return calls_match(calls, gold_calls)
+    return not calls and exact_match(text, gold_text, normalized=normalized)
+
+
+def tool_metrics(predicted: list[list[dict] | None], gold: list[list[dict] | None], tools: list[list[dict]], *,
+                 details: bool = False) -> dict:
+    """Tool-call metrics over turns of conversations with tools, one entry per turn in each list (`tools`: the
+    definitions offered in that turn's conversation). A rate whose denominator is empty is left out.
+
+    - call_exact_match: of the turns whose gold reply is a call, those whose predicted calls match (calls_match)
+    - arguments_valid: of all predicted calls, those whose arguments validate (arguments_valid)
+    - no_call_accuracy: of the turns whose gold reply is plain text, those where the model made no call
+    With `details`, `per_function` {name: {exact_match, support}}: call exact match over the gold call turns
+    that call that function (a turn with parallel calls counts for each function it calls)."""
+    hits = {"call_exact_match": [calls_match(p, g) for p, g in zip(predicted, gold) if g],
+            "arguments_valid": [arguments_valid(c, t) for p, t in zip(predicted, tools) for c in p or []],
+            "no_call_accuracy": [not p for p, g in zip(predicted, gold) if not g]}
+    out = {name: sum(h) / len(h) for name, h in hits.items() if h}
+    if details:
+        by_function = defaultdict(list)
+        for p, g in zip(predicted, gold):
+            for name in dict.fromkeys(c["function"]["name"] for c in g or []):
+                by_function[name].append(calls_match(p, g))
+        out["per_function"] = {name: {"exact_match": sum(h) / len(h), "support": len(h)}
+                               for name, h in sorted(by_function.items())}
+    return out
 
 
 def classification_metrics(gold: list[str], predicted: list[str], labels: list[str], *,

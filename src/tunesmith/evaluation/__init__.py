@@ -1,7 +1,8 @@
 """Scoring a model on held-out records, for `tunesmith eval` and for training's before/after scores.
 
 - results.py    Evaluation (metrics + predictions), EvaluateError, write_results
-- scorers.py    generation (with the learnable-token loss), sequence classification, token classification
+- scorers.py    generation (with the learnable-token loss; tool calls parsed and scored), sequence classification,
+                token classification
 - prompting.py  zero/k-shot prompts, classification through label words (verbalizers), calibration
 - choose.py     `score`: which scorer, decided once; `evaluate`: a name, run or pair in, an Evaluation out
 

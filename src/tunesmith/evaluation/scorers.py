@@ -1,5 +1,6 @@
 """The scorers of a model on held-out records, one per kind of output: generation (exact match, BLEU, ROUGE-L,
-and the loss on the learnable tokens only), sequence classification (accuracy, P/R/F1, per-class report,
+and the loss on the learnable tokens only; with tools, the calls a reply makes against the gold calls),
+sequence classification (accuracy, P/R/F1, per-class report,
 confusion matrix) and token classification (entity-level P/R/F1 per type), the last two labelling through
 heads.py as the server's /classify does. Which one scores a model is decided in one place, `score` (choose.py);
 the metric functions live in metrics.py."""
@@ -8,23 +9,94 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from dataclasses import dataclass
 
 from ..batching import batches, device_of, pad
-from ..data.tokenize import IGNORE_INDEX, tokenize_records
-from ..generation import SamplingParams, generate_batch
+from ..data.tokenize import IGNORE_INDEX, chat_template_for, encode_chat_prompt, tokenize_records
+from ..data.tools import CALL_OPEN, Style, call_style, format_call, has_tools, parse_reply
+from ..generation import Engine, GenerationError, Request, SamplingParams, generate_batch, prompt_ids
 from ..heads import encode_texts, encode_words, label_texts, label_words
-from ..metrics import classification_metrics, exact_match, generation_metrics, ner_metrics
+from ..metrics import classification_metrics, generation_metrics, ner_metrics, reply_matches, tool_metrics
 from ..progress import Progress
 from .results import Evaluation
 
 
-def split_reference(record: dict) -> tuple[dict, str]:
-    """(generation request, gold reply) for an sft record: the last assistant turn, or the completion."""
-    if "messages" in record:
-        messages = record["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return {"messages": messages[:last]}, messages[last]["content"]
-    return {"prompt": record["prompt"]}, record["completion"]
+@dataclass
+class Reference:
+    """What an sft record asks of the model and the reply it expects: its last assistant turn, or its completion."""
+    request: dict  # {"prompt": ...} or {"messages": [...]}, with "tools" when the record has them
+    text: str  # the gold reply; a call turn's calls written as the tool convention prints them
+    calls: list[dict] | None = None  # the gold turn's tool_calls (OpenAI's shape); None for a plain reply
+    tools: list[dict] | None = None  # the conversation's definitions; None when it involves no tools at all
+
+
+def split_reference(record: dict) -> Reference:
+    """The generation request and gold reply of an sft record: the last assistant turn, or the completion."""
+    if "messages" not in record:
+        return Reference({"prompt": record["prompt"]}, record["completion"])
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    gold, tools = messages[last], record.get("tools")
+    if not has_tools(messages, tools):
+        return Reference({"messages": messages[:last]}, gold["content"])
+    calls = gold.get("tool_calls") or None
+    text = "\n".join(([gold["content"].strip()] if gold.get("content") else [])
+                     + [format_call(c["function"]["name"], c["function"]["arguments"]) for c in calls or []])
+    return Reference({"messages": messages[:last], **({"tools": tools} if tools else {})}, text, calls, tools or [])
+
+
+def _tries_to_call(text: str, style: Style) -> bool:
+    """Whether a reply that parse_reply read as plain text was meant as a call (its markup is there)."""
+    if style == "hermes":
+        return CALL_OPEN in text
+    return text.lstrip().startswith("<|python_tag|>") or re.match(r'\s*\{\s*"name"\s*:', text) is not None
+
+
+def scored_calls(text: str, style: Style) -> tuple[list[dict] | None, list[dict] | None]:
+    """(calls as parsed, calls as scored) of a reply. They differ when the reply tries to call but the call does
+    not parse: it is then scored as one call that matches nothing and is never valid, so a broken call counts
+    neither as the right call nor as 'no call'."""
+    calls = parse_reply(text, style)[1]
+    if calls is None and _tries_to_call(text, style):
+        return None, [{"type": "function", "function": {"name": "", "arguments": text}}]
+    return calls, calls
+
+
+def _generate_ids(model, tokenizer, prompts: list[list[int]], params: SamplingParams, batch_size: int,
+                  progress) -> list[str]:
+    """One reply per prompt given as token ids, through the one engine, as generate_batch does for prompts given
+    as messages (which it renders without tools)."""
+    pieces: list[list[str]] = [[] for _ in prompts]
+    errors: list[str] = []
+
+    def emit(i: int, event) -> None:
+        if event.error:
+            errors.append(event.error)
+        pieces[i].append(event.text)
+        if event.finish_reason and progress is not None:
+            progress.update(1)
+
+    engine = Engine.for_model(model, tokenizer, max_batch=batch_size)
+    engine.submit([Request("model", ids, params, functools.partial(emit, i)) for i, ids in enumerate(prompts)])
+    while engine.busy:
+        engine.step()
+        if errors:
+            raise GenerationError(f"generation failed: {errors[0]}")
+    return ["".join(p) for p in pieces]
+
+
+def _replies(model, tokenizer, refs: list[Reference], *, params: SamplingParams, chat_template: str | None,
+             batch_size: int, progress) -> list[str]:
+    """The model's reply to each reference's request, greedy unless `params` sample; tools in the prompt."""
+    requests = [ref.request for ref in refs]
+    if all(ref.tools is None for ref in refs):
+        return [out.text for out in generate_batch(model, tokenizer, requests, params=params,
+                                                   chat_template=chat_template, batch_size=batch_size,
+                                                   progress=progress)]
+    prompts = [encode_chat_prompt(tokenizer, r["messages"], chat_template=chat_template, tools=r.get("tools"))
+               if "messages" in r else prompt_ids(tokenizer, prompt=r["prompt"]) for r in requests]
+    return _generate_ids(model, tokenizer, prompts, params, batch_size, progress)
 
 
 def _inference(fn):
@@ -66,20 +138,34 @@ def evaluate_generation(model, tokenizer, records, *, chat_template=None, max_le
                         params: SamplingParams | None = None, normalize: bool = False, batch_size=16,
                         desc: str = "scoring") -> Evaluation:
     """Generate a reply for each record's prompt (greedy unless `params` sample) and compare with its gold
-    reply; the loss is over the gold reply's learnable tokens, with the training mask."""
+    reply; the loss is over the gold reply's learnable tokens, with the training mask.
+
+    In a conversation with tools the prompt carries the definitions and the reply's calls are parsed as the
+    template prints them (data/tools.py); exact_match is then tools-aware (metrics.reply_matches) and the tool
+    metrics (metrics.tool_metrics, over those records only) are added. Each prediction then shows `calls` (as
+    parsed, None for none) beside `gold_calls`."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
-    requests, golds = zip(*(split_reference(r) for r in records)) if records else ((), ())
-    with Progress(f"{desc}: generating", len(requests)) as progress:
-        outputs = generate_batch(model, tokenizer, list(requests), params=params, chat_template=chat_template,
-                                 batch_size=batch_size, progress=progress)
-    texts = [out.text for out in outputs]
-    predictions = [{"input": req, "gold": gold, "prediction": text,
-                    "correct": exact_match(text, gold, normalized=normalize)}
-                   for req, gold, text in zip(requests, golds, texts)]
+    refs = [split_reference(r) for r in records]
+    with Progress(f"{desc}: generating", len(refs)) as progress:
+        texts = _replies(model, tokenizer, refs, params=params, chat_template=chat_template, batch_size=batch_size,
+                         progress=progress)
+    with_tools = [i for i, r in enumerate(refs) if r.tools is not None]
+    parsed, scored = [None] * len(refs), [None] * len(refs)
+    if with_tools:  # calls are read back the way this template prints them
+        style = call_style(chat_template_for(tokenizer, chat_template))
+        for i in with_tools:
+            parsed[i], scored[i] = scored_calls(texts[i], style)
+    correct = [reply_matches(t, s, r.text, r.calls, normalized=normalize) for r, t, s in zip(refs, texts, scored)]
+    predictions = [{"input": r.request, "gold": r.text, "prediction": t, "correct": c,
+                    **({"gold_calls": r.calls, "calls": p} if r.tools is not None else {})}
+                   for r, t, p, c in zip(refs, texts, parsed, correct)]
     loss = learnable_loss(model, tokenizer, records, chat_template=chat_template, max_length=max_length,
                           desc=f"{desc}: loss")
-    metrics = {**generation_metrics(texts, list(golds), normalized=normalize),
-               "loss": loss, "perplexity": math.exp(min(loss, 50))}
+    metrics = {**generation_metrics(texts, [r.text for r in refs], normalized=normalize),
+               "exact_match": sum(correct) / max(len(correct), 1), "loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if with_tools:
+        metrics.update(tool_metrics([scored[i] for i in with_tools], [refs[i].calls for i in with_tools],
+                                    [refs[i].tools for i in with_tools], details=True))
     return Evaluation(metrics, predictions)
 
 
