@@ -610,9 +610,8 @@ def test_a_run_trains_on_length_grouped_batches_unless_turned_off(assets, tmp_pa
 # ---------------------------------------------------------------------------------------------------------
 
 def tool_records(n: int) -> list[dict]:
-    """Support conversations with tools: a call, its result and the answer; a plain reply where no call is due.
-    (Records that end with their call are left out here: training's before/after scoring of a call as the gold
-    reply is the evaluation part of issue 21.)"""
+    """Support conversations with tools: a call, its result and the answer; a conversation that ends with its
+    call (scored before/after as a call); a plain reply where no call is due."""
     tools = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order.",
                                                "parameters": {"type": "object",
                                                               "properties": {"order_id": {"type": "string"}}}}}]
@@ -624,8 +623,9 @@ def tool_records(n: int) -> list[dict]:
              "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": str(i)})}}]}
         shape = [[ask, call, {"role": "tool", "tool_call_id": f"call_{i}", "content": "shipped"},
                   {"role": "assistant", "content": f"Order {i} has shipped."}],
+                 [ask, call],
                  [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "How can I help you today?"}]]
-        records.append({"tools": tools, "messages": shape[i % 2]})
+        records.append({"tools": tools, "messages": shape[i % 3]})
     return records
 
 
@@ -641,7 +641,7 @@ def test_a_tools_file_trains_with_only_model_and_data_and_the_run_records_how(as
     assert info["tools"] == {"mode": "convention", "style": "hermes"}
     assert run.metrics["train"]["learnable_tokens"] > 0 and run.metrics["after"]
     saved, base = load_tokenizer(str(run.path)), load_tokenizer(str(assets.lm))
-    for record in records[:2]:
+    for record in records[:3]:
         assert render_chat(saved, record["messages"], tools=record["tools"]) == \
             render_chat(base, record["messages"], tools=record["tools"])
     assert '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "0"}}\n</tool_call><|im_end|>' in \
