@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 
 from ..batching import batches, device_of, pad
-from ..data.tokenize import IGNORE_INDEX, chat_template_for, encode_chat_prompt, tokenize_records
+from ..data.tokenize import IGNORE_INDEX, chat_template_for, tokenize_records
 from ..data.tools import CALL_OPEN, Style, call_style, format_call, has_tools, parse_reply
-from ..generation import Engine, GenerationError, Request, SamplingParams, generate_batch, prompt_ids
+from ..generation import SamplingParams, generate_batch
 from ..heads import encode_texts, encode_words, label_texts, label_words
 from ..metrics import classification_metrics, generation_metrics, ner_metrics, reply_matches, tool_metrics
 from ..progress import Progress
@@ -63,40 +63,12 @@ def scored_calls(text: str, style: Style) -> tuple[list[dict] | None, list[dict]
     return calls, calls
 
 
-def _generate_ids(model, tokenizer, prompts: list[list[int]], params: SamplingParams, batch_size: int,
-                  progress) -> list[str]:
-    """One reply per prompt given as token ids, through the one engine, as generate_batch does for prompts given
-    as messages (which it renders without tools)."""
-    pieces: list[list[str]] = [[] for _ in prompts]
-    errors: list[str] = []
-
-    def emit(i: int, event) -> None:
-        if event.error:
-            errors.append(event.error)
-        pieces[i].append(event.text)
-        if event.finish_reason and progress is not None:
-            progress.update(1)
-
-    engine = Engine.for_model(model, tokenizer, max_batch=batch_size)
-    engine.submit([Request("model", ids, params, functools.partial(emit, i)) for i, ids in enumerate(prompts)])
-    while engine.busy:
-        engine.step()
-        if errors:
-            raise GenerationError(f"generation failed: {errors[0]}")
-    return ["".join(p) for p in pieces]
-
-
 def _replies(model, tokenizer, refs: list[Reference], *, params: SamplingParams, chat_template: str | None,
              batch_size: int, progress) -> list[str]:
     """The model's reply to each reference's request, greedy unless `params` sample; tools in the prompt."""
-    requests = [ref.request for ref in refs]
-    if all(ref.tools is None for ref in refs):
-        return [out.text for out in generate_batch(model, tokenizer, requests, params=params,
-                                                   chat_template=chat_template, batch_size=batch_size,
-                                                   progress=progress)]
-    prompts = [encode_chat_prompt(tokenizer, r["messages"], chat_template=chat_template, tools=r.get("tools"))
-               if "messages" in r else prompt_ids(tokenizer, prompt=r["prompt"]) for r in requests]
-    return _generate_ids(model, tokenizer, prompts, params, batch_size, progress)
+    return [out.text for out in generate_batch(model, tokenizer, [ref.request for ref in refs], params=params,
+                                               chat_template=chat_template, batch_size=batch_size,
+                                               progress=progress)]
 
 
 def _inference(fn):
