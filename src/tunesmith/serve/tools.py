@@ -10,11 +10,10 @@ content with finish_reason "stop"."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 
 from .. import runs
-from ..data.tools import CALL_OPEN, call_style, parse_reply
+from ..data.tools import CALL_OPEN, call_style, parse_reply, with_ids
 from ..generation.grammar import tool_call_grammar
 
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1 may open a JSON call with it (parse_reply drops it)
@@ -27,10 +26,6 @@ def run_tools(name: str, run: str | None) -> dict | None:
     if info is None:
         return None
     return info.tools
-
-
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
@@ -87,7 +82,7 @@ class ToolPlan:
         content, calls = parse_reply(text, self.style)
         if not calls:
             return text, None
-        return content, [{"id": call_id(), **c} for c in (calls if self.parallel else calls[:1])]
+        return content, with_ids(calls if self.parallel else calls[:1])
 
     def finish(self, text: str, finish: str) -> Finished:
         """What a finished reply is: its record, its message as the client asked for it, its finish_reason."""
