@@ -104,11 +104,22 @@ def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: lis
     return encode(tokenizer, records, label2id, cfg.max_length), None
 
 
-def collator(cfg: TrainConfig, tokenizer):
-    from ..data.packing import PackedCollator, PaddingCollator
+def shares_prefix(cfg: TrainConfig, model) -> bool:
+    """Whether this run's sft batches may share their common prefix (data/packing.SharedPrefixCollator): the
+    row's 4-D boolean mask needs sdpa attention (eager adds the mask, flash attention ignores it), and prompt and
+    prefix tuning change the sequence the mask describes."""
+    return (cfg.task == "sft" and cfg.share_prefix and not cfg.packing and cfg.method.name not in ("prompt", "prefix")
+            and getattr(model.config, "_attn_implementation", None) == "sdpa")
+
+
+def collator(cfg: TrainConfig, tokenizer, *, share: bool = False):
+    """The Trainer's collator; `share`: sft batches share their common prefix (see `shares_prefix`)."""
+    from ..data.packing import PackedCollator, PaddingCollator, SharedPrefixCollator
 
     if cfg.task == "sft":
-        return PackedCollator(tokenizer.pad_token_id) if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
+        if cfg.packing:
+            return PackedCollator(tokenizer.pad_token_id)
+        return (SharedPrefixCollator if share else PaddingCollator)(tokenizer.pad_token_id)
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if cfg.task == "classify":

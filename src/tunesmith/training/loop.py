@@ -23,7 +23,7 @@ from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArgume
 
 from .. import runs
 from ..config import PEFT_METHODS, TrainConfig, load_config, save_config
-from ..data.packing import pack
+from ..data.packing import pack, shared_prefix, shared_tokens
 from ..data.templates import chat_template_for, template_fingerprint
 from ..data.tokenize import TokenizeStats
 from ..evaluation import score
@@ -35,7 +35,7 @@ from ..version import __version__
 from . import lineage, precision
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
 from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
-                   sft_records, tool_rendering)
+                   sft_records, shares_prefix, tool_rendering)
 from .defaults import CPU_BUDGET, Chosen, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
 from .regularize import anchor_for
@@ -159,9 +159,17 @@ def _load_model(cfg: TrainConfig, parent: RunInfo | None, labels, tokenizer):
 
 def _resolve_defaults(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> tuple[TrainConfig, Chosen]:
     """What the config leaves unset, chosen from the data's and the model's size; the run saves the values."""
+    tokens = sum(len(f["input_ids"]) for f in data.train_features)
+    eval_tokens = sum(len(f["input_ids"]) for f in data.eval_features)
+    if shares_prefix(cfg, model):  # what an epoch costs: the prefix all examples share is computed once per batch
+        shared = shared_tokens(data.train_features, cfg.batch_size)
+        if shared < tokens and _is_main():
+            print(f"batches: the {shared_prefix(data.train_features)} tokens every example begins with are computed "
+                  f"once per batch (share_prefix): an epoch costs {shared} tokens, not {tokens}", file=sys.stderr)
+        tokens = shared
+        eval_tokens = shared_tokens(data.eval_features, cfg.batch_size)
     cfg, chosen = resolve_defaults(
-        cfg, examples=len(data.train_features), tokens=sum(len(f["input_ids"]) for f in data.train_features),
-        eval_tokens=sum(len(f["input_ids"]) for f in data.eval_features),
+        cfg, examples=len(data.train_features), tokens=tokens, eval_tokens=eval_tokens,
         parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
         world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
     _print_defaults(chosen.reasons)
@@ -202,7 +210,7 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunI
     trainer = RunTrainer(
         model=model, args=_training_args(cfg, run_dir / runs.CHECKPOINTS, bool(data.eval_features)),
         train_dataset=data.train_features, eval_dataset=data.eval_features or None,
-        data_collator=collator(cfg, tokenizer), callbacks=callbacks,
+        data_collator=collator(cfg, tokenizer, share=shares_prefix(cfg, model)), callbacks=callbacks,
         compute_metrics=eval_metrics_fn(cfg.task, data.labels))
     trainer.keep = cfg.save_total_limit
     trainer.anchor = anchor
