@@ -704,7 +704,7 @@ GIVE_ID = ["It's " + ID + ".", ID, "Order number is " + ID + ".", "Sorry, it's "
 THANKS = ["Thanks!", "Great, thank you.", "perfect thx", "Awesome, thanks for the help.", "Thank you so much!",
           "ok thanks"]
 # The assistant's fixed words where no call is due, so a reply in words is as learnable as a call.
-ASK_ID = "I can help with that. What is the order number? It looks like NW-12345."
+ASK_ID = "I can help with that. What is the order number? It is in your confirmation email and starts with NW."
 PRODUCT_REPLY = ("I can only help with orders here. For product questions, our shop team answers at "
                  "gear@northwindcycles.com.")
 WELCOME = "You're welcome! Enjoy the ride."
