@@ -15,9 +15,10 @@ from transformers import TrainerCallback
 
 import test_train
 import tunesmith.training.loop
-from test_train import config, run_train, weights
+from test_train import CtrlC, config, logged_losses, run_train, weights
+from tunesmith.runs import RunError
 from tunesmith.config import load_config
-from tunesmith.training.defaults import best_checkpoint, choose
+from tunesmith.training.defaults import CPU_SECONDS, Speed, best_checkpoint, choose
 from tunesmith.training.precision import bf16_native
 
 assets = test_train.assets  # the tiny models and data: a session fixture shared with test_train
@@ -118,6 +119,54 @@ def test_each_choice_is_one_readable_line():
     budget = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False).reasons["epochs"]
     assert budget.startswith("epochs 1: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 "
                              "optimizer steps): an epoch is 59.5k tokens through 134.5M parameters")
+
+
+def test_a_step_timed_on_this_cpu_bounds_the_plan_to_its_minutes():
+    # 600 tokens/s: 8 min train 288k tokens, 4.8 epochs of the support chat data: the 3 wanted fit.
+    fast = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
+                  speed=Speed(seconds=2.0, tokens=1200, examples=8))
+    assert fast.values["epochs"] == 3.0 and fast.total_steps == 150
+    # 120 tokens/s: 57.6k tokens, 0.96 of an epoch.
+    slow = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
+                  speed=Speed(seconds=10.0, tokens=1200, examples=8))
+    assert slow.values["epochs"] == 0.96 and slow.total_steps == 48
+    assert CPU_SECONDS * 120 / SUPPORT_CHAT["tokens"] == pytest.approx(0.9687, abs=1e-4)
+    assert slow.reasons["epochs"] == (
+        "epochs 0.96: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 optimizer steps): an epoch "
+        "is 59.5k tokens through 134.5M parameters, and ~8 min of training on this CPU is 8e12 parameter-tokens (one "
+        "step of 8 examples took 10.0 s here: 120 tokens/s); set epochs or max_steps to train longer")
+    # On a GPU (budget None) nothing bounds the plan, however slow a step.
+    gpu = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False, budget=None,
+                 speed=Speed(seconds=100.0, tokens=1200, examples=8))
+    assert gpu.values["epochs"] == 3.0
+
+
+def test_a_default_run_plans_from_a_step_it_timed_and_a_resumed_one_from_the_same(assets, tmp_path, monkeypatch):
+    """epochs unset on a CPU: one step is timed (here: as slow as 1 token/s), the plan shrinks to what ~8 min
+    of it trains, the timing is kept for --resume (which times nothing) and goes when the run is done."""
+    timed = []
+
+    def slow(trainer, features, batch_size):
+        timed.append(batch_size)
+        return Speed(seconds=1.0, tokens=1, examples=batch_size)
+
+    monkeypatch.setattr(tunesmith.training.loop, "time_one_step", slow)
+    run_dir = tmp_path / "run"
+    cfg = config(assets, run_dir, save_steps=2)
+    del cfg["max_steps"]  # 16 examples are 4 steps of 4; 10 epochs wanted (40 steps)
+    with pytest.raises(RunError, match="interrupted at step 4"):
+        run_train(cfg, callbacks=[CtrlC(4)])
+    kept = json.loads((run_dir / "step_time.json").read_text())
+    assert kept == {"seconds": 1.0, "tokens": 1, "examples": 4} and timed == [4]
+    monkeypatch.setattr(tunesmith.training.loop, "time_one_step", lambda *a: pytest.fail("timed again on resume"))
+    run, trainer = run_train(cfg, resume=True)
+    info = json.loads((run.path / "run.json").read_text())
+    epochs = yaml.safe_load((run.path / "train_config.yaml").read_text())["epochs"]
+    # 8 min at 1 token/s is 480 tokens: fewer than 10 epochs of this data (~200 tokens each), more than one
+    assert 1 <= epochs < 10 and trainer.state.max_steps == round(epochs * 4)
+    assert "took 1.0 s here: 1 tokens/s" in info["defaults"]["epochs"]
+    assert [step for step, _ in logged_losses(run_dir)] == list(range(1, trainer.state.max_steps + 1))
+    assert not (run_dir / "step_time.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

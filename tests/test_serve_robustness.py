@@ -738,3 +738,17 @@ def test_echo_with_logprobs_scores_the_prompt_like_a_forward_pass(client, base_e
         assert len(lp["top_logprobs"][i]) == 2
         assert max(lp["top_logprobs"][i].values()) == pytest.approx(float(expected[i - 1].max()), abs=1e-4)
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+
+
+def test_a_tool_definition_is_refused_in_the_same_words_as_data_validate_says(client):
+    """One check of a tool definition: the server's 400 says what `data validate` says of the same parameters."""
+    from tunesmith.data.toolcheck import parameters_problems
+
+    parameters = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    body = {"model": BASE, "max_tokens": 4, "messages": USER,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]}
+    error = assert_envelope(client.post("/v1/chat/completions", json=body), 400, "tools.0.function.parameters")
+    [(field, why)] = parameters_problems(parameters, "tools.0.function.parameters")
+    assert field == "tools.0.function.parameters.properties.a.type"
+    assert error["message"] == f"{field}: {why}."
+    assert why.startswith("parameters is not a valid JSON schema: 'nonsense' is not valid under any of the given")

@@ -35,13 +35,14 @@ CONFIG = "train_config.yaml"
 LOG = "log.jsonl"
 METRICS = "metrics.json"
 METRICS_BEFORE = "metrics_before.json"  # the base model's score, kept across an interrupted attempt
+STEP_TIME = "step_time.json"  # the step timed for a default plan on a CPU: a resumed run plans the same
 PREDICTIONS = "predictions.jsonl"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "tunesmith-complete"  # written last into a checkpoint: only marked checkpoints are resumed from
 # What transformers and peft save beside the weights that is no artifact: a pickle and peft's empty model card.
 NOT_ARTIFACTS = ("training_args.bin", "README.md")
 # Files a run writes before its first complete checkpoint; nothing a user made.
-_LEFTOVERS = (CHECKPOINTS, LOG, METRICS_BEFORE)
+_LEFTOVERS = (CHECKPOINTS, LOG, METRICS_BEFORE, STEP_TIME)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # A report directory (`tunesmith compare` and `tunesmith continual` write the same names) holds the resolved
@@ -292,4 +293,5 @@ def drop_non_artifacts(run_dir: Path) -> None:
 def finish(run_dir: Path) -> None:
     """What only an unfinished run needs goes once its metrics are written: the kept "before" and checkpoints."""
     (run_dir / METRICS_BEFORE).unlink(missing_ok=True)
+    (run_dir / STEP_TIME).unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)

@@ -68,14 +68,17 @@ def _tool(entry: Any, where: str, issues: Issues) -> dict | None:
     name = text_field(function, "name", issues, where)
     text_field(function, "description", issues, where, optional=True, allow_empty=True)
     if function.get("parameters") is not None:
-        _check_parameters(function["parameters"], f"{where}.parameters", issues)
+        issues.extend(parameters_problems(function["parameters"], f"{where}.parameters"))
     return None if name is None else {"type": "function", "function": function}
 
 
-def _check_parameters(parameters: Any, where: str, issues: Issues) -> None:
+def parameters_problems(parameters: Any, where: str) -> Issues:
+    """(field, why) for a function's `parameters` that is not a JSON schema of an object: the one check of a tool
+    definition, for data files (`data validate`) and for requests (the server's 400) alike."""
+    issues: Issues = []
     if not isinstance(parameters, dict):
         issues.append((where, f"parameters must be a JSON schema object, got {json_type(parameters)}"))
-        return
+        return issues
     _, error = _schema(json.dumps(parameters, sort_keys=True))
     if error:
         path, message = error
@@ -83,6 +86,7 @@ def _check_parameters(parameters: Any, where: str, issues: Issues) -> None:
     elif parameters.get("type", "object") != "object":
         issues.append((f"{where}.type", "parameters must describe an object (arguments always are one), got type "
                                         f"{quote(parameters['type'])}"))
+    return issues
 
 
 @functools.lru_cache(maxsize=1024)

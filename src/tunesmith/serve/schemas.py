@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..data.tools import arguments_object
+from ..data.toolcheck import parameters_problems
 from ..generation.grammar import parameters_schema, response_format_error, schema_error
 from ..generation.params import LIMITS
 
@@ -254,10 +255,11 @@ class ChatRequest(_Sampling):
             where = f"{field}.{i}.function" if self.tools else f"functions.{i}"
             if names.index(f.name) != i:
                 return f"{where}.name", f"{where}.name: the function {f.name!r} is defined twice."
-            kind = (f.parameters or {}).get("type", "object")
-            if kind != "object":
-                return f"{where}.parameters", (f"{where}.parameters must be a JSON schema of type \"object\", "
-                                               f"not {kind!r}.")
+            # the data readers' check of a definition (jsonschema's meta-schema), then whether llguidance can
+            # enforce it (tool_choice required or a named function constrain the call by it)
+            for field_name, why in parameters_problems(f.parameters, f"{where}.parameters")[:1] \
+                    if f.parameters is not None else ():
+                return f"{where}.parameters", f"{field_name}: {why}."
             if problem := schema_error(parameters_schema(f.parameters), f"{where}.parameters",
                                        strict=bool(f.strict)):
                 return f"{where}.parameters", problem

@@ -38,8 +38,12 @@ HEAD_LEARNING_RATE = 2e-3
 
 MIN_STEPS = 150  # optimizer steps a small data set gets (by repeating it) ...
 MAX_EPOCHS = 10  # ... but never more passes than this
-# Parameter-tokens (base parameters x training tokens) a default run may cost on a CPU: on the 2-core x86 machine
-# of docs/defaults.md that is about 8 minutes of training. A GPU run has no such bound.
+# How long a default run may train on a CPU. loop.py times one step of the run on this machine before training
+# and bounds the plan to CPU_SECONDS of it (speed.py); where it cannot (AdaLoRA's schedule is fixed before the
+# step could be timed; several processes would each plan from their own timing), the bound is CPU_BUDGET
+# parameter-tokens (base parameters x training tokens), about 8 minutes on the 2-core AMD EPYC (AVX2, fp32),
+# half that on the Intel Xeon with AMX. A GPU run has no such bound.
+CPU_SECONDS = 480
 CPU_BUDGET = 1e13
 WARMUP_RATIO, MAX_WARMUP_STEPS = 0.1, 100
 # Evaluations while training, to keep the best checkpoint: at most this many, and all of them together at most
@@ -86,8 +90,25 @@ def _learning_rate(cfg: TrainConfig, parameters: int, fresh_head: bool) -> tuple
     return lr, f"learning_rate {_e(lr)}: {on} ({at}{scaled})"
 
 
+@dataclass(frozen=True)
+class Speed:
+    """One training step of the run, timed on this machine before training (speed.py)."""
+
+    seconds: float  # its forward and backward
+    tokens: int  # the tokens it trained on (padding not counted; a shared prefix once)
+    examples: int
+
+    def budget(self, parameters: int) -> float:
+        """The parameter-tokens CPU_SECONDS of training at this speed come to."""
+        return CPU_SECONDS * self.tokens / self.seconds * parameters
+
+    def __str__(self) -> str:
+        return (f"one step of {self.examples} examples took {self.seconds:.1f} s here: "
+                f"{self.tokens / self.seconds:.0f} tokens/s")
+
+
 def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int, tokens: int, parameters: int,
-            budget: float | None) -> tuple[float, str]:
+            budget: float | None, speed: Speed | None = None) -> tuple[float, str]:
     per_epoch = f"{examples} examples make {steps_per_epoch} steps of {per_step}"
     if cfg.max_steps > 0:
         epochs = round(cfg.max_steps / steps_per_epoch, 2)
@@ -99,14 +120,17 @@ def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int
         why = f"{per_epoch}; at most {MAX_EPOCHS} passes over so little data ({MAX_EPOCHS * steps_per_epoch} steps)"
     else:
         why = f"{per_epoch}; {wanted} epochs give at least {MIN_STEPS} optimizer steps"
+    if speed and budget:
+        budget = speed.budget(parameters)
     affordable = budget / (tokens * parameters) if budget else math.inf
     if wanted <= affordable:
         return float(wanted), f"epochs {wanted}: {why}"
     # The largest whole number of passes the budget allows, or the fraction of one pass it allows.
     epochs = float(math.floor(affordable)) if affordable >= 1 else math.floor(affordable * 100) / 100 or 0.01
+    bound = (f"~{CPU_SECONDS // 60} min of training on this CPU is {_e(budget)} parameter-tokens ({speed})" if speed else
+             f"a default run on a CPU is bounded at {_e(budget)} parameter-tokens (~8 min on 2 cores without bf16)")
     return epochs, (f"epochs {epochs:g}: not {wanted} ({why}): an epoch is {_count(tokens)} tokens through "
-                    f"{_count(parameters)} parameters, and a default run on a CPU is bounded at {_e(budget)} "
-                    f"parameter-tokens (~8 min on 2 cores); set epochs or max_steps to train longer")
+                    f"{_count(parameters)} parameters, and {bound}; set epochs or max_steps to train longer")
 
 
 def best_checkpoint(cfg: TrainConfig, has_eval: bool) -> tuple[str, bool] | None:
@@ -124,11 +148,12 @@ def best_checkpoint(cfg: TrainConfig, has_eval: bool) -> tuple[str, bool] | None
 
 
 def choose(cfg: TrainConfig, *, examples: int, tokens: int, eval_tokens: int, parameters: int, fresh_head: bool,
-           world_size: int = 1, budget: float | None = CPU_BUDGET) -> Chosen:
+           world_size: int = 1, budget: float | None = CPU_BUDGET, speed: Speed | None = None) -> Chosen:
     """Concrete values for the fields `cfg` leaves unset (None), with a reason each. `examples` and `tokens`:
     the training split's (after packing); `eval_tokens`: the eval split's (0 without one); `parameters`: the
     base model's; `fresh_head`: whether a classification/NER head starts from random weights; `budget`: the
-    parameter-tokens a CPU run may cost (None on a GPU). Values the config sets are never changed."""
+    parameter-tokens a CPU run may cost (None on a GPU); `speed`: a step timed on this CPU, which replaces the
+    budget by what CPU_SECONDS of training at that speed cost. Values the config sets are never changed."""
     values, reasons = {}, {}
     per_step = cfg.batch_size * cfg.grad_accum * world_size
     steps_per_epoch = max(1, math.ceil(examples / per_step))
@@ -136,7 +161,7 @@ def choose(cfg: TrainConfig, *, examples: int, tokens: int, eval_tokens: int, pa
         values["learning_rate"], reasons["learning_rate"] = _learning_rate(cfg, parameters, fresh_head)
     if cfg.epochs is None:
         values["epochs"], reasons["epochs"] = _epochs(cfg, examples, steps_per_epoch, per_step, tokens, parameters,
-                                                      budget)
+                                                      budget, speed)
     epochs = values.get("epochs", cfg.epochs)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
     if cfg.warmup_ratio is None:

@@ -36,9 +36,10 @@ from . import lineage, precision
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
 from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
                    sft_records, shares_prefix, tool_rendering)
-from .defaults import CPU_BUDGET, Chosen, best_checkpoint, resolve as resolve_defaults
+from .defaults import CPU_BUDGET, Chosen, Speed, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
 from .regularize import anchor_for
+from .speed import time_one_step
 
 log = logging.getLogger(__name__)
 # peft checkpoints neither AdaLoRA's importance scores nor loads an adapter already cut to its rank pattern.
@@ -84,7 +85,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     tokenizer = load_tokenizer(cfg.model)
     data = _load_data(cfg, tokenizer, parent)
     model = _load_model(cfg, parent, data.labels, tokenizer)
-    cfg, chosen = _resolve_defaults(cfg, data, model, parent)
+    planned, timed, sizes = cfg, _plans_by_speed(cfg), _sizes(cfg, data, model, parent)
+    cfg, chosen = _resolve_defaults(cfg, sizes, show=not timed)  # planned again once a step is timed, if `timed`
     metrics = {}
     if cfg.evaluate_before and _is_main():
         metrics["before"] = _score_before(cfg, model, tokenizer, data, parent)
@@ -94,6 +96,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     parameters = trainable_parameters(model)  # (trainable, total)
     trainer = _build_trainer(cfg, model, tokenizer, data, parent, labelled_only)
     cfg, lowered = _lower_precision(cfg, trainer, chosen)
+    if timed:
+        cfg, chosen = _plan_by_speed(planned, cfg, chosen, trainer, data, sizes)
     fit = _fit(cfg, trainer, resume)
     if lowered:  # the base's own fp32 weights back: the run is saved and scored as a user will load it
         precision.restore_frozen_linears(trainer.model, lowered,
@@ -157,8 +161,16 @@ def _load_model(cfg: TrainConfig, parent: RunInfo | None, labels, tokenizer):
     return model
 
 
-def _resolve_defaults(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> tuple[TrainConfig, Chosen]:
-    """What the config leaves unset, chosen from the data's and the model's size; the run saves the values."""
+def _plans_by_speed(cfg: TrainConfig) -> bool:
+    """Whether the default plan is bounded by a step timed on this machine: on a CPU, with epochs left to the
+    defaults, in one process (several would each plan from their own timing), not AdaLoRA (its schedule is fixed
+    when the method is applied, before a step can be timed)."""
+    return (not _cuda() and cfg.epochs is None and cfg.max_steps <= 0 and _world_size() == 1
+            and cfg.method.name != "adalora")
+
+
+def _sizes(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> dict:
+    """What the defaults are chosen from (defaults.choose's keywords): the data's and the base model's size."""
     tokens = sum(len(f["input_ids"]) for f in data.train_features)
     eval_tokens = sum(len(f["input_ids"]) for f in data.eval_features)
     if shares_prefix(cfg, model):  # what an epoch costs: the prefix all examples share is computed once per batch
@@ -168,11 +180,39 @@ def _resolve_defaults(cfg: TrainConfig, data: _Data, model, parent: RunInfo | No
                   f"once per batch (share_prefix): an epoch costs {shared} tokens, not {tokens}", file=sys.stderr)
         tokens = shared
         eval_tokens = shared_tokens(data.eval_features, cfg.batch_size)
-    cfg, chosen = resolve_defaults(
-        cfg, examples=len(data.train_features), tokens=tokens, eval_tokens=eval_tokens,
-        parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
-        world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
-    _print_defaults(chosen.reasons)
+    return dict(examples=len(data.train_features), tokens=tokens, eval_tokens=eval_tokens,
+                parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
+                world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
+
+
+def _resolve_defaults(cfg: TrainConfig, sizes: dict, *, show: bool = True,
+                      speed: Speed | None = None) -> tuple[TrainConfig, Chosen]:
+    """What the config leaves unset, chosen from `sizes` (and `speed`, a step timed on this CPU); `show`: print
+    the reasons. The run saves the values."""
+    cfg, chosen = resolve_defaults(cfg, **sizes, speed=speed)
+    if show:
+        _print_defaults(chosen.reasons)
+    return cfg, chosen
+
+
+def _plan_by_speed(planned: TrainConfig, cfg: TrainConfig, chosen: Chosen, trainer: RunTrainer, data: _Data,
+                   sizes: dict) -> tuple[TrainConfig, Chosen]:
+    """The defaults chosen again with one step of this run timed on this machine (kept in the run directory, so a
+    resumed run plans the same), and the Trainer's schedule set to them."""
+    kept = Path(cfg.output_dir) / runs.STEP_TIME
+    speed = runs.read_json(kept)
+    if speed is None:
+        speed = time_one_step(trainer, data.train_features, cfg.batch_size).__dict__
+        if _is_main():
+            runs.write_json(kept, speed)
+    done = {"precision": cfg.precision, "recompute": cfg.recompute}
+    cfg, again = _resolve_defaults(planned.model_copy(update=done), sizes, speed=Speed(**speed))
+    kept_reasons = {field: chosen.reasons[field] for field in done if field in chosen.reasons}
+    chosen = Chosen(again.values, {**again.reasons, **kept_reasons}, again.total_steps)
+    args = trainer.args
+    args.num_train_epochs, args.warmup_steps = cfg.epochs, cfg.warmup_ratio
+    if cfg.eval_steps:
+        args.eval_steps, args.save_steps = cfg.eval_steps, cfg.save_steps
     return cfg, chosen
 
 
