@@ -83,10 +83,13 @@ def test_streamed_calls_add_up_to_the_non_streamed_reply(sdk):
     for kw in ({"tool_choice": "required", "seed": 3, "max_tokens": 400},
                {"tool_choice": {"type": "function", "function": {"name": "add"}}, "seed": 5}):
         whole = ask(sdk, **kw).choices[0]
-        content, calls, finish = streamed_calls(ask(sdk, stream=True, **kw))
+        chunks = list(ask(sdk, stream=True, **kw))
+        content, calls, finish = streamed_calls(chunks)
         assert (content, finish) == ("", "tool_calls")
         assert [(c["name"], c["arguments"]) for c in calls] == \
             [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        fragments = [p for c in chunks if c.choices for p in c.choices[0].delta.tool_calls or [] if p.id is None]
+        assert len(fragments) > 3 * len(calls)  # each call's arguments came in pieces, as they were written
 
 
 def test_the_older_functions_api_answers_with_function_call(sdk):
@@ -156,27 +159,31 @@ def pieces_of(text: str, size: int = 3) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
 
-AUTO = [  # (reply, content, [(name, arguments)], finish_reason)
-    (CALL, None, [("get_weather", '{"city": "Paris"}')], "tool_calls"),
-    ("Let me look.\n" + CALL, "Let me look.", [("get_weather", '{"city": "Paris"}')], "tool_calls"),
+UNPARSABLE = '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'
+AUTO = [  # (reply, content, [(name, arguments)], finish_reason, the calls' chunks streamed before the end)
+    (CALL, None, [("get_weather", '{"city": "Paris"}')], "tool_calls", None),
+    ("Let me look.\n" + CALL, "Let me look.", [("get_weather", '{"city": "Paris"}')], "tool_calls", None),
     (CALL + "\n" + CALL.replace("Paris", "Rome"), None,
-     [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')], "tool_calls"),
-    ("It is <b>sunny</b> < 3 > 2.", "It is <b>sunny</b> < 3 > 2.", [], "stop"),
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>',  # unparsable: content
-     '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>', [], "stop"),
-    ("Checking <tool_call>\n{\"name\": \"add\"", "Checking <tool_call>\n{\"name\": \"add\"", [], "stop"),  # cut off
+     [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')], "tool_calls", None),
+    ("It is <b>sunny</b> < 3 > 2.", "It is <b>sunny</b> < 3 > 2.", [], "stop", None),
+    # Unparsable: content, as the non-streamed reply; its call streamed up to where it stopped being JSON.
+    (UNPARSABLE, UNPARSABLE, [], "stop", [("get_weather", '{"city": ')]),
+    ("Checking <tool_call>\n{\"name\": \"add\"", "Checking <tool_call>\n{\"name\": \"add\"", [], "stop",
+     []),  # cut off before its arguments: nothing of it streamed
 ]
 
 
-@pytest.mark.parametrize("reply, content, calls, finish", AUTO)
-def test_auto_replies_become_tool_calls_streamed_or_not(sdk, live, monkeypatch, reply, content, calls, finish):
+@pytest.mark.parametrize("reply, content, calls, finish, partial", AUTO)
+def test_auto_replies_become_tool_calls_streamed_or_not(sdk, live, monkeypatch, reply, content, calls, finish,
+                                                        partial):
     script(monkeypatch, live, pieces_of(reply))
     whole = ask(sdk).choices[0]
     assert (whole.message.content, whole.finish_reason) == (content, finish)
     assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []] == calls
     chunks = list(ask(sdk, stream=True))
     got, streamed, end = streamed_calls(chunks)
-    assert (got or None, [(c["name"], c["arguments"]) for c in streamed], end) == (content, calls, finish)
+    assert (got or None, end) == (content, finish)
+    assert [(c["name"], c["arguments"]) for c in streamed] == (calls if partial is None else partial)
     if calls:  # markup never streams as content, not even its first characters
         assert all("<" not in (c.choices[0].delta.content or "") for c in chunks if c.choices)
 
@@ -257,21 +264,16 @@ def test_json_style_calls_stream_as_they_answer(reply, content, calls):
     from tunesmith.serve.tools import ToolPlan
 
     plan = ToolPlan(TOOLS, "auto", style="json")
-    stream, streamed = plan.stream(), ""
-    for piece in pieces_of(reply, 2):
-        streamed += stream.feed(piece)
-        if calls:
-            assert streamed == ""  # nothing of a call goes out as content
-    deltas, done = stream.end("stop")
-    streamed += "".join(d.get("content", "") for d in deltas)
+    fed, done = feed(plan, pieces_of(reply, 2))
     whole = plan.finish(reply, "stop")
     assert (whole.message["content"], whole.reason) == (content, "tool_calls" if calls else "stop")
-    assert (streamed or None) == content
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in whole.message.get("tool_calls", [])] == calls
-    assert [(d["tool_calls"][0]["function"].get("name"), d["tool_calls"][0]["function"]["arguments"])
-            for d in deltas if "tool_calls" in d] == [x for name, args in calls for x in ((name, ""), (None, args))]
+    assert ("".join(d.get("content", "") for _, d in fed) or None) == content
+    if calls:  # nothing of a call goes out as content, and its arguments go out before the end
+        assert all("content" not in d for _, d in fed) and joined(fed, before_end=True) == [a for _, a in calls]
+    for message in (whole.message, done.message):
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])] == calls
     if reply.startswith(" Hello"):
-        assert plan.stream().feed(" He") == " He"  # plain text goes out as soon as it cannot be a call
+        assert plan.stream().feed(" He") == [{"content": " He"}]  # plain text goes out once it cannot be a call
 
 
 def test_a_run_is_read_in_the_style_it_was_trained_with():
@@ -292,3 +294,171 @@ def test_the_prompt_has_the_tools_as_the_client_sent_them(sdk, live):
     reordered = [{"type": "function", "function": {"parameters": ADD, "name": "add", "description": "Add."}}]
     ask(sdk, tools=reordered, tool_choice="none", max_tokens=2)
     assert live.seen[-1].ids == encode_chat_prompt(live.engine.tokenizer, USER, tools=reordered)
+
+
+# -- streaming: argument fragments as the model writes them -----------------------------------------------------
+
+def tokens(text: str) -> list[str]:
+    """`text` in pieces as small as a tokenizer's: words, runs of blank space, single punctuation marks."""
+    import re
+
+    return re.findall(r" ?\w+|\s+|[^\w\s]", text)
+
+
+def feed(plan, pieces: list[str], finish: str = "stop"):
+    """Stream `pieces` one at a time: ([(piece fed, delta that came out)], with None for the end's), Finished."""
+    stream, out = plan.stream(), []
+    for piece in pieces:
+        out += [(piece, delta) for delta in stream.feed(piece)]
+    deltas, done = stream.end(finish)
+    return out + [(None, delta) for delta in deltas], done
+
+
+def joined(fed, before_end: bool = False) -> list[str]:
+    """Each streamed call's argument fragments put together (only those fed before the end, if asked)."""
+    calls: dict[int, str] = {}
+    for piece, delta in fed:
+        for part in delta.get("tool_calls", []):
+            if piece is not None or not before_end:
+                calls[part["index"]] = calls.get(part["index"], "") + part["function"]["arguments"]
+    return [calls[i] for i in sorted(calls)]
+
+
+def first(index: int, name: str, id: str) -> dict:
+    return {"tool_calls": [{"index": index, "id": id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def part(index: int, arguments: str) -> dict:
+    return {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}
+
+
+def test_a_call_streams_its_arguments_token_by_token_before_the_closing_tag():
+    from tunesmith.serve.tools import ToolPlan
+
+    plan = ToolPlan(TOOLS, "auto")
+    fed, done = feed(plan, tokens(CALL))
+    (call,) = done.message["tool_calls"]
+    # The first chunk comes with the arguments' "{", then each token of the object as it is fed; nothing after
+    # its "}" (the call's own "}", the newline, the closing tag), nothing at the end.
+    assert fed == [("{", first(0, "get_weather", call["id"])), ("{", part(0, "{")), ('"', part(0, '"')),
+                   ("city", part(0, "city")), ('"', part(0, '"')), (":", part(0, ":")), (" ", part(0, " ")),
+                   ('"', part(0, '"')), ("Paris", part(0, "Paris")), ('"', part(0, '"')), ("}", part(0, "}"))]
+    assert tokens(CALL)[-5:] == ["\n", "<", "/", "tool_call", ">"]  # fed after every fragment above
+    assert (done.reason, done.message["content"]) == ("tool_calls", None)
+    assert joined(fed) == [call["function"]["arguments"]] == \
+        [plan.finish(CALL, "stop").message["tool_calls"][0]["function"]["arguments"]] == ['{"city": "Paris"}']
+
+
+def test_content_then_parallel_calls_stream_in_order():
+    from tunesmith.serve.tools import ToolPlan
+
+    reply = "Let me look.\n" + CALL + "\n" + CALL.replace("Paris", "Rome")
+    plan = ToolPlan(TOOLS, "auto")
+    fed, done = feed(plan, tokens(reply))
+    paris, rome = done.message["tool_calls"]
+    calls = [d for _, d in fed if "tool_calls" in d]
+    assert [d["tool_calls"][0]["index"] for d in calls] == [0] * 11 + [1] * 11  # call 1 after call 0, whole
+    assert calls[0] == first(0, "get_weather", paris["id"]) and calls[11] == first(1, "get_weather", rome["id"])
+    # The text before the first call streams first, without the blank space before the tag; no markup.
+    assert [(p, d) for p, d in fed if "content" in d] == [("Let", {"content": "Let"}), (" me", {"content": " me"}),
+                                                         (" look", {"content": " look"}), (".", {"content": "."})]
+    assert fed.index((".", {"content": "."})) < fed.index(("{", calls[0]))
+    assert (done.reason, done.message["content"]) == ("tool_calls", "Let me look.")
+    assert joined(fed, before_end=True) == [c["function"]["arguments"] for c in
+                                            plan.finish(reply, "stop").message["tool_calls"]] == \
+        ['{"city": "Paris"}', '{"city": "Rome"}']
+
+
+def test_a_call_waits_for_its_name_and_text_after_the_calls_comes_at_the_end():
+    from tunesmith.serve.tools import ToolPlan
+
+    reply = '<tool_call>\n{"arguments": {"city": "Paris"}, "name": "get_weather"}\n</tool_call>\nDone.'
+    fed, done = feed(ToolPlan(TOOLS, "auto"), tokens(reply))
+    call = done.message["tool_calls"][0]
+    assert fed == [('"', first(0, "get_weather", call["id"])), ('"', part(0, '{"city": "Paris"}')),
+                   (None, {"content": "Done."})]
+    assert (done.message["content"], call["function"]["arguments"]) == ("Done.", '{"city": "Paris"}')
+
+
+def test_without_parallel_calls_only_the_first_streams():
+    from tunesmith.serve.tools import ToolPlan
+
+    fed, done = feed(ToolPlan(TOOLS, "auto", parallel=False), tokens(CALL + "\n" + CALL.replace("Paris", "Rome")))
+    assert {d["tool_calls"][0]["index"] for _, d in fed} == {0} and joined(fed) == ['{"city": "Paris"}']
+    assert [c["id"] for c in done.message["tool_calls"]] == [fed[0][1]["tool_calls"][0]["id"]]
+
+
+def test_json_style_arguments_are_the_models_own_text():
+    """Llama 3.1's JSON call, with the python tag and json.dumps-foreign spacing and numbers: the fragments add up
+    to the text the model wrote, which is the reply's arguments; they read back as parse_reply's."""
+    from tunesmith.data.tools import parse_reply
+    from tunesmith.serve.tools import ToolPlan
+
+    arguments = '{"city":"Paris","days":[1, 2.50],"note":"caf\\u00e9 \\"ok\\""}'
+    reply = '<|python_tag|>{"name": "get_weather", "parameters": ' + arguments + "}"
+    plan = ToolPlan(TOOLS, "required", style="json")
+    fed, done = feed(plan, tokens(reply))
+    assert fed[0] == ("{", first(0, "get_weather", done.message["tool_calls"][0]["id"]))
+    assert all(piece is not None for piece, _ in fed)  # nothing left for the end
+    assert joined(fed) == [arguments] == [c["function"]["arguments"] for c in plan.finish(reply, "stop").message[
+        "tool_calls"]]
+    evaluated = parse_reply(reply, "json")[1][0]["function"]["arguments"]  # evaluation's, unchanged
+    assert evaluated == '{"city": "Paris", "days": [1, 2.5], "note": "café \\"ok\\""}'
+    assert json.loads(evaluated) == json.loads(arguments)
+
+
+def test_a_call_that_stops_parsing_under_auto_ends_as_content():
+    """The rule: a call streams while its text can be a call; if the finished reply does not parse, the rest of
+    the text follows as content (all the content adds up to the non-streamed reply's), with its finish_reason."""
+    from tunesmith.serve.tools import ToolPlan
+
+    plan = ToolPlan(TOOLS, "auto")
+    cut = CALL[:CALL.index("ris")]  # max_tokens ran out inside the arguments
+    for reply, finish, streamed in [(UNPARSABLE, "stop", '{"city": '), (cut, "length", '{"city": "Pa')]:
+        fed, done = feed(plan, tokens(reply), finish)
+        assert fed[0][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+        assert joined(fed) == [streamed]
+        assert fed[-1] == (None, {"content": reply}) and "content" not in str(fed[:-1])
+        assert (done.reason, done.message) == (finish, {"role": "assistant", "content": reply})
+        assert plan.finish(reply, finish).message == done.message
+
+
+def test_a_call_whose_later_arguments_override_the_streamed_ones_is_content():
+    """json.loads keeps the last of a repeated key; the first already streamed, so the server cannot answer with
+    the second: the reply is content (evaluation's parse_reply still reads the second)."""
+    from tunesmith.data.tools import parse_reply
+    from tunesmith.serve.tools import ToolPlan
+
+    reply = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}, "arguments": {"city": "Rome"}}' \
+            '\n</tool_call>'
+    plan = ToolPlan(TOOLS, "auto")
+    fed, done = feed(plan, tokens(reply))
+    assert joined(fed) == ['{"city": "Paris"}'] and (done.reason, done.message["content"]) == ("stop", reply)
+    assert plan.finish(reply, "stop").message == {"role": "assistant", "content": reply}
+    assert parse_reply(reply)[1][0]["function"]["arguments"] == '{"city": "Rome"}'
+
+
+def test_arguments_written_as_a_string_go_out_whole_at_the_end_and_hold_later_calls():
+    from tunesmith.serve.tools import ToolPlan
+
+    quoted = '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}\n</tool_call>'
+    reply = quoted + "\n" + CALL
+    fed, done = feed(ToolPlan(TOOLS, "auto"), tokens(reply))
+    oslo, paris = done.message["tool_calls"]
+    assert fed == [(None, first(0, "get_weather", oslo["id"])), (None, part(0, '{"city": "Oslo"}')),
+                   (None, first(1, "get_weather", paris["id"])), (None, part(1, '{"city": "Paris"}'))]
+
+
+def test_the_older_function_call_streams_its_arguments_too():
+    from tunesmith.serve.tools import ToolPlan
+
+    plan = ToolPlan(TOOLS, "get_weather", parallel=False, legacy=True)
+    fed, done = feed(plan, tokens(CALL))
+    assert [d for _, d in fed][:3] == [{"function_call": {"name": "get_weather", "arguments": ""}},
+                                       {"function_call": {"arguments": "{"}},
+                                       {"function_call": {"arguments": '"'}}]
+    assert all(piece is not None and set(d) == {"function_call"} for piece, d in fed)
+    assert "".join(d["function_call"]["arguments"] for _, d in fed) == done.message["function_call"]["arguments"] \
+        == '{"city": "Paris"}'
+    assert done.reason == "function_call"

@@ -114,16 +114,14 @@ async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | 
 
 
 def _streamed(job, body: ChatRequest, plan: ToolPlan, reply: Reply, prompt_tokens: int, logprobs, save):
-    """The reply as chunks: content as it comes (text that may begin a call held back), then each call."""
+    """The reply as chunks: content and calls as they come (text that may begin a call held back)."""
     streams = [plan.stream() for _ in range(body.n)]
     ends = {}
 
     def choices_for(ev: Event):
         stream, lp = streams[ev.index], logprobs(ev)
-        text = stream.feed(ev.text)
-        if text or lp:
-            yield {"index": ev.index, "delta": {"content": text} if text else {}, "logprobs": lp,
-                   "finish_reason": None}
+        for i, delta in enumerate(stream.feed(ev.text) or ([{}] if lp else [])):  # content, a call's chunks
+            yield {"index": ev.index, "delta": delta, "logprobs": lp if i == 0 else None, "finish_reason": None}
         if ev.finish_reason:
             deltas, ends[ev.index] = stream.end(ev.finish_reason)
             for delta in deltas:
