@@ -10,6 +10,10 @@ and validate, and what tool definitions cost in time to first token.
    alternating rounds; the prompt tokens each has.
 
     .venv/bin/python benchmarks/tool_calls.py [--backend torch|llama-cpp] [--samples 100] [--rounds 7]
+        [--model RUN --data examples/data/support-tools/test.jsonl]
+
+With `--data`, the forced calls are asked of a tools file's own conversations instead (those whose last turn is a
+call: the messages before it, with the record's tools), cycled to `--samples`: a trained run on its task.
 """
 
 from __future__ import annotations
@@ -43,13 +47,22 @@ MESSAGES = [{"role": "system", "content": "You are the support assistant of a bi
             {"role": "user", "content": "My order 48213 arrived with a bent wheel. Can I get my money back?"}]
 
 
-def forced_calls(client, model: str, samples: int, max_tokens: int, parallel: bool) -> dict:
+def prompts_of(path: Path | None) -> list[tuple[list[dict], list[dict]]]:
+    """(messages, tools) to force calls on: the fixed bike-shop request, or each record of a tools file that ends
+    in a call, without that call."""
+    if path is None:
+        return [(MESSAGES, TOOLS)]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["messages"][:-1], r["tools"]) for r in records if r["messages"][-1].get("tool_calls")]
+
+
+def forced_calls(client, model: str, samples: int, max_tokens: int, parallel: bool, prompts) -> dict:
     import jsonschema
 
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-
     def one(seed: int):
-        reply = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+        messages, tools = prompts[seed % len(prompts)]
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        reply = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="required",
                                                temperature=1.0, seed=seed, max_tokens=max_tokens,
                                                parallel_tool_calls=parallel)
         choice, good = reply.choices[0], 0
@@ -92,7 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--data", type=Path, help="a tools file whose conversations the forced calls continue")
     args = parser.parse_args(argv)
+    prompts = prompts_of(args.data)
     from openai import OpenAI
 
     proc, url = start_server(args.model, "--backend", args.backend, "--max-batch", "8")
@@ -105,11 +120,12 @@ def main(argv=None) -> int:
             for label, tools in (("none", None), ("4 tools", TOOLS)):
                 ttft, prompt = first_token(client, model, tools)
                 times[label].append((ttft, prompt))
-        print(f"time to first token ({args.backend}, median of {args.rounds} rounds):")
-        for label, runs in times.items():
+        if args.rounds:
+            print(f"time to first token ({args.backend}, median of {args.rounds} rounds):")
+        for label, runs in times.items() if args.rounds else ():
             print(f"  {label:8} prompt {runs[0][1]:4} tokens  TTFT {statistics.median(t for t, _ in runs):.3f} s")
         for parallel in (False, True) if args.samples else ():
-            print(json.dumps(forced_calls(client, model, args.samples, args.max_tokens, parallel)))
+            print(json.dumps(forced_calls(client, model, args.samples, args.max_tokens, parallel, prompts)))
     finally:
         proc.terminate()
         proc.wait(30)
