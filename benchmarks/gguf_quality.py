@@ -1,7 +1,7 @@
 """How close each GGUF quant type of a run stays to the run itself: top-1 agreement and mean KL divergence of the
 next-token distributions over `tunesmith export --gguf`'s fixed prompt set, the largest logit difference, and
 the file size; per loader (transformers, and llama.cpp when llama-cpp-python is installed). The tolerances in
-gguf_export.TOLERANCE are set from this table (docs/gguf.md).
+export/quants.py (TOLERANCE) are set from this table (docs/gguf.md).
 
     .venv/bin/python benchmarks/gguf_quality.py RUN [--quants f16 q8_0 q5_0 q4_1 q4_0] [--keep DIR]
 
@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tunesmith.gguf_export import QUANTS, TOLERANCE, export_gguf, verify_gguf
+from tunesmith.export import QUANTS, TOLERANCE, export_gguf, verify_gguf
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,7 +255,7 @@ def test_loading_a_run_while_serving(server, assets):
         assert same[0] == same[1]
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "again"}).status_code == 200
     if server.backend == "llama-cpp":  # exported at the type the server was started with, not the default
-        from tunesmith.serve.backends import run_key
+        from tunesmith.export.cache import run_key
 
         assert (assets.cache / "gguf" / run_key(assets.lora, "f16") / "model.gguf").is_file()
         assert not (assets.cache / "gguf" / run_key(assets.lora, "q8_0")).exists()
@@ -315,8 +315,8 @@ def test_both_backends_make_the_same_greedy_call(tool_servers):
 
 @needs_llama_cpp
 def test_a_gguf_file_serves_as_the_run_it_was_exported_from(servers, assets):
+    from tunesmith.export.cache import run_key
     from tunesmith.serve.backends import load_gguf_engine
-    from tunesmith.serve.backends import run_key
 
     gguf = assets.cache / "gguf" / run_key(assets.base, "f16") / "model.gguf"
     servers("llama-cpp")  # exported the run into the cache
@@ -364,7 +364,8 @@ def test_requests_wait_for_room_in_the_kv_cache_instead_of_failing(servers, asse
     """The cache holds one window (256 cells for the tiny model): rows that would not fit beside the running
     ones wait their turn, and every reply is what it is alone."""
     from tunesmith.generation import Request
-    from tunesmith.serve.backends import load_gguf_engine, run_key
+    from tunesmith.export.cache import run_key
+    from tunesmith.serve.backends import load_gguf_engine
 
     servers("llama-cpp")
     engine = load_gguf_engine(str(assets.cache / "gguf" / run_key(assets.base, "f16") / "model.gguf"), max_batch=8,
@@ -395,8 +396,8 @@ def test_a_changed_run_is_exported_again(assets, tmp_path, monkeypatch):
         calls.append(options)
         Path(out).write_bytes(b"GGUF")
 
-    monkeypatch.setattr("tunesmith.gguf_export.export_gguf", export_gguf)
-    monkeypatch.setattr("tunesmith.gguf_export.verify_gguf", lambda run, path, **_: SimpleNamespace(ok=True))
+    monkeypatch.setattr("tunesmith.export.cache.export_gguf", export_gguf)
+    monkeypatch.setattr("tunesmith.export.cache.verify_gguf", lambda run, path, **_: SimpleNamespace(ok=True))
     first = backends.exported(run)
     assert backends.exported(run) == first and len(calls) == 1 and calls[0]["quant"] == "q8_0"  # the default
     exact = backends.exported(run, "f16")  # another type is another file, exported once
@@ -411,7 +412,7 @@ def test_a_changed_run_is_exported_again(assets, tmp_path, monkeypatch):
 
 
 def test_a_run_whose_export_fails_verification_is_refused_with_a_finer_type(assets, tmp_path, monkeypatch):
-    from tunesmith.gguf_export import TOLERANCE, Tolerance
+    from tunesmith.export import TOLERANCE, Tolerance
     from tunesmith.serve import ServeError
     from tunesmith.serve.backends import exported
 

@@ -13,13 +13,11 @@ import pytest
 import torch
 from conftest import SMOLLM2_TEMPLATE, _wrap_all_specials, build_tiny_llama
 
-from tunesmith import gguf_export
 from tunesmith.cli import main
 from tunesmith.data.templates import CHAT_TEMPLATES
-from tunesmith.export import ExportError
-from tunesmith.gguf_export import (QUANTS, TOLERANCE, Tolerance, export_gguf, has_llama_cpp, ollama_modelfile,
-                                   verify_gguf)
-from tunesmith.gguf_lora import export_lora_gguf
+from tunesmith.export import (QUANTS, TOLERANCE, ExportError, Tolerance, export_gguf, export_lora_gguf, has_llama_cpp,
+                              ollama_modelfile, verify, verify_gguf, vocab)
+from tunesmith.export import gguf as gguf_writer  # tunesmith's writer; plain `gguf` is gguf-py, which reads files
 
 from test_export import CHAT, run_sft, write_jsonl  # a few steps of a method on the tiny chat data
 
@@ -173,7 +171,7 @@ def test_every_key_of_llama_cpps_own_smollm2_file_but_the_model_card_is_written(
     card = {"general.organization", "general.finetune", "general.basename", "general.size_label",
             "general.license", "general.languages"}
     assert set(smollm2_gguf) - card - set(gguf.GGUFReader(exported.path).fields) == set()
-    assert gguf_export._pre_tokenizer({}, "smollm2-135m-instruct") == "smollm"  # a SmolLM2 run keeps its file's
+    assert vocab._pre_tokenizer({}, "smollm2-135m-instruct") == "smollm"  # a SmolLM2 run keeps its file's
 
 
 def test_the_file_holds_the_runs_own_chat_template(exported, chatml_run, tmp_path):
@@ -294,7 +292,7 @@ def sharp_run(workdir, tokenizer):
 
 def test_a_file_without_the_rope_permutation_fails_verification(sharp_run, tmp_path, monkeypatch):
     assert export_gguf(sharp_run, tmp_path / "right" / "m.gguf", quant="f32", llama_cpp=False).verification  # control
-    monkeypatch.setattr(gguf_export, "permute_for_rope", lambda weights, n_head: weights)
+    monkeypatch.setattr(gguf_writer, "permute_for_rope", lambda weights, n_head: weights)
 
     with pytest.raises(ExportError) as refused:
         export_gguf(sharp_run, tmp_path / "m.gguf", quant="f32", llama_cpp=False)
@@ -322,7 +320,7 @@ def test_a_file_that_lost_the_training_is_refused_even_within_its_quant_toleranc
 
     assert export_gguf(lora_run, tmp_path / "right" / "m.gguf", quant="f32", llama_cpp=False).verification
     monkeypatch.setitem(TOLERANCE, "f32", Tolerance(top1=0.0, kl=float("inf")))
-    monkeypatch.setattr(gguf_export, "_merged", lambda run: (lambda m, t, i: (m.unload(), t, i))(*load_run(run)))
+    monkeypatch.setattr(gguf_writer, "_merged", lambda run: (lambda m, t, i: (m.unload(), t, i))(*load_run(run)))
 
     with pytest.raises(ExportError) as refused:
         export_gguf(lora_run, tmp_path / "m.gguf", quant="f32", llama_cpp=False)
@@ -349,9 +347,9 @@ def test_a_refusal_says_by_how_much_against_which_tolerance_and_what_to_do(lora_
 
 
 def test_a_changed_chat_template_fails_verification(lora_run, tmp_path):
-    model, tokenizer, _ = gguf_export._merged(lora_run)
+    model, tokenizer, _ = gguf_writer._merged(lora_run)
     tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
-    gguf_export.write_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32", name="changed")
+    gguf_writer.write_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32", name="changed")
 
     report = verify_gguf(lora_run, tmp_path / "m.gguf", llama_cpp=False)
     assert report.problems == ["transformers: its chat template differs from the run's"]
@@ -362,7 +360,7 @@ def test_a_changed_chat_template_fails_verification(lora_run, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_cli(lora_run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gguf_export, "has_llama_cpp", lambda: False)  # transformers alone, installed or not
+    monkeypatch.setattr(verify, "has_llama_cpp", lambda: False)  # transformers alone, installed or not
     out = tmp_path / "m.gguf"
     assert main(["export", str(lora_run), "-o", str(out), "--gguf", "--quant", "q8_0"]) == 0
     printed = capsys.readouterr().out
@@ -390,7 +388,7 @@ def test_smollm2s_vocabulary_is_written_as_llama_cpp_wrote_it(tmp_path, smollm2_
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", arch="llama")
-    gguf_export._add_vocab(writer, tokenizer, len(tokenizer), "smollm2-135m-instruct")
+    vocab.add_vocab(writer, tokenizer, len(tokenizer), "smollm2-135m-instruct")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -429,7 +427,7 @@ def base_f32(workdir, tied_dir, tokenizer):
 
     path = workdir / "base" / "base.gguf"
     path.parent.mkdir()
-    gguf_export.write_gguf(AutoModelForCausalLM.from_pretrained(tied_dir), tokenizer, path, quant="f32", name="base")
+    gguf_writer.write_gguf(AutoModelForCausalLM.from_pretrained(tied_dir), tokenizer, path, quant="f32", name="base")
     return path
 
 
@@ -518,14 +516,14 @@ def test_llama_cpp_runs_each_quant_type_within_its_tolerance(lora_run, tmp_path,
 def test_llama_cpp_with_base_and_lora_gives_the_merged_models_logits(lora_run, base_f32, tmp_path):
     adapter = export_lora_gguf(lora_run, tmp_path / "adapter.gguf", verify=False).path
     merged = export_gguf(lora_run, tmp_path / "merged.gguf", quant="f32", verify=False).path
-    prompts, _ = gguf_export._reference(lora_run)
+    prompts, _ = verify._reference(lora_run)
     texts, fulls = [p.text for p in prompts], [p.full for p in prompts]
 
-    _, _, with_lora = gguf_export._llama_cpp_outputs(base_f32, adapter, texts, fulls)
-    _, _, merged_logits = gguf_export._llama_cpp_outputs(merged, None, texts, fulls)
+    _, _, with_lora = verify._llama_cpp_outputs(base_f32, adapter, texts, fulls)
+    _, _, merged_logits = verify._llama_cpp_outputs(merged, None, texts, fulls)
     for prompt, expected in zip(prompts, merged_logits):
         prompt.logits = np.asarray(expected, dtype=np.float64)  # compare with the merged file, not the run
-    compared = gguf_export._compare("llama.cpp + LoRA", prompts, with_lora)
+    compared = verify._compare("llama.cpp + LoRA", prompts, with_lora)
     assert compared.problems("f32") == [], compared
     assert compared.max_logit_diff < 1e-3
 

@@ -70,11 +70,9 @@ def _command_name() -> str:
 
 
 def cmd_export(args) -> int:
-    from ..export import export
+    from ..export import export, export_gguf, export_lora_gguf
 
     if args.gguf and args.lora_only:
-        from ..gguf_lora import export_lora_gguf
-
         result = export_lora_gguf(args.run, args.output, quant=args.quant or "f32", force=args.force,
                                   verify=not args.no_verify)
         print(f"exported the LoRA adapter of {args.run} to {result.path} ({result.quant}, {result.pairs} adapted "
@@ -86,8 +84,6 @@ def cmd_export(args) -> int:
               "not verified: checking an adapter needs llama.cpp (make setup-fast)")
         return 0
     if args.gguf:
-        from ..gguf_export import export_gguf
-
         result = export_gguf(args.run, args.output, quant=args.quant or "f16", force=args.force,
                              verify=not args.no_verify)
         print(f"exported {args.run} to {result.path} ({result.quant}), with {result.modelfile}")
@@ -140,7 +136,7 @@ def cmd_continual(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..gguf_export import QUANTS
+    from ..export import QUANTS
 
     p = sub.add_parser("train", help="train as a YAML config says; evaluates before and after")
     p.add_argument("config", help="YAML recipe (see examples/)")

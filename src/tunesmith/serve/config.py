@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..generation.device import DEVICES
-from ..gguf_export import QUANTS
+from ..export import QUANTS
 from ..models import DEFAULT_CHAT_MODEL
 from .adapters import ServeError, parse_adapters
 from .backends import BACKENDS

@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runs
-from .export import ExportError
-from .gguf_export import (QUANTS, Verification, check_supported, has_llama_cpp, mismatch_message, permute_for_rope,
-                          verify_gguf)
-from .models import load_run
+from ..models import embedded_gguf, load_run
+from .common import ExportError, open_language_run, refuse_existing, scratch_beside
+from .gguf import check_supported, permute_for_rope, write_file, write_gguf
+from .quants import QUANTS
+from .verify import Verification, has_llama_cpp, mismatch_message, verify_gguf
 
 ADAPTER_QUANTS = ("f32", "f16", "bf16")  # an adapter is small; its B rows (r long) fit no quant block anyway
 
@@ -37,28 +37,22 @@ def export_lora_gguf(run: str | Path, out: str | Path, *, quant: str = "f32", fo
     """Write the LoRA adapter of `run` as the GGUF LoRA `out`. With verify and llama-cpp-python installed,
     llama.cpp applies it to the base model's GGUF and its logits are compared with the run's (TOLERANCE of the
     base file's quant type); otherwise the file is written unverified (`verification` None)."""
-    from .models import embedded_gguf
-
     out = Path(out)
     if quant not in ADAPTER_QUANTS:
         raise ExportError(f"--lora-only writes the adapter as {', '.join(ADAPTER_QUANTS)}, not {quant}: an adapter "
                           "is a few MB, and its rows are too short for quant blocks")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
+    refuse_existing(out, force=force)
     model, tokenizer, info = _lora_run(run)
     writer, alpha, pairs = _adapter_writer(model, quant, name=Path(run).resolve().name)
     base_gguf = embedded_gguf(info.base_model)
     base_gguf = base_gguf if base_gguf is not None and base_gguf.is_file() else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}-{os.getpid()}.tmp.gguf")
-    scratch = out.with_name(f".{out.stem}-{os.getpid()}.base.tmp.gguf")
+    tmp, scratch = scratch_beside(out), scratch_beside(out, "base.tmp")
     report = None
     try:
-        _write(writer, tmp)
+        write_file(writer, tmp)
         if verify and has_llama_cpp():
             if base_gguf is None:  # the base as an f32 GGUF, only to verify against
-                from .gguf_export import write_gguf
-
                 write_gguf(model.unload(), tokenizer, scratch, quant="f32", name="base")
             del model
             report = verify_gguf(run, base_gguf or scratch, lora=tmp)
@@ -73,7 +67,7 @@ def export_lora_gguf(run: str | Path, out: str | Path, *, quant: str = "f32", fo
 
 def _lora_run(run):
     """(PeftModel, tokenizer, info) of a plain-LoRA language-model run; anything else is refused by name."""
-    info = runs.open_run(run, task="sft", purpose="exported as GGUF")
+    info = open_language_run(run)
     config = json.loads((Path(run) / "adapter_config.json").read_text()) if info.peft else {}
     what = ("a full fine-tune, which has no adapter" if not info.peft else
             f"{info.method} tuning" if config.get("peft_type") != "LORA" else
@@ -135,10 +129,3 @@ def _adapter_writer(model, quant: str, name: str):
     if pairs == 0:
         raise ExportError("the run's adapter adapts no layer")
     return writer, alpha, pairs
-
-
-def _write(writer, path: Path) -> None:
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()

@@ -9,15 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import runs
-from .errors import TunesmithError
-from .models import load_run, resolve
-
-UNMERGEABLE = ("prefix", "prompt")  # soft prompts live outside the weights: there is nothing to merge into
-
-
-class ExportError(TunesmithError, RuntimeError):
-    pass
+from .. import runs
+from ..models import load_run, resolve
+from .common import ExportError, refuse_existing, refuse_unmergeable
 
 
 def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False) -> Path:
@@ -25,14 +19,12 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
     out = Path(out)
     if out.resolve() == Path(run).resolve() or Path(run).resolve() in out.resolve().parents:
         raise ExportError(f"{out} is the run itself (or inside it); export to another directory")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
+    refuse_existing(out, force=force)
     info = runs.open_run(run)
     if merge and not info.peft:
         raise ExportError(f"{run} is a {info.method} run: its weights are already standalone; export without --merge")
-    if merge and info.method in UNMERGEABLE:
-        raise ExportError(f"{info.method} tuning learns virtual tokens, which cannot be merged into the weights; "
-                          "export the adapter instead (without --merge)")
+    if merge:
+        refuse_unmergeable(info, into="the weights", instead="--merge")
     model, tokenizer, _ = load_run(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

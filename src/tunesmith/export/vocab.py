@@ -1,0 +1,95 @@
+"""A run's tokenizer written into a GGUF file, as llama.cpp's "gpt2" vocabulary. Tokens, token types, merges,
+special ids, the pre-tokenizer's name and the run's chat template, as llama.cpp's convert_hf_to_gguf.py
+(_set_vocab_gpt2) writes them; byte-level BPE tokenizers only."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from .common import ExportError
+
+def add_vocab(writer, tokenizer, vocab_size: int, base: str | None) -> None:
+    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary, and the run's chat template."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizers) tokenizer; this run's is a slow Python one")
+    spec = json.loads(backend.to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 style, like SmolLM2's); this run's "
+                          f"is a {spec['model']['type']} tokenizer")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} "
+                          "embeddings; resize the embeddings before exporting")
+    by_id = {i: token for token, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):  # as convert_hf_to_gguf.get_vocab_base
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if i not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[i].special or (token.startswith("<|") and token.endswith("|>")):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec, base))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # Merges as strings "a b"; a space inside a piece is written as U+0120 (gguf.SpecialVocab's convention).
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
+                             for m in spec["model"]["merges"]])
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # What the tokenizer adds around a text, read off its behaviour rather than its config keys.
+    bare, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    writer.add_add_bos_token(len(full) > len(bare) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(full) > len(bare) and full[-1] == tokenizer.eos_token_id)
+    byte_level = next((p for p in _pre_steps(spec) if p["type"] == "ByteLevel"), {})
+    writer.add_add_space_prefix(bool(byte_level.get("add_prefix_space", False)))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)  # the template the run was trained with
+
+
+def _pre_steps(spec: dict) -> list[dict]:
+    pre = spec.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+
+def _pre_tokenizer(spec: dict, base: str | None) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE (tokenizer.ggml.pre). A model embedded as
+    GGUF keeps its file's name (SmolLM2's is "smollm"); otherwise it is recognised from the pre-tokenizer."""
+    if base is not None and (pre := _embedded_pre(base)) is not None:
+        return pre
+    steps = [(p.get("type"), p.get("use_regex", True), p.get("individual_digits")) for p in _pre_steps(spec)]
+    if steps == [("ByteLevel", True, None)]:
+        return "gpt-2"
+    if steps == [("Digits", True, True), ("ByteLevel", True, None)]:
+        return "smollm"  # SmolLM's tokenizer.json: digits split one by one, then GPT-2's byte-level split
+    raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(spec.get('pre_tokenizer'))[:120]}) is not one "
+                      "GGUF export can name for llama.cpp; supported: GPT-2 byte-level, and SmolLM's digits + "
+                      "byte-level")
+
+
+@functools.lru_cache(maxsize=None)
+def _embedded_pre(base: str) -> str | None:
+    """tokenizer.ggml.pre of the GGUF an embedded model ships as, or None (reading its metadata takes ~3 s)."""
+    import gguf
+
+    from ..models import embedded_gguf
+
+    path = embedded_gguf(base)
+    if path is None or not path.is_file():
+        return None
+    pre = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    return pre.contents() if pre is not None else None
