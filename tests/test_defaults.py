@@ -57,11 +57,11 @@ CASES = {
                    dict(examples=400, tokens=8010, eval_tokens=1600, parameters=22_569_226, fresh_head=True),
                    {"learning_rate": 2e-4, "epochs": 3.0, "warmup_ratio": 0.1, "eval_steps": 30, "save_steps": 30},
                    150),
-    # 3 epochs wanted, but one epoch is 59k tokens x 134.5M parameters = 8e12 of the 1e13 budget; eval_loss
-    # on 11.9k eval tokens twice is half the 59.5k trained on.
+    # 3 epochs wanted, but one epoch is 59k tokens x 134.5M parameters = 8e12 of the 1e13 budget: 1.2 of them
+    # (1.25 to a tenth), 60 steps; eval_loss on 11.9k eval tokens twice is a third of the 71.4k trained on.
     "sft chat lora (budget)": ({}, dict(**SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False),
-                               {"learning_rate": 1e-3, "epochs": 1.0, "warmup_ratio": 0.1, "eval_steps": 25,
-                                "save_steps": 25}, 50),
+                               {"learning_rate": 1e-3, "epochs": 1.2, "warmup_ratio": 0.1, "eval_steps": 30,
+                                "save_steps": 30}, 60),
     "sft completion lora": ({}, dict(**PRODUCT_TITLES, parameters=SMOLLM2, fresh_head=False),
                             {"learning_rate": 1e-3, "epochs": 3.0, "warmup_ratio": 0.1, "eval_steps": 30,
                              "save_steps": 30}, 150),
@@ -117,7 +117,7 @@ def test_each_choice_is_one_readable_line():
     assert head == ("learning_rate 2e-3: lora with a new classification head on a 1.7B-parameter model; the head "
                     "trains at the lora rate and needs at least 2e-3 (lora alone: 5e-4)")
     budget = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False).reasons["epochs"]
-    assert budget.startswith("epochs 1: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 "
+    assert budget.startswith("epochs 1.2: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 "
                              "optimizer steps): an epoch is 59.5k tokens through 134.5M parameters")
 
 
