@@ -174,6 +174,8 @@ def _render(tokenizer, messages, template, *, add_generation_prompt=False, tools
     one, which the template prints as its own text."""
     text, spans = render_chat_spans(tokenizer, messages, add_generation_prompt=add_generation_prompt,
                                     chat_template=template, tools=tools, chat_template_kwargs=chat_template_kwargs)
+    if spans is not None and not any(m.get("reasoning_content") for m in messages):
+        return text, spans  # the common case, each served prompt: nothing to look for
     specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)
     pattern = re.compile("|".join(map(re.escape, specials)) or "(?!)")
     for i, message in enumerate(messages):
