@@ -323,7 +323,7 @@ RUN_FILES = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "
              "log.jsonl", "metrics.json"}
 # run.json's keys, in the order written (runs.RunInfo's fields)
 RUN_INFO_KEYS = ["task", "base_model", "method", "peft", "labels", "chat_template_fingerprint", "defaults", "versions",
-                 "data", "replay", "parent", "lineage", "regularization", "tools"]
+                 "data", "replay", "parent", "lineage", "regularization", "tools", "chat_template_kwargs", "reasoning"]
 
 
 def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
@@ -366,6 +366,7 @@ def test_adapter_run_writes_exactly_its_files(assets, tmp_path):
     assert list(info) == RUN_INFO_KEYS
     assert info["base_model"] == str(assets.lm.resolve()) and info["peft"] and info["labels"] is None
     assert info["chat_template_fingerprint"] and info["tools"] is None  # no tools in its data
+    assert (info["chat_template_kwargs"], info["reasoning"]) == (None, "auto")  # the data config's defaults
     # The resolved config: what the config left unset holds the values chosen (tests/test_defaults.py).
     from tunesmith.training.precision import bf16_native
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .data.reasoning import Policy
+from .data.templates import TemplateKwargs
 from .errors import TunesmithError
 from .models import DEFAULT_CHAT_MODEL
 
@@ -37,6 +39,14 @@ class DataConfig(Strict):
     label_column: str = Field("label", description="CSV/TSV label column")
     chat_template: str | None = Field(None, description="a named fallback (chatml, llama3, plain) or a Jinja "
                                                         "template; default: the tokenizer's own")
+    chat_template_kwargs: TemplateKwargs | None = Field(
+        None, description="sft only: extra chat template variables, e.g. {enable_thinking: false} (Qwen3, SmolLM3: "
+                          "train without thinking); recorded in run.json and applied wherever the run renders chat: "
+                          "eval, generate, chat, serve")
+    reasoning: Policy = Field(
+        "auto", description="sft only: assistant reasoning_content in chat data: auto = as the chat template prints "
+                            "it (Qwen3's: in <think> for the turns after the last user message), train = learned in "
+                            "every learnable turn (an error where the template drops it), drop = removed")
 
 
 # --- methods: what trains. One class per method, discriminated by `name`. ---------------------------------

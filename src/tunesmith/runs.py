@@ -5,8 +5,8 @@ for a new run, and the checkpoints a run can be resumed from. A finished run hol
       adapter_model.safetensors + adapter_config.json   (PEFT methods)  or  model.safetensors + config.json
       tokenizer files (incl. chat_template.jinja)
       train_config.yaml   the resolved config
-      run.json            task, base model, method, label map, chat-template fingerprint, versions, and the
-                          defaults chosen for what the config left unset, one line of why each (defaults)
+      run.json            task, base model, method, label map, chat-template fingerprint and variables, versions,
+                          and the defaults chosen for what the config left unset, one line of why each (defaults)
       log.jsonl           one line per log/eval event: step, loss, lr, eval metrics
       metrics.json        {"before": ..., "after": ..., "train": ...} ("before_kind" says what "before" scored)
       predictions.jsonl   the trained model on the eval split: input, gold, prediction, correct
@@ -84,6 +84,10 @@ class RunInfo:
     lineage: list[dict] = field(default_factory=list)  # every run continued, oldest first
     regularization: dict | None = None  # the anti-forgetting penalty used
     tools: dict | None = None  # how tool data was rendered (data.tools.rendering), None without tools in the data
+    # sft: the chat template variables it trained with (data.chat_template_kwargs, e.g. {"enable_thinking": false}),
+    # which eval, generate, chat and serve apply to the run by default; None: none
+    chat_template_kwargs: dict | None = None
+    reasoning: str | None = None  # sft: the policy for reasoning_content it trained with (data.reasoning)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept when written back
 
     @classmethod

@@ -6,7 +6,11 @@ Commands: `/reset` (forget the history, keep the system prompt), `/system TEXT` 
 With `--tools FILE` (a JSON list of OpenAI tool definitions) the model is prompted with them as training
 rendered them (data/tools.py), each reply is shown once complete, and a reply that calls tools is shown as its
 calls, `call NAME(ARGUMENTS)`. Answer each call with `/result TEXT` (a `tool` turn for the oldest unanswered
-call); once every call of the turn has its result, the model replies. `/save` keeps the tools in the record."""
+call); once every call of the turn has its result, the model replies. `/save` keeps the tools in the record.
+
+A run is talked to with the chat template variables it trained with (run.json's `chat_template_kwargs`, e.g.
+`enable_thinking: false`); a thinking model's reply streams with its <think> block, and the history keeps the
+reasoning apart from the answer (`reasoning_content`), for the template to show or drop."""
 
 from __future__ import annotations
 
@@ -44,12 +48,21 @@ def load_tools(path: str) -> list[dict]:
     return tools
 
 
+def recorded_kwargs(model: str) -> dict | None:
+    """The chat template variables a run trained with (run.json), which talking to it applies by default; None
+    for a model that is no run, or a run trained without any."""
+    from .. import runs
+
+    info = runs.find_run(model)
+    return info.chat_template_kwargs if info else None
+
+
 class _Chat:
     """One conversation: its messages, the calls still waiting for a result, and how it is shown."""
 
-    def __init__(self, model, tokenizer, params, chat_template, tools, system, stdout):
+    def __init__(self, model, tokenizer, params, chat_template, tools, system, stdout, chat_template_kwargs=None):
         self.model, self.tokenizer, self.params, self.chat_template = model, tokenizer, params, chat_template
-        self.tools, self.out = tools, stdout
+        self.tools, self.out, self.kwargs = tools, stdout, chat_template_kwargs
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.waiting: list[str] = []  # ids of the last turn's calls without a result, oldest first
 
@@ -77,7 +90,8 @@ class _Chat:
         # Without tools the reply streams; with them it is shown once complete, so a call never shows as markup.
         on_text = None if self.tools else (lambda piece: self.say(piece, end=""))
         out = generate(self.model, self.tokenizer, messages=self.messages, params=self.params,
-                       chat_template=self.chat_template, tools=self.tools, on_text=on_text)
+                       chat_template=self.chat_template, tools=self.tools, chat_template_kwargs=self.kwargs,
+                       on_text=on_text)
         if not self.tools:  # streamed already
             self.say()
         elif out.content or not out.tool_calls:
@@ -107,12 +121,15 @@ class _Chat:
 
 
 def chat_repl(model, tokenizer, *, params=None, system: str | None = None, chat_template: str | None = None,
-              tools: list[dict] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
-    """Run the REPL until /exit or end of input; returns the final conversation."""
+              tools: list[dict] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+              chat_template_kwargs: dict | None = None) -> list[dict]:
+    """Run the REPL until /exit or end of input; returns the final conversation. `chat_template_kwargs` render
+    every prompt (a run's own: `recorded_kwargs`)."""
     from ..generation import SamplingParams
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    chat = _Chat(model, tokenizer, params or SamplingParams(max_new_tokens=256), chat_template, tools, system, stdout)
+    chat = _Chat(model, tokenizer, params or SamplingParams(max_new_tokens=256), chat_template, tools, system, stdout,
+                 chat_template_kwargs)
     help_line = HELP + (TOOLS_HELP if tools else "")
     chat.say(help_line)
     while True:

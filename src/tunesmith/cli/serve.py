@@ -41,6 +41,7 @@ def _load_placed(name: str, device: str):
 
 def cmd_generate(args) -> int:
     from ..generation import generate
+    from .chat import recorded_kwargs
 
     if (args.prompt is None) == (args.messages is None):
         raise UsageError("give either --prompt TEXT (completion) or --messages JSON|FILE (chat)")
@@ -51,19 +52,21 @@ def cmd_generate(args) -> int:
     model, tokenizer = _load_placed(args.model, args.device)
     on_text = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
     result = generate(model, tokenizer, prompt=args.prompt, messages=messages, params=params,
-                      chat_template=args.chat_template, on_text=on_text)
+                      chat_template=args.chat_template, chat_template_kwargs=recorded_kwargs(args.model),
+                      on_text=on_text)
     print(result.text if args.no_stream else "")
     print(f"[{result.completion_tokens} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
-    from .chat import chat_repl, load_tools
+    from .chat import chat_repl, load_tools, recorded_kwargs
 
     params = sampling(args)
     tools = load_tools(args.tools) if args.tools else None
     model, tokenizer = _load_placed(args.adapter or args.model, args.device)
-    chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template, tools=tools)
+    chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template, tools=tools,
+              chat_template_kwargs=recorded_kwargs(args.adapter or args.model))
     return 0
 
 

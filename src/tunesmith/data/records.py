@@ -1,7 +1,8 @@
 """JSON records into internal records, one `parse_<shape>(obj, issues)` per JSON shape.
 
 The shapes: OpenAI chat, completion, alpaca, ShareGPT, text, classification and tagging; each parser notes
-what is wrong, by field, in `issues`.
+what is wrong, by field, in `issues`. An OpenAI chat assistant message may carry `reasoning_content` (a thinking
+model's reasoning, as DeepSeek's and vLLM's APIs return it); blank reasoning is the same as none.
 
 The internal shapes are documented in `formats`; chat records with tools go through `toolcheck`.
 """
@@ -69,6 +70,13 @@ def _message(m: Any, where: str, issues: Issues, calls: Calls) -> dict | None:
         message["tool_call_id"] = calls.answer(m.get("tool_call_id"), name, f"{where}.tool_call_id", issues)
         if name is not None:
             message["name"] = name
+    if m.get("reasoning_content") is not None:  # what a thinking model reasoned before this reply (DeepSeek, vLLM)
+        reasoning = text_field(m, "reasoning_content", issues, where, allow_empty=True)
+        if role not in (None, "assistant"):
+            issues.append((f"{where}.reasoning_content",
+                           f"reasoning_content is only allowed on assistant messages, not {quote(role)}"))
+        elif reasoning and reasoning.strip():
+            message["reasoning_content"] = reasoning
     if "weight" in m:  # OpenAI's fine-tuning format: 0 = shown to the model but not learned
         weight = message["weight"] = m["weight"]
         if role != "assistant":

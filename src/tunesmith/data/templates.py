@@ -10,11 +10,13 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
+from pydantic import AfterValidator, JsonValue
+
 from ..errors import TunesmithError
 from .tools import for_template
 
@@ -64,10 +66,42 @@ def chat_template_for(tokenizer, name: str | None = None) -> str:
 
 
 # What of a message reaches the template: per-message training fields such as `weight` are ours. Tool fields
-# go only where they hold something: Llama 3.1's template takes any message with a `tool_calls` key, even
-# None, for a call turn.
+# and reasoning go only where they hold something: Llama 3.1's template takes any message with a `tool_calls`
+# key, even None, for a call turn.
 _TEMPLATE_FIELDS = ("role", "content")
-_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
+_OPTIONAL_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+
+# Names apply_chat_template takes itself, or gives the template: a chat template kwarg of the same name would
+# collide with them (a TypeError) or replace the conversation.
+RESERVED_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def kwargs_problem(kwargs: Mapping | None) -> str | None:
+    """Why `kwargs` cannot be chat template variables, or None: a name tunesmith or transformers sets itself."""
+    taken = sorted(set(kwargs or ()) & RESERVED_KWARGS)
+    if taken:
+        return (f"chat_template_kwargs cannot set {', '.join(taken)}: tunesmith sets "
+                f"{'it' if len(taken) == 1 else 'them'} itself; pass template variables such as enable_thinking")
+    return None
+
+
+def _checked_kwargs(kwargs: dict) -> dict:
+    if problem := kwargs_problem(kwargs):
+        raise ValueError(problem)
+    return kwargs
+
+
+# Chat template variables as the configs and the server's requests take them: JSON values, no reserved name.
+TemplateKwargs = Annotated[dict[str, JsonValue], AfterValidator(_checked_kwargs)]
+
+
+def merge_kwargs(*layers: Mapping | None) -> dict | None:
+    """Chat template variables from several sources, later ones winning key by key (vLLM merges a request's
+    over the server's defaults so); None when there are none."""
+    return {key: value for layer in layers for key, value in (layer or {}).items()} or None
 
 
 class ChatTemplateError(TunesmithError, ValueError):
@@ -75,14 +109,19 @@ class ChatTemplateError(TunesmithError, ValueError):
 
 
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
-                chat_template: str | None = None, tools: list[dict] | None = None) -> str:
+                chat_template: str | None = None, tools: list[dict] | None = None,
+                chat_template_kwargs: Mapping | None = None) -> str:
     """Render messages to text with the chosen chat template (see `chat_template_for`). Tool definitions,
-    calls and results reach it as `data/tools.py` says for that template."""
+    calls and results reach it as `data/tools.py` says for that template; an assistant message's
+    `reasoning_content` as it is (data/reasoning.py); `chat_template_kwargs` are extra template variables
+    (`enable_thinking`), as transformers' apply_chat_template and vLLM take them."""
+    if problem := kwargs_problem(chat_template_kwargs):
+        raise ChatTemplateError(problem)
     template = chat_template_for(tokenizer, chat_template)
     messages, tools = for_template(messages, tools, template)
-    clean = [{**{k: m[k] for k in _TEMPLATE_FIELDS if k in m}, **{k: m[k] for k in _TOOL_FIELDS if m.get(k)}}
+    clean = [{**{k: m[k] for k in _TEMPLATE_FIELDS if k in m}, **{k: m[k] for k in _OPTIONAL_FIELDS if m.get(k)}}
              for m in messages]
-    extra = {"tools": tools} if tools else {}
+    extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
     try:
         return tokenizer.apply_chat_template(
             clean, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template, **extra)
@@ -96,8 +135,8 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 
 
 def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
-                      chat_template: str | None = None,
-                      tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int, int]] | None]:
+                      chat_template: str | None = None, tools: list[dict] | None = None,
+                      chat_template_kwargs: Mapping | None = None) -> tuple[str, list[tuple[int, int, int]] | None]:
     """`render_chat`, plus where each message's content sits in the text: `(message index, start, end)` for
     every place the template prints it, in text order. None when the template changes content beyond
     trimming whitespace (e.g. drops old reasoning), so the spans cannot be known exactly.
@@ -107,8 +146,9 @@ def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt:
     time with a unique placeholder for each content, the template's own text is what lies between the
     placeholders, and the real rendering must be exactly those pieces with each content put back, as given,
     stripped where the template trims, or JSON-escaped where it prints content through `tojson`."""
-    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                       chat_template=chat_template, tools=tools)
+    options = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools,
+                   chat_template_kwargs=chat_template_kwargs)
+    text = render_chat(tokenizer, messages, **options)
     contents = [m.get("content") for m in messages]
     tag = _OPEN
     while any(tag in c for c in contents if isinstance(c, str)):  # no content holds the tag: no collision
@@ -116,8 +156,7 @@ def render_chat_spans(tokenizer, messages: list[dict], *, add_generation_prompt:
     # A call turn without text keeps its empty content: a placeholder there would make templates that print
     # content only when there is some (`{% if message.content %}`, Qwen2.5) render another conversation.
     marked = [{**m, "content": f"{tag}{i}{_CLOSE}"} if _printed_content(m) else m for i, m in enumerate(messages)]
-    skeleton = render_chat(tokenizer, marked, add_generation_prompt=add_generation_prompt,
-                           chat_template=chat_template, tools=tools)
+    skeleton = render_chat(tokenizer, marked, **options)
     # pieces = [template text, message index, template text, message index, ..., template text]
     pieces = re.split(f"{re.escape(tag)}([0-9]+){re.escape(_CLOSE)}", skeleton)
     return text, _align(text, pieces, contents)

@@ -11,7 +11,9 @@ differently use the message's exact content span instead. The turn ends right af
 after the content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, EOS; see `tokenize_chat`), so the model
 learns to stop but not the newline the template prints after it. Tool conversations (data/tools.py) mask the
 same way: a call turn is an assistant turn, learnable by its weight and checked by its functions' names; tool
-results and the definitions the template prints are never learnable.
+results and the definitions the template prints are never learnable. Reasoning (data/reasoning.py): a think
+block the template prints in a learnable turn is learnable with it; template variables (`chat_template_kwargs`)
+render every prefix too, so the empty block `enable_thinking: false` puts in a generation prompt is prompt.
 
 Completion: prompt and completion are tokenized as one string, so the boundary token is what the model
 will see; every token that covers any completion character is learnable, plus an appended EOS.
@@ -30,6 +32,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from ..errors import TunesmithError
+from .reasoning import Policy, for_policy
 from .templates import ChatTemplateError, chat_template_for, render_chat, render_chat_spans
 from .tools import for_template
 
@@ -164,21 +167,27 @@ def _learnable(message: dict) -> bool:
     return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
-def _render(tokenizer, messages, template, *, add_generation_prompt=False, tools=None):
+def _render(tokenizer, messages, template, *, add_generation_prompt=False, tools=None, chat_template_kwargs=None):
     """The rendered text and each content's exact (message index, start, end) span, or None for a template
     that changes content. Plain content is fine then, but content holding a special-token string could not
-    be told apart from the template's text, so it is refused rather than guessed at."""
+    be told apart from the template's text, so it is refused rather than guessed at; so is reasoning holding
+    one, which the template prints as its own text."""
     text, spans = render_chat_spans(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                                    chat_template=template, tools=tools)
-    if spans is None:
-        specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)
-        pattern = re.compile("|".join(map(re.escape, specials)) or "(?!)")
-        for i, message in enumerate(messages):
-            if found := pattern.search(message.get("content") or ""):
-                raise MaskError(
-                    f"message {i} ({message['role']}) contains the special-token string {found.group()!r}, and "
-                    "the chat template changes message content (beyond trimming whitespace), so it cannot be "
-                    "kept as plain text; remove it from the data or use a template that prints content as given")
+                                    chat_template=template, tools=tools, chat_template_kwargs=chat_template_kwargs)
+    if spans is not None and not any(m.get("reasoning_content") for m in messages):
+        return text, spans  # the common case, each served prompt: nothing to look for
+    specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, specials)) or "(?!)")
+    for i, message in enumerate(messages):
+        if found := pattern.search(message.get("reasoning_content") or ""):
+            raise MaskError(f"message {i} ({message['role']}): its reasoning_content contains the special-token "
+                            f"string {found.group()!r}, which the chat template would print as a control token; "
+                            "remove it from the reasoning")
+        if spans is None and (found := pattern.search(message.get("content") or "")):
+            raise MaskError(
+                f"message {i} ({message['role']}) contains the special-token string {found.group()!r}, and "
+                "the chat template changes message content (beyond trimming whitespace), so it cannot be "
+                "kept as plain text; remove it from the data or use a template that prints content as given")
     return text, spans
 
 
@@ -200,9 +209,10 @@ def _turn_end_ids(tokenizer, messages, text, spans) -> set[int]:
     return common or set()
 
 
-def _assistant_spans(tokenizer, messages, template, text, spans, stops, tools) -> dict[int, tuple[int, int]]:
+def _assistant_spans(render, messages, text, spans, stops) -> dict[int, tuple[int, int]]:
     """Character span [start, end) of each learnable assistant turn, ending right after its stop token. The
-    prefixes render with the same `tools` as the whole, since a template prints them ahead of every turn."""
+    prefixes render (`render(messages, add_generation_prompt)`) with the same tools and template variables as
+    the whole, since a template prints tools ahead of every turn and `enable_thinking` in the generation prompt."""
     printed: dict[int, list[tuple[int, int, int]]] = {}  # index -> (start, end, next content's start)
     for k, (i, start, end) in enumerate(spans or ()):
         printed.setdefault(i, []).append((start, end, spans[k + 1][1] if k + 1 < len(spans) else len(text)))
@@ -212,9 +222,8 @@ def _assistant_spans(tokenizer, messages, template, text, spans, stops, tools) -
             continue
         # An empty conversation cannot be rendered (and a template may inject a system prompt before a
         # first assistant turn), so a conversation that opens with the assistant uses its content span.
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, chat_template=template,
-                             tools=tools) if i else None
-        through = render_chat(tokenizer, messages[:i + 1], chat_template=template, tools=tools)
+        before = render(messages[:i], True) if i else None
+        through = render(messages[:i + 1], False)
         if before is not None and text.startswith(through) and through.startswith(before) \
                 and len(through) > len(before):
             start, end = len(before), len(through)
@@ -249,29 +258,40 @@ def _cut_after_stop(text: str, tail: int, end: int, stops: list[str], index: int
 
 
 def tokenize_chat(tokenizer, messages: list[dict], *, chat_template: str | None = None,
-                  generation_config=None, tools: list[dict] | None = None) -> Example:
+                  generation_config=None, tools: list[dict] | None = None,
+                  chat_template_kwargs: dict | None = None, reasoning: Policy = "auto") -> Example:
     """Input ids of the rendered conversation, labels only on learnable assistant turns (incl. stop token).
 
     A turn ends with a stop token: the tokenizer's EOS or one of `generation_config.eos_token_id`. Pass the
     model's generation_config when its turns end with something other than EOS (Gemma's `<end_of_turn>`,
     Llama 3's `<|eot_id|>`), since that is what generation will stop on. Without one (or without an
     eos_token_id in it), a special token that the template prints right after every assistant message in
-    this conversation also counts, so such templates still train to stop."""
+    this conversation also counts, so such templates still train to stop.
+
+    `chat_template_kwargs` are template variables for every rendering (Qwen3's `enable_thinking: false` puts
+    an empty think block in the generation prompt, so it is not learned); `reasoning` is the policy for
+    assistant `reasoning_content` (data/reasoning.py): a learned turn's think block is learnable with the rest
+    of the turn, and under "train" every learnable turn's reasoning must be among its learnable tokens."""
     template = chat_template_for(tokenizer, chat_template)
-    messages, tools = for_template(messages, tools, template)
-    text, spans = _render(tokenizer, messages, template, tools=tools)
+    messages, tools = for_template(for_policy(messages, reasoning), tools, template)
+    text, spans = _render(tokenizer, messages, template, tools=tools, chat_template_kwargs=chat_template_kwargs)
     stop_ids = stop_token_ids(tokenizer, generation_config)
     if getattr(generation_config, "eos_token_id", None) is None:
         stop_ids |= _turn_end_ids(tokenizer, messages, text, spans)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
-    turns = _assistant_spans(tokenizer, messages, template, text, spans, stops, tools)
+
+    def render(part: list[dict], add_generation_prompt: bool) -> str:
+        return render_chat(tokenizer, part, add_generation_prompt=add_generation_prompt, chat_template=template,
+                           tools=tools, chat_template_kwargs=chat_template_kwargs)
+
+    turns = _assistant_spans(render, messages, text, spans, stops)
     ids, offsets = _encode_protected(tokenizer, text, _content_spans(spans))
 
     labels = [IGNORE_INDEX] * len(ids)
     begins, ends = [s for s, _ in offsets], [e for _, e in offsets]
     for index, (start, end) in turns.items():
         covered = [t for t in range(bisect_right(ends, start), bisect_left(begins, end)) if ends[t] > begins[t]]
-        _check_turn(tokenizer, ids, covered, messages[index], index, stop_ids)
+        _check_turn(tokenizer, ids, covered, messages[index], index, stop_ids, reasoning)
         for t in covered:
             labels[t] = ids[t]
     if not turns:
@@ -279,7 +299,7 @@ def tokenize_chat(tokenizer, messages: list[dict], *, chat_template: str | None 
     return Example(ids, labels, text, offsets)
 
 
-def _check_turn(tokenizer, ids, covered, message, index, stop_ids) -> None:
+def _check_turn(tokenizer, ids, covered, message, index, stop_ids, reasoning: Policy = "auto") -> None:
     if not covered:
         raise MaskError(f"message {index} (assistant): no token falls on its text")
     if ids[covered[-1]] not in stop_ids:
@@ -292,15 +312,22 @@ def _check_turn(tokenizer, ids, covered, message, index, stop_ids) -> None:
     if missing := next((part for part in expected if part not in decoded), None):
         raise MaskError(f"message {index} (assistant): the learnable tokens decode to {decoded[:60]!r}, "
                         f"which does not contain {missing[:40]!r}; the mask is misaligned")
+    thought = (message.get("reasoning_content") or "").strip()
+    if reasoning == "train" and thought and thought not in decoded:
+        raise MaskError(f"message {index} (assistant): reasoning is 'train', but the chat template does not print "
+                        f"this turn's reasoning_content ({thought[:40]!r}) within the turn (Qwen3's prints it "
+                        "only for turns after the last user message; templates without thinking never do); use "
+                        "reasoning 'auto' to learn what the template keeps, or one conversation per reasoned turn")
 
 
 def encode_chat_prompt(tokenizer, messages: list[dict], *, chat_template: str | None = None,
-                       tools: list[dict] | None = None) -> list[int]:
+                       tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[int]:
     """Ids of a conversation followed by the generation prompt, ready for the model to answer.
     Special-token strings in content stay plain text, as in training; linear in the conversation's size."""
     template = chat_template_for(tokenizer, chat_template)
     messages, tools = for_template(messages, tools, template)
-    text, spans = _render(tokenizer, messages, template, add_generation_prompt=True, tools=tools)
+    text, spans = _render(tokenizer, messages, template, add_generation_prompt=True, tools=tools,
+                          chat_template_kwargs=chat_template_kwargs)
     ids, _ = _encode_protected(tokenizer, text, _content_spans(spans))
     return ids
 
@@ -333,15 +360,27 @@ def tokenize_completion(tokenizer, prompt: str, completion: str) -> Example:
 # Records and datasets
 # ---------------------------------------------------------------------------------------------------------
 
-def tokenize_record(tokenizer, record: dict, *, chat_template: str | None = None,
-                    generation_config=None) -> Example:
+def tokenize_record(tokenizer, record: dict, *, chat_template: str | None = None, generation_config=None,
+                    chat_template_kwargs: dict | None = None, reasoning: Policy = "auto") -> Example:
     """Tokenize one internal chat or completion record."""
     if "messages" in record:
         return tokenize_chat(tokenizer, record["messages"], chat_template=chat_template,
-                             generation_config=generation_config, tools=record.get("tools"))
+                             generation_config=generation_config, tools=record.get("tools"),
+                             chat_template_kwargs=chat_template_kwargs, reasoning=reasoning)
     if "prompt" in record and "completion" in record:
         return tokenize_completion(tokenizer, record["prompt"], record["completion"])
     raise MaskError(f"record with keys {sorted(record)} is neither chat nor completion")
+
+
+def _warn_unread_reasoning(tokenizer, records: list, chat_template, reasoning: Policy, source: str) -> None:
+    """Under "auto" a template that never reads reasoning_content (ChatML) drops it silently: say so once."""
+    if reasoning != "auto":
+        return
+    reasoned = sum(any(m.get("reasoning_content") for m in r.get("messages", ())) for r in records)
+    if reasoned and "reasoning_content" not in chat_template_for(tokenizer, chat_template):
+        log.warning("%s: %d examples have assistant reasoning_content, which this chat template does not print, "
+                    "so it is not learned; use a template that renders it (Qwen3's), or set reasoning to drop "
+                    "to say it is meant", source, reasoned)
 
 
 def truncate(example: Example, max_length: int) -> Example:
@@ -361,14 +400,18 @@ class TokenizeStats:
 
 
 def tokenize_records(tokenizer, records, *, max_length: int | None = None, chat_template: str | None = None,
-                     generation_config=None, source: str = "data") -> tuple[list[Example], TokenizeStats]:
+                     generation_config=None, source: str = "data", chat_template_kwargs: dict | None = None,
+                     reasoning: Policy = "auto") -> tuple[list[Example], TokenizeStats]:
     """Tokenize every record; examples left with no learnable token after truncation are dropped and
     counted in one warning. A bad mask is an error naming the example (1-based, in input order)."""
     out, stats = [], TokenizeStats()
+    records = list(records)
+    _warn_unread_reasoning(tokenizer, records, chat_template, reasoning, source)
     for n, record in enumerate(records, start=1):
         try:
             example = tokenize_record(tokenizer, record, chat_template=chat_template,
-                                      generation_config=generation_config)
+                                      generation_config=generation_config,
+                                      chat_template_kwargs=chat_template_kwargs, reasoning=reasoning)
         except (MaskError, ChatTemplateError) as err:
             raise type(err)(f"{source}: example {n}: {err}") from None
         stats.examples += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.reasoning import Policy
+from ..data.templates import merge_kwargs
 from ..generation import SamplingParams
 from .results import EvaluateError, Evaluation, write_results
 from .scorers import evaluate_classification, evaluate_generation, evaluate_tagging
@@ -14,11 +16,14 @@ _TASK_OF_KIND = {"chat": "sft", "completion": "sft", "classification": "classify
 
 def score(model, tokenizer, records: list[dict], task: str, *, labels: list[str] | None = None, prompting=None,
           pool: list[dict] = (), seed: int = 0, chat_template: str | None = None, max_length: int = 512,
-          params: SamplingParams | None = None, normalize: bool = False, desc: str = "scoring") -> Evaluation:
+          params: SamplingParams | None = None, normalize: bool = False, desc: str = "scoring",
+          chat_template_kwargs: dict | None = None, reasoning: Policy = "auto") -> Evaluation:
     """Score `model` on `records` for `task` (sft, classify or ner). With `prompting` (a PromptingConfig), a
     classifier is scored through the language model's label words and generation gets k-shot prompts, the
     exemplars drawn from `pool` with `seed` (prompting.py); otherwise the task's own scorer runs (scorers.py),
-    in eval mode, and the model is left in the mode it was in. Progress is shown as `desc`."""
+    in eval mode, and the model is left in the mode it was in. Progress is shown as `desc`. Generation renders
+    chat with `chat_template_kwargs` and masks its loss with the `reasoning` policy, as sft training does."""
+    chat = {"chat_template_kwargs": chat_template_kwargs, "reasoning": reasoning}
     if prompting is not None and task in ("classify", "sft"):
         from .prompting import classify_by_prompting, generate_by_prompting  # torch at import
 
@@ -27,13 +32,13 @@ def score(model, tokenizer, records: list[dict], task: str, *, labels: list[str]
                                          chat_template=chat_template)
         return generate_by_prompting(model, tokenizer, records, prompting, pool=pool, seed=seed,
                                      chat_template=chat_template, max_length=max_length, params=params,
-                                     normalize=normalize, desc=desc)
+                                     normalize=normalize, desc=desc, **chat)
     was_training = model.training
     model.eval()
     try:
         if task == "sft":
             return evaluate_generation(model, tokenizer, records, chat_template=chat_template, max_length=max_length,
-                                       params=params, normalize=normalize, desc=desc)
+                                       params=params, normalize=normalize, desc=desc, **chat)
         if task == "classify":
             return evaluate_classification(model, tokenizer, records, labels, max_length=max_length, desc=desc)
         return evaluate_tagging(model, tokenizer, records, labels, max_length=max_length, desc=desc)
@@ -45,7 +50,8 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
              labels: list[str] | None = None, prompting=None, train_data: str | Path | list[dict] | None = None,
              output_dir: str | Path | None = None, limit: int | None = None, chat_template: str | None = None,
              max_length: int = 512, params: SamplingParams | None = None, normalize: bool = False,
-             seed: int = 0, device: str | None = None) -> Evaluation:
+             seed: int = 0, device: str | None = None, chat_template_kwargs: dict | None = None,
+             reasoning: Policy | None = None) -> Evaluation:
     """Score a model on held-out data, in one call.
 
     `model` is an embedded name, a directory, a hub id, a tunesmith run directory, or a (model, tokenizer)
@@ -53,7 +59,9 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
     classify, tokens+tags -> ner). A classify task on a plain causal LM (no trained head) is scored through
     the language model with `prompting` (a PromptingConfig or a mapping; default: zero-shot, label names as
     label words); `train_data` supplies its k-shot exemplars. With `output_dir`, writes metrics.json and
-    predictions.jsonl there. `device` (auto, cpu, cuda) moves the model there first; None leaves it where it is."""
+    predictions.jsonl there. `device` (auto, cpu, cuda) moves the model there first; None leaves it where it is.
+    A run's chat is rendered as it trained: its recorded chat_template_kwargs, with `chat_template_kwargs` merged
+    over them, and its reasoning policy unless `reasoning` is given."""
     from .. import runs
     from ..config import PromptingConfig, load_prompting
     from ..data.formats import kind_of, read_records
@@ -92,8 +100,10 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
         from ..generation.device import place
 
         lm = place(lm, device)
+    kwargs = merge_kwargs(info and info.chat_template_kwargs, chat_template_kwargs)
     result = score(lm, tokenizer, records, task, labels=labels, prompting=prompting, pool=pool, seed=seed,
-                   chat_template=chat_template, max_length=max_length, params=params, normalize=normalize)
+                   chat_template=chat_template, max_length=max_length, params=params, normalize=normalize,
+                   chat_template_kwargs=kwargs, reasoning=reasoning or (info and info.reasoning) or "auto")
     result.metrics = {"task": task, "examples": len(records), **result.metrics}
     if output_dir:
         write_results(result, output_dir)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..batching import batches, device_of, pad
+from ..data.reasoning import Policy
 from ..data.tokenize import IGNORE_INDEX, chat_template_for, tokenize_records
 from ..data.tools import CALL_OPEN, Style, call_style, format_call, has_tools, parse_reply
 from ..generation import SamplingParams, generate_batch
@@ -64,11 +65,13 @@ def scored_calls(text: str, style: Style) -> tuple[list[dict] | None, list[dict]
 
 
 def _replies(model, tokenizer, refs: list[Reference], *, params: SamplingParams, chat_template: str | None,
-             batch_size: int, progress) -> list[str]:
-    """The model's reply to each reference's request, greedy unless `params` sample; tools in the prompt."""
-    return [out.text for out in generate_batch(model, tokenizer, [ref.request for ref in refs], params=params,
-                                               chat_template=chat_template, batch_size=batch_size,
-                                               progress=progress)]
+             chat_template_kwargs: dict | None, batch_size: int, progress) -> list[tuple[str, str | None]]:
+    """The model's reply to each reference's request, greedy unless `params` sample; tools in the prompt. Each
+    is (answer, reasoning): a thinking template's reply is scored by its answer, after the think block."""
+    return [(out.answer, out.reasoning_content)
+            for out in generate_batch(model, tokenizer, [ref.request for ref in refs], params=params,
+                                      chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+                                      batch_size=batch_size, progress=progress)]
 
 
 def _inference(fn):
@@ -84,12 +87,13 @@ def _inference(fn):
 
 @_inference
 def learnable_loss(model, tokenizer, records, *, chat_template=None, max_length=512, batch_size=8,
-                   desc: str = "loss") -> float:
+                   desc: str = "loss", chat_template_kwargs: dict | None = None, reasoning: Policy = "auto") -> float:
     """Mean cross-entropy over learnable tokens only (the same mask as training), summed across the set."""
     import torch
 
     examples, _ = tokenize_records(tokenizer, records, max_length=max_length, chat_template=chat_template,
-                                   source="eval", generation_config=getattr(model, "generation_config", None))
+                                   source="eval", generation_config=getattr(model, "generation_config", None),
+                                   chat_template_kwargs=chat_template_kwargs, reasoning=reasoning)
     feats = [e.features() for e in examples]
     total, count = 0.0, 0
     device = device_of(model)
@@ -108,19 +112,23 @@ def learnable_loss(model, tokenizer, records, *, chat_template=None, max_length=
 
 def evaluate_generation(model, tokenizer, records, *, chat_template=None, max_length=512, max_new_tokens=64,
                         params: SamplingParams | None = None, normalize: bool = False, batch_size=16,
-                        desc: str = "scoring") -> Evaluation:
+                        desc: str = "scoring", chat_template_kwargs: dict | None = None,
+                        reasoning: Policy = "auto") -> Evaluation:
     """Generate a reply for each record's prompt (greedy unless `params` sample) and compare with its gold
-    reply; the loss is over the gold reply's learnable tokens, with the training mask.
+    reply; the loss is over the gold reply's learnable tokens, with the training mask (`chat_template_kwargs`
+    and the `reasoning` policy as in training).
 
     In a conversation with tools the prompt carries the definitions and the reply's calls are parsed as the
     template prints them (data/tools.py); exact_match is then tools-aware (metrics.reply_matches) and the tool
     metrics (metrics.tool_metrics, over those records only) are added. Each prediction then shows `calls` (as
-    parsed, None for none) beside `gold_calls`."""
+    parsed, None for none) beside `gold_calls`. A thinking template's reply is scored by its answer, and its
+    prediction shows the reasoning apart (`reasoning`, when there was some)."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
     refs = [split_reference(r) for r in records]
     with Progress(f"{desc}: generating", len(refs)) as progress:
-        texts = _replies(model, tokenizer, refs, params=params, chat_template=chat_template, batch_size=batch_size,
-                         progress=progress)
+        replies = _replies(model, tokenizer, refs, params=params, chat_template=chat_template,
+                           chat_template_kwargs=chat_template_kwargs, batch_size=batch_size, progress=progress)
+    texts = [answer for answer, _ in replies]
     with_tools = [i for i, r in enumerate(refs) if r.tools is not None]
     parsed, scored = [None] * len(refs), [None] * len(refs)
     if with_tools:  # calls are read back the way this template prints them
@@ -129,10 +137,11 @@ def evaluate_generation(model, tokenizer, records, *, chat_template=None, max_le
             parsed[i], scored[i] = scored_calls(texts[i], style)
     correct = [reply_matches(t, s, r.text, r.calls, normalized=normalize) for r, t, s in zip(refs, texts, scored)]
     predictions = [{"input": r.request, "gold": r.text, "prediction": t, "correct": c,
+                    **({"reasoning": thought} if thought is not None else {}),
                     **({"gold_calls": r.calls, "calls": p} if r.tools is not None else {})}
-                   for r, t, p, c in zip(refs, texts, parsed, correct)]
+                   for r, (t, thought), p, c in zip(refs, replies, parsed, correct)]
     loss = learnable_loss(model, tokenizer, records, chat_template=chat_template, max_length=max_length,
-                          desc=f"{desc}: loss")
+                          desc=f"{desc}: loss", chat_template_kwargs=chat_template_kwargs, reasoning=reasoning)
     metrics = {**generation_metrics(texts, [r.text for r in refs], normalized=normalize),
                "exact_match": sum(correct) / max(len(correct), 1), "loss": loss, "perplexity": math.exp(min(loss, 50))}
     if with_tools:

@@ -41,29 +41,32 @@ class Prompts:
     def _at_least(self, text: str) -> int:
         return -(-len(text) // self.longest)
 
-    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
+    def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict | None) -> str:
         try:
             return render_chat(self.tokenizer, messages, add_generation_prompt=True, chat_template=self.template,
-                               tools=tools)
+                               tools=tools, chat_template_kwargs=kwargs)
         except Exception as err:  # a template that rejects this conversation (e.g. roles out of order)
             raise APIError(400, f"The chat template cannot render these messages: {err}", param="messages") from None
 
-    def _encode(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    def _encode(self, messages: list[dict], tools: list[dict] | None, kwargs: dict | None) -> list[int]:
         try:
-            return encode_chat_prompt(self.tokenizer, messages, chat_template=self.template, tools=tools)
+            return encode_chat_prompt(self.tokenizer, messages, chat_template=self.template, tools=tools,
+                                      chat_template_kwargs=kwargs)
         except MaskError as err:  # content that could only be kept from forging a role by refusing it
             raise APIError(400, f"These messages cannot be encoded safely: {err}", param="messages") from None
 
-    def count(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+    def count(self, messages: list[dict], tools: list[dict] | None = None, kwargs: dict | None = None) -> int:
         """Prompt tokens of `messages`, or a lower bound when that is already more than the window."""
-        if (low := self._at_least(self._render(messages, tools))) > self.window:
+        if (low := self._at_least(self._render(messages, tools, kwargs))) > self.window:
             return low
-        return len(self._encode(messages, tools))
+        return len(self._encode(messages, tools, kwargs))
 
-    def chat(self, messages: list[dict], max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
-        """The prompt of `messages` with `tools` (OpenAI's entries) rendered as data/tools.py says for the template."""
-        self.budget(self._at_least(self._render(messages, tools)), max_tokens, None, "messages", at_least=True)
-        return self._encode(messages, tools)
+    def chat(self, messages: list[dict], max_tokens: int | None = None, tools: list[dict] | None = None,
+             kwargs: dict | None = None) -> list[int]:
+        """The prompt of `messages` with `tools` (OpenAI's entries) rendered as data/tools.py says for the template,
+        and `kwargs` as the template's variables (chat_template_kwargs)."""
+        self.budget(self._at_least(self._render(messages, tools, kwargs)), max_tokens, None, "messages", at_least=True)
+        return self._encode(messages, tools, kwargs)
 
     def completion(self, prompt: str | list[int], max_tokens: int | None = None) -> list[int]:
         if not isinstance(prompt, str):  # token ids, as lm-evaluation-harness sends them
@@ -83,11 +86,11 @@ class Prompts:
         return ids
 
     def history(self, store: ConversationStore, conversation: dict, new: list[dict], reserve: int,
-                tools: list[dict] | None = None) -> list[dict]:
+                tools: list[dict] | None = None, kwargs: dict | None = None) -> list[dict]:
         """The prompt messages of a conversation's next turn, trimmed to the window (in a worker thread)."""
         stored = [{k: v for k, v in m.items() if k != "created_at"} for m in store.messages(conversation["id"])]
         system, history = pinned(conversation["system"], stored)
-        fitted = fit_history(system, history, new, lambda messages: self.count(messages, tools),
+        fitted = fit_history(system, history, new, lambda messages: self.count(messages, tools, kwargs),
                              self.window - reserve)
         if fitted is None:
             raise APIError(400, f"The system prompt and the new messages leave no room for a {reserve}-token "

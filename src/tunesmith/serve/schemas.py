@@ -7,7 +7,9 @@ still a valid float). Fields OpenAI's clients send that do not change the reply 
 best_of) are rejected by `unsupported()` with the parameter's name. Any other unknown field is rejected (400),
 never silently ignored. Tools (`tools`, `tool_choice`, `parallel_tool_calls`, the older `functions` and
 `function_call`, assistant `tool_calls` and `tool` messages) are checked here: every function's parameters must
-be a JSON schema of an object that llguidance can enforce, since `required` forces calls that validate."""
+be a JSON schema of an object that llguidance can enforce, since `required` forces calls that validate. For
+thinking models, `reasoning_effort` and vLLM's `chat_template_kwargs` set the chat template's variables
+(serve/reasoning.py), and an assistant message may carry back its `reasoning_content`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..data.reasoning import EFFORTS
+from ..data.templates import TemplateKwargs
 from ..data.tools import arguments_object
 from ..data.toolcheck import parameters_problems
 from ..generation.grammar import parameters_schema, response_format_error, schema_error
@@ -143,6 +147,7 @@ class Message(_Strict):
     tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this result answers
     function_call: CalledFunction | None = None  # assistant, the older API: its one call
+    reasoning_content: str | None = None  # assistant: a thinking model's reasoning, as this server returns it
 
     @field_validator("role")
     @classmethod
@@ -203,7 +208,11 @@ class ChatRequest(_Sampling):
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
     prediction: Prediction | None = None
-    reasoning_effort: str | None = None  # these models do not reason before answering: nothing to tune
+    # OpenAI's reasoning effort: for a template that switches thinking (Qwen3, SmolLM3) "none" and "minimal" turn it
+    # off, the others on; a template that reads reasoning_effort gets it as it is (data/reasoning.effort_kwargs)
+    reasoning_effort: Literal[EFFORTS] | None = None
+    # vLLM's extension: variables for the chat template (enable_thinking), merged over the run's recorded ones
+    chat_template_kwargs: TemplateKwargs | None = None
 
     @property
     def functions_of_tools(self) -> list[FunctionDef]:
@@ -243,6 +252,8 @@ class ChatRequest(_Sampling):
                 message.update(content=m.text() or None, tool_calls=calls)
             if m.role == "tool":
                 message["tool_call_id"] = m.tool_call_id
+            if m.reasoning_content is not None and m.role == "assistant":  # the template decides if it shows
+                message["reasoning_content"] = m.reasoning_content
             out.append(message)
         return out
 

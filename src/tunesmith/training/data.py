@@ -70,6 +70,11 @@ def sft_records(records: list[dict], cfg: TrainConfig) -> list[dict]:
     return [convert(r) for r in records] if convert else records
 
 
+def sft_chat(cfg: TrainConfig) -> dict:
+    """How an sft run renders chat beyond its template, as tokenize_records and evaluation.score take it."""
+    return {"chat_template_kwargs": cfg.data.chat_template_kwargs, "reasoning": cfg.data.reasoning}
+
+
 def tool_rendering(records: list[dict], template: str | None) -> dict | None:
     """run.json's `tools`: how `template` rendered the tools of these sft records (so the run is served the
     same way), or None when no record involves tools."""
@@ -93,7 +98,7 @@ def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: lis
 
         examples, stats = tokenize_records(tokenizer, sft_records(records, cfg), max_length=cfg.max_length,
                                            chat_template=cfg.data.chat_template, source=source,
-                                           generation_config=load_generation_config(cfg.model))
+                                           generation_config=load_generation_config(cfg.model), **sft_chat(cfg))
         return [e.features() for e in examples], stats
     label2id = {label: i for i, label in enumerate(labels)}
     unknown = sorted({r.get("label") for r in records if cfg.task == "classify" and r["label"] not in label2id}

@@ -35,7 +35,7 @@ from ..version import __version__
 from . import lineage, precision
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
 from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
-                   sft_records, shares_prefix, tool_rendering)
+                   sft_chat, sft_records, shares_prefix, tool_rendering)
 from .defaults import CPU_BUDGET, Chosen, Speed, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
 from .regularize import anchor_for
@@ -397,6 +397,7 @@ def _score(model, tokenizer, cfg: TrainConfig, records, labels, desc: str, *, pr
                  labels=labels, prompting=prompting, pool=pool, seed=cfg.seed,
                  # data.chat_template is the sft data's; a classifier's prompts keep the tokenizer's own
                  chat_template=cfg.data.chat_template if cfg.task == "sft" else None, max_length=cfg.max_length,
+                 **(sft_chat(cfg) if cfg.task == "sft" else {}),
                  params=SamplingParams(max_new_tokens=cfg.eval_max_new_tokens),
                  desc=f"{desc}: {len(records)} held-out")
 
@@ -429,7 +430,8 @@ def _run_info(cfg: TrainConfig, data: _Data, parent: RunInfo | None, defaults: d
                   "torch": torch.__version__},
         data=data.files, replay=data.replay, parent=parent.link() if parent else None,
         lineage=lineage.lineage(parent),
-        regularization=cfg.regularization.model_dump() if cfg.regularization else None, tools=data.tools)
+        regularization=cfg.regularization.model_dump() if cfg.regularization else None, tools=data.tools,
+        **(sft_chat(cfg) if cfg.task == "sft" else {}))
 
 
 def _parent_features(cfg: TrainConfig, parent: RunInfo | None, tokenizer, labels) -> list[dict] | None:

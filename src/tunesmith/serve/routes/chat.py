@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: chat replies, n choices, streamed or not, optionally constrained to JSON by
 response_format, with tools the model may call (serve/tools.py: the prompt, the grammar that forces a call,
-and the reply's `tool_calls`). With `conversation` the server keeps the history: the turn's prompt is the
+and the reply's `tool_calls`), a thinking model's reasoning apart from its answer (serve/reasoning.py: the
+template's variables, `reasoning_content`). With `conversation` the server keeps the history: the turn's prompt is the
 stored history trimmed to the window, the reply (its calls too) is stored when it ends, and an Idempotency-Key
 makes a retry replay the stored reply instead of generating (and storing) a second one."""
 
@@ -13,12 +14,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ... import runs
 from ..conversations import KeyReused
 from ...generation import Event
 from ..errors import APIError
 from ..jobs import constraint, fits, job_for, served
 from ..schemas import ChatRequest
-from ..tools import ToolPlan, run_tools
+from ..reasoning import ReplyReader, template_kwargs
+from ..tools import ToolPlan
 from .common import Reply, Stream, chunks_of, collect, read_json, sse, streaming, usage
 
 router = APIRouter()
@@ -46,16 +49,18 @@ async def chat(request: Request):
                            code="conversation_not_found")
         if body.n != 1:
             raise APIError(400, "A conversation continues with one reply: n must be 1.", param="n")
-    plan = ToolPlan.of(body, state.prompts.chat_template, run_tools(body.model, entry.run), data)
+    run = runs.find_run(entry.run or body.model)
+    plan = ToolPlan.of(body, state.prompts.chat_template, run.tools if run else None, data)
+    kwargs = template_kwargs(body, state.prompts.chat_template, run)
     if conversation is None or not key:
-        return await answer(state, body, plan, conversation, None, None)
+        return await answer(state, body, plan, conversation, None, None, kwargs)
     if len(key) > 255:
         raise APIError(400, "The Idempotency-Key header is longer than 255 characters.",
                        code="invalid_idempotency_key")
     # One generation per (conversation, key): a concurrent retry waits here for the first to end.
     await state.turns.acquire(conversation["id"], key)
     try:
-        response = await answer(state, body, plan, conversation, key, _fingerprint(data))
+        response = await answer(state, body, plan, conversation, key, _fingerprint(data), kwargs)
     except BaseException:
         state.turns.release(conversation["id"], key)
         raise
@@ -67,7 +72,8 @@ async def chat(request: Request):
 
 
 async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | None, key: str | None,
-                 fingerprint: str | None):
+                 fingerprint: str | None, kwargs: dict | None = None):
+    """The reply to a chat request, its prompt rendered with `kwargs` (the chat template's variables)."""
     engine, store, prompts, settings = state.engine, state.store, state.prompts, state.settings
     max_tokens = body.max_completion_tokens or body.max_tokens
     messages = new = body.prompt_messages()
@@ -83,8 +89,9 @@ async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | 
             return _replayed(body, reply, stored)  # an SDK retry: the turn is already written
     if conversation is not None:
         reserve = max_tokens or settings.reply_reserve or prompts.window // 4
-        messages = await run_in_threadpool(prompts.history, store, conversation, new, reserve, plan.tools)
-    ids = await run_in_threadpool(prompts.chat, messages, max_tokens, plan.tools)
+        messages = await run_in_threadpool(prompts.history, store, conversation, new, reserve, plan.tools, kwargs)
+    ids = await run_in_threadpool(prompts.chat, messages, max_tokens, plan.tools, kwargs)
+    reader = ReplyReader.of(plan, prompts.chat_template, engine.tokenizer, ids)
     limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     job = job_for(engine, body, [ids], [limit], top, mask=await run_in_threadpool(constraint, engine, body, plan))
@@ -102,10 +109,10 @@ async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | 
             store.add_turn(conversation["id"], new, record, key, fingerprint)
 
     if body.stream:
-        return _streamed(job, body, plan, reply, len(ids), logprobs, save)
+        return _streamed(job, body, reader, reply, len(ids), logprobs, save)
     texts = [""] * body.n
     finish, lps, completion = await collect(job, texts, logprobs)
-    replies = [plan.finish(texts[i], finish[i]) for i in range(body.n)]
+    replies = [reader.finish(texts[i], finish[i]) for i in range(body.n)]
     save(replies[0].record)
     choices = [{"index": i, "message": done.message,
                 "logprobs": lps.get(i, {"content": []}) if top is not None else None,
@@ -113,9 +120,10 @@ async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | 
     return reply(choices, usage(len(ids), completion), object="chat.completion")
 
 
-def _streamed(job, body: ChatRequest, plan: ToolPlan, reply: Reply, prompt_tokens: int, logprobs, save):
-    """The reply as chunks: content and calls as they come (text that may begin a call held back)."""
-    streams = [plan.stream() for _ in range(body.n)]
+def _streamed(job, body: ChatRequest, reader: ReplyReader, reply: Reply, prompt_tokens: int, logprobs, save):
+    """The reply as chunks: reasoning, then content and calls as they come (text that may begin a call or a
+    think tag held back)."""
+    streams = [reader.stream() for _ in range(body.n)]
     ends = {}
 
     def choices_for(ev: Event):
