@@ -54,6 +54,23 @@ def test_preview_marks_exactly_the_learnable_text(tmp_path, model_dir, capsys):
     assert out.count("⟦") == 1 and "1 examples" in out
 
 
+def test_preview_renders_with_the_template_kwargs_given(tmp_path, model_dir, capsys):
+    """--chat-template-kwargs reaches the template as data.chat_template_kwargs does in training."""
+    template = ("{% if mood is defined %}[{{ mood }}]\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}"
+                "\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% endif %}")
+    src = write(tmp_path / "chat.jsonl", [GOOD])
+    argv = ["data", "preview", str(src), "--model", str(model_dir), "--no-color", "--chat-template", template]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--chat-template-kwargs", '{"mood": "calm"}']) == 0
+    calm = capsys.readouterr().out
+    assert "[calm]" not in plain and "── example 1" in plain
+    assert "[calm]\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" in calm
+    assert main([*argv, "--chat-template-kwargs", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
 def test_preview_reports_truncation(tmp_path, model_dir, capsys):
     src = write(tmp_path / "chat.jsonl", [GOOD, GOOD])
     assert main(["data", "preview", str(src), "--model", str(model_dir), "--max-length", "10"]) == 0

@@ -4,6 +4,7 @@ from them."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..errors import UsageError
@@ -83,7 +84,9 @@ def cmd_data_preview(args) -> int:
     tokenizer = load_tokenizer(args.model)
     examples, stats = tokenize_records(tokenizer, records, max_length=args.max_length,
                                        chat_template=args.chat_template, source=args.file,
-                                       generation_config=load_generation_config(args.model))
+                                       generation_config=load_generation_config(args.model),
+                                       chat_template_kwargs=_kwargs(args.chat_template_kwargs),
+                                       reasoning=args.reasoning)
     color = args.color if args.color is not None else sys.stdout.isatty()
     for n, example in enumerate(examples[: args.limit], start=1):
         print(f"── example {n}: {len(example.input_ids)} tokens, {example.num_learnable} learnable ──")
@@ -95,6 +98,19 @@ def cmd_data_preview(args) -> int:
         print(f"── max_length={args.max_length}: {stats.truncated} truncated, {stats.dropped} dropped "
               "(no learnable token left)")
     return 0
+
+
+def _kwargs(text: str | None) -> dict | None:
+    """--chat-template-kwargs: a JSON object, as data.chat_template_kwargs in a training config."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise UsageError(f"--chat-template-kwargs is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise UsageError('--chat-template-kwargs must be a JSON object, e.g. \'{"enable_thinking": false}\'')
+    return value
 
 
 def add_commands(sub) -> None:
@@ -123,4 +139,9 @@ def add_commands(sub) -> None:
     p.add_argument("--limit", type=int, default=3, help="how many examples to show (default 3)")
     p.add_argument("--to", choices=["chat"], help="convert records to chat first")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--chat-template-kwargs", metavar="JSON", help="extra template variables, as the training "
+                   "config's data.chat_template_kwargs (e.g. '{\"enable_thinking\": false}')")
+    p.add_argument("--reasoning", choices=["auto", "train", "drop"], default="auto",
+                   help="assistant reasoning_content: as the template renders it (auto), required among the "
+                        "learnable tokens (train), or removed (drop), as data.reasoning in training")
     p.set_defaults(func=cmd_data_preview)

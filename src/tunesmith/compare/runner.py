@@ -42,6 +42,7 @@ def run_entry(directory: str | Path) -> dict:
     """Run the entry described by directory/entry.json; write its metrics, predictions, result and `done`."""
     from ..evaluation import Evaluation, evaluate, write_results
     from ..training import load_splits, train
+    from ..training.data import sft_chat
 
     directory = Path(directory)
     spec = json.loads((directory / runs.ENTRY).read_text())
@@ -55,7 +56,8 @@ def run_entry(directory: str | Path) -> dict:
         evaluation = evaluate(cfg.model, eval_records[: cfg.eval_limit] if cfg.eval_limit else eval_records,
                               task=cfg.task, prompting=prompting, train_data=train_records, seed=cfg.seed,
                               chat_template=cfg.data.chat_template, max_length=cfg.max_length,
-                              params=_params(cfg), output_dir=directory)
+                              params=_params(cfg), output_dir=directory,
+                              **(sft_chat(cfg) if cfg.task == "sft" else {}))
         result["kind"] = f"{prompting.shots}-shot" + (" calibrated" if prompting.calibrate else "")
         result.update(trainable_parameters=0, train_seconds=0.0, metrics=evaluation.metrics)
     else:

@@ -26,13 +26,14 @@ class _Scorer:
 
     def __init__(self, cfg: ContinualConfig):
         from ..data.formats import read_records
-        from ..training.data import sft_records
+        from ..training.data import sft_chat, sft_records
 
         first = step_config(cfg, cfg.strategies[0], 0, parent=None)
         self.cfg, self.task, self.template = cfg, first.task, first.data.chat_template
         self.metric = cfg.metric or main_metric(self.task)
         self.params = SamplingParams(max_new_tokens=first.eval_max_new_tokens)
         self.max_length, self.limit = first.max_length, first.eval_limit
+        self.chat = sft_chat(first)  # chat_template_kwargs and the reasoning policy, rendered as training does
         # As training sees them: an sft task converted to the sequence's sft_format (a completion-format file
         # learned as chat must be scored as chat, with the chat template, not as raw text).
         self.records = [sft_records(read_records(t.eval), first) if self.task == "sft" else read_records(t.eval)
@@ -42,7 +43,8 @@ class _Scorer:
         from ..evaluation import evaluate
 
         result = evaluate((model, tokenizer), self.records[j], task=self.task, labels=labels, limit=self.limit,
-                          chat_template=self.template, max_length=self.max_length, params=self.params)
+                          chat_template=self.template, max_length=self.max_length, params=self.params,
+                          **(self.chat if self.task == "sft" else {}))
         if self.metric not in result.metrics:
             raise ConfigError(f"metric: {self.metric!r} is not a score of task {self.task}; choose one of "
                               f"{sorted(k for k, v in result.metrics.items() if isinstance(v, float))}")
