@@ -29,6 +29,7 @@ class Tiny:
     rstrip: tuple[str, ...] = ()  # control tokens that swallow the whitespace to their right (Phi-3)
     system: bool = True  # whether the template takes a system message (Gemma 2's refuses one)
     reply_prefix: str = ""  # what the template prints between the generation prompt and the reply (Mistral: " ")
+    last_reply_prefix: str = ""  # what it prints before the conversation's last reply only (Qwen3: empty thinking)
     convention: str | None = None  # the template's key in CONVENTIONS when it is not the family's own
 
     @property
@@ -57,10 +58,12 @@ TINY: dict[str, Tiny] = {t.name: t for t in (
     Tiny("qwen2", "qwen2", "Qwen2ForCausalLM", "qwen2.5-instruct.jinja", (),
          {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ("<|im_end|>", "<|endoftext|>"),
          {"tie_word_embeddings": True}, words=QWEN_WORDS),
-    # Qwen/Qwen3-0.6B: as Qwen2.5, plus <think> and </think> as plain added tokens.
+    # Qwen/Qwen3-0.6B: as Qwen2.5, plus <think> and </think> as plain added tokens; the last reply of a
+    # conversation is printed after an empty thinking block.
     Tiny("qwen3", "qwen3", "Qwen3ForCausalLM", "qwen3.jinja", (),
          {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ("<|im_end|>", "<|endoftext|>"),
-         {"tie_word_embeddings": True, **HEAD_DIM}, words=QWEN_WORDS + ("<think>", "</think>")),
+         {"tie_word_embeddings": True, **HEAD_DIM}, words=QWEN_WORDS + ("<think>", "</think>"),
+         last_reply_prefix="<think>\n\n</think>\n\n"),
     # google/gemma-2-2b-it: refuses a system message; turns end with <end_of_turn>, EOS is <eos>.
     Tiny("gemma2", "gemma", "Gemma2ForCausalLM", "gemma-2-it.jinja", GEMMA_SPECIALS,
          {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},

@@ -148,10 +148,16 @@ def test_parameter_lines_and_the_date_of_a_dated_template():
 REPLIES = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
 
 
+def said(tiny: Tiny, replies: list[str]) -> list[str]:
+    """Each of a conversation's replies as the model says it: with what the template prints before it (Mistral's
+    space; Qwen3's empty thinking before the last)."""
+    return [tiny.reply_prefix + (tiny.last_reply_prefix if i == len(replies) - 1 else "") + reply
+            for i, reply in enumerate(replies)]
+
+
 def learned_texts(tiny: Tiny) -> list[str]:
-    """Each reply as the model learns to say it: what the template prints before it (Mistral's space), the
-    reply, and the family's end-of-turn token."""
-    return [tiny.reply_prefix + reply + convention(tiny).stops[0] for reply in REPLIES]
+    """Each reply as the model learns to say it, up to and including the family's end-of-turn token."""
+    return [text + convention(tiny).stops[0] for text in said(tiny, REPLIES)]
 
 
 def test_preview_marks_exactly_each_reply_and_its_end_of_turn(built, tmp_path, capsys):
@@ -178,7 +184,7 @@ def test_loss_mask_labels_exactly_each_reply_and_its_end_of_turn(built, with_gen
     learned = learned_texts(tiny)
     assert learnable_spans(example) == [span_after(example.text, "", text) for text in learned]
     stop = tok.convert_tokens_to_ids(convention(tiny).stops[0])
-    assert learned_ids(example) == [t for reply in REPLIES for t in ids(tok, tiny.reply_prefix + reply) + [stop]]
+    assert learned_ids(example) == [t for text in said(tiny, REPLIES) for t in ids(tok, text) + [stop]]
     # What a served model is prompted with is the training text up to each reply, token for token.
     starts = [t for t, label in enumerate(example.labels)
               if label != IGNORE_INDEX and (t == 0 or example.labels[t - 1] == IGNORE_INDEX)]
@@ -212,7 +218,7 @@ def test_eval_scores_the_reply_full_training_taught(full_run, built, tmp_path):
 
     run, _ = full_run
     result = evaluate(str(run.path), str(built.data), output_dir=tmp_path)
-    assert [p["prediction"] for p in result.predictions] == [built.tiny.reply_prefix + REPLY] * len(built.records)
+    assert [p["prediction"] for p in result.predictions] == said(built.tiny, [REPLY]) * len(built.records)
     assert result.metrics["exact_match"] == 1.0 and (tmp_path / "predictions.jsonl").is_file()
 
 
@@ -232,7 +238,7 @@ def test_the_torch_server_answers_and_stops_at_the_family_end_of_turn(full_run, 
         engine.stop()
     # The reply ends where training taught it to, at the end-of-turn token (Gemma's is not its EOS), well
     # before max_tokens; the token itself is not part of the text.
-    assert full["message"]["content"] == built.tiny.reply_prefix + REPLY and full["finish_reason"] == "stop"
+    assert full["message"]["content"] == said(built.tiny, [REPLY])[0] and full["finish_reason"] == "stop"
     chunks = [json.loads(line[len("data: "):]) for line in streamed.split("\n\n") if line.startswith("data: {")]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == full["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
