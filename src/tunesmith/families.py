@@ -67,14 +67,16 @@ class Family:
     """How a run becomes a GGUF file."""
 
 
-_CHATML_TURNS = """\
+CHATML = """\
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
 {{- range .Messages }}
 {{- if eq .Role "user" "assistant" }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ end }}
 {{- end }}<|im_start|>assistant
 """
-CHATML = """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\n""" + _CHATML_TURNS
 
 NO_THINK = "(and $.IsThinkSet (not $.Think))"  # the request turned reasoning off
 QWEN3 = CHATML + "{{ if " + NO_THINK + " }}<think>\n\n</think>\n\n{{ end }}"
