@@ -263,8 +263,8 @@ class Engine:
     def in_flight(self, model: str) -> int:
         """Requests for the model name `model` still waiting or running (its weights are still needed)."""
         with self._changed:
-            waiting = [r for r in self._waiting] + [self._admitting]
-        return sum(req is not None and req.model == model for req in waiting + [row.req for row in list(self.rows)])
+            requests = [*self._waiting, self._admitting, *(row.req for row in list(self.rows))]
+        return sum(req is not None and req.model == model for req in requests)
 
     def vocabulary(self, name: str) -> tuple[int, set[int]]:
         """(the logits' width, the stop token ids) of the served model `name`: what a token mask is built for."""
