@@ -48,8 +48,9 @@ def assets(bpe, tmp_path_factory):
                            prompt=write_run(base, root / "prompt", "prompt_tuning"), cache=root / "cache")
 
 
-def _servers(assets, model: str, adapters: dict, name: str):
-    """start(backend): a live server of that backend over `model`, started once per module."""
+def _servers(assets, model: str, adapters: dict, name: str, **options):
+    """start(backend): a live server of that backend over `model` (engine `options` beside the defaults),
+    started once per module."""
     from tunesmith.serve import BACKENDS as LOADERS
     from tunesmith.serve import ServeSettings, create_app
 
@@ -59,7 +60,8 @@ def _servers(assets, model: str, adapters: dict, name: str):
 
         def start(backend: str):
             if backend not in started:
-                engine = LOADERS[backend].load_engine(model, adapters, max_batch=16, **LLAMA_OPTIONS.get(backend, {}))
+                engine = LOADERS[backend].load_engine(model, adapters, max_batch=16, **LLAMA_OPTIONS.get(backend, {}),
+                                                      **options)
                 settings = ServeSettings(api_key=KEY, conversations=str(assets.root / f"{name}-{backend}.sqlite"))
                 url = stack.enter_context(uvicorn_on_loopback(create_app(engine, settings)))
                 started[backend] = SimpleNamespace(url=url, engine=engine, backend=backend)
@@ -71,6 +73,12 @@ def _servers(assets, model: str, adapters: dict, name: str):
 def servers(assets):
     """start(backend): a live server of that backend over the tiny run (adapter "mine" = the LoRA run)."""
     yield from _servers(assets, assets.model, {"mine": str(assets.lora)}, "main")
+
+
+@pytest.fixture(scope="module")
+def uncached_servers(assets):
+    """start(backend): as `servers`, without a prefix cache (--prefix-cache-mb 0)."""
+    yield from _servers(assets, assets.model, {"mine": str(assets.lora)}, "uncached", prefix_cache_mb=0)
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +247,11 @@ def test_hung_up_streams_stop_and_free_their_cache(server, assets):
         wait_idle(server)
         assert http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}).status_code == 200
     wait_idle(server)
-    if server.backend == "llama-cpp":  # every sequence id and KV-cache cell is free again
+    if server.backend == "llama-cpp":  # every sequence id and KV-cache cell is free again, or a cached prefix's
         for served in server.engine.models.values():
-            assert served.module.reserved == 0 and len(served.module.free_seqs) == served.module.n_seq_max
+            model = served.module
+            assert model.reserved == 0 and len(model.free_seqs) + len(model.prefixes) == model.n_seq_max
+            assert model.held <= model.cells
 
 
 def test_loading_a_run_while_serving(server, assets):
@@ -455,3 +465,129 @@ def test_without_llama_cpp_serve_names_make_setup_fast(assets, monkeypatch, caps
     code = main(["serve", "--backend", "llama-cpp", "--model", assets.model])
     err = capsys.readouterr().err
     assert code != 0 and "make setup-fast" in err and "Traceback" not in err
+
+
+# -- one scheduler over both decoders: prefix reuse, chunked prefill, admission, scoring ----------------------
+
+def cached_tokens(reply) -> int:
+    return reply.usage.prompt_tokens_details.cached_tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_reuse_changes_no_greedy_reply_of_a_conversation(backend, servers, uncached_servers, assets):
+    """Each turn of a server-side conversation resends the history: with the prefix cache it reads only what
+    is new (the earlier turns come from the cache, as usage says), and replies exactly as without it."""
+    questions = ["Hello", "What is 2+2?", "And 3+3?", "Thanks"]
+    replies = {}
+    for server in (servers(backend), uncached_servers(backend)):
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for model in (assets.model, "mine"):
+            cid = httpx.post(server.url + "/v1/conversations", json={"system": "Be terse."}, headers=headers).json()
+            replies[server.url, model] = [client_of(server).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q}], max_tokens=6, temperature=0,
+                extra_body={"conversation": cid["id"]}) for q in questions]
+    cached, uncached = servers(backend).url, uncached_servers(backend).url
+    for model in (assets.model, "mine"):
+        texts = [[r.choices[0].message.content for r in replies[url, model]] for url in (cached, uncached)]
+        assert texts[0] == texts[1]
+        assert [cached_tokens(r) for r in replies[uncached, model]] == [0] * len(questions)
+        for before, turn in zip(replies[cached, model], replies[cached, model][1:]):
+            # all of the previous turn's prompt at least; never all of this one's (its last token is computed)
+            assert before.usage.prompt_tokens <= cached_tokens(turn) < turn.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cached_prefix_serves_its_own_adapter_only(backend, servers, uncached_servers, assets):
+    client = client_of(servers(backend))
+    prompt = f"A prompt the {backend} base reads first, then its adapter."
+    first, again, mine, mine_again = (complete(client, model, prompt, max_tokens=8)
+                                      for model in (assets.model, assets.model, "mine", "mine"))
+    tokens = first.usage.prompt_tokens
+    assert [cached_tokens(r) for r in (first, again, mine, mine_again)] == [0, tokens - 1, 0, tokens - 1]
+    assert again.choices[0].text == first.choices[0].text != mine.choices[0].text == mine_again.choices[0].text
+    assert mine.choices[0].text == complete(client_of(uncached_servers(backend)), "mine", prompt,
+                                            max_tokens=8).choices[0].text
+
+
+def engine_for(backend: str, servers, assets, **options):
+    """An engine of `backend` over the tiny run, driven by the test's own step() calls."""
+    from tunesmith.serve.backends import load_engine, load_gguf_engine, run_key
+
+    if backend == "llama-cpp":
+        servers("llama-cpp")  # exported the run into the cache
+        gguf = assets.cache / "gguf" / run_key(assets.base, "f16") / "model.gguf"
+        engine = load_gguf_engine(str(gguf), threads=1, **options)
+    else:
+        engine = load_engine(assets.model, **options)
+    engine.threaded = False
+    return engine
+
+
+def run(engine, requests) -> None:
+    engine.submit(requests)
+    while engine.busy:
+        engine.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_long_prompt_is_read_in_pieces_while_a_running_row_keeps_decoding(backend, servers, assets):
+    import math
+
+    from tunesmith.generation import Request, SamplingParams
+
+    engine = engine_for(backend, servers, assets, prefix_cache_mb=0)
+    tokenizer, model = engine.tokenizer, next(iter(engine.models))
+    params = SamplingParams(max_new_tokens=40, logprobs=0, logit_bias={tokenizer.eos_token_id: -100.0})
+    short, long = tokenizer(PROMPTS[1])["input_ids"], tokenizer(" ".join(["Paris is nice."] * 15))["input_ids"]
+    alone = [], []
+    run(engine, [Request(model, short, params, alone[0].append)])
+    run(engine, [Request(model, long, 4, alone[1].append, temperature=0)])
+    engine.prefill_chunk = 8
+    seen = []
+    running = Request(model, short, params, lambda e: seen.append(("a", e)))
+    engine.submit([running])
+    while len(seen) < 2:
+        engine.step()
+    run(engine, [Request(model, long, 4, lambda e: seen.append(("b", e)), temperature=0)])
+    after = [who for who, e in seen[2:] if e.text or e.token]
+    # one piece of 8 prompt tokens per step, and one token of the running row per step meanwhile
+    assert after.index("b") == math.ceil(len(long) / 8) - 1 and len(long) > 32
+    for i, who in enumerate("ab"):
+        assert "".join(e.text for w, e in seen if w == who) == "".join(e.text for e in alone[i])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_scores_are_the_same_read_in_pieces_or_at_once(backend, servers, assets):
+    from tunesmith.generation import Request, SamplingParams
+
+    engine = engine_for(backend, servers, assets)
+    ids = engine.tokenizer(" ".join(PROMPTS))["input_ids"]
+    scored = []
+    for chunk in (256, 5):
+        engine.prefill_chunk, events = chunk, []
+        run(engine, [Request(next(iter(engine.models)), ids, SamplingParams(max_new_tokens=1, prompt_logprobs=2),
+                             events.append)])
+        prompt = events[0].prompt
+        assert len(prompt) == len(ids) and prompt[0] is None and events[-1].cached_tokens == 0  # scoring reads all
+        scored.append(([t.logprob for t in prompt[1:]], [t.top[0][0] for t in prompt[1:]], events[-2].text))
+    assert scored[0][0] == pytest.approx(scored[1][0], abs=1e-3) and scored[0][1:] == scored[1][1:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_at_most_max_batch_rows_run_and_the_others_wait_their_turn(backend, servers, assets):
+    from tunesmith.generation import Request
+
+    engine = engine_for(backend, servers, assets, max_batch=2)
+    model, prompts = next(iter(engine.models)), [engine.tokenizer(p)["input_ids"] for p in PROMPTS * 2]
+    alone = []
+    for ids in prompts[:3]:
+        alone.append([])
+        run(engine, [Request(model, ids, 12, alone[-1].append, temperature=0)])
+    events, most = [[] for _ in prompts], 0
+    engine.submit([Request(model, ids, 12, events[i].append, temperature=0) for i, ids in enumerate(prompts)])
+    while engine.busy:
+        engine.step()
+        most = max(most, engine.stats()["running"])
+    assert most == 2
+    texts = ["".join(e.text for e in ev) for ev in events]
+    assert texts == ["".join(e.text for e in ev) for ev in alone] * 2

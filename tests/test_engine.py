@@ -184,10 +184,9 @@ def test_cancelled_rows_leave_at_once_and_the_others_go_on(server, monkeypatch):
     params = SamplingParams(max_new_tokens=12, logit_bias=no_eos(tokenizer))
     ids = prompt_ids(tokenizer, prompt=PROMPT)
     alone = collect(engine, [("base", ids, params)])[0]["text"]
-    sizes, decode = [], engine._decode
+    sizes, step = [], engine.decoder.step
     events, finished = [], threading.Event()
-    monkeypatch.setattr(engine, "_decode",
-                        lambda key: (sizes.append((len(events), len(engine._groups[key]))), decode(key)))
+    monkeypatch.setattr(engine.decoder, "step", lambda rows: (sizes.append((len(events), len(rows))), step(rows))[1])
 
     def cancelling(event):
         events.append(event)
@@ -298,8 +297,8 @@ def test_prefix_tuning_rows_decode_with_base_rows_and_match_their_solo_runs(asse
 
     engine = load_engine(str(assets["base"]), {"prefix": str(assets["prefix"])})
     engine.models = {"base" if k == str(assets["base"]) else k: v for k, v in engine.models.items()}
-    sizes, decode = [], engine._decode
-    monkeypatch.setattr(engine, "_decode", lambda key: (sizes.append(len(engine._groups[key])), decode(key)))
+    sizes, step = [], engine.decoder.step
+    monkeypatch.setattr(engine.decoder, "step", lambda rows: (sizes.append(len(rows)), step(rows))[1])
     params = SamplingParams(max_new_tokens=8, logit_bias=no_eos(engine.tokenizer))
     ids = prompt_ids(engine.tokenizer, messages=MESSAGES)
     try:
@@ -324,6 +323,83 @@ def test_the_cache_goes_in_as_cache_without_deprecation_warnings(assets, tiny_lm
         warnings.simplefilter("error", FutureWarning)
         generate(tiny_lm, chatml_tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=4))
         generate(prefix, tokenizer, prompt="Hello", params=SamplingParams(max_new_tokens=4))
+
+
+# -- prefix reuse ---------------------------------------------------------------------------------------------------
+
+def test_the_prefix_cache_keeps_the_longest_prefixes_within_its_budget_least_recently_used_out():
+    from tunesmith.generation.prefix_cache import PrefixCache
+
+    evicted = []
+    cache = PrefixCache(100, evict=evicted.append)
+    assert cache.put("a", [1, 2, 3], "A", 40) and cache.put("b", [1, 2, 3, 4], "B", 40)
+    assert cache.longest("a", [1, 2, 3, 4, 5], limit=4) == (cache.entries[-1], 3)  # never another key's
+    assert cache.longest("a", [1, 2, 3], limit=2)[1] == 2  # the caller leaves tokens to compute
+    assert not cache.put("a", [1, 2], "covered", 10) and evicted == []  # nothing new: the payload stays the caller's
+    assert cache.put("a", [1, 2, 3, 9], "A2", 70)  # extends A, which goes; then B (least recently used) for room
+    assert evicted == ["A", "B"] and [e.payload for e in cache.entries] == ["A2"] and cache.used == 70
+    assert cache.longest("a", [1, 2, 4], limit=9)[1] == 2 and cache.longest("a", [7], limit=9) == (None, 0)
+    assert not cache.put("a", [5], "too big", 101) and cache.tokens == 4
+
+
+def ask(engine, model: str, messages: list[dict], max_tokens: int = 8) -> tuple[str, int, int]:
+    """(greedy reply, prompt tokens, prompt tokens from the prefix cache) of one chat turn."""
+    from tunesmith.generation import Request, SamplingParams, prompt_ids
+
+    ids, events = prompt_ids(engine.tokenizer, messages=messages), []
+    engine.submit([Request(model, ids, SamplingParams(max_new_tokens=max_tokens,
+                                                      logit_bias=no_eos(engine.tokenizer)), events.append)])
+    while engine.busy:
+        engine.step()
+    assert events[-1].finish_reason, events
+    return "".join(e.text for e in events), len(ids), events[-1].cached_tokens
+
+
+def test_prefix_reuse_gives_the_same_greedy_turns_per_adapter(assets):
+    """A conversation's turns on the base, a LoRA run and a prefix-tuning run: each turn after the first reads
+    the history from the cache of its own model only (prefix tuning's virtual tokens are not cached), and every
+    reply is the one the engine gives without a cache."""
+    from tunesmith.serve import load_engine
+
+    turns = {}
+    for mb in (256, 0):
+        engine = load_engine(str(assets["base"]), {"lora": str(assets["lora"]), "prefix": str(assets["prefix"])},
+                             prefix_cache_mb=mb)
+        engine.threaded = False
+        for model in ("base", "lora", "prefix"):
+            history = []
+            for question in ("Hello", "What is 2+2?", "Thanks"):
+                history.append({"role": "user", "content": question})
+                turn = ask(engine, model if model != "base" else next(iter(engine.models)), history)
+                turns.setdefault((mb, model), []).append(turn)
+                history.append({"role": "assistant", "content": turn[0]})
+    for model in ("base", "lora", "prefix"):
+        assert [t[0] for t in turns[256, model]] == [t[0] for t in turns[0, model]]
+        assert [t[2] for t in turns[0, model]] == [0, 0, 0]
+    for model in ("base", "lora"):
+        (_, _, none), *later = turns[256, model]
+        assert none == 0  # the same first question as the base's: never another adapter's KV
+        for (_, before, _), (_, prompt, cached) in zip(turns[256, model], later):
+            assert before <= cached < prompt
+    assert [t[2] for t in turns[256, "prefix"]] == [0, 0, 0]
+    assert len({tuple(t[0] for t in turns[256, m]) for m in ("base", "lora", "prefix")}) == 3  # three models
+
+
+def test_a_run_served_again_under_its_name_does_not_reuse_the_old_ones_cache(assets):
+    from tunesmith.generation import Served
+    from tunesmith.serve import load_engine
+
+    engine = load_engine(str(assets["base"]), {"lora": str(assets["lora"])})
+    engine.threaded = False
+    reply, prompt, _ = ask(engine, "lora", MESSAGES)
+    assert ask(engine, "lora", MESSAGES) == (reply, prompt, prompt - 1)
+    old = engine.models["lora"]
+    engine.models = {**engine.models, "lora": Served(old.module, old.adapter, run=old.run)}  # e.g. loaded again
+    assert ask(engine, "lora", MESSAGES) == (reply, prompt, 0)
+    del old
+    engine.models = {k: v for k, v in engine.models.items() if k != "lora"}
+    ask(engine, next(iter(engine.models)), MESSAGES)
+    assert {entry.key for entry in engine.decoder.prefixes.entries} == {engine.models[next(iter(engine.models))].uid}
 
 
 # -- the sampler's hooks and text handling ----------------------------------------------------------------------------

@@ -126,7 +126,11 @@ def test_stream_equals_non_stream(client, path):
         assert mine[-1]["finish_reason"] == whole["choices"][i]["finish_reason"]
         if key:
             assert mine[0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and {**usage, "prompt_tokens_details": 0} == {**whole["usage"],
+                                                                                  "prompt_tokens_details": 0}
+    # the same prompt again: all of it but its last token (whose logits pick the first) came from the prefix cache
+    assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] - 1}
 
 
 def test_logprobs_shapes(client):
@@ -288,15 +292,16 @@ def _collect(engine, requests_spec):
 
 
 def test_requests_arriving_together_are_generated_together_and_match_alone(engine, monkeypatch):
-    admitted, steps = [], []
-    run, decode = engine._run, engine._decode
-    monkeypatch.setattr(engine, "_run", lambda batch: (admitted.append([r.model for r in batch]), run(batch)))
-    monkeypatch.setattr(engine, "_decode", lambda key: (steps.append(len(engine._groups[key])), decode(key)))
+    prefills, steps = [], []
+    prefill, step = engine.decoder.prefill, engine.decoder.step
+    monkeypatch.setattr(engine.decoder, "prefill",
+                        lambda rows, chunk: (prefills.append([r.req.model for r in rows]), prefill(rows, chunk))[1])
+    monkeypatch.setattr(engine.decoder, "step", lambda rows: (steps.append(len(rows)), step(rows))[1])
     prompts = ["Q", "What is the capital of France?", "Review: boring. Sentiment:"]
     together = _collect(engine, [(BASE, p) for p in prompts] + [("lora", "Q"), ("prefix", "Q")])
-    assert admitted[0] == [BASE] * 3 + ["lora", "prefix"]  # admitted together
+    assert sorted(prefills[:2]) == [[BASE] * 3 + ["lora"], ["prefix"]]  # admitted together: one prefill per group
     # The base and its LoRA adapter share forward passes (peft's mixed-adapter batches); the prefix-tuning run
-    # has a base of its own (peft cannot mix adapter types in one model), so the two groups take turns.
+    # has a base of its own (peft cannot mix adapter types in one model), so the two groups run apart.
     assert sorted(steps[:2]) == [1, 4]
     alone = [_collect(engine, [(BASE, p)])[0] for p in prompts] + [_collect(engine, [(m, "Q")])[0]
                                                                    for m in ("lora", "prefix")]

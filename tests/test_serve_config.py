@@ -13,7 +13,7 @@ from tunesmith.serve import ServeConfig
 
 FLAGS = {"--model", "--adapter", "--host", "--port", "--api-key", "--api-key-file", "--max-batch", "--max-queue",
          "--context-window", "--conversations", "--max-body-bytes", "--chat-template", "--runs", "--backend",
-         "--threads", "--gguf-quant", "--device"}
+         "--threads", "--gguf-quant", "--device", "--prefix-cache-mb"}
 
 
 def serve_parser():
@@ -47,7 +47,8 @@ def test_a_documented_command_line_parses_as_before(tmp_path):
                                  backend="llama-cpp", threads=2, gguf_quant="f16", max_batch=1, context_window=512,
                                  runs=str(tmp_path), device="cpu", chat_template="chatml")
     assert config.engine_options() == {"chat_template": "chatml", "context_window": 512, "device": "cpu",
-                                       "max_batch": 1, "max_queue": 64, "threads": 2, "gguf_quant": "f16"}
+                                       "max_batch": 1, "max_queue": 64, "prefix_cache_mb": 256, "threads": 2,
+                                       "gguf_quant": "f16"}
 
 
 def test_bad_flags_are_one_usage_sentence_naming_each_flag(tmp_path, capsys):

@@ -245,8 +245,9 @@ def _together(engine, specs: list[dict]) -> tuple[list[str], list[str | None]]:
 
 def test_values_that_cannot_sample_are_greedy_and_share_a_batch_with_others(base_engine, monkeypatch):
     sizes = []
-    run = base_engine._run
-    monkeypatch.setattr(base_engine, "_run", lambda batch: (sizes.append(len(batch)), run(batch))[1])
+    prefill = base_engine.decoder.prefill
+    monkeypatch.setattr(base_engine.decoder, "prefill", lambda rows, chunk: (sizes.append(len(rows)),
+                                                                              prefill(rows, chunk))[1])
     greedy, _ = _together(base_engine, [{"temperature": 0}])
     specs = [{"temperature": 1e-45}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
              {"temperature": 0}, {"temperature": 1.0, "seed": 3}]
@@ -329,14 +330,14 @@ def test_health_answers_while_a_request_is_being_tokenized(base_engine, monkeypa
 def test_at_most_max_queue_requests_wait_and_the_rest_get_429(base_engine):
     small = fresh(base_engine, max_queue=4, max_batch=1)
     running, release = threading.Event(), threading.Event()
-    run = small._run
+    start = small._start
 
-    def held(batch):
+    def held(request):
         running.set()
         release.wait(60)
-        return run(batch)
+        return start(request)
 
-    small._run = held
+    small._start = held
     with client_for(small) as c:
         results = queue.Queue()
 
@@ -372,18 +373,18 @@ def test_the_bound_holds_between_batches_too(base_engine):
 
     small = fresh(base_engine, max_queue=3, max_batch=1)
     entered, go, finished = queue.Queue(), threading.Semaphore(0), queue.Queue()
-    run = small._run
+    start = small._start
 
-    def held(batch):  # each batch waits for its own `go`
-        entered.put(len(batch))
+    def held(request):  # each admitted request waits for its own `go`
+        entered.put(request)
         go.acquire(timeout=60)
-        return run(batch)
+        return start(request)
 
     def emit(event):
         if event.finish_reason or event.error:
             finished.put(event)
 
-    small._run = held
+    small._start = held
     request = lambda: Request(BASE, [1, 2, 3], 2, emit, temperature=0)  # noqa: E731
     small.submit([request()])
     entered.get(timeout=30)  # A runs
@@ -572,14 +573,14 @@ def test_concurrent_requests_with_one_key_generate_once(base_engine, monkeypatch
             second_submitted.set()
         submit(requests)
 
-    run = engine._run
+    start = engine._start
 
-    def slow(batch):  # the first generation lasts until a second one starts, or 2 s (the second waits)
+    def slow(request):  # the first generation lasts until a second one starts, or 2 s (the second waits)
         second_submitted.wait(2)
-        return run(batch)
+        return start(request)
 
     monkeypatch.setattr(engine, "submit", counting)
-    monkeypatch.setattr(engine, "_run", slow)
+    monkeypatch.setattr(engine, "_start", slow)
     with client_for(engine) as c:
         cid = c.post("/v1/conversations", json={}).json()["id"]
         body = {"model": BASE, "conversation": cid, "messages": USER, "max_tokens": 4, "temperature": 1.0}
@@ -726,7 +727,8 @@ def test_echo_with_logprobs_scores_the_prompt_like_a_forward_pass(client, base_e
                                                   "logprobs": 2}).json()
     choice = reply["choices"][0]
     assert choice["text"] == text and reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
-                                                         "total_tokens": len(ids)}
+                                                         "total_tokens": len(ids),
+                                                         "prompt_tokens_details": {"cached_tokens": 0}}
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == text
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None

@@ -1,31 +1,40 @@
-"""The model side of the engine: how a served model's rows run (`Route`), their prefill, and a `Group` of rows
-that decode together, one forward pass per step over one KV cache.
+"""The torch decoder (`tunesmith serve --backend torch`, and every offline caller): how a served model's rows run
+(`Route`), a `Group` of rows that share forward passes over one KV cache, and `TorchDecoder`, which implements the
+engine's `Decoder` (decoder.py) with them.
 
 Every row is left-padded: its cache columns are [padding, (virtual tokens), prompt, generated], its attention
 mask is 0 on padding, and its position ids count only the columns it attends to (the virtual tokens of prompt
 and prefix tuning included, as peft's own forward numbers them). So rows of any lengths share one cache, and
-a newly prefilled batch joins a running one by left-padding the narrower of the two caches and concatenating
-along the batch: continuous batching on transformers' DynamicCache, with no change to the model.
+rows join a group by left-padding the narrower of the two caches and concatenating along the batch: continuous
+batching on transformers' DynamicCache, with no change to the model. A prompt goes in pieces (chunked prefill):
+each piece is left-padded after the columns its row already has, so padding may also sit between a row's
+columns, where the mask and the position ids skip it. Rows reading their prompt form one group per key, rows
+decoding another, so a decode step never pays for a prompt piece's width.
+
+A new row starts from the KV of the longest prefix of its prompt in the prefix cache (prefix_cache.py: copied
+out of the entry, per served model and adapter), or empty, or with its adapter's virtual tokens.
 
 Which rows may share a forward pass:
 - a plain model: all its rows;
 - LoRA adapters of one PeftModel and its base: all of them, in one pass with peft's `adapter_names` (one
   adapter name per row, "__base__" for the base) — mixed-adapter batches;
-- prompt and prefix tuning: only the prefill needs the adapter (prompt tuning prepends the virtual token
-  embeddings; prefix tuning starts the cache with peft's `get_prompt`, the virtual tokens' keys and values);
-  every later step is a plain forward of the underlying transformers model over that cache, so these rows
-  decode together with each other and with the base rows of the same PeftModel;
-- any other adapter type (IA3, ...) runs with its adapter switched on, one adapter per group; the engine
-  alternates fairly between groups."""
+- prompt and prefix tuning: only the row's start needs the adapter (prompt tuning runs the virtual token
+  embeddings through the model; prefix tuning starts the cache with peft's `get_prompt`, the virtual tokens'
+  keys and values); every later forward is a plain forward of the underlying transformers model over that
+  cache, so these rows run together with each other and with the base rows of the same PeftModel;
+- any other adapter type (IA3, ...) runs with its adapter switched on, one adapter per group."""
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from ..data.tokenize import stop_token_ids
 from ..errors import UsageError
+from .prefix_cache import DEFAULT_MB, PrefixCache
 
 # peft prompt-learning types whose virtual tokens this engine knows how to place (by PeftType value)
 VIRTUAL = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt"}
@@ -94,36 +103,29 @@ def _call(route: Route, adapter_names: list[str] | None, *, every_position: bool
     return logits if every_position else logits[:, -1, :].float().cpu()
 
 
-def prefill(route: Route, prompts: list[list[int]], adapter_names: list[str] | None, pad_id: int, device, *,
-            every_position: bool = False):
-    """(cache, mask [B, L], logits [B, V] on the CPU, None) after running left-padded `prompts` through the
-    model; with `every_position` the last item is the logits [B, T, V] of the prompt columns (padding first)."""
+def _empty(device):
+    """The attention mask [1, 0] of a row with nothing in its cache yet."""
+    import torch
+
+    return torch.ones(1, 0, dtype=torch.long, device=device)
+
+
+def virtual_start(route: Route, device):
+    """(cache, mask [1, P]) of a prompt- or prefix-tuning row before its prompt: its adapter's P virtual tokens."""
     import torch
     from transformers import DynamicCache
 
-    from ..batching import pad
-
-    ids, mask = pad(prompts, pad_id, side="left", device=device)  # [B, T] each
-    batch = len(prompts)
-    cache, inputs = DynamicCache(), {"input_ids": ids}
     with route.prefill_context():
-        if route.virtual is not None:
-            virtual = route.peft.active_peft_config.num_virtual_tokens
-            mask = torch.cat([mask.new_ones(batch, virtual), mask], -1)
-            if route.virtual == "prefix":  # the virtual tokens' keys and values start the cache: [B, h, P, d]
-                cache = route.peft.get_prompt(batch_size=batch)
-            else:  # their embeddings go before the prompt's: [B, P + T, H]
-                embeds = route.decoder.get_input_embeddings()(ids)
-                prompt = route.peft.get_prompt(batch_size=batch).to(device=embeds.device, dtype=embeds.dtype)
-                inputs = {"inputs_embeds": torch.cat([prompt, embeds], 1)}
-        width = next(iter(inputs.values())).shape[1]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]  # padding sits at 0, masked anyway
-        logits = _call(route, adapter_names, attention_mask=mask, position_ids=positions, cache=cache,
-                       every_position=every_position, **inputs)
-    if not every_position:
-        return cache, mask, logits, None
-    prompt = logits[:, -ids.shape[1]:]  # prompt tuning's virtual columns come first: not the prompt's
-    return cache, mask, prompt[:, -1].float().cpu(), prompt
+        virtual = route.peft.active_peft_config.num_virtual_tokens
+        mask = torch.ones(1, virtual, dtype=torch.long, device=device)
+        if route.virtual == "prefix":  # the virtual tokens' keys and values start the cache: [1, h, P, d]
+            return route.peft.get_prompt(batch_size=1), mask
+        like = route.decoder.get_input_embeddings().weight
+        embeds = route.peft.get_prompt(batch_size=1).to(device=like.device, dtype=like.dtype)  # [1, P, H]
+        cache = DynamicCache()
+        _call(route, None, inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1),
+              cache=cache)
+    return cache, mask
 
 
 def _left_pad(tensor, width: int, dim: int):
@@ -136,8 +138,25 @@ def _left_pad(tensor, width: int, dim: int):
     return F.pad(tensor, pads)
 
 
+def _cat(a, b, width: int):
+    """a and b left-padded to `width` along the sequence (dim -2 of keys/values, -1 of a mask), stacked."""
+    import torch
+
+    dim = -1 if a.dim() == 2 else -2
+    return torch.cat([_left_pad(a, width, dim), _left_pad(b, width, dim)], 0)
+
+
+def _layers(cache, like, batch: int) -> list:
+    """(keys, values) per layer of `cache`, each [B, heads, L, head_dim]; of no columns (shaped as `like`'s)
+    when it is None."""
+    if cache is not None:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys.new_zeros(batch, layer.keys.shape[1], 0, layer.keys.shape[3]),
+             layer.values.new_zeros(batch, layer.values.shape[1], 0, layer.values.shape[3])) for layer in like.layers]
+
+
 class Group:
-    """Rows that decode together: their route, cache, attention mask [B, L] and last tokens."""
+    """Rows that run together: their route, cache (None while empty), attention mask [B, L]."""
 
     def __init__(self, route: Route):
         self.route = route
@@ -149,16 +168,16 @@ class Group:
         return len(self.rows)
 
     def add(self, rows: list, cache, mask) -> None:
-        """Let prefilled rows join: the narrower cache is left-padded (masked), then both are stacked."""
+        """Let rows join: the narrower cache is left-padded (masked), then both are stacked."""
         from transformers import DynamicCache
 
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        layers = [(_cat(a.keys, b.keys, width), _cat(a.values, b.values, width))
-                  for a, b in zip(self.cache.layers, cache.layers)]  # each [B, heads, L, head_dim]
-        self.cache = DynamicCache(layers)
+        if self.cache is not None or cache is not None:
+            ours, theirs = _layers(self.cache, cache, len(self.rows)), _layers(cache, self.cache, len(rows))
+            self.cache = DynamicCache([(_cat(a, c, width), _cat(b, d, width)) for (a, b), (c, d) in zip(ours, theirs)])
         self.mask = _cat(self.mask, mask, width)
         self.rows += rows
 
@@ -173,30 +192,164 @@ class Group:
             self.cache = self.mask = None
             return
         select = torch.tensor(index, device=self.mask.device)
-        self.cache.batch_select_indices(select)
         self.mask = self.mask[select]
-        first = int(self.mask.any(0).int().argmax())  # the first column anyone still attends to
+        if self.cache is not None:
+            self.cache.batch_select_indices(select)
+        self._trim()
+
+    def take(self, index: list[int]) -> tuple[list, object, object]:
+        """(rows, cache, mask) of the rows at `index`, taken out of this group (to join another)."""
+        import torch
+        from transformers import DynamicCache
+
+        select = torch.tensor(index, device=self.mask.device)
+        out = Group(self.route)
+        out.rows, out.mask = [self.rows[i] for i in index], self.mask[select]
+        if self.cache is not None:
+            out.cache = DynamicCache([(layer.keys[select], layer.values[select]) for layer in self.cache.layers])
+        out._trim()
+        self.keep([i for i in range(len(self.rows)) if i not in set(index)])
+        return out.rows, out.cache, out.mask
+
+    def _trim(self) -> None:
+        first = int(self.mask.any(0).int().argmax()) if self.mask.shape[1] else 0  # the first column in use
         if first:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self.mask = self.mask[:, first:]
 
-    def step(self):
-        """One decode step: each row's last token in, logits [B, V] (float32, CPU) out."""
+    def feed(self, pieces: list[list[int]], pad_id: int, *, every_position: bool = False):
+        """Run each row's next tokens (a decode step: its last token; a prefill: its prompt's next piece) over
+        the cache. Logits [B, V] of the last column (float32, CPU), or with `every_position` [B, S, V] of the S
+        columns fed, on the model's device."""
         import torch
+        from transformers import DynamicCache
 
-        last = torch.tensor([row.last for row in self.rows], device=self.mask.device)[:, None]  # [B, 1]
-        positions = self.mask.sum(-1, keepdim=True)  # the columns each row has attended to so far
-        self.mask = torch.cat([self.mask, torch.ones_like(last)], -1)
-        names = [row.route.adapter_name for row in self.rows] if self.route.adapter_name is not None else None
+        from ..batching import device_of, pad
+
+        device = self.mask.device if self.mask is not None else device_of(self.route.decoder)
+        ids, new = pad(pieces, pad_id, side="left", device=device)  # [B, S] each
+        mask = new if self.mask is None else torch.cat([self.mask, new], -1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # padding sits at 0, masked anyway
+        cache = self.cache if self.cache is not None else DynamicCache()
+        names = [row.slot.adapter_name for row in self.rows] if self.route.adapter_name is not None else None
         with self.route.decode_context():
-            return _call(self.route, names, input_ids=last, attention_mask=self.mask, position_ids=positions,
-                         cache=self.cache)
+            logits = _call(self.route, names, input_ids=ids, attention_mask=mask, position_ids=positions,
+                           cache=cache, every_position=every_position)
+        self.cache, self.mask = cache, mask
+        return logits
+
+    def kv_of(self, index: int) -> list:
+        """(keys, values) per layer [1, heads, n, head_dim] of the columns the row at `index` attends to, copied."""
+        cols = self.mask[index].nonzero()[:, 0]
+        return [(layer.keys[index:index + 1, :, cols], layer.values[index:index + 1, :, cols])
+                for layer in self.cache.layers]
 
 
-def _cat(a, b, width: int):
-    """a and b left-padded to `width` along the sequence (dim -2 of keys/values, -1 of a mask), stacked."""
-    import torch
+class TorchDecoder:
+    """The engine's decoder for transformers models and their peft adapters (see decoder.py). A row's `slot` is
+    its Route; rows reading their prompt wait in one Group per route key, decoding rows in another."""
 
-    dim = -1 if a.dim() == 2 else -2
-    return torch.cat([_left_pad(a, width, dim), _left_pad(b, width, dim)], 0)
+    name = "torch"
+
+    def __init__(self, tokenizer, *, prefix_cache_mb: float = DEFAULT_MB):
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id does
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20))  # payload: [(keys, values)] per layer
+        self.owners: dict[int, weakref.ref] = {}  # Served.uid -> the Served, to drop the KV of unloaded models
+        self.prefilling: dict[tuple, Group] = {}
+        self.decoding: dict[tuple, Group] = {}
+
+    def vocabulary(self, served) -> tuple[int, set[int]]:
+        module = served.module
+        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        vocab = head.weight.shape[0] if head is not None else module.config.vocab_size  # the logits' width
+        return vocab, stop_token_ids(self.tokenizer, getattr(module, "generation_config", None))
+
+    def fits(self, served, prompt_tokens: int, max_tokens: int) -> bool:
+        return True  # the cache grows as rows need it
+
+    def start(self, row) -> None:
+        from ..batching import device_of
+
+        path = row.served.route()
+        device = device_of(path.decoder)
+        if path.virtual is not None:
+            cache, mask = virtual_start(path, device)
+        else:
+            cache, mask = self._reused(row, device)
+        row.slot, row.key = path, path.key
+        group = self.prefilling.setdefault(path.key, Group(path))
+        group.add([row], cache, mask)
+
+    def _reused(self, row, device):
+        """(cache, mask) of the longest cached prefix of the row's prompt (None, [1, 0] when there is none). At
+        least the prompt's last token is left to compute: its logits pick the first token."""
+        import torch
+        from transformers import DynamicCache
+
+        if row.scoring or not self.prefixes.budget:
+            return None, _empty(device)
+        dead = {uid for uid, owner in self.owners.items() if owner() is None}  # unloaded: their KV goes
+        if dead:
+            self.prefixes.drop_keys(dead.__contains__)
+            self.owners = {uid: owner for uid, owner in self.owners.items() if uid not in dead}
+        entry, n = self.prefixes.longest(row.served.uid, row.req.ids, len(row.req.ids) - 1)
+        if not n:
+            return None, _empty(device)
+        row.fed = row.cached = n
+        return (DynamicCache([(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in entry.payload]),
+                torch.ones(1, n, dtype=torch.long, device=device))
+
+    def prefill(self, rows: list, chunk: int) -> list:
+        group = self.prefilling[rows[0].key]
+        pieces = [row.req.ids[row.fed:row.fed + chunk] for row in group.rows]
+        every = any(row.scoring for row in group.rows)
+        logits = group.feed(pieces, self.pad_id, every_position=every)
+        out = {}
+        for i, (row, piece) in enumerate(zip(group.rows, pieces)):
+            row.fed += len(piece)
+            out[id(row)] = logits[i, -len(piece):] if row.scoring else \
+                logits[i, -1].float().cpu() if every else logits[i]
+        done = [i for i, row in enumerate(group.rows) if not row.prefilling]
+        for i in done:  # the prompt is in: its KV may serve the next requests that begin with it
+            self._remember(group, i)
+        if done:  # these rows decode from now on
+            joining = group.take(done)
+            self.decoding.setdefault(group.route.key, Group(group.route)).add(*joining)
+            if not group.rows:
+                del self.prefilling[rows[0].key]
+        return [out[id(row)] for row in rows]
+
+    def step(self, rows: list):
+        group = self.decoding[rows[0].key]
+        logits = group.feed([[row.last] for row in group.rows], self.pad_id)
+        for row in group.rows:
+            row.fed += 1
+        if group.rows == rows:
+            return logits
+        at = {id(row): i for i, row in enumerate(group.rows)}
+        return logits[[at[id(row)] for row in rows]]
+
+    def release(self, row, keep: bool) -> None:
+        for groups in (self.prefilling, self.decoding):
+            group = groups.get(row.key)
+            if group is not None and any(r is row for r in group.rows):
+                i = next(i for i, r in enumerate(group.rows) if r is row)
+                if keep:
+                    self._remember(group, i)
+                group.keep([j for j in range(len(group.rows)) if j != i])
+                if not group.rows:
+                    del groups[row.key]
+                return
+
+    def _remember(self, group: Group, index: int) -> None:
+        """Keep the KV of the row at `index` in the prefix cache, under its served model and adapter."""
+        row = group.rows[index]
+        ids = row.fed_ids()
+        if not self.prefixes.budget or row.slot.virtual is not None or self.prefixes.covers(row.served.uid, ids):
+            return  # (a virtual-token row's KV depends on its adapter's virtual tokens, which its key ignores)
+        kv = group.kv_of(index)
+        size = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+        if self.prefixes.put(row.served.uid, ids, kv, size):
+            self.owners.setdefault(row.served.uid, weakref.ref(row.served))

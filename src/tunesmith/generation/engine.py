@@ -1,10 +1,17 @@
 """The engine every caller generates through: `generate`/`stream`/`generate_batch` (the CLI, the terminal chat,
 evaluation) run it in their own thread with `step()`; the server runs it on a worker thread (`start()`).
 
-Continuous batching: each `step()` first admits waiting requests while fewer than `max_batch` rows run (their
-prefill runs, each picks its first token, then they join the running group of their model), then runs one
-decode step for one group; a row that finishes, fails or is cancelled leaves its group at once. Groups (see
-batch.py: rows that can share a forward pass) take turns, one step each.
+The one scheduler, over a pluggable decoder (decoder.py: torch in batch.py, llama.cpp in llamacpp.py): the
+engine keeps the waiting list, admission, the rows, sampling, stop strings and events; the decoder computes
+logits. Continuous batching, each `step()`:
+1. admits the oldest waiting requests while fewer than `max_batch` rows run and the decoder has room for them
+   (one that does not fit yet waits, and so do those behind it: first come, first served); the decoder places
+   each, starting it from the KV of the longest prefix of its prompt that it has cached (prefix_cache.py);
+2. feeds each row still reading its prompt its next piece, at most `prefill_chunk` tokens (chunked prefill: a
+   long prompt does not stall the rows decoding beside it); a row whose prompt is in picks its first token;
+3. runs one decode step for every decoding row, which picks and records its next token.
+Rows with the same `key` share each forward pass. A row that finishes, fails or is cancelled leaves at once, and
+its KV stays in the decoder's prefix cache for the next request that begins with its tokens.
 
 Requests wait in one bounded list until admitted: at most `max_queue` at any time (`QueueFull` beyond; 0 = no
 bound). Results come back as `Event`s through each request's `emit` callback, called on the engine's thread.
@@ -17,14 +24,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import count
 
-from ..batching import device_of
-from ..data.tokenize import stop_token_ids
-from .batch import Group, Route, prefill, route
+from .batch import Route, TorchDecoder, route
+from .decoder import Decoder
 from .params import SamplingParams
+from .prefix_cache import DEFAULT_MB
 from .sampler import Sampler, Token, prompt_logprobs
 from .text import Detokenizer, StopScanner
+
+PREFILL_CHUNK = 256  # prompt tokens a row reads per step: a step that also decodes others stays short
+_UIDS = count()
 
 
 class QueueFull(Exception):
@@ -41,6 +52,8 @@ class Served:
     use_cache: bool = True  # unused: every run decodes with the KV cache (prompt-learning runs too)
     run: str | None = None
     as_is: bool = False  # use the module exactly as the caller left it (the Python API): no adapter switching
+    # Whose KV a cached prefix is: never reused for another Served, even one given the same name or adapter later.
+    uid: int = field(default_factory=_UIDS.__next__, init=False, repr=False, compare=False)
 
     def activate(self):
         """Context in which `module` behaves as this name: its adapter active, or every adapter disabled."""
@@ -65,6 +78,7 @@ class Event:
     finish_reason: str | None = None  # on the last event of a choice, which carries no text: "stop" or "length"
     prompt_tokens: int = 0  # on the last event
     completion_tokens: int = 0  # on the last event: generated tokens, a final stop token included
+    cached_tokens: int = 0  # on the last event: prompt tokens whose KV came from the prefix cache
     error: str | None = None
     prompt: list[Token | None] | None = None  # with prompt_logprobs, on the first event: per prompt token (first None)
 
@@ -106,20 +120,42 @@ def fail(req: Request, error: str) -> None:
 
 
 class Row:
-    """Decoding state of one request: its route, sampler, text so far, and the last token it picked."""
+    """Decoding state of one request: its served model, sampler, text so far, the tokens it picked, and what its
+    decoder has fed into its KV cache."""
 
-    def __init__(self, req: Request, route: Route, tokenizer, vocab: int, stops: set[int]):
-        self.req, self.route, self.stops = req, route, stops
+    def __init__(self, req: Request, served: Served, tokenizer, vocab: int, stops: set[int]):
+        self.req, self.served, self.stops = req, served, stops
         self.sampler = Sampler(req.params, req.ids, vocab, tokenizer)
         self.text = Detokenizer(tokenizer)
         self.scanner = StopScanner(req.params.stop)
         self.n = 0  # completion tokens, a final stop token included
         self.last: int | None = None
+        self.picked: list[int] = []  # every token picked, a final stop token included
+        self.key = None  # rows with equal keys share forward passes (the decoder's choice)
+        self.slot = None  # the decoder's record of where this row's KV lives
+        self.fed = 0  # tokens in its KV cache: the prompt's first ones, then those picked
+        self.cached = 0  # prompt tokens whose KV came from the prefix cache
+        self.scores: list = []  # a scoring row's logits of each prompt piece, until the whole prompt is in
+        self.ended = False
 
     @property
     def tokens(self) -> list[int]:
         """The ids generated so far, without a final stop token."""
         return self.text.tokens
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of its prompt is not in its KV cache yet."""
+        return self.fed < len(self.req.ids)
+
+    @property
+    def scoring(self) -> bool:
+        """It reports its prompt's logprobs (echo + logprobs): its prefill keeps the logits of every position."""
+        return self.req.params.prompt_logprobs is not None
+
+    def fed_ids(self) -> list[int]:
+        """The tokens whose KV its cache holds, in order."""
+        return (self.req.ids + self.picked)[:self.fed]
 
     def pick(self, logits) -> tuple[int, Token | None]:
         """The next token for this row's logits [V] (float32, CPU)."""
@@ -128,6 +164,7 @@ class Row:
     def advance(self, token: int, info: Token | None) -> bool:
         """Record a picked token and emit what it adds; True when this row has finished."""
         self.n, self.last = self.n + 1, token
+        self.picked.append(token)
         if token in self.stops:
             return self._finish("stop", self.scanner.feed(self.text.flush()))
         out = self.scanner.feed(self.text.add(token))
@@ -150,7 +187,7 @@ class Row:
         self._emit(Event(self.req.index, text, info))
         if not self.req.cancelled.is_set():
             self.req.emit(Event(self.req.index, finish_reason=reason, prompt_tokens=len(self.req.ids),
-                                completion_tokens=self.n))
+                                completion_tokens=self.n, cached_tokens=self.cached))
         return True
 
 
@@ -168,16 +205,17 @@ def generating(models: dict[str, Served], req: Request) -> Served:
 
 
 class Engine:
-    """Generates for several model names that may share one loaded base model (see `Served`)."""
+    """Generates for several model names that may share one loaded base model (see `Served`), with `decoder`
+    computing the logits (default: a TorchDecoder whose prefix cache holds `prefix_cache_mb`)."""
 
-    backend = "torch"  # which decoder computes the logits (`tunesmith serve --backend`)
-
-    def __init__(self, models: dict[str, Served], tokenizer, *, context_window: int | None = None,
-                 chat_template: str | None = None, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.005, device: str | None = None):
+    def __init__(self, models: dict[str, Served], tokenizer, *, decoder: Decoder | None = None,
+                 context_window: int | None = None, chat_template: str | None = None, max_batch: int = 8,
+                 max_queue: int = 64, batch_wait_s: float = 0.005, device: str | None = None,
+                 prefix_cache_mb: float = DEFAULT_MB, prefill_chunk: int = PREFILL_CHUNK):
         from .device import place
 
         self.models, self.tokenizer, self.chat_template = models, tokenizer, chat_template
+        self.decoder = decoder if decoder is not None else TorchDecoder(tokenizer, prefix_cache_mb=prefix_cache_mb)
         if device is not None:  # None: the models stay where they are
             for served in models.values():
                 served.module = place(served.module, device)
@@ -185,14 +223,13 @@ class Engine:
         self.context_window = context_window or getattr(getattr(first, "config", None), "max_position_embeddings",
                                                         None) or 2048
         self.max_batch, self.max_queue, self.batch_wait_s = max(max_batch, 1), max_queue, batch_wait_s
+        self.prefill_chunk = max(prefill_chunk, 1)
         self._waiting: deque[Request] = deque()  # submitted, not yet admitted: at most max_queue (0 = no bound)
         self._changed = threading.Condition()  # guards _waiting and _stopping
         self._stopping = False
         self._worker: threading.Thread | None = None
-        self._groups: dict[tuple, Group] = {}  # running rows by route key; only the engine's thread touches it
-        self._turn = 0  # which group decodes next
-        self._running = 0  # rows in the groups, counted by the engine's thread after each change
-        self._admitting: list[Request] = []  # between the waiting list and a group (being prefilled)
+        self.rows: list[Row] = []  # admitted, reading their prompt or decoding; only the engine's thread changes it
+        self._admitting: Request | None = None  # between the waiting list and the rows
         self.threaded = True  # False: the caller drives step() itself (the Python API), no worker thread
 
     @classmethod
@@ -201,6 +238,11 @@ class Engine:
         engine = cls({"model": Served(model, as_is=True)}, tokenizer, max_queue=0, **options)
         engine.threaded = False
         return engine
+
+    @property
+    def backend(self) -> str:
+        """Which decoder computes the logits (`tunesmith serve --backend`)."""
+        return self.decoder.name
 
     # -- submitting -----------------------------------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
@@ -216,20 +258,17 @@ class Engine:
             self.start()
 
     def stats(self) -> dict:
-        return {"running": self._running + len(self._admitting), "queued": len(self._waiting)}
+        return {"running": len(self.rows) + (self._admitting is not None), "queued": len(self._waiting)}
 
     def in_flight(self, model: str) -> int:
         """Requests for the model name `model` still waiting or running (its weights are still needed)."""
         with self._changed:
-            waiting = sum(r.model == model for r in self._waiting)
-        running = [row.req for group in list(self._groups.values()) for row in list(group.rows)]
-        return waiting + sum(req.model == model for req in running + list(self._admitting))
+            requests = [*self._waiting, self._admitting, *(row.req for row in list(self.rows))]
+        return sum(req is not None and req.model == model for req in requests)
 
     def vocabulary(self, name: str) -> tuple[int, set[int]]:
         """(the logits' width, the stop token ids) of the served model `name`: what a token mask is built for."""
-        module = self.models[name].module
-        return (module.get_output_embeddings().weight.shape[0],
-                stop_token_ids(self.tokenizer, getattr(module, "generation_config", None)))
+        return self.decoder.vocabulary(self.models[name])
 
     @property
     def running(self) -> int:
@@ -237,7 +276,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._groups or self._waiting)
+        return bool(self.rows or self._waiting)
 
     # -- the server's worker thread -------------------------------------------------------------------------
     def start(self) -> None:
@@ -256,16 +295,15 @@ class Engine:
         self._worker = None
         with self._changed:
             waiting, self._waiting = list(self._waiting), deque()
-        for req in waiting + [row.req for group in self._groups.values() for row in group.rows]:
+        for req in waiting:
             fail(req, "the server is shutting down")
-        self._groups.clear()
-        self._running = 0
+        self._abort("the server is shutting down")
 
     def _loop(self) -> None:
         while True:
             with self._changed:
-                idle = not self._groups
-                while not self._waiting and not self._groups and not self._stopping:
+                idle = not self.rows
+                while not self._waiting and not self.rows and not self._stopping:
                     self._changed.wait()
                 if self._stopping:
                     return
@@ -274,143 +312,160 @@ class Engine:
             try:
                 self.step()
             except Exception as err:  # a bug must not take the worker down: fail what runs, keep serving
-                for group in self._groups.values():
-                    for row in group.rows:
-                        fail(row.req, f"{type(err).__name__}: {err}")
-                self._groups.clear()
-                self._running = 0
+                self._abort(f"{type(err).__name__}: {err}")
+
+    def _abort(self, error: str) -> None:
+        """Fail every running row, their KV dropped."""
+        rows, self.rows = self.rows, []
+        for row in rows:
+            fail(row.req, error)
+            if not row.ended:
+                row.ended = True
+                try:
+                    self.decoder.release(row, keep=False)
+                except Exception:  # the decoder's state is what failed: nothing more to free here
+                    pass
 
     # -- scheduling -----------------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit what fits, then one decode step of the next group. True while anything runs or waits.
+        """Admit what fits, feed the prompts being read their next piece, then one decode step of every decoding
+        row. True while anything runs or waits.
 
         The worker thread calls this; the Python API calls it in its own thread on an engine it never started."""
         import torch
 
         with torch.inference_mode():
-            admitted = self._admit()
-            if admitted:
-                self._admitting = admitted
-                try:
-                    self._run(admitted)
-                finally:
-                    self._running, self._admitting = sum(map(len, self._groups.values())), []
-            if self._groups:
-                keys = list(self._groups)
-                self._turn = (self._turn + 1) % len(keys)
-                self._decode(keys[self._turn])
-            self._running = sum(map(len, self._groups.values()))
+            self._admit()
+            self._sweep()
+            for rows in self._batches(prefilling=True):
+                self._prefill(rows)
+            self._sweep()
+            for rows in self._batches(prefilling=False):
+                self._decode(rows)
+            self._sweep()
         return self.busy
 
-    def _admit(self) -> list[Request]:
-        """The oldest waiting requests that fit beside the running rows."""
-        room = self.max_batch - sum(map(len, self._groups.values()))
-        with self._changed:
-            taken = []
-            while self._waiting and len(taken) < room:
-                req = self._waiting.popleft()
-                if not req.cancelled.is_set():
-                    taken.append(req)
-            return taken
-
-    def _run(self, batch: list[Request]) -> None:
-        """Start newly admitted requests: prefill those that run alike together, pick each one's first token,
-        and let the rows that go on join their group."""
-        together: dict[tuple, list[tuple[Request, Route]]] = {}
-        for req in batch:
+    def _admit(self) -> None:
+        """Start the oldest waiting requests while rows and the decoder's room allow."""
+        while len(self.rows) < self.max_batch:
+            with self._changed:
+                if not self._waiting:
+                    return
+                req = self._waiting[0]
+                if not req.cancelled.is_set() and not self._fits(req):
+                    return  # it waits for room, and so does everyone behind it
+                self._admitting = self._waiting.popleft()
             try:
-                path = generating(self.models, req).route()
-            except Exception as err:
-                fail(req, f"{type(err).__name__}: {err}")
-                continue
-            if req.params.max_new_tokens == 0 and req.params.prompt_logprobs is None:  # the prompt's usage only
-                req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
-                continue
-            # Virtual tokens come from the adapter, so prompt-learning rows prefill per model name.
-            together.setdefault(path.key + ((req.model,) if path.virtual else ()), []).append((req, path))
-        for items in together.values():
-            rows = []
-            for req, path in items:
-                try:
-                    rows.append(self._row(req, path))
-                except Exception as err:  # e.g. a logit_bias outside the vocabulary: this request alone
-                    fail(req, f"{type(err).__name__}: {err}")
-            if rows:
-                self._prefill(rows)
+                if not req.cancelled.is_set():
+                    self._start(req)
+            finally:
+                self._admitting = None
 
-    def _row(self, req: Request, path: Route) -> Row:
-        decoder = path.decoder
-        head = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
-        vocab = head.weight.shape[0] if head is not None else decoder.config.vocab_size  # the logits' width
-        stops = stop_token_ids(self.tokenizer, getattr(decoder, "generation_config", None))
-        return Row(req, path, self.tokenizer, vocab, stops)
+    def _fits(self, req: Request) -> bool:
+        served = self.models.get(req.model)
+        if served is None or served.task != "sft" or not req.ids or _usage_only(req):
+            return True  # answered at once (an error, or the prompt's usage)
+        return self.decoder.fits(served, len(req.ids), req.params.max_new_tokens)
+
+    def _start(self, req: Request) -> None:
+        """Check a request and give it a row, placed by the decoder; or answer it at once."""
+        try:
+            served = generating(self.models, req)
+            if _usage_only(req):
+                req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
+                return
+            row = Row(req, served, self.tokenizer, *self.decoder.vocabulary(served))
+            self.decoder.start(row)
+        except Exception as err:  # this request alone: e.g. a logit_bias outside the vocabulary
+            fail(req, f"{type(err).__name__}: {err}")
+            return
+        self.rows.append(row)
+
+    def _batches(self, *, prefilling: bool) -> list[list[Row]]:
+        """The rows reading their prompt (or decoding), in lists that share a forward pass, oldest first."""
+        batches: dict[object, list[Row]] = {}
+        for row in self.rows:
+            if row.prefilling == prefilling:
+                batches.setdefault(row.key, []).append(row)
+        return list(batches.values())
+
+    def _sweep(self) -> None:
+        """Cancelled rows leave without a word; ended rows leave the list."""
+        for row in self.rows:
+            if row.req.cancelled.is_set():
+                self._end(row)
+        self.rows = [row for row in self.rows if not row.ended]
+
+    def _end(self, row: Row, keep: bool = True) -> None:
+        if not row.ended:
+            row.ended = True
+            self.decoder.release(row, keep)
+
+    def _fail(self, rows: list[Row], err: Exception) -> None:
+        """A forward pass failed: its rows fail, their KV dropped; other rows go on."""
+        for row in rows:
+            fail(row.req, f"{type(err).__name__}: {err}")
+            self._end(row, keep=False)
 
     def _prefill(self, rows: list[Row]) -> None:
-        path = rows[0].route
-        mixed = [r.route.adapter_name for r in rows] if path.adapter_name is not None else None
-        stops = rows[0].stops
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops, default=0)
-        scored = [i for i, r in enumerate(rows) if r.req.params.prompt_logprobs is not None]
         try:
-            cache, mask, logits, every = prefill(path, [r.req.ids for r in rows], mixed, pad_id,
-                                                 device_of(path.decoder), every_position=bool(scored))
-        except Exception as err:  # the forward pass itself: these rows fail, the running ones go on
-            for row in rows:
-                fail(row.req, f"{type(err).__name__}: {err}")
+            logits = self.decoder.prefill(rows, self.prefill_chunk)
+        except Exception as err:
+            self._fail(rows, err)
             return
-        done = self._score([rows[i] for i in scored], every[scored]) if scored else set()
-        keep = self._pick(rows, logits, skip={scored[i] for i in done})
-        if keep:
-            joining = Group(path)
-            joining.add(rows, cache, mask)
-            joining.keep(keep)
-            self._groups.setdefault(path.key, Group(path)).add(joining.rows, joining.cache, joining.mask)
+        ready, last = [], []
+        for row, out in zip(rows, logits):
+            if row.scoring:
+                row.scores.append(out)
+            if row.prefilling or (row.scoring and not self._score(row)):
+                continue
+            ready.append(row)
+            last.append(out[-1].float().cpu() if row.scoring else out)
+        self._advance(ready, last)
 
-    def _score(self, rows: list[Row], logits) -> set[int]:
-        """Emit each row's prompt logprobs (echo + logprobs), before its reply's first token; logits [B, T, V] of
-        the left-padded prompt columns. The indices of the rows that end here (max_tokens 0, or failed)."""
-        done = set()
-        for i, row in enumerate(rows):
-            req = row.req
-            try:
-                scores = prompt_logprobs(logits[i, logits.shape[1] - len(req.ids):], req.ids,
-                                         req.params.prompt_logprobs, self.tokenizer)
-                req.emit(Event(req.index, prompt=scores))
-                if req.params.max_new_tokens == 0:  # scored, nothing to generate
-                    done.add(i)
-                    req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
-            except Exception as err:
-                done.add(i)
-                fail(req, f"{type(err).__name__}: {err}")
-        return done
+    def _score(self, row: Row) -> bool:
+        """Emit a row's prompt logprobs (echo + logprobs), before its reply's first token, from the logits of
+        every prompt position; False when the row ends here (max_tokens 0, or failed)."""
+        import torch
 
-    def _decode(self, key: tuple) -> None:
-        group = self._groups[key]
-        group.keep([i for i, row in enumerate(group.rows) if not row.req.cancelled.is_set()])
-        if group.rows:
-            try:
-                logits = group.step()
-            except Exception as err:  # the forward pass: this group's rows fail, other groups go on
-                for row in group.rows:
-                    fail(row.req, f"{type(err).__name__}: {err}")
-                group.keep([])
-            else:
-                group.keep(self._pick(group.rows, logits))
-        if not group.rows:
-            del self._groups[key]
+        req = row.req
+        try:
+            scores = prompt_logprobs(torch.cat(row.scores), req.ids, req.params.prompt_logprobs, self.tokenizer)
+            row.scores = []
+            req.emit(Event(req.index, prompt=scores))
+            if req.params.max_new_tokens == 0:  # scored, nothing to generate
+                req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
+                self._end(row)
+                return False
+        except Exception as err:
+            fail(req, f"{type(err).__name__}: {err}")
+            self._end(row)
+            return False
+        return True
 
-    def _pick(self, rows: list[Row], logits, skip: set = frozenset()) -> list[int]:
-        """Each row picks and records its token from logits [B, V]; the indices of the rows that go on."""
-        keep = []
-        for i, row in enumerate(rows):
-            if row.req.cancelled.is_set() or i in skip:
-                continue  # the client went away: drop the row without a word
+    def _decode(self, rows: list[Row]) -> None:
+        try:
+            logits = self.decoder.step(rows)
+        except Exception as err:
+            self._fail(rows, err)
+            return
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[Row], logits) -> None:
+        """Each row picks and records its token from its logits [V]; rows that finish leave."""
+        for row, out in zip(rows, logits):
+            if row.req.cancelled.is_set():
+                self._end(row)  # the client went away: drop the row without a word
+                continue
             try:
-                token, info = row.pick(logits[i])
-                finished = row.advance(token, info)
+                finished = row.advance(*row.pick(out))
             except Exception as err:  # this row's settings or callback: it fails alone
                 fail(row.req, f"{type(err).__name__}: {err}")
-                continue
-            if not finished and not row.req.cancelled.is_set():  # cancelled from its own callback: gone now
-                keep.append(i)
-        return keep
+                finished = True
+            if finished or row.req.cancelled.is_set():  # cancelled from its own callback: gone now
+                self._end(row)
+
+
+def _usage_only(req: Request) -> bool:
+    """max_tokens 0 without prompt logprobs: the answer is the prompt's usage, nothing to compute."""
+    return req.params.max_new_tokens == 0 and req.params.prompt_logprobs is None

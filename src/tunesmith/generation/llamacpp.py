@@ -1,28 +1,36 @@
-"""The engine on llama.cpp (`tunesmith serve --backend llama-cpp`): llama.cpp computes the logits of a GGUF model,
-and tunesmith's own `Row`s pick the tokens (sampler, stop strings, token masks, logprobs), so a seed, a
-temperature, a stop string or a response_format means the same thing on both backends.
+"""The llama.cpp decoder (`tunesmith serve --backend llama-cpp`): llama.cpp computes the logits of a GGUF model,
+and the engine's own rows pick the tokens (sampler, stop strings, token masks, logprobs), so a seed, a
+temperature, a stop string or a response_format means the same thing on both backends. Queueing, admission,
+scoring and events are the one `Engine`'s; `LlamaCppDecoder` is what the engine asks of llama.cpp (decoder.py).
 
-Continuous batching as llama-server does it: each running request holds one sequence id of a shared KV cache;
-one `llama_decode` takes every running row's last token together with the prompts admitted at this step, and a
-request that ends (finished, failed, or its client gone) gives its cells back at once (`llama_memory_seq_rm`).
-The cache is unified (any sequence may use any cell) and holds one context window; a request is admitted only
-when its prompt plus max_tokens fits beside what the running rows may still take, so no reply runs out of cache
-halfway. Queueing, `submit`, `stats`, cancellation and the worker thread are the torch `Engine`'s own.
+Continuous batching as llama-server does it: each running request holds one sequence id of a shared KV cache,
+one `llama_decode` takes the tokens of many sequences, and a request that ends gives its sequence back. The
+cache is unified (any sequence may use any cell) and holds one context window; a request is admitted only when
+its prompt plus max_tokens fits beside what the running rows may still take, so no reply runs out of cache
+halfway.
+
+Prefix reuse: a finished request's sequence is not emptied but kept (and a prompt, once read, copied) as a
+cached prefix, under its own sequence id; a new request that begins with its tokens gets those cells with
+`llama_memory_seq_cp`, which in a unified cache only marks the cells as shared (no copy), and reads only the
+rest of its prompt. Cached prefixes give their cells back, least recently used first, when a request needs the
+room, or beyond `--prefix-cache-mb`. Each GGUF file is its own model and context, so KV is never shared across
+adapters. Models with a sliding-window or recurrent cache keep no prefixes (their cells cannot be shared by
+position range).
 
 Imports llama_cpp (llama-cpp-python, `make setup-fast`) only when a model is loaded."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.tokenize import stop_token_ids
 from ..errors import TunesmithError
-from .engine import Engine, Event, Request, Row, Served, fail, generating
-from .sampler import prompt_logprobs
+from .prefix_cache import DEFAULT_MB, PrefixCache
 
 N_BATCH = 512  # tokens per llama_decode call (longer prompts go in pieces): bounds the logits buffer
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids per context
 
 
 class LlamaCppError(TunesmithError, RuntimeError):
@@ -43,8 +51,9 @@ def import_llama_cpp():
 
 
 class GGUFModel:
-    """One GGUF file loaded by llama.cpp, with a decoding context of `max_batch` sequences over a unified KV cache
-    of `context_window` cells (llama.cpp rounds it up to a multiple of 256)."""
+    """One GGUF file loaded by llama.cpp, with a decoding context over a unified KV cache of `context_window` cells
+    (llama.cpp rounds it up to a multiple of 256): `max_batch` sequences for running rows, as many again for
+    cached prefixes."""
 
     def __init__(self, path: str | Path, tokenizer, *, max_batch: int = 8, context_window: int | None = None,
                  threads: int | None = None, generation_config=None):
@@ -64,7 +73,7 @@ class GGUFModel:
         params = lib.llama_context_default_params()
         params.n_ctx = self.window
         params.n_batch = params.n_ubatch = min(N_BATCH, self.window)
-        params.n_seq_max = max(max_batch, 1)
+        params.n_seq_max = min(2 * max(max_batch, 1), max(max_batch, MAX_SEQ))
         params.kv_unified = True  # one pool of cells for every sequence, instead of window / max_batch each
         params.n_outputs_max_per_seq = 0  # prompt logprobs want every position of one sequence
         self.threads = threads or len(os.sched_getaffinity(0))
@@ -80,6 +89,14 @@ class GGUFModel:
         self.n_seq_max = params.n_seq_max
         self.free_seqs = list(range(self.n_seq_max))
         self.reserved = 0  # cells the running sequences may take (prompt + max_tokens each)
+        # Cached prefixes: payload a sequence id, size in bytes of f16 keys and values (llama.cpp's default types).
+        # The decoder sets the budget; 0 where cells cannot be shared by position range.
+        self.prefixes = PrefixCache(0, evict=self._forget)
+        self.reusable = not (lib.llama_model_is_recurrent(self.model) or lib.llama_model_is_hybrid(self.model)
+                             or lib.llama_model_n_swa(self.model) > 0)
+        heads = lib.llama_model_n_head(self.model)
+        kv_width = lib.llama_model_n_embd(self.model) * lib.llama_model_n_head_kv(self.model) // max(heads, 1)
+        self.cell_bytes = lib.llama_model_n_layer(self.model) * 2 * kv_width * 2
 
     def forward(self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[bool]):
         """Feed tokens (of any sequences, in n_batch pieces) into the KV cache; the logits of those marked in
@@ -106,25 +123,51 @@ class GGUFModel:
                 k += 1
         return torch.from_numpy(logits)
 
-    def take(self, cells: int) -> int:
-        """A free sequence id, with `cells` of the cache reserved for it."""
+    @property
+    def held(self) -> int:
+        """Cells the cached prefixes hold (counted as if none were shared with a running row: an upper bound)."""
+        return self.prefixes.tokens
+
+    def room(self, cells: int) -> bool:
+        """Whether `cells` more fit beside the running rows, dropping cached prefixes (oldest first) to make room."""
+        while self.reserved + self.held + cells > self.cells and self.prefixes.pop_oldest():
+            pass
+        return self.reserved + self.held + cells <= self.cells
+
+    def take(self, ids: list[int], cells: int, reuse: bool) -> tuple[int, int]:
+        """(a free sequence id with `cells` of the cache reserved for it, how many leading tokens of `ids` it
+        already holds: those of the longest cached prefix, with `reuse`, leaving the last token to compute)."""
+        if not self.free_seqs:
+            self.prefixes.pop_oldest()
         seq = self.free_seqs.pop()
         self.reserved += cells
-        return seq
+        entry, n = self.prefixes.longest(None, ids, len(ids) - 1) if reuse and self.reusable else (None, 0)
+        if n:  # the entry's cells [0, n) now belong to `seq` too: shared, not copied (a unified cache)
+            self.lib.llama_memory_seq_cp(self.memory, entry.payload, seq, 0, n)
+        return seq, n
 
-    def release(self, seq: int, cells: int) -> None:
-        """Drop a sequence's cells from the cache and give its id back."""
+    def remember(self, seq: int, ids: list[int]) -> None:
+        """Keep the first len(ids) cells of a running sequence as a cached prefix (its prompt, once read)."""
+        if not self.reusable or self.prefixes.covers(None, ids) or len(ids) * self.cell_bytes > self.prefixes.budget:
+            return
+        if not self.free_seqs and not self.prefixes.pop_oldest():
+            return
+        copy = self.free_seqs.pop()
+        self.lib.llama_memory_seq_cp(self.memory, seq, copy, 0, len(ids))
+        if not self.prefixes.put(None, ids, copy, len(ids) * self.cell_bytes):
+            self._forget(copy)
+
+    def release(self, seq: int, cells: int, ids: list[int] | None = None) -> None:
+        """Give a sequence id back, its `cells` reservation with it; with `ids` (the tokens its cells hold) the
+        sequence stays as a cached prefix, else its cells are emptied."""
+        self.reserved -= cells
+        if ids and self.reusable and self.prefixes.put(None, ids, seq, len(ids) * self.cell_bytes):
+            return
+        self._forget(seq)
+
+    def _forget(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free_seqs.append(seq)
-        self.reserved -= cells
-
-    def fits(self, cells: int) -> bool:
-        return self.reserved + cells <= self.cells
-
-    def reset(self) -> None:
-        """Empty the cache: every sequence id free again."""
-        self.lib.llama_memory_clear(self.memory, True)
-        self.free_seqs, self.reserved = list(range(self.n_seq_max)), 0
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -140,163 +183,71 @@ class GGUFModel:
             pass
 
 
-class Slot(Row):
-    """A Row with its place in llama.cpp's KV cache: a sequence id, the cells it holds, the cells it reserved."""
-
-    def __init__(self, req: Request, model: GGUFModel, tokenizer):
-        super().__init__(req, None, tokenizer, model.n_vocab, model.stops)
-        self.model, self.cells = model, len(req.ids) + req.params.max_new_tokens
-        self.seq = model.take(self.cells)
-        self.pos = 0  # positions already in the cache
-        self.fresh = True  # its prompt is fed at the next step
-
-    @property
-    def scoring(self) -> bool:
-        """Its prompt is fed at this step with the logits of every position kept (echo + logprobs)."""
-        return self.fresh and self.req.params.prompt_logprobs is not None
-
-    def release(self) -> None:
-        if self.seq is not None:
-            self.model.release(self.seq, self.cells)
-            self.seq = None
-
-
 @dataclass
-class Group:
-    """The running rows of one GGUF model (the engine's `_groups` holds one per model)."""
+class Slot:
+    """A llama.cpp row's place: its model, its sequence id, and the cells it reserved (prompt + max_tokens)."""
 
     model: GGUFModel
-    rows: list[Slot] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.rows)
+    seq: int
+    cells: int
 
 
-class LlamaCppEngine(Engine):
-    """An `Engine` whose served modules are `GGUFModel`s; the same interface for the server and the Python API."""
+class LlamaCppDecoder:
+    """The engine's decoder for `GGUFModel`s (see decoder.py): rows of one model share each llama_decode.
+    `gguf_quant` is the type a run loaded while serving is exported at (None: the default)."""
 
-    backend = "llama-cpp"
+    name = "llama-cpp"
 
-    def __init__(self, models: dict[str, Served], tokenizer, *, context_window: int, gguf_quant: str | None = None,
-                 **options):
-        super().__init__(models, tokenizer, context_window=context_window, **options)
-        self.gguf_quant = gguf_quant  # the type a run loaded while serving is exported at (None: the default)
+    def __init__(self, *, prefix_cache_mb: float = DEFAULT_MB, gguf_quant: str | None = None):
+        self.prefix_bytes, self.gguf_quant = int(prefix_cache_mb * 2**20), gguf_quant
 
-    def vocabulary(self, name: str) -> tuple[int, set[int]]:
-        model = self.models[name].module
-        return model.n_vocab, set(model.stops)
+    def vocabulary(self, served) -> tuple[int, set[int]]:
+        return served.module.n_vocab, set(served.module.stops)
 
-    def _admit(self) -> list[Request]:
-        """The oldest waiting requests that fit beside the running rows, in rows and in KV-cache cells. A request
-        that does not fit yet waits, and so do those behind it (first come, first served)."""
-        room = self.max_batch - sum(map(len, self._groups.values()))
-        pending: dict[int, int] = {}
-        with self._changed:
-            taken = []
-            while self._waiting and len(taken) < room:
-                req = self._waiting[0]
-                served = self.models.get(req.model)
-                model = served.module if served is not None else None
-                if not req.cancelled.is_set() and isinstance(model, GGUFModel):
-                    need = len(req.ids) + req.params.max_new_tokens
-                    if need <= model.cells and not model.fits(pending.get(id(model), 0) + need):
-                        break
-                    pending[id(model)] = pending.get(id(model), 0) + need
-                self._waiting.popleft()
-                if not req.cancelled.is_set():
-                    taken.append(req)
-            return taken
+    def fits(self, served, prompt_tokens: int, max_tokens: int) -> bool:
+        need = prompt_tokens + max_tokens
+        return need > served.module.cells or served.module.room(need)  # too big ever: `start` says so
 
-    def step(self) -> bool:
-        """Admit what fits, then one llama_decode per model: the running rows' next tokens and the new prompts."""
-        import torch
+    def start(self, row) -> None:
+        model, need = row.served.module, len(row.req.ids) + row.req.params.max_new_tokens
+        if need > model.cells:
+            raise ValueError(f"the prompt and max_tokens need {need} tokens of KV cache; this model has {model.cells}")
+        model.prefixes.budget = self.prefix_bytes
+        seq, row.cached = model.take(row.req.ids, need, reuse=not row.scoring)
+        row.slot, row.key, row.fed = Slot(model, seq, need), id(model), row.cached
 
-        with torch.inference_mode():
-            admitted = self._admit()
-            self._admitting = admitted
-            try:
-                for req in admitted:
-                    self._start(req)
-            finally:
-                self._admitting = []
-            for key in list(self._groups):
-                self._decode(key)
-            self._running = sum(map(len, self._groups.values()))
-        return self.busy
-
-    def _start(self, req: Request) -> None:
-        """Check a newly admitted request and give it a slot in its model's group (prefilled at the next decode)."""
-        try:
-            model = generating(self.models, req).module
-            need = len(req.ids) + req.params.max_new_tokens
-            if need > model.cells:
-                raise ValueError(f"the prompt and max_tokens need {need} tokens of KV cache; this model has "
-                                 f"{model.cells}")
-            if req.params.max_new_tokens == 0 and req.params.prompt_logprobs is None:  # the prompt's usage only
-                req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
-                return
-            if id(model) not in self._groups and len(model.free_seqs) < model.n_seq_max:
-                model.reset()  # none of its rows runs: cells a failed step left behind are free again
-            slot = Slot(req, model, self.tokenizer)
-        except Exception as err:  # this request alone: e.g. a logit_bias outside the vocabulary
-            fail(req, f"{type(err).__name__}: {err}")
-            return
-        self._groups.setdefault(id(model), Group(model)).rows.append(slot)
-
-    def _decode(self, key) -> None:
-        group = self._groups[key]
-        for row in group.rows:
-            if row.req.cancelled.is_set():
-                row.release()
-        rows = [row for row in group.rows if row.seq is not None]
-        tokens, positions, seqs, outputs = [], [], [], []
-        for row in rows:
-            fed = row.req.ids if row.fresh else [row.last]
-            tokens += fed
-            positions += range(row.pos, row.pos + len(fed))
-            seqs += [row.seq] * len(fed)
-            outputs += [row.scoring] * (len(fed) - 1) + [True]
-        try:
-            logits = group.model.forward(tokens, positions, seqs, outputs) if rows else None
-        except Exception as err:  # the forward pass: this model's rows fail, other models go on
-            for row in rows:
-                fail(row.req, f"{type(err).__name__}: {err}")
-                row.release()
-            del self._groups[key]
-            return
-        last, at, done = [], 0, set()
-        for i, row in enumerate(rows):
-            n = len(row.req.ids) if row.scoring else 1
-            if row.scoring and not self._scored(row, logits[at:at + n]):
-                done.add(i)
-            row.pos += len(row.req.ids) if row.fresh else 1
-            row.fresh = False
+    def prefill(self, rows: list, chunk: int) -> list:
+        pieces = [row.req.ids[row.fed:row.fed + chunk] for row in rows]
+        logits = self._forward(rows, pieces)
+        out, at = [], 0
+        for row, piece in zip(rows, pieces):
+            n = len(piece) if row.scoring else 1
+            out.append(logits[at:at + n] if row.scoring else logits[at])
             at += n
-            last.append(at - 1)
-        keep = set(self._pick(rows, logits[last], skip=done)) if rows else set()
-        for i, row in enumerate(rows):
-            if i not in keep:
-                row.release()
-        group.rows = [row for i, row in enumerate(rows) if i in keep]
-        if not group.rows:
-            del self._groups[key]
+            row.fed += len(piece)
+            if not row.prefilling:  # the prompt is in: the next requests that begin with it may share its cells
+                row.slot.model.remember(row.slot.seq, row.req.ids)
+        return out
 
-    def _scored(self, row: Slot, logits) -> bool:
-        """Emit a row's prompt logprobs (echo + logprobs) from its logits [T, V]; False when the row ends here."""
-        req = row.req
-        try:
-            req.emit(Event(req.index, prompt=prompt_logprobs(logits, req.ids, req.params.prompt_logprobs,
-                                                             self.tokenizer)))
-            if req.params.max_new_tokens == 0:  # scored, nothing to generate
-                req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
-                return False
-        except Exception as err:
-            fail(req, f"{type(err).__name__}: {err}")
-            return False
-        return True
+    def step(self, rows: list):
+        logits = self._forward(rows, [[row.last] for row in rows])
+        for row in rows:
+            row.fed += 1
+        return logits
 
-    def stop(self) -> None:
-        models = {id(g.model): g.model for g in self._groups.values()}
-        super().stop()
-        for model in models.values():
-            model.reset()
+    def _forward(self, rows: list, pieces: list[list[int]]):
+        """One llama_decode (in n_batch pieces) of each row's tokens at its next positions; the logits of each
+        piece's last token, or of all its tokens for a scoring row still reading its prompt."""
+        tokens, positions, seqs, outputs = [], [], [], []
+        for row, piece in zip(rows, pieces):
+            tokens += piece
+            positions += range(row.fed, row.fed + len(piece))
+            seqs += [row.slot.seq] * len(piece)
+            every = row.scoring and row.prefilling
+            outputs += [every] * (len(piece) - 1) + [True]
+        return rows[0].slot.model.forward(tokens, positions, seqs, outputs)
+
+    def release(self, row, keep: bool) -> None:
+        if row.slot is not None:
+            slot, row.slot = row.slot, None
+            slot.model.release(slot.seq, slot.cells, row.fed_ids() if keep else None)

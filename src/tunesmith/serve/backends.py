@@ -24,6 +24,7 @@ from ..export.cache import GGUF_QUANT
 from ..export.quants import QUANTS
 from .adapters import ServeError, check_template, load_engine, load_served, open_served_run
 from ..generation import Served
+from ..generation.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple
 
 def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
                      context_window: int | None = None, max_batch: int = 8, max_queue: int = 64,
-                     device: str = "auto", threads: int | None = None, gguf_quant: str = GGUF_QUANT):
-    """A `LlamaCppEngine` serving `model` under its own name and each run of `adapters` ({name: run dir}), with
+                     device: str = "auto", threads: int | None = None, gguf_quant: str = GGUF_QUANT,
+                     prefix_cache_mb: float = PREFIX_CACHE_MB):
+    """An `Engine` on llama.cpp serving `model` under its own name and each run of `adapters` ({name: run dir}), with
     llama.cpp on `threads` threads (default: every core this process may use); runs are exported at `gguf_quant`.
 
     Sets torch to one thread: here torch only picks tokens (vocabulary-sized vectors, where a second thread gains
@@ -123,7 +125,8 @@ def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat
     sampler's step went from 0.25 to 8 ms and llama.cpp's from 18 to 30 ms)."""
     import torch
 
-    from ..generation.llamacpp import GGUFModel, LlamaCppEngine
+    from ..generation import Engine
+    from ..generation.llamacpp import GGUFModel, LlamaCppDecoder
 
     require_llama_cpp()
     if gguf_quant not in QUANTS:
@@ -144,8 +147,9 @@ def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat
             raise ServeError(f"adapter name {name!r} is used twice (or is the base model's name)")
         run_path, config = _run_gguf(name, run, fingerprint, gguf_quant)
         served[name] = Served(GGUFModel(run_path, tokenizer, generation_config=config, **options), run=str(run))
-    return LlamaCppEngine(served, tokenizer, context_window=base.window, chat_template=template,
-                          max_batch=max_batch, max_queue=max_queue, gguf_quant=gguf_quant)
+    decoder = LlamaCppDecoder(prefix_cache_mb=prefix_cache_mb, gguf_quant=gguf_quant)
+    return Engine(served, tokenizer, decoder=decoder, context_window=base.window, chat_template=template,
+                  max_batch=max_batch, max_queue=max_queue)
 
 
 def load_gguf_served(engine, name: str, run: str | Path) -> Served:
@@ -155,7 +159,7 @@ def load_gguf_served(engine, name: str, run: str | Path) -> Served:
 
     base = engine.models[next(iter(engine.models))].module
     run_path, config = _run_gguf(name, run, template_fingerprint(engine.chat_template),
-                                 engine.gguf_quant or GGUF_QUANT)
+                                 engine.decoder.gguf_quant or GGUF_QUANT)
     model = GGUFModel(run_path, engine.tokenizer, generation_config=config, max_batch=engine.max_batch,
                       context_window=base.window, threads=base.threads)
     return Served(model, run=str(run))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..generation.device import DEVICES
 from ..export import QUANTS
+from ..generation.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 from ..models import DEFAULT_CHAT_MODEL
 from .adapters import ServeError, parse_adapters
 from .backends import BACKENDS
@@ -51,6 +52,11 @@ class ServeConfig(ModelOptions):
                                      description="read the API key from FILE (surrounding whitespace ignored)")
     max_batch: int = Field(8, ge=1, description="rows decoded together (1 = batching off)")
     max_queue: int = Field(64, ge=0, description="waiting requests before answering 429 (0 = no bound)")
+    # 256 MB: on the embedded Qwen2.5-0.5B, ~10,000 tokens of torch's float32 KV (24 KB a token; ~20,000 of
+    # llama.cpp's f16), the histories of dozens of conversations, beside ~2 GB of weights.
+    prefix_cache_mb: int = Field(PREFIX_CACHE_MB, ge=0, description="memory for the KV of prompts seen before, "
+                                 "reused by requests that begin with the same tokens (conversations, shared system "
+                                 f"prompts; least recently used out first; 0 = off; default: {PREFIX_CACHE_MB})")
     context_window: int | None = Field(None, ge=1, description="default: the model's max_position_embeddings")
     conversations: str = Field("tunesmith-conversations.sqlite", description="SQLite file for /v1/conversations "
                                "(default: ./tunesmith-conversations.sqlite)")
@@ -93,7 +99,8 @@ class ServeConfig(ModelOptions):
     def engine_options(self) -> dict:
         """The keyword arguments of the backend's `load_engine`, beside the model and its adapters."""
         return {"chat_template": self.chat_template, "context_window": self.context_window, "device": self.device,
-                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.backend_options()}
+                "max_batch": self.max_batch, "max_queue": self.max_queue, "prefix_cache_mb": self.prefix_cache_mb,
+                **self.backend_options()}
 
     def settings(self, env: Mapping[str, str] | None = None):
         """The app's `ServeSettings`, the API key resolved (see resolve_api_key)."""

@@ -19,6 +19,8 @@ class Job:
         self.engine, self.loop = engine, asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.requests: list[Request] = []
+        self.n = 1  # choices per prompt
+        self.cached: dict[int, int] = {}  # request index -> prompt tokens its KV came from the prefix cache for
 
     def emit(self, event: Event) -> None:  # called on the engine's thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -34,13 +36,21 @@ class Job:
         for req in self.requests:
             req.cancelled.set()
 
+    @property
+    def cached_tokens(self) -> int:
+        """usage.prompt_tokens_details.cached_tokens: per prompt, counted once like its prompt_tokens (its first
+        choice's)."""
+        return sum(n for index, n in self.cached.items() if index % self.n == 0)
+
     async def events(self):
         done = 0
         while done < len(self.requests):
             event = await self.queue.get()
             if event.error:
                 raise APIError(500, f"generation failed: {event.error}", type="server_error")
-            done += event.finish_reason is not None
+            if event.finish_reason is not None:
+                done += 1
+                self.cached[event.index] = event.cached_tokens
             yield event
 
 
@@ -94,6 +104,7 @@ def job_for(engine: Engine, body, encoded: list[list[int]], max_tokens: list[int
             prompt_logprobs: int | None = None, mask=None) -> Job:
     """Queue body.n choices for each prompt of `encoded` (choice j of prompt p has index p * n + j)."""
     job = Job(engine)
+    job.n = body.n
     bias = logit_bias(body, len(engine.tokenizer))
     for p, ids in enumerate(encoded):
         params = SamplingParams(max_new_tokens=max_tokens[p], temperature=body.temperature, top_p=body.top_p,

@@ -117,7 +117,7 @@ async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | 
     choices = [{"index": i, "message": done.message,
                 "logprobs": lps.get(i, {"content": []}) if top is not None else None,
                 "finish_reason": done.reason} for i, done in enumerate(replies)]
-    return reply(choices, usage(len(ids), completion), object="chat.completion")
+    return reply(choices, usage(len(ids), completion, job.cached_tokens), object="chat.completion")
 
 
 def _streamed(job, body: ChatRequest, reader: ReplyReader, reply: Reply, prompt_tokens: int, logprobs, save):

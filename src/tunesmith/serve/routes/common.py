@@ -50,8 +50,9 @@ async def read(request: Request, schema):
     return body
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # as OpenAI: prompt tokens the prefix cache gave
 
 
 class Reply:
@@ -96,7 +97,7 @@ async def chunks_of(job: Job, body, reply: Reply, prompt_tokens: int, choices):
         for choice in choices(ev):
             yield reply([choice])
     if body.stream_options and body.stream_options.include_usage:
-        yield reply([], usage(prompt_tokens, completion))
+        yield reply([], usage(prompt_tokens, completion, job.cached_tokens))
 
 
 def sse(data) -> str:

@@ -78,4 +78,4 @@ async def completions(request: Request):
     finish, lps, completion = await collect(job, texts, prompt_logprobs, logprobs)
     choices = [{"index": i, "text": texts[i], "logprobs": lps.get(i) if body.logprobs is not None else None,
                 "finish_reason": finish[i]} for i in range(len(texts))]
-    return reply(choices, usage(prompt_tokens, completion))
+    return reply(choices, usage(prompt_tokens, completion, job.cached_tokens))
