@@ -511,7 +511,8 @@ def test_a_cached_prefix_serves_its_own_adapter_only(backend, servers, uncached_
 
 def engine_for(backend: str, servers, assets, **options):
     """An engine of `backend` over the tiny run, driven by the test's own step() calls."""
-    from tunesmith.serve.backends import load_engine, load_gguf_engine, run_key
+    from tunesmith.export.cache import run_key
+    from tunesmith.serve.backends import load_engine, load_gguf_engine
 
     if backend == "llama-cpp":
         servers("llama-cpp")  # exported the run into the cache
