@@ -204,27 +204,32 @@ def test_the_token_types_mark_special_tokens_as_control(exported, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_modelfile_translates_the_smollm2_template_with_its_default_system_prompt(exported):
+    from tunesmith.families import CONVENTIONS
+
     assert exported.modelfile == exported.path.with_name("Modelfile")
     assert exported.modelfile.read_text() == (
         "FROM ./lora.gguf\n"
-        'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
-        '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
-        '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"""\n'
+        f'TEMPLATE """{CONVENTIONS["chatml"].ollama}"""\n'
         f'SYSTEM """{SMOLLM2_SYSTEM}"""\n'
-        'PARAMETER stop "<|im_end|>"\n')
+        'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n')
 
 
 def test_modelfile_of_a_bare_chatml_run_has_no_system_prompt(bare_chatml_tokenizer):
     text = ollama_modelfile(bare_chatml_tokenizer, "x.gguf")
-    assert 'TEMPLATE """' in text and "SYSTEM" not in text and text.endswith('PARAMETER stop "<|im_end|>"\n')
+    assert 'TEMPLATE """' in text and "SYSTEM" not in text and text.endswith('PARAMETER stop "<|im_start|>"\n')
 
 
-def test_a_template_that_is_not_chatml_is_left_out_with_a_comment(llama3_tokenizer, plain_tokenizer):
+def test_each_family_layout_gets_its_template_and_an_unknown_one_a_comment(llama3_tokenizer, plain_tokenizer):
+    from tunesmith.families import CONVENTIONS
+
     text = ollama_modelfile(llama3_tokenizer, "x.gguf")
-    assert text == ("FROM ./x.gguf\n# No TEMPLATE: the run's chat template is not ChatML-style, the only kind "
-                    "translated to Ollama's Go template; write one by hand (the Jinja original is in the GGUF's "
-                    'tokenizer.chat_template).\nPARAMETER stop "<|eot_id|>"\n')
+    assert text == (f'FROM ./x.gguf\nTEMPLATE """{CONVENTIONS["llama3"].ollama}"""\n'
+                    'PARAMETER stop "<|eot_id|>"\nPARAMETER stop "<|start_header_id|>"\n')
     assert "# No TEMPLATE: the run has no chat template" in ollama_modelfile(plain_tokenizer, "x.gguf")
+    plain_tokenizer.chat_template = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+    assert ollama_modelfile(plain_tokenizer, "x.gguf").startswith(
+        "FROM ./x.gguf\n# No TEMPLATE: the run's chat template writes turns in a layout tunesmith's family table "
+        "does not know;")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
     modelfile = out.with_name("Modelfile")
     refuse_existing(out, modelfile, force=force)
     model, tokenizer, info = _merged(run)
+    config = model.config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = scratch_beside(out)
     try:
@@ -53,7 +54,7 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
         report = verify_gguf(run, tmp, llama_cpp=llama_cpp) if verify else None
         if report is not None and not report.ok:
             raise ExportError(mismatch_message(report, out))
-        runs.write_text(modelfile, ollama_modelfile(tokenizer, out.name))
+        runs.write_text(modelfile, ollama_modelfile(tokenizer, out.name, config))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,40 +1,41 @@
-"""The Ollama Modelfile written beside a GGUF export (`ollama create NAME -f Modelfile`): the run's ChatML-style
-chat template translated to Ollama's Go template, its default system prompt and its stop tokens."""
+"""The Ollama Modelfile written beside a GGUF export (`ollama create NAME -f Modelfile`): the run's chat template
+as Ollama's Go template (the family table's, families.py, for the layout the template writes: ChatML, Llama 3,
+Gemma, Phi-3, Mistral, Qwen3, SmolLM3), a ChatML template's default system prompt, and the stop strings."""
 
 from __future__ import annotations
 
 import re
 
-# Ollama's Go template for ChatML (the shape LLaMA-Factory writes): the system prompt, then each turn; a user
-# turn opens the assistant's, so the prompt ends ready for the reply.
-OLLAMA_CHATML = (
-    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{ range .Messages }}{{ if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n"
-    "{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"
-)
+from ..families import UnknownFamilyError, convention_of, family_of
 
 
-def ollama_modelfile(tokenizer, gguf_name: str) -> str:
-    """An Ollama Modelfile for the GGUF beside it: `ollama create NAME -f Modelfile`. A ChatML-style template
-    is translated to Ollama's Go template (with its default system prompt as SYSTEM); any other is left out,
-    and a comment says so (the Jinja original is in the GGUF's tokenizer.chat_template)."""
+def ollama_modelfile(tokenizer, gguf_name: str, config=None) -> str:
+    """An Ollama Modelfile for the GGUF beside it: `ollama create NAME -f Modelfile`. The run's chat template is
+    matched to a layout of the family table (`config`: the model's, for a run without a template of its own) and
+    written as that layout's Go template and stops; a ChatML template's default system prompt becomes SYSTEM.
+    A layout the table does not know is left out, and a comment says so (the Jinja original is in the GGUF's
+    tokenizer.chat_template)."""
+    try:
+        family = family_of(config) if config is not None else None
+    except UnknownFamilyError:
+        family = None
+    convention = convention_of(tokenizer.chat_template, family) if tokenizer.chat_template else None
     lines = [f"FROM ./{gguf_name}"]
-    system = chatml_system_prompt(tokenizer)
-    if system is None:
+    eos = [f'PARAMETER stop "{tokenizer.eos_token}"'] if tokenizer.eos_token else []
+    if convention is None:
         why = ("the run has no chat template" if not tokenizer.chat_template else
-               "the run's chat template is not ChatML-style, the only kind translated to Ollama's Go template")
+               "the run's chat template writes turns in a layout tunesmith's family table does not know")
         lines.append(f"# No TEMPLATE: {why}; write one by hand (the Jinja original is in the GGUF's "
                      "tokenizer.chat_template).")
-        stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    else:
-        lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
-        if system and '"""' not in system:
-            lines.append(f'SYSTEM """{system}"""')
-        elif system:
-            lines.append('# No SYSTEM: the default system prompt contains """, which a Modelfile cannot quote.')
-        stops = ["<|im_end|>"] + ([tokenizer.eos_token] if tokenizer.eos_token not in (None, "<|im_end|>") else [])
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    return "\n".join(lines) + "\n"
+        return "\n".join(lines + eos) + "\n"
+    lines.append(f'TEMPLATE """{convention.modelfile_template()}"""')
+    system = chatml_system_prompt(tokenizer) if convention.name == "chatml" else None
+    if system and '"""' not in system:
+        lines.append(f'SYSTEM """{system}"""')
+    elif system:
+        lines.append('# No SYSTEM: the default system prompt contains """, which a Modelfile cannot quote.')
+    stops = convention.parameter_lines()
+    return "\n".join(lines + stops + [line for line in eos if line not in stops]) + "\n"
 
 
 def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
