@@ -256,7 +256,8 @@ def _feedback_files(directory):
     return {kind: directory / name for kind, name in FILES.items()}
 
 
-def _train(tmp_path, model_dir, data, **settings) -> int:
+def train_on(tmp_path, model_dir, data, **settings) -> int:
+    """`tunesmith train` on `data` with the tiny model for two steps; its exit code."""
     import yaml
 
     from tunesmith.cli import main
@@ -275,16 +276,16 @@ def test_the_corrections_validate_and_train_as_chat_data(tmp_path, model_dir):
     files = _feedback_files(tmp_path / "feedback")
     report = validate(str(files["sft"]))
     assert not report.problems and report.kind == "chat" and report.count == 6
-    assert _train(tmp_path, model_dir, files["sft"]) == 0
+    assert train_on(tmp_path, model_dir, files["sft"]) == 0
 
 
 @needs_preference
 def test_the_pairs_train_with_dpo_as_they_are(tmp_path, model_dir):
     files = _feedback_files(tmp_path / "feedback")
-    assert _train(tmp_path, model_dir, files["preference"], task="preference", objective="dpo") == 0
+    assert train_on(tmp_path, model_dir, files["preference"], task="preference", objective="dpo") == 0
 
 
 @needs_preference
 def test_the_thumbs_train_with_kto_as_they_are(tmp_path, model_dir):
     files = _feedback_files(tmp_path / "feedback")
-    assert _train(tmp_path, model_dir, files["kto"], task="preference", objective="kto") == 0
+    assert train_on(tmp_path, model_dir, files["kto"], task="preference", objective="kto") == 0
