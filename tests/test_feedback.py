@@ -45,6 +45,7 @@ def test_each_gesture_makes_trl_conversational_records():
     assert edit(PROMPT, BAD, GOOD) == [("sft", {"messages": PROMPT + _reply(GOOD)}),
                                        ("preference", {"prompt": PROMPT, "chosen": _reply(GOOD),
                                                        "rejected": _reply(BAD)})]
+    assert edit(PROMPT, "", GOOD) == [("sft", {"messages": PROMPT + _reply(GOOD)})]  # no pair with nothing
 
 
 def test_the_prompt_keeps_role_and_content_only():

@@ -73,11 +73,12 @@ def choice(messages: list[dict], chosen: str, rejected: str) -> list[tuple[str, 
 
 def edit(messages: list[dict], reply: str, corrected: str) -> list[tuple[str, dict]]:
     """`reply` corrected to `corrected`: an SFT record of the conversation with the correction, and a pair that
-    prefers the correction to the original."""
+    prefers the correction to the original (none when the original is empty: a pair needs two replies)."""
     if corrected == reply:
         raise FeedbackError("the corrected reply is the same as the original: nothing to learn", "corrected")
     prompt = prompt_of(messages)
-    return [("sft", {"messages": [*prompt, *_reply(corrected, "corrected")]}), *choice(prompt, corrected, reply)]
+    sft = ("sft", {"messages": [*prompt, *_reply(corrected, "corrected")]})
+    return [sft, *(choice(prompt, corrected, reply) if reply.strip() else [])]
 
 
 # gesture -> (what makes its records, the fields it takes beside the conversation)
