@@ -598,6 +598,26 @@ def test_browser_prefer_this_one_keeps_a_pair_of_the_two_panes(page, feedback):
 
 
 @browser_test
+def test_browser_a_reopened_conversation_takes_feedback_on_its_earlier_replies(page, server, feedback):
+    from playwright.sync_api import expect
+
+    http = server["http"]
+    cid = http.post("/v1/conversations", json={"model": BASE, "system": "Be brief.",
+                                               "metadata": {"title": "Reopened"}}).json()["id"]
+    said = [http.post("/v1/chat/completions", json={"model": BASE, "conversation": cid, "max_tokens": 3,
+                                                    "messages": [{"role": "user", "content": q}]}
+                      ).json()["choices"][0]["message"]["content"] for q in ("First?", "Second?")]
+    page.click("#refresh-conversations")
+    page.locator("#conversation-list button.open", has_text="Reopened").click()
+    page.locator(f"{_reply(0)} >> nth=1").wait_for()
+    page.locator(_reply(0)).nth(1).locator(".bad").click()
+    expect(page.locator(_reply(0)).nth(1).locator(".bad")).to_have_attribute("aria-pressed", "true")
+    assert _kept(feedback) == {"kto.jsonl": [{"prompt": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "First?"}, *_said(said[0]),
+        {"role": "user", "content": "Second?"}], "completion": _said(said[1]), "label": False}]}
+
+
+@browser_test
 def test_browser_without_feedback_no_reply_offers_it(page, server):
     kept = server["app"].state.feedback
     server["app"].state.feedback = None
