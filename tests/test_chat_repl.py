@@ -142,3 +142,73 @@ def test_cli_chat_tools_file(bpe, tmp_path, monkeypatch, capsys):
     assert main(["chat", "--model", str(base), "--tools", str(tmp_path / "none.json")]) == 2
     assert "cannot be read (No such file or directory)" in capsys.readouterr().err
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --feedback: /good, /bad and /edit TEXT keep the last reply as training records
+# ---------------------------------------------------------------------------------------------------------
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_repl_feedback_keeps_exactly_the_records_of_each_gesture(tiny_lm, chatml_tokenizer, tmp_path):
+    from test_generate import saying
+
+    params = saying(tiny_lm, chatml_tokenizer, "Paris.", "4", "It is 4.")
+    fb = tmp_path / "feedback"
+    script = "\n".join(["/good", "What is the capital of France?", "/good", "/bad", "/edit", "/edit Paris.",
+                        "/edit It is Paris.", "/good", "What is 2+2?", "/bad", "/reset", "Hi", "/bad"]) + "\n"
+    stdout = io.StringIO()
+    final = chat_repl(tiny_lm, chatml_tokenizer, params=params, system="Be brief.", stdin=io.StringIO(script),
+                      stdout=stdout, feedback=fb)
+    shown = stdout.getvalue()
+    assert shown.startswith("commands: /reset, /system TEXT, /save FILE, /exit, /good, /bad, /edit TEXT (feedback "
+                            "on the last reply)\n> (no reply yet to give feedback on)\n> Paris.\n")
+    assert (f"> (kept in {fb}: kto.jsonl)\n> (this reply is judged already)\n"
+            "> usage: /edit TEXT (the last reply as it should have been)\n"
+            "> (the corrected reply is the same as the original: nothing to learn)\n"
+            f"> (kept in {fb}: sft.jsonl, preference.jsonl)\n"
+            f"> (kept in {fb}: kto.jsonl)\n") in shown  # a corrected reply may be judged again
+    system, q1, q2 = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital "
+                      "of France?"}, {"role": "user", "content": "What is 2+2?"})
+    said = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    assert _records(fb / "kto.jsonl") == [
+        {"prompt": [system, q1], "completion": said("Paris."), "label": True},
+        {"prompt": [system, q1], "completion": said("It is Paris."), "label": True},
+        {"prompt": [system, q1, *said("It is Paris."), q2], "completion": said("4"), "label": False},
+        {"prompt": [system, {"role": "user", "content": "Hi"}], "completion": said("It is 4."), "label": False}]
+    assert _records(fb / "sft.jsonl") == [{"messages": [system, q1, *said("It is Paris.")]}]
+    assert _records(fb / "preference.jsonl") == [{"prompt": [system, q1], "chosen": said("It is Paris."),
+                                                  "rejected": said("Paris.")}]
+    assert final == [system, {"role": "user", "content": "Hi"}, *said("It is 4.")]
+
+
+def test_repl_feedback_commands_say_how_to_turn_them_on(tiny_lm, chatml_tokenizer):
+    stdout = io.StringIO()
+    chat_repl(tiny_lm, chatml_tokenizer, stdin=io.StringIO("/good\n/edit better\n"), stdout=stdout)
+    assert stdout.getvalue() == ("commands: /reset, /system TEXT, /save FILE, /exit\n"
+                                 "> (/good keeps feedback as training data: start the chat with --feedback DIR)\n"
+                                 "> (/edit keeps feedback as training data: start the chat with --feedback DIR)\n> \n")
+
+
+def test_cli_chat_feedback_dir(bpe, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from serve_assets import write_base
+
+    from tunesmith.cli import main
+
+    base = write_base(bpe, tmp_path / "base")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/bad\n/exit\n"))
+    assert main(["chat", "--model", str(base), "--max-new-tokens", "3", "--temperature", "0",
+                 "--feedback", str(tmp_path / "fb")]) == 0
+    (record,) = _records(tmp_path / "fb" / "kto.jsonl")
+    assert record["prompt"] == [{"role": "user", "content": "Hi"}] and record["label"] is False
+    assert f"(kept in {tmp_path / 'fb'}: kto.jsonl)" in capsys.readouterr().out
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    assert main(["chat", "--model", str(base), "--tools", str(tools), "--feedback", str(tmp_path / "fb")]) == 2
+    assert "--feedback keeps plain chat replies; it cannot be used with --tools" in capsys.readouterr().err
+    assert main(["chat", "--model", str(base), "--feedback", str(tools)]) == 2
+    assert f"--feedback {tools}: is a file; give a directory" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from tunesmith.serve import ServeConfig
 
 FLAGS = {"--model", "--adapter", "--host", "--port", "--api-key", "--api-key-file", "--max-batch", "--max-queue",
          "--context-window", "--conversations", "--max-body-bytes", "--chat-template", "--runs", "--backend",
-         "--threads", "--gguf-quant", "--device", "--prefix-cache-mb"}
+         "--threads", "--gguf-quant", "--device", "--prefix-cache-mb", "--feedback"}
 
 
 def serve_parser():

@@ -2,7 +2,8 @@
 loading nothing from elsewhere, the runs/reports API behind the key (no id reaching outside --runs, every bad
 input a 4xx envelope), the conversation list, and a stopped stream stopping the generation on the server.
 Then the page itself in headless Chromium (Playwright) against a real uvicorn server: send a message and
-see it stream, stop it, switch model, completion mode, open a run and a report, phone width."""
+see it stream, stop it, switch model, completion mode, open a run and a report, phone width, and the feedback
+gestures (👍/👎, Edit, "Prefer this one") keeping exactly their records under --feedback."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serve_assets import CONTEXT, uvicorn_on_loopback, write_base, write_run
+from test_feedback import needs_preference, train_on
 from test_serve import assert_envelope
 
 BASE = "base"
@@ -129,7 +131,7 @@ def test_the_page_fetches_nothing_from_elsewhere():
     """No CDN, no build step: every script, style and module the page names is one of its own files."""
     files = {p.name: p.read_text(encoding="utf-8") for p in WEB.iterdir()}
     assert set(files) == {"index.html", "style.css", "app.js", "api.js", "dom.js", "chart.js", "playground.js",
-                          "runs.js"}
+                          "runs.js", "feedback.js"}
     for name, text in files.items():
         text = text.replace("http://www.w3.org/2000/svg", "")  # SVG's namespace name, never fetched
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), name
@@ -319,18 +321,19 @@ browser_test = pytest.mark.skipif(_browser_missing() is not None, reason=_browse
 
 
 @pytest.fixture(scope="module")
-def server(engine, assets):
-    """A real uvicorn server with the API key, --runs, and an engine slow enough (30 ms a token, no early
-    stop) that a reply is still streaming when the test looks, or presses Stop."""
+def server(engine, assets, tmp_path_factory):
+    """A real uvicorn server with the API key, --runs, --feedback, and an engine slow enough (30 ms a token, no
+    early stop) that a reply is still streaming when the test looks, or presses Stop."""
     from tunesmith.serve import ServeSettings, create_app
 
     slow, steps = slowed(engine, 0.03)
     seen = []
     queue = slow.submit
     slow.submit = lambda requests: (seen.extend(r.model for r in requests), queue(requests))
-    app = create_app(slow, ServeSettings(api_key=KEY, runs=str(assets["runs"])))
+    app = create_app(slow, ServeSettings(api_key=KEY, runs=str(assets["runs"]),
+                                         feedback=str(tmp_path_factory.mktemp("feedback"))))
     with uvicorn_on_loopback(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
-        yield {"url": url, "http": http, "steps": steps, "models": seen}
+        yield {"url": url, "http": http, "steps": steps, "models": seen, "app": app}
     slow.stop()
 
 
@@ -498,3 +501,150 @@ def test_browser_fits_a_phone(browser, server):
     assert page.locator("#key-dialog").is_hidden()  # the key kept for the tab is used without asking
     context.close()
 
+
+
+# -- feedback from the page: each gesture keeps exactly its records ------------------------------------------------
+
+@pytest.fixture
+def feedback(server, tmp_path):
+    """A feedback directory of this test's own for the server to keep the page's gestures in."""
+    from tunesmith.feedback import FeedbackLog
+
+    kept = server["app"].state.feedback
+    server["app"].state.feedback = FeedbackLog(tmp_path / "feedback")
+    yield tmp_path / "feedback"
+    server["app"].state.feedback = kept
+
+
+def _kept(directory: Path) -> dict[str, list[dict]]:
+    """{file name: its records} of the files the server wrote."""
+    return {p.name: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+            for p in sorted(directory.iterdir())}
+
+
+def _said(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _chat_turn(page, text: str, count: int, panes=(0,)) -> list[str]:
+    """Send `text`; each pane's reply text once the `count`th reply of each is done."""
+    _send(page, text)
+    for pane in panes:
+        page.locator(f'{_reply(pane)}[data-state="done"] >> nth={count - 1}').wait_for()
+    return [page.locator(f"{_reply(pane)} .body").nth(count - 1).text_content() for pane in panes]
+
+
+@browser_test
+def test_browser_thumbs_keep_kto_records_of_the_conversation(page, feedback):
+    from playwright.sync_api import expect
+
+    _settings(page, 6, compare=False)
+    page.fill("#system", "Be brief.")
+    (first,) = _chat_turn(page, "Hello", 1)
+    reply = page.locator(_reply(0)).first
+    reply.locator(".feedback .good").click()
+    expect(reply.locator(".good")).to_have_attribute("aria-pressed", "true")
+    expect(reply.locator(".bad")).to_be_disabled()  # one thumb a reply
+    expect(page.locator("#notice")).to_have_text("Kept as training data: kto.jsonl.")
+    (second,) = _chat_turn(page, "Again", 2)
+    page.locator(_reply(0)).nth(1).locator(".feedback .bad").click()
+    expect(page.locator(_reply(0)).nth(1).locator(".bad")).to_have_attribute("aria-pressed", "true")
+    system, hello = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}
+    assert _kept(feedback) == {"kto.jsonl": [
+        {"prompt": [system, hello], "completion": _said(first), "label": True},
+        {"prompt": [system, hello, *_said(first), {"role": "user", "content": "Again"}], "completion": _said(second),
+         "label": False}]}
+
+
+@browser_test
+def test_browser_an_edit_keeps_the_correction_and_the_pair_over_the_original(page, feedback):
+    from playwright.sync_api import expect
+
+    from tunesmith.data.formats import validate
+
+    _settings(page, 6, compare=False)
+    (original,) = _chat_turn(page, "Where is order 42?", 1)
+    reply = page.locator(_reply(0)).first
+    reply.locator(".feedback .edit").click()
+    box = reply.locator("form.correct textarea")
+    expect(box).to_be_focused()
+    assert box.input_value() == original  # the correction starts from the reply
+    box.fill('{"order": 42, "status": "shipped"}')
+    reply.locator(".save-correction").click()
+    expect(reply.locator(".correction .text")).to_have_text('{"order": 42, "status": "shipped"}')
+    expect(reply.locator(".edit")).to_be_disabled()
+    assert reply.locator(".body").text_content() == original  # what the conversation goes on from is unchanged
+    prompt = [{"role": "user", "content": "Where is order 42?"}]
+    corrected = _said('{"order": 42, "status": "shipped"}')
+    assert _kept(feedback) == {"preference.jsonl": [{"prompt": prompt, "chosen": corrected,
+                                                     "rejected": _said(original)}],
+                               "sft.jsonl": [{"messages": prompt + corrected}]}
+    report = validate(str(feedback / "sft.jsonl"))  # the correction is chat data as it is
+    assert not report.problems and (report.kind, report.count) == ("chat", 1)
+
+
+@browser_test
+def test_browser_prefer_this_one_keeps_a_pair_of_the_two_panes(page, feedback):
+    from playwright.sync_api import expect
+
+    _settings(page, 6, compare=True)
+    base, lora = _chat_turn(page, "Hello", 1, panes=(0, 1))
+    assert base != lora  # the run really answers otherwise
+    page.locator(f'[data-pane="1"] .prefer').click()
+    expect(page.locator('[data-pane="1"] .prefer')).to_have_text("Preferred")
+    expect(page.locator('[data-pane="0"] .prefer')).to_be_disabled()
+    assert _kept(feedback) == {"preference.jsonl": [{"prompt": [{"role": "user", "content": "Hello"}],
+                                                     "chosen": _said(lora), "rejected": _said(base)}]}
+
+
+@browser_test
+def test_browser_a_reopened_conversation_takes_feedback_on_its_earlier_replies(page, server, feedback):
+    from playwright.sync_api import expect
+
+    http = server["http"]
+    cid = http.post("/v1/conversations", json={"model": BASE, "system": "Be brief.",
+                                               "metadata": {"title": "Reopened"}}).json()["id"]
+    said = [http.post("/v1/chat/completions", json={"model": BASE, "conversation": cid, "max_tokens": 3,
+                                                    "messages": [{"role": "user", "content": q}]}
+                      ).json()["choices"][0]["message"]["content"] for q in ("First?", "Second?")]
+    page.click("#refresh-conversations")
+    page.locator("#conversation-list button.open", has_text="Reopened").click()
+    page.locator(f"{_reply(0)} >> nth=1").wait_for()
+    page.locator(_reply(0)).nth(1).locator(".bad").click()
+    expect(page.locator(_reply(0)).nth(1).locator(".bad")).to_have_attribute("aria-pressed", "true")
+    assert _kept(feedback) == {"kto.jsonl": [{"prompt": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "First?"}, *_said(said[0]),
+        {"role": "user", "content": "Second?"}], "completion": _said(said[1]), "label": False}]}
+
+
+@browser_test
+def test_browser_without_feedback_no_reply_offers_it(page, server):
+    kept = server["app"].state.feedback
+    server["app"].state.feedback = None
+    try:
+        page.reload()  # the key kept for the tab is used without asking
+        page.wait_for_function("() => document.querySelectorAll('[data-pane=\"0\"] select option').length === 2")
+        _settings(page, 4, compare=True)
+        _chat_turn(page, "Hello", 1, panes=(0, 1))
+        assert page.locator(".feedback, .prefer").count() == 0
+    finally:
+        server["app"].state.feedback = kept
+
+
+@browser_test
+@needs_preference
+def test_browser_the_pairs_the_page_keeps_train_with_dpo_as_they_are(page, feedback, model_dir, tmp_path):
+    """Edits and side-by-side choices over three turns, then `tunesmith train` on the page's preference.jsonl
+    with `objective: dpo`, the file untouched."""
+    _settings(page, 6, compare=True)
+    for turn, text in enumerate(["Hello", "Where is order 42?", "Thanks"], 1):
+        _chat_turn(page, text, turn, panes=(0, 1))
+        page.locator('[data-pane="0"] .prefer').nth(turn - 1).click()
+        reply = page.locator(_reply(1)).nth(turn - 1)
+        reply.locator(".edit").click()
+        reply.locator("form.correct textarea").fill(f"Answer {turn}.")
+        reply.locator(".save-correction").click()
+        reply.locator(".correction").wait_for()
+    page.wait_for_function("() => [...document.querySelectorAll('.prefer')].every((b) => b.disabled)")
+    assert len(_kept(feedback)["preference.jsonl"]) == 6
+    assert train_on(tmp_path, model_dir, feedback / "preference.jsonl", task="preference", objective="dpo") == 0

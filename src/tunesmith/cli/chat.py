@@ -3,6 +3,10 @@
 Commands: `/reset` (forget the history, keep the system prompt), `/system TEXT` (set it and reset),
 `/save FILE` (the conversation as one OpenAI chat JSONL record, ready to train on), `/exit`.
 
+With `--feedback DIR`, `/good` and `/bad` judge the last reply (a KTO record) and `/edit TEXT` corrects it (an SFT
+record and a preference pair of the correction over the original; the conversation goes on from the correction),
+kept in the same files and shapes as the web page's feedback (tunesmith/feedback.py).
+
 With `--tools FILE` (a JSON list of OpenAI tool definitions) the model is prompted with them as training
 rendered them (data/tools.py), each reply is shown once complete, and a reply that calls tools is shown as its
 calls, `call NAME(ARGUMENTS)`. Answer each call with `/result TEXT` (a `tool` turn for the oldest unanswered
@@ -23,6 +27,8 @@ from ..errors import UsageError
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /exit"
 TOOLS_HELP = ", /result TEXT (answer the model's tool call)"
+FEEDBACK_HELP = ", /good, /bad, /edit TEXT (feedback on the last reply)"
+FEEDBACK_COMMANDS = ("/good", "/bad", "/edit")
 
 
 def load_tools(path: str) -> list[dict]:
@@ -48,6 +54,21 @@ def load_tools(path: str) -> list[dict]:
     return tools
 
 
+def open_feedback(directory, tools: list[dict] | None = None):
+    """--feedback DIR as the FeedbackLog /good, /bad and /edit write to (None without it); refused with --tools,
+    whose calls the records could not carry."""
+    from ..feedback import FeedbackError, FeedbackLog
+
+    if directory is None or isinstance(directory, FeedbackLog):
+        return directory
+    if tools:
+        raise UsageError("--feedback keeps plain chat replies; it cannot be used with --tools")
+    try:
+        return FeedbackLog(directory)
+    except FeedbackError as err:  # a file where the directory should be: how the command was called
+        raise UsageError(str(err)) from None
+
+
 def recorded_kwargs(model: str) -> dict | None:
     """The chat template variables a run trained with (run.json), which talking to it applies by default; None
     for a model that is no run, or a run trained without any."""
@@ -60,11 +81,13 @@ def recorded_kwargs(model: str) -> dict | None:
 class _Chat:
     """One conversation: its messages, the calls still waiting for a result, and how it is shown."""
 
-    def __init__(self, model, tokenizer, params, chat_template, tools, system, stdout, chat_template_kwargs=None):
+    def __init__(self, model, tokenizer, params, chat_template, tools, system, stdout, chat_template_kwargs=None,
+                 feedback=None):
         self.model, self.tokenizer, self.params, self.chat_template = model, tokenizer, params, chat_template
-        self.tools, self.out, self.kwargs = tools, stdout, chat_template_kwargs
+        self.tools, self.out, self.kwargs, self.feedback = tools, stdout, chat_template_kwargs, feedback
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.waiting: list[str] = []  # ids of the last turn's calls without a result, oldest first
+        self.thumbed: int | None = None  # len(messages) when the last reply got its /good or /bad
 
     def say(self, *text: str, end: str = "\n") -> None:
         print(*text, end=end, file=self.out, flush=True)
@@ -113,24 +136,53 @@ class _Chat:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.say(f"(saved {len(self.messages)} messages to {path})")
 
+    def judge(self, command: str, arg: str) -> None:
+        """/good, /bad (a KTO record of the last reply) or /edit TEXT (the reply corrected to TEXT)."""
+        from ..feedback import FeedbackError, edit, thumbs
+
+        if self.feedback is None:
+            self.say(f"({command} keeps feedback as training data: start the chat with --feedback DIR)")
+            return
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            self.say("(no reply yet to give feedback on)")
+            return
+        if command == "/edit" and not arg.strip():
+            self.say("usage: /edit TEXT (the last reply as it should have been)")
+            return
+        if command != "/edit" and self.thumbed == len(self.messages):
+            self.say("(this reply is judged already)")
+            return
+        prompt, reply = self.messages[:-1], self.messages[-1]["content"]
+        try:
+            records = edit(prompt, reply, arg) if command == "/edit" else thumbs(prompt, reply, command == "/good")
+        except FeedbackError as err:
+            self.say(f"({err})")
+            return
+        kept = self.feedback.write(records)
+        if command == "/edit":  # go on from the reply as it should have been
+            self.messages[-1] = {"role": "assistant", "content": arg}
+        self.thumbed = None if command == "/edit" else len(self.messages)
+        self.say(f"(kept in {self.feedback.directory}: {', '.join(k['file'] for k in kept)})")
+
     def reset(self, system: str | None = None) -> None:
         """Forget the history; keep the system prompt, or set it to `system` ("": none)."""
         kept = [m for m in self.messages if m["role"] == "system"]
         self.messages = kept if system is None else ([{"role": "system", "content": system}] if system else [])
-        self.waiting = []
+        self.waiting, self.thumbed = [], None
 
 
 def chat_repl(model, tokenizer, *, params=None, system: str | None = None, chat_template: str | None = None,
               tools: list[dict] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
-              chat_template_kwargs: dict | None = None) -> list[dict]:
+              chat_template_kwargs: dict | None = None, feedback=None) -> list[dict]:
     """Run the REPL until /exit or end of input; returns the final conversation. `chat_template_kwargs` render
-    every prompt (a run's own: `recorded_kwargs`)."""
+    every prompt (a run's own: `recorded_kwargs`); `feedback` is the directory (or FeedbackLog) that /good, /bad
+    and /edit write to."""
     from ..generation import SamplingParams
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     chat = _Chat(model, tokenizer, params or SamplingParams(max_new_tokens=256), chat_template, tools, system, stdout,
-                 chat_template_kwargs)
-    help_line = HELP + (TOOLS_HELP if tools else "")
+                 chat_template_kwargs, open_feedback(feedback, tools))
+    help_line = HELP + (TOOLS_HELP if tools else "") + (FEEDBACK_HELP if feedback is not None else "")
     chat.say(help_line)
     while True:
         chat.say("> ", end="")
@@ -152,6 +204,8 @@ def chat_repl(model, tokenizer, *, params=None, system: str | None = None, chat_
             chat.save(arg)
         elif command == "/result" and tools:
             chat.result(arg)
+        elif command in FEEDBACK_COMMANDS:
+            chat.judge(command, arg)
         elif command.startswith("/"):
             chat.say(f"unknown command {command}; {help_line}")
         elif line.strip():

@@ -60,13 +60,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import chat_repl, load_tools, recorded_kwargs
+    from .chat import chat_repl, load_tools, open_feedback, recorded_kwargs
 
     params = sampling(args)
     tools = load_tools(args.tools) if args.tools else None
+    feedback = open_feedback(args.feedback, tools)  # refused before the model loads
     model, tokenizer = _load_placed(args.adapter or args.model, args.device)
     chat_repl(model, tokenizer, params=params, system=args.system, chat_template=args.chat_template, tools=tools,
-              chat_template_kwargs=recorded_kwargs(args.adapter or args.model))
+              chat_template_kwargs=recorded_kwargs(args.adapter or args.model), feedback=feedback)
     return 0
 
 
@@ -95,6 +96,8 @@ def add_commands(sub) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--tools", metavar="FILE", help="a JSON list of tool definitions the model may call; answer a "
                                                    "call with /result TEXT")
+    p.add_argument("--feedback", metavar="DIR", help="keep /good, /bad and /edit TEXT on the last reply under DIR as "
+                                                     "training data (kto.jsonl, sft.jsonl, preference.jsonl)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve the model and adapters over an OpenAI-compatible HTTP API")

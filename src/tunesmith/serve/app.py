@@ -2,9 +2,9 @@
 in-process and `tunesmith serve` runs it under uvicorn.
 
 The routes live by family in `serve/routes/` and find what they serve on `app.state` (`engine`, `settings`,
-`store`, `turns`, `prompts`); this module only builds the app. Every request is validated completely before
-anything is queued or streamed; every error leaves in OpenAI's envelope (`serve/errors.py`). CPU work that
-grows with the request (parsing, chat rendering, tokenization) runs in worker threads, so one large request
+`store`, `turns`, `prompts`, `feedback`); this module only builds the app. Every request is validated completely
+before anything is queued or streamed; every error leaves in OpenAI's envelope (`serve/errors.py`). CPU work
+that grows with the request (parsing, chat rendering, tokenization) runs in worker threads, so one large request
 never stalls the event loop (other requests, /health). The web page at `/` (routes/web.py) is one more client
 of this API."""
 
@@ -18,10 +18,11 @@ from fastapi import Depends, FastAPI, Request
 from .adapters import ServeError
 from .config import runs_problem
 from .conversations import ConversationStore, TurnGate
+from ..feedback import FeedbackError, FeedbackLog
 from ..generation import Engine
 from .errors import APIError, add_handlers
 from .prompts import Prompts
-from .routes import adapters, chat, classify, completions, conversations, models, web
+from .routes import adapters, chat, classify, completions, conversations, feedback, models, web
 from .routes.common import MAX_BODY_BYTES
 
 __all__ = ["APIError", "ServeSettings", "create_app"]
@@ -38,6 +39,7 @@ class ServeSettings:
     chat_max_tokens: int = 1024  # chat reply budget without max_tokens, capped by what is left of the window
     reply_reserve: int | None = None  # conversation reply budget without max_tokens (default: a quarter of the window)
     runs: str | None = None  # --runs: the directory whose runs and reports the web page lists (/v1/runs)
+    feedback: str | None = None  # --feedback: the directory the page's gestures are kept in (/v1/feedback)
 
 
 def check_key(request: Request) -> None:
@@ -64,12 +66,17 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         raise ServeError("an empty API key would let anyone in: give a key, or None to serve without one")
     if (problem := runs_problem(settings.runs)) is not None:
         raise ServeError(problem)
+    try:
+        feedback_log = FeedbackLog(settings.feedback) if settings.feedback else None
+    except FeedbackError as err:
+        raise ServeError(str(err)) from None
     # With a key, the interactive docs go (a browser cannot send the key to them) and the schema needs the key.
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
     app = FastAPI(title="tunesmith", lifespan=_lifespan, **docs)
     state = app.state
     state.engine, state.settings, state.prompts = engine, settings, Prompts(engine)
     state.store, state.turns = ConversationStore(settings.conversations), TurnGate()
+    state.feedback = feedback_log
     add_handlers(app)
 
     keyed = [Depends(check_key)]
@@ -77,6 +84,6 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(web.page_router)  # the page and its files: they hold no data
     if settings.api_key is not None:
         app.include_router(models.schema_router, dependencies=keyed)
-    for family in (models, completions, chat, conversations, classify, adapters, web):
+    for family in (models, completions, chat, conversations, classify, adapters, web, feedback):
         app.include_router(family.router, dependencies=keyed)
     return app

@@ -63,6 +63,9 @@ class ServeConfig(ModelOptions):
     max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies are answered 413")
     runs: str | None = Field(None, json_schema_extra={"metavar": "DIR"}, description="list the runs and "
                              "compare/continual reports under DIR in the web page at / (its runs view)")
+    feedback: str | None = Field(None, json_schema_extra={"metavar": "DIR"}, description="keep the web page's "
+                                 "thumbs, edits and side-by-side choices under DIR as training data (kto.jsonl, "
+                                 "sft.jsonl, preference.jsonl; only ever appended to); GET /v1/feedback lists them")
     backend: Literal[tuple(BACKENDS)] = Field(
         "torch", description="the decoder: torch (default; every adapter type) or llama-cpp (GGUF on llama.cpp: "
         "3.4-3.6x torch for one client on a 2-core CPU, see docs/backends.md; a run is exported to GGUF on first "
@@ -83,6 +86,13 @@ class ServeConfig(ModelOptions):
     def _runs_exist(cls, value):  # refused before the model loads, not minutes after
         if (problem := runs_problem(value)) is not None:
             raise ValueError(problem)
+        return value
+
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_dir(cls, value):  # refused before the model loads; a missing directory is made
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise ValueError("is a file; give a directory (feedback is kept there in one JSONL file per kind)")
         return value
 
     @model_validator(mode="after")
@@ -107,7 +117,8 @@ class ServeConfig(ModelOptions):
         from .app import ServeSettings
 
         return ServeSettings(api_key=resolve_api_key(self.api_key, self.api_key_file, env),
-                             conversations=self.conversations, max_body_bytes=self.max_body_bytes, runs=self.runs)
+                             conversations=self.conversations, max_body_bytes=self.max_body_bytes, runs=self.runs,
+                             feedback=self.feedback)
 
 
 def runs_problem(path: str | None) -> str | None:

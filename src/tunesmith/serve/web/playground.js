@@ -1,10 +1,13 @@
 // The playground: one or two panes, each with its own model, sent the same message or prompt. Chat mode keeps
 // each pane's conversation on the server (/v1/conversations + `conversation` on /v1/chat/completions), so a
 // reply is stored only once it is complete; completion mode sends the raw prompt to /v1/completions, no
-// template. Stop aborts the streams: the server cancels a generation whose client hung up.
+// template. Stop aborts the streams: the server cancels a generation whose client hung up. When the server
+// keeps feedback, each finished chat reply gets 👍/👎 and Edit, and two panes' replies "Prefer this one"
+// (feedback.js); a pane keeps the conversation as plain messages (`history`) for the prompt each gesture sends.
 
 import { APIError, api, stream } from './api.js';
 import { clearNotice, download, h, tell, when } from './dom.js';
+import { feedbackKept, judge, prefer } from './feedback.js';
 
 class Pane {
   constructor(playground, index) {
@@ -27,6 +30,7 @@ class Pane {
   reset() {
     this.conversation = null; // {id, model, system, ...} as the server returned it
     this.turns = 0; // replies stored in it
+    this.history = []; // its messages as {role, content}; null when it holds more than text (tool calls)
     this.records = []; // completion mode: finished {prompt, completion} pairs
     this.transcript.replaceChildren(h('p', { class: 'empty hint' },
       this.playground.mode === 'chat' ? 'Send a message to start a conversation.' : 'Send a prompt: it is completed as it is.'));
@@ -89,16 +93,25 @@ class Pane {
         return;
       }
       if (system) this.bubble('system', system);
+      this.history = system ? [{ role: 'system', content: system }] : [];
     }
     this.bubble('user', text);
     const reply = this.bubble('assistant', '', this.model);
     const body = { model: this.model, messages: [{ role: 'user', content: text }], conversation: this.conversation.id, ...params };
     const done = await this.streamInto(reply, '/v1/chat/completions', body, signal, (choice) => choice.delta?.content);
-    if (done !== null) this.turns += 1;
-    else if (this.turns === 0) { // nothing of it was stored: leave no empty conversation behind
-      api(`/v1/conversations/${encodeURIComponent(this.conversation.id)}`, { method: 'DELETE' }).catch(() => {});
-      this.conversation = null;
+    if (done === null) {
+      if (this.turns === 0) { // nothing of it was stored: leave no empty conversation behind
+        api(`/v1/conversations/${encodeURIComponent(this.conversation.id)}`, { method: 'DELETE' }).catch(() => {});
+        this.conversation = null;
+      }
+      return null;
     }
+    this.turns += 1;
+    if (!this.history) return null;
+    const prompt = [...this.history, { role: 'user', content: text }];
+    this.history = [...prompt, { role: 'assistant', content: done }];
+    if (await this.playground.feedback) judge(reply, prompt, done);
+    return { message: reply, prompt, text: done };
   }
 
   async complete(text, params, signal) {
@@ -135,10 +148,17 @@ class Pane {
     this.conversation = conversation;
     this.turns = stored.data.filter((m) => m.role === 'assistant').length;
     if (conversation.system) this.bubble('system', conversation.system);
+    let history = conversation.system ? [{ role: 'system', content: conversation.system }] : [];
+    const kept = await this.playground.feedback;
     for (const m of stored.data) {  // a tool-call turn has no content: show its calls
       const text = m.content ?? (m.tool_calls ? JSON.stringify(m.tool_calls.map((c) => c.function)) : '');
-      this.bubble(m.role, text, m.role === 'assistant' ? conversation.model : '');
+      const bubble = this.bubble(m.role, text, m.role === 'assistant' ? conversation.model : '');
+      if (!['user', 'assistant'].includes(m.role) || typeof m.content !== 'string') history = null;
+      if (!history) continue;
+      if (kept && m.role === 'assistant' && history.at(-1)?.role === 'user') judge(bubble, [...history], m.content);
+      history.push({ role: m.role, content: m.content });
     }
+    this.history = history;
     if (!served && conversation.model) {
       tell(`This conversation was held with ${conversation.model}, which is not served now; it goes on with ${this.model}.`);
     }
@@ -158,6 +178,7 @@ export class Playground {
     this.list = root.querySelector('#conversation-list');
     this.controller = null;
     this.models = [];
+    this.feedback = null; // a promise: whether the server keeps feedback (asked once the models load)
     this.panes = [new Pane(this, 0), new Pane(this, 1)];
     root.querySelector('#panes').append(...this.panes.map((p) => p.el));
 
@@ -201,6 +222,7 @@ export class Playground {
 
   async loadModels() {
     const { data } = await api('/v1/models');
+    this.feedback ??= feedbackKept(); // asked now, with the key that /v1/models took
     this.models = data;
     const generative = data.filter((m) => m.task === 'sft');
     this.panes.forEach((pane, i) => {
@@ -239,8 +261,9 @@ export class Playground {
     const params = this.params();
     const signal = this.controller.signal;
     try {
-      await Promise.all(this.active.map((pane) => (this.mode === 'chat'
+      const replies = await Promise.all(this.active.map((pane) => (this.mode === 'chat'
         ? pane.chat(text, params, signal) : pane.complete(text, params, signal))));
+      if (replies.length === 2 && replies.every(Boolean) && await this.feedback) prefer(...replies);
     } finally {
       this.controller = null;
       this.busy(false);
