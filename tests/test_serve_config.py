@@ -13,7 +13,8 @@ from tunesmith.serve import ServeConfig
 
 FLAGS = {"--model", "--adapter", "--host", "--port", "--api-key", "--api-key-file", "--max-batch", "--max-queue",
          "--context-window", "--conversations", "--max-body-bytes", "--chat-template", "--runs", "--backend",
-         "--threads", "--gguf-quant", "--device", "--prefix-cache-mb", "--feedback"}
+         "--threads", "--gguf-quant", "--device", "--prefix-cache-mb", "--feedback", "--state-dir",
+         "--max-upload-mb", "--max-train-jobs", "--fine-tuning"}
 
 
 def serve_parser():

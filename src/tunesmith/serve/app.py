@@ -10,6 +10,7 @@ of this API."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ from .conversations import ConversationStore, TurnGate
 from ..feedback import FeedbackError, FeedbackLog
 from ..generation import Engine
 from .errors import APIError, add_handlers
+from .finetune import runner_for
 from .prompts import Prompts
-from .routes import adapters, chat, classify, completions, conversations, feedback, models, web
+from .routes import (adapters, chat, classify, completions, conversations, feedback, files, fine_tuning, models,
+                     web)
 from .routes.common import MAX_BODY_BYTES
 
 __all__ = ["APIError", "ServeSettings", "create_app"]
@@ -40,6 +43,10 @@ class ServeSettings:
     reply_reserve: int | None = None  # conversation reply budget without max_tokens (default: a quarter of the window)
     runs: str | None = None  # --runs: the directory whose runs and reports the web page lists (/v1/runs)
     feedback: str | None = None  # --feedback: the directory the page's gestures are kept in (/v1/feedback)
+    state_dir: str | None = None  # uploaded files, fine-tuning jobs and their runs; None: no fine-tuning
+    max_upload_bytes: int = 100 * 2**20  # larger uploads to /v1/files are answered 413
+    max_train_jobs: int = 1  # fine-tuning jobs training at once
+    fine_tuning: bool = True  # False: /v1/files and /v1/fine_tuning answer 403 (it also needs api_key, state_dir)
 
 
 def check_key(request: Request) -> None:
@@ -55,7 +62,11 @@ def check_key(request: Request) -> None:
 
 async def _lifespan(app: FastAPI):
     app.state.engine.start()
+    if app.state.tuning is not None:
+        await app.state.tuning.start()
     yield
+    if app.state.tuning is not None:
+        await app.state.tuning.stop()
     app.state.engine.stop()
     app.state.store.close()
 
@@ -77,6 +88,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     state.engine, state.settings, state.prompts = engine, settings, Prompts(engine)
     state.store, state.turns = ConversationStore(settings.conversations), TurnGate()
     state.feedback = feedback_log
+    state.models_lock = asyncio.Lock()  # one load or unload of a served run at a time (routes/adapters.py)
+    state.tuning, state.tuning_off = runner_for(engine, settings, state.models_lock)
     add_handlers(app)
 
     keyed = [Depends(check_key)]
@@ -84,6 +97,6 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(web.page_router)  # the page and its files: they hold no data
     if settings.api_key is not None:
         app.include_router(models.schema_router, dependencies=keyed)
-    for family in (models, completions, chat, conversations, classify, adapters, web, feedback):
+    for family in (models, completions, chat, conversations, classify, adapters, web, feedback, files, fine_tuning):
         app.include_router(family.router, dependencies=keyed)
     return app

@@ -18,12 +18,8 @@ from ..schemas import BodyError, parse
 MAX_BODY_BYTES = 1_000_000  # the default body limit (ServeSettings.max_body_bytes)
 
 
-async def read_json(request: Request, schema):
-    """(validated body, its JSON object): refused (413) past the server's body limit before it is read in full,
-    parsed in a worker thread, every problem a 400 naming the field."""
-    settings = getattr(request.app.state, "settings", None)
-    limit = settings.max_body_bytes if settings is not None else MAX_BODY_BYTES
-    too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+async def read_body(request: Request, limit: int, too_big: APIError) -> bytes:
+    """The raw body, refused with `too_big` past `limit` bytes before it is read in full."""
     length = request.headers.get("content-length") or "0"
     if not length.isdigit():
         raise APIError(400, "The Content-Length header must be a number of bytes.")
@@ -38,8 +34,18 @@ async def read_json(request: Request, schema):
     except ClientDisconnect:  # nobody is left to answer; no traceback for a client that hung up
         raise APIError(400, "The client closed the connection before sending the whole body.",
                        code="client_disconnected") from None
+    return bytes(body)
+
+
+async def read_json(request: Request, schema):
+    """(validated body, its JSON object): refused (413) past the server's body limit before it is read in full,
+    parsed in a worker thread, every problem a 400 naming the field."""
+    settings = getattr(request.app.state, "settings", None)
+    limit = settings.max_body_bytes if settings is not None else MAX_BODY_BYTES
+    too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+    body = await read_body(request, limit, too_big)
     try:
-        return await run_in_threadpool(parse, bytes(body), schema)
+        return await run_in_threadpool(parse, body, schema)
     except BodyError as err:
         raise APIError(400, err.message, param=err.param, code=err.code) from None
 
