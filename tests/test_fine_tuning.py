@@ -315,3 +315,20 @@ def test_a_server_killed_mid_job_resumes_it_from_its_last_checkpoint(assets, tmp
         reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2,
                                                messages=[{"role": "user", "content": "Hi"}])
         assert reply.model == job.fine_tuned_model
+
+
+def test_an_upload_that_is_not_well_formed_multipart_is_a_400_naming_it():
+    """The body is parsed by python-multipart: what it cannot read is refused in one sentence, not a 500."""
+    from tunesmith.serve.finetune.files import FileRefused, parse_form
+
+    boundary = "b0undary"
+    good = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"../../a b.jsonl\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n{\"x\": 1}\n\r\n"
+            f"--{boundary}--\r\n").encode()
+    fields = parse_form(good, f"multipart/form-data; boundary={boundary}")
+    assert fields == {"purpose": (None, b"fine-tune"), "file": ("../../a b.jsonl", b'{"x": 1}\n')}
+    with pytest.raises(FileRefused, match="multipart/form-data"):
+        parse_form(good, "application/json")
+    with pytest.raises(FileRefused, match="malformed"):
+        parse_form(b"--b0undary\r\nno headers end here", f"multipart/form-data; boundary={boundary}")

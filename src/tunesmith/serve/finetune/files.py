@@ -8,15 +8,13 @@ is then renamed into place (a rename is atomic), so a kill leaves either no file
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import HTTP
 from pathlib import Path
 
 from ..adapters import ServeError
@@ -60,25 +58,30 @@ def safe_filename(name: str | None) -> str:
 
 
 def parse_form(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """{field name: (file name or None, content)} of a multipart/form-data body. The body is split at its
-    boundary (which, by construction, occurs in no part) and each part's headers are parsed by the standard
-    library, which also decodes RFC 2231 file names."""
-    header = Message()
-    header["content-type"] = content_type
-    boundary = header.get_param("boundary")
-    if header.get_content_type() != "multipart/form-data" or not boundary:
+    """{field name: (file name or None, content)} of a multipart/form-data body, parsed by python-multipart (the
+    parser Starlette's own form handling uses); the body is already in memory, bounded by the upload limit."""
+    import python_multipart
+    from python_multipart.exceptions import FormParserError
+
+    ctype, options = python_multipart.multipart.parse_options_header(content_type)
+    if ctype != b"multipart/form-data" or not options.get(b"boundary"):
         raise FileRefused("Upload the file as multipart/form-data (a `file` field and a `purpose` field).", None)
-    fields = {}
-    for chunk in (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))[1:]:
-        if chunk.startswith(b"--"):  # the closing delimiter
-            break
-        head, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise FileRefused("The multipart body is malformed: a part has no blank line after its headers.", None)
-        part = BytesHeaderParser(policy=HTTP).parsebytes(head.lstrip(b" \t").removeprefix(b"\r\n") + b"\r\n\r\n")
-        name = part.get_param("name", header="content-disposition")
-        if name:
-            fields[str(name)] = (part.get_filename(), content)
+    fields: dict[str, tuple[str | None, bytes]] = {}
+
+    def on_field(field) -> None:
+        fields[field.field_name.decode("utf-8", "replace")] = (None, field.value or b"")
+
+    def on_file(file) -> None:
+        file.file_object.seek(0)
+        name = file.file_name.decode("utf-8", "replace") if file.file_name else None
+        fields[file.field_name.decode("utf-8", "replace")] = (name, file.file_object.read())
+        file.close()
+
+    headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
+    try:
+        python_multipart.parse_form(headers, io.BytesIO(body), on_field, on_file)
+    except (FormParserError, ValueError) as err:
+        raise FileRefused(f"The multipart body is malformed: {err}.", None) from None
     return fields
 
 
