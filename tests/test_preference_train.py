@@ -384,3 +384,11 @@ def test_compare_holds_an_sft_entry_and_a_preference_entry_continuing_it(assets,
     assert {"exact_match", "rouge_l", "preference_accuracy", "reward_margin"} <= set(dpo["metrics"])
     assert report["table"]["header"][3:5] == ["exact_match", "preference_accuracy"]
     assert [row[0] for row in report["table"]["rows"]] == ["sft", "dpo"]
+
+
+def test_tunesmith_eval_on_preference_records_is_a_sentence(tiny, pairs):
+    from tunesmith.evaluation import EvaluateError, evaluate
+
+    tokenizer, policy, _ = tiny
+    with pytest.raises(EvaluateError, match="holds preference records; a preference run scores its held-out pairs"):
+        evaluate((policy, tokenizer), pairs)
