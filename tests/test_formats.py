@@ -123,16 +123,18 @@ def test_classification_and_tagging_jsonl(tmp_path):
 
 def test_registry_names_and_kinds():
     assert set(FORMATS) == {"openai-chat", "completion", "alpaca", "sharegpt", "text", "csv", "conll",
-                            "classification-jsonl", "tagging-jsonl"}
+                            "classification-jsonl", "tagging-jsonl", "preference", "openai-preference", "kto"}
     assert {name: r.kind for name, r in FORMATS.items() if r.kind != "chat"} == {
         "completion": "completion", "text": "completion", "csv": "classification", "conll": "tagging",
-        "classification-jsonl": "classification", "tagging-jsonl": "tagging"}
+        "classification-jsonl": "classification", "tagging-jsonl": "tagging", "preference": "preference",
+        "openai-preference": "preference", "kto": "unpaired"}
 
 
 def test_kind_of():
-    assert KINDS == ("chat", "completion", "classification", "tagging")
-    assert [kind_of(r) for r in (CHAT, {"prompt": "", "completion": "x"}, {"text": "t", "label": "l"},
-                                 {"tokens": [], "tags": []})] == list(KINDS)
+    assert KINDS == ("chat", "preference", "unpaired", "completion", "classification", "tagging")
+    assert [kind_of(r) for r in (CHAT, {"prompt": "", "chosen": "x", "rejected": "y"},
+                                 {"prompt": "", "completion": "x", "label": True}, {"prompt": "", "completion": "x"},
+                                 {"text": "t", "label": "l"}, {"tokens": [], "tags": []})] == list(KINDS)
     with pytest.raises(DataError, match="keys instruction, output"):
         kind_of({"instruction": "x", "output": "y"})
 

@@ -82,8 +82,13 @@ def test_every_task_headlines_metrics_its_scorer_reports():
     from tunesmith.config import TrainConfig
 
     assert MAIN_METRICS.keys() == set(get_args(TrainConfig.model_fields["task"].annotation))
+    from tunesmith.evaluation.preference import pair_metrics
+
     reported = {"sft": generation_metrics(["a b"], ["a b"]), "classify": classification_metrics(["x"], ["x"], ["x"]),
-                "ner": ner_metrics([["B-X"]], [["B-X"]])}
+                "ner": ner_metrics([["B-X"]], [["B-X"]]),
+                # a preference run continuing an sft run reports both (training/loop.py)
+                "preference": {**pair_metrics([(-1.0, 2)], [(-3.0, 2)], None, None, measure="logprob", beta=1.0)[0],
+                               **generation_metrics(["a b"], ["a b"])}}
     for task, names in MAIN_METRICS.items():
         assert set(names) <= reported[task].keys(), task
     assert [main_metric(t) for t in ("sft", "classify", "ner")] == ["exact_match", "accuracy", "f1"]

@@ -95,16 +95,21 @@ def run_train(cfg: dict, *, resume: bool = False, callbacks=()):
     `callbacks` are added to the Trainer."""
     made = []
 
-    class Capturing(tunesmith.training.loop.RunTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-            for callback in callbacks:
-                self.add_callback(callback)
-            made.append(self)
+    def capturing(base):
+        class Capturing(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+                for callback in callbacks:
+                    self.add_callback(callback)
+                made.append(self)
 
+        return Capturing
+
+    loop = tunesmith.training.loop
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tunesmith.training.loop, "RunTrainer", Capturing)
+        for name in ("RunTrainer", "PreferenceTrainer"):  # whichever the task trains with
+            patch.setattr(loop, name, capturing(getattr(loop, name)))
         run = train(cfg, resume=resume)
     return run, made[-1]
 

@@ -40,11 +40,11 @@ class DataConfig(Strict):
     chat_template: str | None = Field(None, description="a named fallback (chatml, llama3, plain) or a Jinja "
                                                         "template; default: the tokenizer's own")
     chat_template_kwargs: TemplateKwargs | None = Field(
-        None, description="sft only: extra chat template variables, e.g. {enable_thinking: false} (Qwen3, SmolLM3: "
+        None, description="sft and preference: extra chat template variables, e.g. {enable_thinking: false} (Qwen3, SmolLM3: "
                           "train without thinking); recorded in run.json and applied wherever the run renders chat: "
                           "eval, generate, chat, serve")
     reasoning: Policy = Field(
-        "auto", description="sft only: assistant reasoning_content in chat data: auto = as the chat template prints "
+        "auto", description="sft and preference: assistant reasoning_content in chat data: auto = as the chat template prints "
                             "it (Qwen3's: in <think> for the turns after the last user message), train = learned in "
                             "every learnable turn (an error where the template drops it), drop = removed")
 
@@ -167,6 +167,31 @@ class PromptingConfig(Strict):
     calibration_inputs: list[str] = Field(["N/A", "", "[MASK]"], description="content-free inputs, averaged")
 
 
+# TRL's DPO loss types that work on summed reply log-probabilities and a precomputed reference alone (the others
+# need more than that: per-token terms, sorted batches, or a label smoothing to be set).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down")
+
+
+class PreferenceConfig(Strict):
+    """How task: preference learns from preferences (training/preference.py; the losses are TRL's)."""
+
+    objective: Literal["dpo", "orpo", "simpo", "kto"] = Field(
+        "dpo", description="dpo (Rafailov et al. 2023: pairs, against a frozen reference: the run continued, or the "
+                           "base), orpo (Hong et al. 2024: pairs, no reference, an SFT term built in: from a base "
+                           "model), simpo (Meng et al. 2024: pairs, no reference, length-normalised), kto "
+                           "(Ethayarajh et al. 2024: single replies marked good or bad, against a reference)")
+    beta: float | None = Field(None, gt=0, description="dpo, kto: how far from the reference the policy may move "
+                                                       "(higher: less); orpo: lambda, the odds-ratio term's weight; "
+                                                       "simpo: the reward scale (default: per objective)")
+    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="dpo: TRL's loss_type (sigmoid: DPO; ipo, hinge, "
+                                                                  "... its variants)")
+    simpo_gamma: float = Field(1.0, ge=0, description="simpo: the target reward margin gamma (SimPO's gamma / "
+                                                      "beta = 0.5 at beta 2)")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the good replies' loss (raise it when "
+                                                           "they are fewer than the bad ones)")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the bad replies' loss")
+
+
 def bf16_lowerable(method) -> bool:
     """Whether `precision: bf16` applies to a method: LoRA's frozen base layers (not DoRA's, which it reads)."""
     return method.name == "lora" and not getattr(method, "dora", False)
@@ -174,8 +199,9 @@ def bf16_lowerable(method) -> bool:
 
 class TrainConfig(Strict):
     model: str = Field(DEFAULT_CHAT_MODEL, description="embedded name, directory or hub id")
-    task: Literal["sft", "classify", "ner"] = Field("sft", description="generation (sft), sequence "
-                                                                         "classification or token classification")
+    task: Literal["sft", "classify", "ner", "preference"] = Field(
+        "sft", description="generation (sft), sequence classification, token classification, or preference tuning "
+                           "of a generation model (DPO, ORPO, SimPO, KTO: see `preference`)")
     data: DataConfig
     method: Method = Field(default_factory=lambda: LoraMethod(name="lora"))
     output_dir: str = Field("runs/run", description="run directory; never overwritten (use --resume to continue)")
@@ -231,6 +257,14 @@ class TrainConfig(Strict):
     replay: ReplayConfig | None = Field(None, description="rehearsal: mix a seeded sample of earlier data in")
     regularization: RegularizationConfig | None = Field(None, description="pull the weights toward the parent "
                                                                           "run's (needs continue_from)")
+    preference: PreferenceConfig | None = Field(None, description="task: preference: the objective and its "
+                                                                  "settings (default: dpo)")
+
+    @property
+    def model_task(self) -> str:
+        """What the trained model does, as run.json records it: preference tuning trains a generation (sft) model,
+        which every command then loads, serves and exports as one."""
+        return "sft" if self.task == "preference" else self.task
 
     @model_validator(mode="after")
     def _check(self):
@@ -250,6 +284,22 @@ class TrainConfig(Strict):
             raise ValueError(f"packing does not work with {self.method.name} tuning; set packing: false")
         if self.task == "ner" and self.method.name == "prefix":
             raise ValueError("prefix tuning is not supported for ner by peft; use prompt or lora")
+        return self._check_preference()
+
+    def _check_preference(self):
+        if self.task != "preference":
+            if self.preference is not None:
+                raise ValueError("preference settings apply to task: preference only")
+            return self
+        if self.preference is None:
+            self.preference = PreferenceConfig()
+        if self.method.name in ("prompt", "prefix"):
+            # they change the sequence the model sees, so reply log-probabilities sit elsewhere (as for loss.py)
+            raise ValueError(f"task: preference trains through the model's own forward; {self.method.name} tuning "
+                             "is not supported (use lora)")
+        if self.regularization is not None:
+            raise ValueError("regularization does not apply to task: preference: dpo and kto already keep the run "
+                             "near its reference (raise preference.beta to keep it nearer)")
         return self
 
 

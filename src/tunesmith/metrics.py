@@ -18,11 +18,15 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 # tools keeps "exact_match" as its main metric, made tools-aware (`reply_matches`): a record whose gold reply is a
 # call turn counts as matched when its calls do (call exact match), a plain reply when its text does and it makes
 # no call; so one number, comparable across tool and plain data, still judges every sft run.
-MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"]}
+# A preference run is judged by how often it prefers the chosen reply of held-out pairs (evaluation/preference.py),
+# then by what it kept of the sft task it continues (scored on that run's eval split after preference tuning).
+MAIN_METRICS = {"classify": ["accuracy", "macro_f1"], "ner": ["f1"], "sft": ["exact_match", "rouge_l"],
+                "preference": ["preference_accuracy", "exact_match"]}
 
 
 def main_metric(task: str) -> str:
-    """The one number a task is judged by: exact_match (sft), accuracy (classify), f1 (ner)."""
+    """The one number a task is judged by: exact_match (sft), accuracy (classify), f1 (ner), preference_accuracy
+    (preference)."""
     return MAIN_METRICS[task][0]
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from ..data.formats import CONVERSIONS
 from ..errors import UsageError
 from .common import model_options
 
@@ -70,33 +71,56 @@ def _highlight(example, color: bool) -> str:
     return "".join(out)
 
 
+def _shown(records: list[dict], kind: str) -> list[tuple[str, dict]]:
+    """(heading, chat or completion record) of what preview shows: each record, or each reply of a preference
+    record with the prompt before it, its learnable tokens the reply's (as training masks them)."""
+    from ..data.preference import as_sft
+
+    if kind == "preference":
+        return [(f"pair {n}, {reply}", as_sft(r, reply)) for n, r in enumerate(records, 1)
+                for reply in ("chosen", "rejected")]
+    if kind == "unpaired":
+        return [(f"example {n}, a {'good' if r['label'] else 'bad'} reply", as_sft(r, "completion"))
+                for n, r in enumerate(records, 1)]
+    return [(f"example {n}", r) for n, r in enumerate(records, 1)]
+
+
 def cmd_data_preview(args) -> int:
     from ..data.formats import kind_of, read_records, to_chat
-    from ..data.tokenize import tokenize_records
+    from ..data.tokenize import tokenize_records, truncate
     from ..models import load_generation_config, load_tokenizer
 
     records = read_records(args.file, **_read_options(args))
     kind = kind_of(records[0])
-    if kind not in ("chat", "completion"):
-        raise UsageError(f"{args.file} holds {kind} records; preview shows generation (chat or completion) data")
+    if kind not in ("chat", "completion", "preference", "unpaired"):
+        raise UsageError(f"{args.file} holds {kind} records; preview shows generation (chat or completion) and "
+                         "preference data")
     if args.to == "chat":
         records = [to_chat(r) for r in records]
+    shown = _shown(records, kind)
     tokenizer = load_tokenizer(args.model)
-    examples, stats = tokenize_records(tokenizer, records, max_length=args.max_length,
-                                       chat_template=args.chat_template, source=args.file,
-                                       generation_config=load_generation_config(args.model),
+    # Truncated here rather than by tokenize_records, which drops what loses every learnable token: each heading
+    # stays with its example.
+    examples, stats = tokenize_records(tokenizer, [record for _, record in shown], chat_template=args.chat_template,
+                                       source=args.file, generation_config=load_generation_config(args.model),
                                        chat_template_kwargs=_kwargs(args.chat_template_kwargs),
                                        reasoning=args.reasoning)
+    if args.max_length:
+        examples = [truncate(e, args.max_length) for e in examples]
     color = args.color if args.color is not None else sys.stdout.isatty()
-    for n, example in enumerate(examples[: args.limit], start=1):
-        print(f"── example {n}: {len(example.input_ids)} tokens, {example.num_learnable} learnable ──")
+    per_record = len(shown) // len(records)
+    for (heading, _), example in list(zip(shown, examples))[: args.limit * per_record]:
+        print(f"── {heading}: {len(example.input_ids)} tokens, {example.num_learnable} learnable ──")
         print(_highlight(example, color))
     lengths = sorted(stats.lengths)
-    print(f"── {stats.examples} examples: {sum(lengths)} tokens (mean {sum(lengths) / max(len(lengths), 1):.0f}, "
-          f"max {lengths[-1] if lengths else 0}), {stats.learnable_tokens} learnable after truncation")
+    learnable = sum(e.num_learnable for e in examples)
+    print(f"── {stats.examples} examples{f' ({len(records)} pairs)' if kind == 'preference' else ''}: "
+          f"{sum(lengths)} tokens (mean {sum(lengths) / max(len(lengths), 1):.0f}, max {lengths[-1] if lengths else 0}), "
+          f"{learnable} learnable after truncation")
     if args.max_length:
-        print(f"── max_length={args.max_length}: {stats.truncated} truncated, {stats.dropped} dropped "
-              "(no learnable token left)")
+        truncated = sum(n > args.max_length for n in lengths)
+        print(f"── max_length={args.max_length}: {truncated} truncated, {sum(not e.num_learnable for e in examples)} "
+              "dropped (no learnable token left)")
     return 0
 
 
@@ -125,15 +149,18 @@ def add_commands(sub) -> None:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_data_validate)
 
-    p = data.add_parser("convert", parents=[read], help="convert a dataset to chat or completion JSONL")
+    p = data.add_parser("convert", parents=[read], help="convert a dataset to chat, completion or preference JSONL")
     p.add_argument("input")
-    p.add_argument("--to", choices=["chat", "completion"], required=True)
+    p.add_argument("--to", choices=CONVERSIONS, required=True,
+                   help="chat, completion; for preference data: preference (TRL's pairs), openai-preference, kto "
+                        "(TRL's unpaired records: a pair gives a good and a bad one), or chat (prompt and chosen reply)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     p.set_defaults(func=cmd_data_convert)
 
     p = data.add_parser("preview", parents=[read, model_options("model", "chat_template")],
-                        help="show rendered examples with the learnable tokens highlighted")
+                        help="show rendered examples with the learnable tokens highlighted (both replies of a "
+                             "preference pair)")
     p.add_argument("file")
     p.add_argument("--max-length", type=int, help="truncate to this many tokens and report what is lost")
     p.add_argument("--limit", type=int, default=3, help="how many examples to show (default 3)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import ConfigError, PromptingConfig, Strict, TrainConfig, load_config, load_document, merge
 
@@ -34,10 +34,19 @@ class CompareConfig(Strict):
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise ValueError(f"entry names must be unique: {names}")
-        for e in entries:
-            if "seed" in e.overrides or "data" in e.overrides and "eval" in e.overrides["data"]:
-                raise ValueError(f"entry {e.name}: seed and data.eval are shared by every entry; set them in base")
         return entries
+
+    @model_validator(mode="after")
+    def _shared(self):
+        """seed and data.eval are the comparison's. An entry of another task holds its own held-out data: a
+        preference entry continuing an sft entry has held-out pairs, and is scored on the shared split through the
+        run it continues (training/loop.py scores the parent's task after preference tuning)."""
+        task = self.base.get("task", "sft")
+        for e in self.entries:
+            own_eval = "data" in e.overrides and "eval" in e.overrides["data"]
+            if "seed" in e.overrides or own_eval and e.overrides.get("task", task) == task:
+                raise ValueError(f"entry {e.name}: seed and data.eval are shared by every entry; set them in base")
+        return self
 
 
 def load_compare(source: str | Path | dict, overrides: list[str] = ()) -> CompareConfig:

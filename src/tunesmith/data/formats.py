@@ -1,7 +1,8 @@
-"""Training data formats: read, validate and convert files into tunesmith's four internal record shapes.
+"""Training data formats: read, validate and convert files into tunesmith's internal record shapes.
 
 Everything downstream knows only these plain dicts (see the TypedDicts below): chat, completion,
-classification and tagging. A reader per file format (in `readers.py`, registered in `FORMATS`) turns a
+classification, tagging, and for preference tuning pairs (preference) and single replies marked good or bad
+(unpaired; both in `preference.py`). A reader per file format (in `readers.py`, registered in `FORMATS`) turns a
 file into a stream of them; `detect_format` picks the reader from the extension and, for JSON, the keys
 of the first record. Bad records become `Problem`s naming file, line and field, and every problem in a
 file is found in one pass: `iter_records` streams the good records and raises one `DataError` listing
@@ -20,6 +21,10 @@ Conversion mapping (also in docs/formats.md):
 - classification and tagging records have no chat or completion form; converting them is a DataError.
 - chat records with tools (definitions, calls or results) keep them as chat; they have no completion form, so
   converting one to completion is a DataError too.
+- preference pairs convert to preference (TRL's shape, an implicit prompt made explicit), openai-preference,
+  kto (unpaired records; each pair gives a good and a bad one) and chat (the prompt and the chosen reply);
+  unpaired records only to kto. Nothing else becomes a preference record: a preference needs two replies
+  or a judgement the data does not hold.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, TypedDict
 
 from ..errors import TunesmithError, UsageError
+from .preference import chosen_chat, to_openai, to_unpaired
 from .problems import Problem
 from .readers import CONLL_SUFFIXES, CSV_SUFFIXES, FORMATS, JSON_SUFFIXES, ReadOptions, Reader
 from .sources import first_object, has_content, json_values
@@ -43,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "FORMATS", "Problem", "DataError", "Report", "Reader", "Message", "ChatRecord", "Tool",
            "FunctionDefinition", "ToolCall", "FunctionCall", "CompletionRecord", "ClassificationRecord",
-           "TaggingRecord", "kind_of", "detect_format", "iter_records", "read_records",
-           "validate", "to_chat", "to_completion", "write_jsonl", "convert_file"]
+           "TaggingRecord", "PreferenceRecord", "UnpairedRecord", "kind_of", "detect_format", "iter_records", "read_records",
+           "validate", "to_chat", "to_completion", "write_jsonl", "convert_file", "CONVERSIONS"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,8 +114,30 @@ class TaggingRecord(TypedDict):
     tags: list[str]  # one IOB/BIOES tag per token
 
 
-# The keys that identify each kind; also the order in which they are tried.
-_KIND_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"),
+class _PreferenceBase(TypedDict):
+    prompt: str | list[Message]  # a list: conversational, and then so are the replies
+    chosen: str | list[Message]  # the assistant's turns (tool results between its calls and its answer)
+    rejected: str | list[Message]
+
+
+class PreferenceRecord(_PreferenceBase, total=False):
+    tools: list[Tool]  # conversational only; absent when the record defines none
+
+
+class _UnpairedBase(TypedDict):
+    prompt: str | list[Message]
+    completion: str | list[Message]
+    label: bool  # true: a good reply, false: a bad one
+
+
+class UnpairedRecord(_UnpairedBase, total=False):
+    tools: list[Tool]
+
+
+# The keys that identify each kind; also the order in which they are tried (unpaired before completion, whose
+# keys it holds).
+_KIND_KEYS = {"chat": ("messages",), "preference": ("prompt", "chosen", "rejected"),
+              "unpaired": ("prompt", "completion", "label"), "completion": ("prompt", "completion"),
               "classification": ("text", "label"), "tagging": ("tokens", "tags")}
 KINDS = tuple(_KIND_KEYS)
 EMPTY = "empty file: no records"
@@ -147,7 +175,9 @@ def kind_of(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 # First match wins, which settles records that carry the keys of two shapes.
-_SHAPES = ((("messages",), "openai-chat"), (("prompt", "completion"), "completion"),
+_SHAPES = ((("messages",), "openai-chat"), (("input", "preferred_output", "non_preferred_output"), "openai-preference"),
+           (("chosen", "rejected"), "preference"), (("prompt", "completion", "label"), "kto"),
+           (("prompt", "completion"), "completion"),
            (("instruction", "output"), "alpaca"), (("conversations",), "sharegpt"),
            (("text", "label"), "classification-jsonl"), (("tokens", "tags"), "tagging-jsonl"),
            (("tokens", "ner_tags"), "tagging-jsonl"), (("text",), "text"))
@@ -277,10 +307,12 @@ def _not_convertible(kind: str, to: str) -> str:
 
 
 def to_chat(record: dict) -> dict:
-    """A chat record for a chat or completion record (see the mapping in the module docstring)."""
+    """A chat record for a chat, completion or preference record (see the mapping in the module docstring)."""
     kind = kind_of(record)
     if kind == "chat":
         return record
+    if kind == "preference":
+        return chosen_chat(record)
     if kind != "completion":
         raise DataError(message=_not_convertible(kind, "chat"))
     user = [{"role": "user", "content": record["prompt"]}] if record["prompt"] else []
@@ -338,14 +370,29 @@ def write_jsonl(records: Iterable[dict], path, *, force: bool = False) -> int:
     return count
 
 
-_CONVERTERS = {"chat": to_chat, "completion": to_completion}
+# --to: (the kinds it converts, record -> record or list of records). Plain dicts, defined once.
+_CONVERTERS = {"chat": (("chat", "completion", "preference"), to_chat),
+               "completion": (("chat", "completion"), to_completion),
+               "preference": (("preference",), lambda record: record),
+               "openai-preference": (("preference",), to_openai),
+               "kto": (("preference", "unpaired"), lambda r: to_unpaired(r) if kind_of(r) == "preference" else r)}
+CONVERSIONS = tuple(_CONVERTERS)
+
+
+def _cannot_convert(kind: str, to: str) -> str:
+    if kind in ("classification", "tagging"):
+        return _not_convertible(kind, to)
+    takes = " or ".join(_CONVERTERS[to][0])
+    return (f"{kind} records cannot be converted to {to}: only {takes} records can (a preference needs two replies, "
+            "or a judgement of one, that the data does not hold)")
 
 
 def convert_file(src, dst, *, to: str, force: bool = False, **read_kw) -> int:
-    """Convert `src` to a JSONL file of chat or completion records at `dst`, streaming.
+    """Convert `src` to a JSONL file of `to` records at `dst` (CONVERSIONS; see the module docstring), streaming.
 
     If any record of `src` has a problem, nothing is written and a DataError lists them all. `read_kw` are
-    iter_records' options (format, text_column, label_column, delimiter). Returns the record count.
+    iter_records' options (format, text_column, label_column, delimiter). Returns the records written (a pair
+    converted to unpaired gives two).
     """
     if to not in _CONVERTERS:
         raise DataError(f"cannot convert to {to!r}: expected one of {', '.join(_CONVERTERS)}")
@@ -353,10 +400,11 @@ def convert_file(src, dst, *, to: str, force: bool = False, **read_kw) -> int:
         raise TypeError("convert_file() takes no problems list: it writes nothing if there are any")
     name = _format(src, read_kw.pop("format", None))
     kind = FORMATS[name].kind
-    if kind not in _CONVERTERS:
-        raise DataError([Problem(str(src), None, None, _not_convertible(kind, to))])
+    kinds, convert = _CONVERTERS[to]
+    if kind not in kinds:
+        raise DataError([Problem(str(src), None, None, _cannot_convert(kind, to))])
     # iter_records raises its DataError after the last record, which write_jsonl turns into "no file".
-    return write_jsonl(_converted(iter_records(src, format=name, **read_kw), _CONVERTERS[to], src), dst, force=force)
+    return write_jsonl(_converted(iter_records(src, format=name, **read_kw), convert, src), dst, force=force)
 
 
 def _converted(records: Iterable[dict], convert, src) -> Iterator[dict]:
@@ -364,6 +412,7 @@ def _converted(records: Iterable[dict], convert, src) -> Iterator[dict]:
     a sentence that says which record."""
     for number, record in enumerate(records, 1):
         try:
-            yield convert(record)
+            converted = convert(record)
         except DataError as err:
             raise DataError(message=f"{src}: record {number}: {err}") from None
+        yield from converted if isinstance(converted, list) else [converted]

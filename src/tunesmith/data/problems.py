@@ -77,14 +77,16 @@ def text_field(obj: dict, key: str, issues: Issues, where: str = "", *, optional
     return value
 
 
-def list_field(obj: dict, key: str, issues: Issues) -> list | None:
+def list_field(obj: dict, key: str, issues: Issues, where: str = "") -> list | None:
+    """obj[key] if it is a non-empty list, else None with an issue at `where.key` (or `key`)."""
+    field = f"{where}.{key}" if where else key
     value = obj.get(key)
     if value is None:
-        issues.append((key, f"missing {key}"))
+        issues.append((field, f"missing {key}"))
     elif not isinstance(value, list):
-        issues.append((key, f"{key} must be a list, got {json_type(value)}"))
+        issues.append((field, f"{key} must be a list, got {json_type(value)}"))
     elif not value:
-        issues.append((key, f"{key} is empty"))
+        issues.append((field, f"{key} is empty"))
     else:
         return value
     return None

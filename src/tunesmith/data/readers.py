@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
+from .preference import parse_openai_pair, parse_pair, parse_unpaired
 from .problems import Issues, Problem, json_type, quote
 from .records import (parse_alpaca, parse_chat, parse_classification, parse_completion, parse_sharegpt,
                       parse_tagging, parse_text)
@@ -50,7 +51,7 @@ class Reader:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# JSON formats: values from `sources`, each parsed by one function of `records`
+# JSON formats: values from `sources`, each parsed by one function of `records` (or `preference`)
 # ---------------------------------------------------------------------------------------------------------
 
 def _json_reader(parse: Callable[[dict, Issues], dict | None]) -> Callable[[Path, ReadOptions], Iterator[Item]]:
@@ -203,4 +204,7 @@ FORMATS: dict[str, Reader] = {
     "conll": Reader("tagging", _read_conll),
     "classification-jsonl": Reader("classification", _json_reader(parse_classification)),
     "tagging-jsonl": Reader("tagging", _json_reader(parse_tagging)),
+    "preference": Reader("preference", _json_reader(parse_pair)),
+    "openai-preference": Reader("preference", _json_reader(parse_openai_pair)),
+    "kto": Reader("unpaired", _json_reader(parse_unpaired)),
 }

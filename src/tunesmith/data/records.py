@@ -1,6 +1,7 @@
 """JSON records into internal records, one `parse_<shape>(obj, issues)` per JSON shape.
 
-The shapes: OpenAI chat, completion, alpaca, ShareGPT, text, classification and tagging; each parser notes
+The shapes: OpenAI chat, completion, alpaca, ShareGPT, text, classification and tagging (preference data:
+`preference.py`, over `parse_message`); each parser notes
 what is wrong, by field, in `issues`. An OpenAI chat assistant message may carry `reasoning_content` (a thinking
 model's reasoning, as DeepSeek's and vLLM's APIs return it); blank reasoning is the same as none.
 
@@ -52,7 +53,8 @@ def _role(m: dict, where: str, issues: Issues) -> str | None:
     return "tool" if role == "function" else role  # `function`: OpenAI's older spelling of a tool's result
 
 
-def _message(m: Any, where: str, issues: Issues, calls: Calls) -> dict | None:
+def parse_message(m: Any, where: str, issues: Issues, calls: Calls) -> dict | None:
+    """One OpenAI chat message at `where` (e.g. "messages[2]"), its calls checked against `calls`."""
     if not isinstance(m, dict):
         issues.append((where, f"message must be an object, got {json_type(m)}"))
         return None
@@ -102,7 +104,7 @@ def parse_chat(obj: dict, issues: Issues) -> dict | None:
         return None
     tools = parse_tools(obj, issues)
     calls = Calls(tools)
-    out = [_message(m, f"messages[{i}]", issues, calls) for i, m in enumerate(messages)]
+    out = [parse_message(m, f"messages[{i}]", issues, calls) for i, m in enumerate(messages)]
     _require_learnable(out, "messages", issues)
     return {"messages": out, "tools": tools} if tools else {"messages": out}
 

@@ -3,6 +3,7 @@
 - results.py    Evaluation (metrics + predictions), EvaluateError, write_results
 - scorers.py    generation (with the learnable-token loss; tool calls parsed and scored), sequence classification,
                 token classification
+- preference.py held-out preference accuracy: the implicit reward (against a reference) or the mean log-prob
 - prompting.py  zero/k-shot prompts, classification through label words (verbalizers), calibration
 - choose.py     `score`: which scorer, decided once; `evaluate`: a name, run or pair in, an Evaluation out
 

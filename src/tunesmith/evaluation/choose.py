@@ -70,6 +70,10 @@ def evaluate(model: str | tuple, data: str | Path | list[dict], *, task: str | N
     records = list(data) if isinstance(data, list) else read_records(data)
     if not records:
         raise EvaluateError(f"{data}: no records to evaluate")
+    if kind_of(records[0]) in ("preference", "unpaired"):
+        raise EvaluateError(f"{data}: holds preference records; a preference run scores its held-out pairs itself "
+                            "(metrics.json before and after, predictions.jsonl); tunesmith eval scores a model's "
+                            "replies to chat or completion records")
     records = records[:limit] if limit else records
     info = runs.find_run(model) if isinstance(model, (str, Path)) else None
     task = task or (info and info.task) or _TASK_OF_KIND[kind_of(records[0])]

@@ -7,7 +7,9 @@
 - defaults.py    what a config leaves unset (learning rate, epochs, warm-up, evaluations), chosen per run, and why
 - callbacks.py   log.jsonl, the progress bar, AdaLoRA's budget step, eval metrics, RunTrainer's atomic checkpoints
 - precision.py   frozen weights in bf16 and activation recomputation, chosen per device
-- loss.py        the sft loss with the LM head applied only where there are labels
+- loss.py        the sft loss with the LM head applied only where there are labels (and the replies' log-probs)
+- preference.py  task: preference: DPO, ORPO, SimPO and KTO, TRL's losses on tunesmith's Trainer
+- preference_data.py  each reply tokenized after its prompt, pairs collated, the reference's log-probs attached
 - regularize.py  the pull toward a parent run's weights (L2-SP, EWC)
 
 Importing this package imports transformers' Trainer (callbacks.py); `import tunesmith` loads it only when

@@ -14,7 +14,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from .. import runs
 from . import loss
-from .data import LengthGroupedSampler
+from .data import LengthGroupedSampler, feature_tokens
 
 
 class JsonlLog(TrainerCallback):
@@ -127,7 +127,7 @@ class RunTrainer(_trainer_without_datasets()):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if not self.group_by_length or not isinstance(dataset, list):
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler([len(f["input_ids"]) for f in dataset], self.args.train_batch_size,
+        return LengthGroupedSampler([feature_tokens(f) for f in dataset], self.args.train_batch_size,
                                     self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
@@ -167,8 +167,8 @@ class RunTrainer(_trainer_without_datasets()):
 
 
 def eval_metrics_fn(task: str, labels: list[str] | None):
-    """Trainer's compute_metrics for classify/ner evaluation during training (sft uses eval_loss)."""
-    if task == "sft":
+    """Trainer's compute_metrics for classify/ner evaluation during training (sft and preference use eval_loss)."""
+    if task in ("sft", "preference"):
         return None
     from ..metrics import classification_metrics, ner_metrics
 

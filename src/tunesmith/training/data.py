@@ -55,7 +55,8 @@ def check_trainable(features: list[dict], stats: TokenizeStats | None, cfg: Trai
                         "shorten the examples")
 
 
-_EXPECTED_KIND = {"classify": ("classification",), "ner": ("tagging",), "sft": ("chat", "completion")}
+_EXPECTED_KIND = {"classify": ("classification",), "ner": ("tagging",), "sft": ("chat", "completion"),
+                  "preference": ("preference", "unpaired")}
 
 
 def check_kind(records: list[dict], cfg: TrainConfig, source: str) -> None:
@@ -70,8 +71,16 @@ def sft_records(records: list[dict], cfg: TrainConfig) -> list[dict]:
     return [convert(r) for r in records] if convert else records
 
 
+
+def feature_tokens(feature: dict) -> int:
+    """The tokens one training feature puts through the model: an sft example's, both replies of a preference
+    pair, a reply and KTO's mismatched reply."""
+    return sum(len(ids) for key, ids in feature.items() if key.endswith("input_ids"))
+
+
 def sft_chat(cfg: TrainConfig) -> dict:
-    """How an sft run renders chat beyond its template, as tokenize_records and evaluation.score take it."""
+    """How an sft (or preference) run renders chat beyond its template, as tokenize_records and evaluation.score
+    take it."""
     return {"chat_template_kwargs": cfg.data.chat_template_kwargs, "reasoning": cfg.data.reasoning}
 
 
@@ -92,13 +101,19 @@ def label_list(records: list[dict], task: str) -> list[str]:
 
 
 def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: list[str] | None, source: str):
-    """Model inputs for one split. sft: input ids + loss-masked labels (packed into rows when asked)."""
-    if cfg.task == "sft":
+    """Model inputs for one split. sft: input ids + loss-masked labels (packed into rows when asked); preference:
+    each reply's (preference_data.py)."""
+    if cfg.task in ("sft", "preference"):
         from ..models import load_generation_config
 
+        chat = {"chat_template": cfg.data.chat_template, "generation_config": load_generation_config(cfg.model),
+                **sft_chat(cfg)}
+        if cfg.task == "preference":
+            from .preference_data import build
+
+            return build(cfg, tokenizer, records, source, chat)
         examples, stats = tokenize_records(tokenizer, sft_records(records, cfg), max_length=cfg.max_length,
-                                           chat_template=cfg.data.chat_template, source=source,
-                                           generation_config=load_generation_config(cfg.model), **sft_chat(cfg))
+                                           source=source, **chat)
         return [e.features() for e in examples], stats
     label2id = {label: i for i, label in enumerate(labels)}
     unknown = sorted({r.get("label") for r in records if cfg.task == "classify" and r["label"] not in label2id}
@@ -125,6 +140,10 @@ def collator(cfg: TrainConfig, tokenizer, *, share: bool = False):
         if cfg.packing:
             return PackedCollator(tokenizer.pad_token_id)
         return (SharedPrefixCollator if share else PaddingCollator)(tokenizer.pad_token_id)
+    if cfg.task == "preference":
+        from .preference_data import PreferenceCollator
+
+        return PreferenceCollator(tokenizer.pad_token_id)
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if cfg.task == "classify":

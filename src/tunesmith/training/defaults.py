@@ -36,8 +36,28 @@ SIZE_EXPONENT = {"full": 0.5, "freeze": 0.5, "lora": 0.25, "adalora": 0.25}
 # the ticket-topics demo: 0.98 at 2e-3, 0.99 at 3e-3, 0.48 at 5e-3).
 HEAD_LEARNING_RATE = 2e-3
 
+# Preference tuning (task: preference) at a share of the method's sft rate. DPO, KTO and SimPO move the log-ratio of
+# the replies directly and keep pulling once the pairs are separated: at the sft rate the chosen replies' own
+# likelihood falls with the rejected ones'. TRL's DPO default (1e-6) and the alignment handbook's Zephyr-7B recipes
+# (DPO 5e-7 full, 5e-6 QLoRA, against 2e-5 and 2e-4 for their SFT) are 1/20 to 1/40 of the SFT rate; 1/20 keeps a
+# short CPU run moving (5e-5 for lora at 135M). ORPO carries its own SFT term and starts from a base model: a
+# quarter of the sft rate (Hong et al. 2024: 8e-6 for Mistral-7B, ~1/2.5 of a 2e-5 SFT).
+PREFERENCE_RATE = {"dpo": 1 / 20, "kto": 1 / 20, "simpo": 1 / 20, "orpo": 1 / 4}
+# Each objective's beta, and why: TRL's defaults, but for SimPO, whose paper tunes 2.0-2.5 (TRL's CPO default of 0.1
+# is plain CPO's).
+PREFERENCE_BETA = {
+    "dpo": (0.1, "DPO's beta (TRL's default; Rafailov et al. 2023 use 0.1-0.5): how far the run may move from its "
+                 "reference, lower: farther"),
+    "kto": (0.1, "KTO's beta (TRL's default; Ethayarajh et al. 2024): how far the run may move from its reference"),
+    "orpo": (0.1, "ORPO's lambda, the odds-ratio term's weight beside its SFT term (TRL's default; Hong et al. 2024)"),
+    "simpo": (2.0, "SimPO's reward scale (Meng et al. 2024 tune 2.0-2.5; with simpo_gamma 1.0 their gamma/beta of "
+                   "0.5)"),
+}
 MIN_STEPS = 150  # optimizer steps a small data set gets (by repeating it) ...
 MAX_EPOCHS = 10  # ... but never more passes than this
+# Preference runs overfit their pairs in a few passes (the rejected replies' log-probabilities keep falling and drag
+# the chosen ones down; Zephyr's DPO trains 1-3 epochs): at most this many.
+MAX_PREFERENCE_EPOCHS = 3
 # How long a default run may train on a CPU. loop.py times one step of the run on this machine before training
 # and bounds the plan to CPU_SECONDS of it (speed.py); where it cannot (AdaLoRA's schedule is fixed before the
 # step could be timed; several processes would each plan from their own timing), the bound is CPU_BUDGET
@@ -80,6 +100,14 @@ def _learning_rate(cfg: TrainConfig, parameters: int, fresh_head: bool) -> tuple
     head = {"classify": " with a new classification head", "ner": " with a new token-classification head"}
     on = (f"{'full fine-tuning' if method == 'full' else method}{head.get(cfg.task, '') if fresh_head else ''} "
           f"on a {_count(parameters)}-parameter model")
+    if cfg.task == "preference":
+        objective, share = cfg.preference.objective, PREFERENCE_RATE[cfg.preference.objective]
+        tuned = float(_e(lr * share))
+        why = ("ORPO carries its own SFT term (Hong et al. 2024 train at ~1/2.5 of a usual SFT rate)"
+               if objective == "orpo" else "preference steps move the replies' log-ratio directly (TRL and the "
+                                           "alignment handbook train DPO at 1/20-1/40 of their SFT rates)")
+        return tuned, (f"learning_rate {_e(tuned)}: {objective} with {on}: 1/{round(1 / share)} of the sft rate "
+                       f"{_e(lr)}; {why}")
     if fresh_head and method in PEFT_METHODS and lr < HEAD_LEARNING_RATE:
         return HEAD_LEARNING_RATE, (f"learning_rate {_e(HEAD_LEARNING_RATE)}: {on}; the head trains at the "
                                     f"{method} rate and needs at least {_e(HEAD_LEARNING_RATE)} ({method} alone: "
@@ -88,6 +116,11 @@ def _learning_rate(cfg: TrainConfig, parameters: int, fresh_head: bool) -> tuple
     scaled = f" x (135M / {_count(parameters)})^{exponent}" if exponent else ", at any size"
     scaled += f" x 16 / alpha {alpha:g}" if alpha != REFERENCE_ALPHA else ""
     return lr, f"learning_rate {_e(lr)}: {on} ({at}{scaled})"
+
+
+def _beta(cfg: TrainConfig):
+    beta, why = PREFERENCE_BETA[cfg.preference.objective]
+    return cfg.preference.model_copy(update={"beta": beta}), f"beta {beta:g}: {why}"
 
 
 @dataclass(frozen=True)
@@ -113,9 +146,13 @@ def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int
     if cfg.max_steps > 0:
         epochs = round(cfg.max_steps / steps_per_epoch, 2)
         return epochs, f"epochs {epochs:g}: what max_steps {cfg.max_steps} amounts to ({per_epoch}); max_steps decides"
-    wanted = min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS / steps_per_epoch)))
+    most = MAX_PREFERENCE_EPOCHS if cfg.task == "preference" else MAX_EPOCHS
+    wanted = min(most, max(1, math.ceil(MIN_STEPS / steps_per_epoch)))
     if wanted == 1:
         why = f"{per_epoch}, at least {MIN_STEPS} in one pass"
+    elif wanted == most and cfg.task == "preference":
+        why = (f"{per_epoch}; at most {most} passes over preference pairs, which a run overfits in a few (the "
+               "rejected replies' likelihood keeps falling and drags the chosen ones' down)")
     elif wanted == MAX_EPOCHS:
         why = f"{per_epoch}; at most {MAX_EPOCHS} passes over so little data ({MAX_EPOCHS * steps_per_epoch} steps)"
     else:
@@ -145,7 +182,9 @@ def best_checkpoint(cfg: TrainConfig, has_eval: bool) -> tuple[str, bool] | None
         return watch.metric, greater
     if not (has_eval and cfg.eval_steps) or cfg.save_steps != cfg.eval_steps:
         return None
-    return ("eval_loss", False) if cfg.task == "sft" else (f"eval_{MAIN_METRICS[cfg.task][0]}", True)
+    if cfg.task in ("sft", "preference"):  # the objective's own loss on the eval split
+        return "eval_loss", False
+    return f"eval_{MAIN_METRICS[cfg.task][0]}", True
 
 
 def choose(cfg: TrainConfig, *, examples: int, tokens: int, eval_tokens: int, parameters: int, fresh_head: bool,
@@ -163,6 +202,8 @@ def choose(cfg: TrainConfig, *, examples: int, tokens: int, eval_tokens: int, pa
     if cfg.epochs is None:
         values["epochs"], reasons["epochs"] = _epochs(cfg, examples, steps_per_epoch, per_step, tokens, parameters,
                                                       budget, speed)
+    if cfg.task == "preference" and cfg.preference.beta is None:
+        values["preference"], reasons["beta"] = _beta(cfg)
     epochs = values.get("epochs", cfg.epochs)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
     if cfg.warmup_ratio is None:

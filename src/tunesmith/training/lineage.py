@@ -30,15 +30,16 @@ def file_record(path: str | Path, examples: int) -> dict:
 
 
 def parent_info(cfg: TrainConfig) -> RunInfo | None:
-    """The run `continue_from` names, checked: a finished run of the same task whose method this run can go on
-    with (the same PEFT method, or any method on a full/freeze parent's weights)."""
+    """The run `continue_from` names, checked: a finished run of the same task (sft for a preference run) whose
+    method this run can go on with (the same PEFT method, or any method on a full/freeze parent's weights)."""
     if not cfg.continue_from:
         return None
     parent = runs.find_run(cfg.continue_from)
     if parent is None:
         raise NotARunError(f"continue_from: {cfg.continue_from} is not a finished tunesmith run (no {runs.RUN_INFO})")
-    if parent.task != cfg.task:
-        raise ConfigError(f"continue_from: {cfg.continue_from} is a {parent.task} run; this run's task is {cfg.task}")
+    if parent.task != cfg.model_task:  # a preference run trains (and records) a generation model: sft's
+        raise ConfigError(f"continue_from: {cfg.continue_from} is a {parent.task} run; this run's task is {cfg.task}"
+                          + (" (it continues sft runs)" if cfg.task == "preference" else ""))
     if parent.peft and parent.method != cfg.method.name:
         raise ConfigError(f"continue_from: {cfg.continue_from} trained a {parent.method} adapter; continuing it "
                           f"needs method.name: {parent.method} (this config says {cfg.method.name})")

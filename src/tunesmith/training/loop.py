@@ -2,7 +2,8 @@
 
 `train(config)` reads as its phases: the data read, checked and tokenized (data.py, lineage.py's replay), the
 base model (or the parent run) loaded for the task, what the config leaves unset chosen (defaults.py), the base
-model scored on the eval split, the method applied (methods.py) and the Trainer built (callbacks.py), frozen
+model scored on the eval split (preference tuning: the run it starts from scored once, its log-probabilities the
+frozen reference: preference.py), the method applied (methods.py) and the Trainer built (callbacks.py), frozen
 weights lowered to bf16 (precision.py), training with atomic checkpoints that `--resume` picks up, then a
 self-describing run directory written (its format: runs.py), run.json last."""
 
@@ -23,6 +24,7 @@ from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArgume
 
 from .. import runs
 from ..config import PEFT_METHODS, TrainConfig, load_config, save_config
+from ..errors import TunesmithError
 from ..data.packing import pack, shared_prefix, shared_tokens
 from ..data.templates import chat_template_for, template_fingerprint
 from ..data.tokenize import TokenizeStats
@@ -34,10 +36,11 @@ from ..runs import RunError, RunInfo
 from ..version import __version__
 from . import lineage, precision
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
-from .data import (build_features, check_kind, check_trainable, collator, label_list, load_splits, read_data,
-                   sft_chat, sft_records, shares_prefix, tool_rendering)
+from .data import (build_features, check_kind, check_trainable, collator, feature_tokens, label_list, load_splits,
+                   read_data, sft_chat, sft_records, shares_prefix, tool_rendering)
 from .defaults import CPU_BUDGET, Chosen, Speed, best_checkpoint, resolve as resolve_defaults
 from .loss import supports_labelled_only
+from .preference import PreferenceTrainer, configure, held_out, reference_pass
 from .regularize import anchor_for
 from .speed import time_one_step
 
@@ -88,8 +91,10 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     planned, timed, sizes = cfg, _plans_by_speed(cfg), _sizes(cfg, data, model, parent)
     cfg, chosen = _resolve_defaults(cfg, sizes, show=not timed)  # planned again once a step is timed, if `timed`
     metrics = {}
+    reference = reference_pass(cfg, model, tokenizer.pad_token_id, data.train_features, data.eval_features) \
+        if cfg.task == "preference" else None
     if cfg.evaluate_before and _is_main():
-        metrics["before"] = _score_before(cfg, model, tokenizer, data, parent)
+        metrics["before"] = _score_before(cfg, model, tokenizer, data, parent, reference)
     # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
     set_seed(cfg.seed)
     model = _apply_method(cfg, model, parent, chosen.total_steps)
@@ -101,11 +106,11 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     fit = _fit(cfg, trainer, resume)
     if lowered:  # the base's own fp32 weights back: the run is saved and scored as a user will load it
         precision.restore_frozen_linears(trainer.model, lowered,
-                                         load_for_task(cfg.model, cfg.task, data.labels, tokenizer=tokenizer))
+                                         load_for_task(cfg.model, cfg.model_task, data.labels, tokenizer=tokenizer))
     if trainer.is_world_process_zero():
         _save_model(cfg, trainer, tokenizer, data.template)
         metrics["train"] = _train_metrics(fit, trainer, parameters, data)
-        metrics["after"] = _score_after(cfg, trainer.model, tokenizer, data)
+        metrics["after"] = _score_after(cfg, trainer.model, tokenizer, data, parent, reference)
         _save_run(cfg, data, parent, chosen, metrics)
     return Run(Path(cfg.output_dir), metrics)
 
@@ -137,7 +142,7 @@ def _load_data(cfg: TrainConfig, tokenizer, parent: RunInfo | None) -> _Data:
     check_kind(train_records, cfg, cfg.data.train)
     if eval_records:
         check_kind(eval_records, cfg, cfg.data.eval or cfg.data.train)
-    labels = label_list(train_records, cfg.task) if cfg.task != "sft" else None
+    labels = label_list(train_records, cfg.task) if cfg.model_task != "sft" else None
     labels = lineage.parent_labels(parent, labels, cfg.data.train)
     train_features, stats = build_features(cfg, tokenizer, train_records, labels, cfg.data.train)
     check_trainable(train_features, stats, cfg, cfg.data.train)
@@ -146,17 +151,17 @@ def _load_data(cfg: TrainConfig, tokenizer, parent: RunInfo | None) -> _Data:
     if cfg.packing:
         train_features = pack(train_features, cfg.max_length)
         eval_features = pack(eval_features, cfg.max_length) if eval_features else []
-    template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.task == "sft" else None
-    tools = tool_rendering(sft_records(train_records, cfg), template) if cfg.task == "sft" else None
+    template = chat_template_for(tokenizer, cfg.data.chat_template) if cfg.model_task == "sft" else None
+    tools = tool_rendering(_as_sft(train_records, cfg), template) if cfg.model_task == "sft" else None
     return _Data(train_records, eval_records, labels, train_features, eval_features, stats, template, tools, files,
                  replay)
 
 
 def _load_model(cfg: TrainConfig, parent: RunInfo | None, labels, tokenizer):
     if parent:
-        model = lineage.load_parent(parent, cfg.task, labels, tokenizer)
+        model = lineage.load_parent(parent, cfg.model_task, labels, tokenizer)
     else:
-        model = load_for_task(cfg.model, cfg.task, labels, tokenizer=tokenizer)
+        model = load_for_task(cfg.model, cfg.model_task, labels, tokenizer=tokenizer)
     model.config.use_cache = False  # a KV cache during training also hides packed-sequence boundaries
     return model
 
@@ -171,8 +176,8 @@ def _plans_by_speed(cfg: TrainConfig) -> bool:
 
 def _sizes(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> dict:
     """What the defaults are chosen from (defaults.choose's keywords): the data's and the base model's size."""
-    tokens = sum(len(f["input_ids"]) for f in data.train_features)
-    eval_tokens = sum(len(f["input_ids"]) for f in data.eval_features)
+    tokens = sum(feature_tokens(f) for f in data.train_features)
+    eval_tokens = sum(feature_tokens(f) for f in data.eval_features)
     if shares_prefix(cfg, model):  # what an epoch costs: the prefix all examples share is computed once per batch
         shared = shared_tokens(data.train_features, cfg.batch_size)
         if shared < tokens and _is_main():
@@ -181,7 +186,7 @@ def _sizes(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> dict
         tokens = shared
         eval_tokens = shared_tokens(data.eval_features, cfg.batch_size)
     return dict(examples=len(data.train_features), tokens=tokens, eval_tokens=eval_tokens,
-                parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.task != "sft" and not parent,
+                parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.model_task != "sft" and not parent,
                 world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
 
 
@@ -216,11 +221,14 @@ def _plan_by_speed(planned: TrainConfig, cfg: TrainConfig, chosen: Chosen, train
     return cfg, chosen
 
 
-def _score_before(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None) -> dict:
+def _score_before(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None,
+                  reference: dict | None = None) -> dict:
     """metrics.json's "before", kept in metrics_before.json so that a resumed run does not score it again."""
     run_dir = Path(cfg.output_dir)
     before = runs.read_json(run_dir / runs.METRICS_BEFORE)  # kept from an interrupted attempt of this run
-    if before is None:
+    if before is None and cfg.task == "preference":
+        before = _preference_before(cfg, model, tokenizer, data, parent, reference)
+    elif before is None:
         before = _base_score(model, tokenizer, cfg, data.train_records, data.eval_records, data.labels)
         if parent and before:
             before["before_kind"] = "parent run"
@@ -234,7 +242,8 @@ def _apply_method(cfg: TrainConfig, model, parent: RunInfo | None, total_steps: 
         return model
     with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated: noise to users
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return prepare(model, cfg.method, task=cfg.task, total_steps=total_steps, tokenizer_path=resolve(cfg.model))
+        return prepare(model, cfg.method, task=cfg.model_task, total_steps=total_steps,
+                       tokenizer_path=resolve(cfg.model))
 
 
 def _build_trainer(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None,
@@ -247,7 +256,7 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunI
         callbacks.append(AdaLora())
     if cfg.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping.patience))
-    trainer = RunTrainer(
+    trainer = (PreferenceTrainer if cfg.task == "preference" else RunTrainer)(
         model=model, args=_training_args(cfg, run_dir / runs.CHECKPOINTS, bool(data.eval_features)),
         train_dataset=data.train_features, eval_dataset=data.eval_features or None,
         data_collator=collator(cfg, tokenizer, share=shares_prefix(cfg, model)), callbacks=callbacks,
@@ -256,6 +265,8 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunI
     trainer.anchor = anchor
     trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
     trainer.group_by_length = cfg.group_by_length and not cfg.packing  # packed rows are all max_length long
+    if cfg.task == "preference":
+        configure(trainer, cfg.preference)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
     return trainer
@@ -330,8 +341,11 @@ def _train_metrics(fit: _Fit, trainer: RunTrainer, parameters: tuple[int, int], 
             "truncated": getattr(stats, "truncated", None), "dropped": getattr(stats, "dropped", None)}
 
 
-def _score_after(cfg: TrainConfig, model, tokenizer, data: _Data) -> dict:
+def _score_after(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None = None,
+                 reference: dict | None = None) -> dict:
     """metrics.json's "after"; the predictions behind it go to predictions.jsonl."""
+    if cfg.task == "preference":
+        return _preference_after(cfg, model, tokenizer, data, parent, reference)
     after = _score(model, tokenizer, cfg, data.eval_records, data.labels, "after (trained)")
     if after:
         runs.write_predictions(Path(cfg.output_dir), after.predictions)
@@ -422,16 +436,27 @@ def _run_info(cfg: TrainConfig, data: _Data, parent: RunInfo | None, defaults: d
 
     base = cfg.model if cfg.model in EMBEDDED or not Path(cfg.model).exists() else str(Path(cfg.model).resolve())
     return RunInfo(
-        path=Path(cfg.output_dir).resolve(), task=cfg.task, base_model=base, method=cfg.method.name,
+        path=Path(cfg.output_dir).resolve(), task=cfg.model_task, base_model=base, method=cfg.method.name,
         peft=cfg.method.name in PEFT_METHODS, labels=data.labels,
         chat_template_fingerprint=template_fingerprint(data.template) if data.template else None,
         defaults=defaults,  # what training/defaults.py chose, and why: {field: line}
         versions={"tunesmith": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                  "torch": torch.__version__},
+                  "torch": torch.__version__, **_trl_version(cfg)},
         data=data.files, replay=data.replay, parent=parent.link() if parent else None,
         lineage=lineage.lineage(parent),
         regularization=cfg.regularization.model_dump() if cfg.regularization else None, tools=data.tools,
-        **(sft_chat(cfg) if cfg.task == "sft" else {}))
+        # a preference run is a generation (sft) model; how it was tuned is recorded beside the task
+        extra={"preference": cfg.preference.model_dump()} if cfg.preference else {},
+        **(sft_chat(cfg) if cfg.model_task == "sft" else {}))
+
+
+def _trl_version(cfg: TrainConfig) -> dict:
+    """{"trl": its version} for a preference run, whose losses are TRL's."""
+    if cfg.task != "preference":
+        return {}
+    from importlib.metadata import version
+
+    return {"trl": version("trl")}
 
 
 def _parent_features(cfg: TrainConfig, parent: RunInfo | None, tokenizer, labels) -> list[dict] | None:
@@ -444,3 +469,62 @@ def _parent_features(cfg: TrainConfig, parent: RunInfo | None, tokenizer, labels
                        f"{parent.path} records {recorded or 'none'}; use kind: l2sp")
     features, _ = build_features(cfg, tokenizer, read_data(recorded, cfg), labels, recorded)
     return features
+
+
+# ---------------------------------------------------------------------------------------------------------
+# preference tuning: held-out pairs, and what the run it continues scored on its own task
+# ---------------------------------------------------------------------------------------------------------
+
+def _as_sft(records: list[dict], cfg: TrainConfig) -> list[dict]:
+    """The chat or completion records a generation run learns from (a preference record's chosen or only reply)."""
+    if cfg.task != "preference":
+        return sft_records(records, cfg)
+    from ..data.preference import as_sft
+
+    return [as_sft(r, "chosen" if "chosen" in r else "completion") for r in records]
+
+
+def _parent_task(parent: RunInfo | None) -> tuple[TrainConfig, list[dict]] | None:
+    """(config, held-out records) of the sft run a preference run continues, to score its task before and after;
+    None (said once) when there is none or its data is gone."""
+    if parent is None or not (parent.path / runs.CONFIG).is_file():
+        return None
+    try:
+        parent_cfg = load_config(parent.path / runs.CONFIG)
+        if parent_cfg.task != "sft":
+            return None
+        _, records = load_splits(parent_cfg)
+    except (OSError, TunesmithError) as err:
+        log.warning("the parent run's task is not scored: its eval data cannot be read (%s)", err)
+        return None
+    return (parent_cfg, records) if records else None
+
+
+def _preference_before(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None,
+                       reference: dict | None) -> dict:
+    """The run it starts from on the held-out pairs (its scores are the reference's) and, for an sft parent, that
+    run's own score on its task, as its metrics.json says."""
+    if reference is None:
+        return {}
+    before = held_out(cfg, model, tokenizer.pad_token_id, data.eval_features, data.eval_records, reference,
+                      scores=reference).metrics
+    task = _parent_task(parent)
+    if task:
+        recorded = runs.read_metrics(parent.path).get("after", {})
+        before.update({**recorded, "task_data": task[0].data.eval or task[0].data.train})
+    return {**before, "before_kind": "parent run" if parent else "base model"}
+
+
+def _preference_after(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunInfo | None,
+                      reference: dict | None) -> dict:
+    """The trained run on the held-out pairs (predictions.jsonl) and, for an sft parent, on that run's task."""
+    if reference is None:
+        return {}
+    result = held_out(cfg, model, tokenizer.pad_token_id, data.eval_features, data.eval_records, reference)
+    runs.write_predictions(Path(cfg.output_dir), result.predictions)
+    task = _parent_task(parent)
+    if task:
+        parent_cfg, records = task
+        scored = _score(model, tokenizer, parent_cfg, records, None, "after (trained): the parent's task")
+        result.metrics.update({**scored.metrics, "task_data": parent_cfg.data.eval or parent_cfg.data.train})
+    return result.metrics

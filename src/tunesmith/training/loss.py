@@ -12,7 +12,9 @@ cross-entropies divided the same way (`num_items_in_batch` when the Trainer give
 and gradients equal the plain loss (tested, packed rows and chunks included).
 
 Applies to causal LMs trained through their own forward (full, freeze, LoRA-family adapters); prompt and prefix
-tuning change the sequence peft feeds the model, so they keep the plain loss."""
+tuning change the sequence peft feeds the model, so they keep the plain loss. The preference objectives
+(preference.py) take the same path: `token_log_probs` gives the log-probabilities of the labelled tokens of the
+chosen and rejected replies, in TRL's shape, with the head on those positions alone."""
 
 from __future__ import annotations
 
@@ -38,33 +40,83 @@ def _head_loss(head, hidden, targets):
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def labelled_only_loss(model, inputs: dict, num_items_in_batch=None, *, chunk_rows: int | None = None):
-    """(loss, outputs) of `model` on `inputs` (with "labels"), the LM head run on learnable positions only, in
-    chunks of `chunk_rows` positions (default: ~CHUNK_BYTES of fp32 logits). `outputs.logits` is None."""
-    import torch
+def _labelled_hidden(model, inputs: dict, mask):
+    """(final hidden states of the positions in `mask` [N, H], the LM head, the model's outputs): the forward goes
+    through `model` itself (a data-parallel wrapper must see it) with the head set aside for the call, so what comes
+    out as "logits" is the hidden state of the masked positions only (a boolean `logits_to_keep`)."""
     from torch import nn
-    from torch.utils.checkpoint import checkpoint
 
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    mask, targets = labelled_positions(labels)
     inner = model.module if hasattr(model, "module") else model  # data-parallel wrapper
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = inner.get_output_embeddings()
-    # The forward goes through `model` itself (a data-parallel wrapper must see it) with the head set aside for
-    # the call, so what comes out as "logits" is the final hidden state of the learnable positions, [N, H].
     inner.set_output_embeddings(nn.Identity())
     try:
         outputs = model(**inputs, logits_to_keep=mask)
     finally:
         inner.set_output_embeddings(head)
     hidden, outputs.logits = outputs.logits, None
-    rows = chunk_rows or max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    return hidden, head, outputs
+
+
+def _chunk_rows(head, chunk_rows: int | None) -> int:
+    return chunk_rows or max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
+
+
+def labelled_only_loss(model, inputs: dict, num_items_in_batch=None, *, chunk_rows: int | None = None):
+    """(loss, outputs) of `model` on `inputs` (with "labels"), the LM head run on learnable positions only, in
+    chunks of `chunk_rows` positions (default: ~CHUNK_BYTES of fp32 logits). `outputs.logits` is None."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = dict(inputs)
+    mask, targets = labelled_positions(inputs.pop("labels"))
+    hidden, head, outputs = _labelled_hidden(model, inputs, mask)
+    rows = _chunk_rows(head, chunk_rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     for part, part_targets in zip(hidden.split(rows), targets.split(rows)):
         total = total + checkpoint(_head_loss, head, part, part_targets, use_reentrant=False)
     loss = total / (num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1))
     return loss, outputs
+
+
+def _head_log_probs(head, hidden, targets):
+    """One chunk: (log-probability of each target [n], and without gradient its distribution's entropy, mean
+    logit and whether the target is the most likely token [n, 3])."""
+    import torch
+
+    logits = head(hidden).float()
+    log_probs = logits.log_softmax(-1)
+    picked = log_probs.gather(1, targets[:, None])[:, 0]
+    with torch.no_grad():
+        stats = torch.stack([-(log_probs.exp() * log_probs).sum(-1), logits.mean(-1),
+                             (logits.argmax(-1) == targets).float()], dim=1)
+    return picked, stats
+
+
+def token_log_probs(model, inputs: dict, labels, *, chunk_rows: int | None = None) -> dict:
+    """Per-token log-probabilities of the labelled next tokens, the LM head run on those positions only (chunked and
+    recomputed in the backward pass, as the loss above), in the shape of TRL's fused LM head output
+    (trl.trainer.utils.FusedCausalLMOutput): "log_probs", "entropy", "mean_logits" and "is_top1", each [B, T-1]
+    (position t: the token at t + 1), zero where the label is -100; only "log_probs" carries a gradient."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    mask, targets = labelled_positions(labels)
+    hidden, head, _ = _labelled_hidden(model, inputs, mask)
+    rows = _chunk_rows(head, chunk_rows)
+    picked, stats = [], []
+    for part, part_targets in zip(hidden.split(rows), targets.split(rows)):
+        p, s = checkpoint(_head_log_probs, head, part, part_targets, use_reentrant=False)
+        picked.append(p)
+        stats.append(s)
+    out = {}
+    for name, values in (("log_probs", torch.cat(picked) if picked else hidden.new_zeros(0)),
+                         *zip(("entropy", "mean_logits", "is_top1"),
+                              torch.cat(stats).unbind(1) if stats else [hidden.new_zeros(0)] * 3)):
+        # masked_scatter keeps an all-masked batch connected to the model: a zero with a gradient (as TRL does)
+        out[name] = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, values.float())[:, :-1]
+    out["is_top1"] = out["is_top1"].bool()
+    return out
 
 
 def supports_labelled_only(model, cfg) -> bool:
