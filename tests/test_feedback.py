@@ -1,15 +1,14 @@
 """Feedback kept as training data (tunesmith/feedback.py, serve/routes/feedback.py): each gesture's exact
 records in TRL's conversational shapes, the log that only ever appends whole lines (threads and processes at
 once, a crash's unfinished line repaired), POST/GET /v1/feedback behind the key with every bad input a 4xx
-envelope, and the files it writes training as they are: sft.jsonl today, preference.jsonl (objective: dpo) and
-kto.jsonl (objective: kto) once `task: preference` exists."""
+envelope, and the files it writes training as they are: sft.jsonl as chat data, preference.jsonl with
+`preference: {objective: dpo}` and kto.jsonl with `preference: {objective: kto}`."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import re
-import typing
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -237,16 +236,6 @@ def test_concurrent_posts_each_append_one_whole_line(chatml_tokenizer, tmp_path)
 
 # -- the files train as they are ---------------------------------------------------------------------------------
 
-def _has_preference_task() -> bool:
-    from tunesmith.config import TrainConfig
-
-    return "preference" in typing.get_args(TrainConfig.model_fields["task"].annotation)
-
-
-needs_preference = pytest.mark.skipif(not _has_preference_task(), reason="tunesmith.config has no `task: "
-                                      "preference` yet (it lands with the preference-training branch)")
-
-
 def _feedback_files(directory):
     """Six conversations, each judged with all three gestures."""
     log = FeedbackLog(directory)
@@ -280,13 +269,11 @@ def test_the_corrections_validate_and_train_as_chat_data(tmp_path, model_dir):
     assert train_on(tmp_path, model_dir, files["sft"]) == 0
 
 
-@needs_preference
 def test_the_pairs_train_with_dpo_as_they_are(tmp_path, model_dir):
     files = _feedback_files(tmp_path / "feedback")
-    assert train_on(tmp_path, model_dir, files["preference"], task="preference", objective="dpo") == 0
+    assert train_on(tmp_path, model_dir, files["preference"], task="preference", preference={"objective": "dpo"}) == 0
 
 
-@needs_preference
 def test_the_thumbs_train_with_kto_as_they_are(tmp_path, model_dir):
     files = _feedback_files(tmp_path / "feedback")
-    assert train_on(tmp_path, model_dir, files["kto"], task="preference", objective="kto") == 0
+    assert train_on(tmp_path, model_dir, files["kto"], task="preference", preference={"objective": "kto"}) == 0

@@ -190,15 +190,29 @@ def test_a_bad_file_is_refused_at_upload_with_its_line(client, assets):
     assert "bad.jsonl" not in [f.filename for f in client.files.list()]
 
 
-def test_dpo_fails_at_validation_until_tunesmith_trains_preferences(client, assets):
-    uploaded = client.files.create(file=assets["chat"].open("rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="base", training_file=uploaded.id,
-                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
-    assert job.status == "failed" and job.error.param == "method.type"
-    assert job.error.message == ("method dpo trains with `task: preference, objective: dpo`, which this tunesmith's "
-                                 "training config does not accept yet (no preference training here); use method "
-                                 "supervised, or a tunesmith with preference training.")
-    assert client.fine_tuning.jobs.list_events(job.id).data[0].message == f"The job failed: {job.error.message}"
+PAIRS = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
+          "chosen": [{"role": "assistant", "content": f"It is {2 * i}."}],
+          "rejected": [{"role": "assistant", "content": f"It is {2 * i + 1}, I think."}]} for i in range(8)]
+
+
+def test_a_dpo_job_trains_preference_pairs_and_refuses_other_data(client, assets, tmp_path):
+    pairs = client.files.create(file=_jsonl(tmp_path / "pairs.jsonl", PAIRS).open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=pairs.id, suffix="pref",
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+                                         extra_body={"tunesmith": FAST})
+    config = yaml.safe_load((Path(job.tunesmith["run"]).parent / "config.yaml").read_text())
+    assert config["task"] == "preference" and config["preference"] == {"objective": "dpo", "beta": 0.2}
+    job = wait_for(lambda: done(client, job.id), "the dpo job to finish")
+    assert job.status == "succeeded", client.fine_tuning.jobs.list_events(job.id).data[0].message
+    assert job.fine_tuned_model == f"ft:base:pref:{job.id}"
+    assert job.fine_tuned_model in [m.id for m in client.models.list()]
+
+    chat = client.files.create(file=assets["chat"].open("rb"), purpose="fine-tune")
+    refused = client.fine_tuning.jobs.create(model="base", training_file=chat.id, method={"type": "dpo"})
+    assert refused.status == "failed" and refused.error.param == "training_file"
+    assert refused.error.message == (f"training_file {chat.id} holds chat records; dpo trains on preference pairs "
+                                     "(prompt, chosen, rejected; or OpenAI's input, preferred_output, "
+                                     "non_preferred_output).")
 
 
 def test_requests_the_server_cannot_honour_are_400s_naming_the_field(client, assets):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serve_assets import CONTEXT, uvicorn_on_loopback, write_base, write_run
-from test_feedback import needs_preference, train_on
+from test_feedback import train_on
 from test_serve import assert_envelope
 
 BASE = "base"
@@ -632,7 +632,6 @@ def test_browser_without_feedback_no_reply_offers_it(page, server):
 
 
 @browser_test
-@needs_preference
 def test_browser_the_pairs_the_page_keeps_train_with_dpo_as_they_are(page, feedback, model_dir, tmp_path):
     """Edits and side-by-side choices over three turns, then `tunesmith train` on the page's preference.jsonl
     with `objective: dpo`, the file untouched."""
@@ -647,4 +646,4 @@ def test_browser_the_pairs_the_page_keeps_train_with_dpo_as_they_are(page, feedb
         reply.locator(".correction").wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('.prefer')].every((b) => b.disabled)")
     assert len(_kept(feedback)["preference.jsonl"]) == 6
-    assert train_on(tmp_path, model_dir, feedback / "preference.jsonl", task="preference", objective="dpo") == 0
+    assert train_on(tmp_path, model_dir, feedback / "preference.jsonl", task="preference", preference={"objective": "dpo"}) == 0

@@ -7,8 +7,8 @@ Only what the request sets is mapped, so tunesmith's adaptive defaults (training
 `tunesmith train` would: `n_epochs` -> `epochs`, `batch_size` -> `batch_size`, `seed` -> `seed`,
 `learning_rate_multiplier` -> `learning_rate` = the multiplier x the rate the run would otherwise use (the
 `tunesmith` field's learning_rate, else the default chosen for the method and the base model's size), and for
-`method.type: dpo`, `task: preference` with `objective: dpo` (and `beta`). The `tunesmith` field is tunesmith's
-extension: any training config keys (e.g. `{"max_steps": 3, "method": {"name": "lora", "r": 16}}`) but those the
+`method.type: dpo`, `task: preference` with `preference.objective: dpo` (and `preference.beta`). The `tunesmith`
+field is tunesmith's extension: any training config keys (e.g. `{"max_steps": 3, "method": {"name": "lora", "r": 16}}`) but those the
 job itself sets."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ...config import ConfigError, TrainConfig, merge, validate
 Auto = Literal["auto"]
 # Keys of the training config that the job sets from its own fields.
 JOB_KEYS = {"model": "model", "output_dir": "the job's directory", "task": "method.type",
-            "continue_from": "model", "objective": "method.type"}
+            "continue_from": "model"}
 JOB_DATA_KEYS = {"train": "training_file", "eval": "validation_file"}
 
 
@@ -118,10 +118,6 @@ def job_override(body: JobRequest) -> dict:
     return override
 
 
-def _preference_known() -> bool:
-    return "preference" in TrainConfig.model_fields["task"].annotation.__args__
-
-
 def train_config(body: JobRequest, *, model: str, train: Path, valid: Path | None, output_dir: Path,
                  chat_template: str | None, parameters) -> dict:
     """The training config (a mapping, validated) of the job `body` asks for: the base `model`, its data files,
@@ -133,16 +129,14 @@ def train_config(body: JobRequest, *, model: str, train: Path, valid: Path | Non
                                   "data": {"train": str(train), **({"eval": str(valid)} if valid else {})}})
     if chat_template and not raw["data"].get("chat_template"):
         raw["data"]["chat_template"] = chat_template
-    for key, value in (("epochs", settings.n_epochs), ("batch_size", settings.batch_size), ("seed", body.seed),
-                       ("beta", getattr(settings, "beta", "auto"))):
+    for key, value in (("epochs", settings.n_epochs), ("batch_size", settings.batch_size), ("seed", body.seed)):
         if value not in ("auto", None):
             raw[key] = value
-    if body.kind == "dpo":
-        raw.update(task="preference", objective="dpo")
-        if not _preference_known():
-            raise JobRefused("method dpo trains with `task: preference, objective: dpo`, which this tunesmith's "
-                             "training config does not accept yet (no preference training here); use method "
-                             "supervised, or a tunesmith with preference training.", "method.type")
+    if body.kind == "dpo":  # task: preference, preference.objective dpo; OpenAI's beta is the preference's beta
+        beta = getattr(settings, "beta", "auto")
+        raw["task"] = "preference"
+        raw["preference"] = {**raw.get("preference", {}), "objective": "dpo",
+                             **({"beta": beta} if beta not in ("auto", None) else {})}
     cfg = _checked(raw)
     if settings.learning_rate_multiplier != "auto":
         raw["learning_rate"] = float(f"{settings.learning_rate_multiplier * _rate(cfg, parameters):.3g}")

@@ -183,6 +183,10 @@ class Runner:
             if body.kind == "supervised" and kind not in (None, "chat", "completion"):
                 raise JobRefused(f"{param} {fid} holds {kind} records; supervised fine-tuning trains on chat or "
                                  "completion records.", param, "invalid_file")
+            if body.kind == "dpo" and kind not in (None, "preference"):
+                raise JobRefused(f"{param} {fid} holds {kind} records; dpo trains on preference pairs (prompt, "
+                                 "chosen, rejected; or OpenAI's input, preferred_output, non_preferred_output).",
+                                 param, "invalid_file")
         directory.mkdir(parents=True, exist_ok=True)
         runs.write_text(directory / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         return config
