@@ -1,6 +1,6 @@
 """`tunesmith train` against TRL's `SFTTrainer`, each as a user runs it, side by side in one run.
 
-    .venv/bin/pip install -e '.[bench]'        # TRL: a benchmark dependency, never a runtime one
+    .venv/bin/pip install -e '.[bench]'        # datasets for TRL's SFTTrainer (trl itself is a runtime dependency)
     .venv/bin/python benchmarks/train_vs_trl.py [--steps 12] [--rounds 2] [--method lora|full] [--model PATH]
 
 Same data (examples/data/support-chat/train.jsonl), same model (smollm2-135m-instruct), same LoRA (r 16, alpha 32,

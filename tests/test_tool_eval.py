@@ -162,7 +162,7 @@ def test_eval_scores_tool_turns_exactly(long_lm, chatml_tokenizer, tmp_path, mon
                "It shipped.",  # right words, no call
                '<tool_call>\n{"name": "lookup_order"\n</tool_call>',  # a broken call where none was due
                "Hello."]
-    monkeypatch.setattr(scorers, "_replies", lambda *args, **kwargs: replies)
+    monkeypatch.setattr(scorers, "_replies", lambda *args, **kwargs: [(reply, None) for reply in replies])
     records = [parallel, CALL_TURN, ANSWER_TURN, PLAIN_TURN, NO_TOOLS]
     result = evaluate((long_lm, chatml_tokenizer), records, output_dir=tmp_path)
     m = result.metrics
