@@ -648,3 +648,34 @@ def test_browser_the_pairs_the_page_keeps_train_with_dpo_as_they_are(page, feedb
     page.wait_for_function("() => [...document.querySelectorAll('.prefer')].every((b) => b.disabled)")
     assert len(_kept(feedback)["preference.jsonl"]) == 6
     assert train_on(tmp_path, model_dir, feedback / "preference.jsonl", task="preference", objective="dpo") == 0
+
+
+# -- the playground as a chat page: the message box stays in view -------------------------------------------------
+
+IN_VIEW = """() => ['#prompt', '#send'].map((selector) => {
+    const box = document.querySelector(selector).getBoundingClientRect();
+    return box.height > 0 && box.top >= 0 && box.bottom <= innerHeight && box.left >= 0 && box.right <= innerWidth;
+})"""
+NO_SCROLL = "() => [scrollY, document.documentElement.scrollHeight - innerHeight]"
+
+
+@browser_test
+def test_browser_the_message_box_and_send_are_in_view_at_1280x900(page, server):
+    """A new user's first look at 1280x900: the message box and Send are on screen without scrolling, and stay
+    there when a long conversation fills the panes (the transcripts scroll, never the page)."""
+    assert page.viewport_size == {"width": 1280, "height": 900}
+    assert page.evaluate(IN_VIEW) == [True, True]
+    assert page.evaluate(NO_SCROLL) == [0, 0]
+    store = server["app"].state.store
+    long = store.create(model=BASE, metadata={"title": "A long one"})
+    for i in range(12):
+        store.add_turn(long["id"], [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}. " * 40)
+    page.click("#refresh-conversations")
+    page.locator("#conversation-list button.open", has_text="A long one").click()
+    page.locator(f"{_reply(0)} >> nth=11").wait_for()
+    assert page.evaluate(IN_VIEW) == [True, True]
+    assert page.evaluate(NO_SCROLL) == [0, 0]
+    transcript = page.evaluate("""() => { const t = document.querySelector('[data-pane="0"] .transcript');
+        return [t.scrollHeight > 2 * t.clientHeight, t.scrollTop + t.clientHeight >= t.scrollHeight - 1]; }""")
+    assert transcript == [True, True]  # it scrolls, and shows the newest turn
+    store.delete(long["id"])

@@ -55,6 +55,7 @@ function route() {
   const showRuns = view === 'runs' || view === 'reports';
   document.getElementById('playground').hidden = showRuns;
   document.getElementById('runs').hidden = !showRuns;
+  document.body.dataset.view = showRuns ? 'runs' : 'playground'; // the playground keeps its composer in view (style.css)
   for (const [tab, active] of [['tab-playground', !showRuns], ['tab-runs', showRuns]]) {
     const el = document.getElementById(tab);
     if (active) el.setAttribute('aria-current', 'page');
