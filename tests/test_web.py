@@ -248,6 +248,69 @@ def test_conversations_are_listed_newest_first(engine):
         assert [x["id"] for x in c.get("/v1/conversations").json()["data"]] == [ids[2], ids[0]]
 
 
+# -- training data the server keeps, made into training files (POST /v1/files/import) -----------------------------
+
+def _turns(store, model: str, turns: list, system: str | None = None) -> dict:
+    conversation = store.create(model=model, system=system)
+    for question, reply in turns:
+        store.add_turn(conversation["id"], [{"role": "user", "content": question}], reply)
+    return conversation
+
+
+def test_the_saved_conversations_and_the_feedback_become_training_files(engine, tmp_path):
+    from tunesmith.data.formats import KINDS
+    from tunesmith.feedback import edit
+
+    with client_for(engine, api_key=KEY, state_dir=str(tmp_path / "state"), feedback=str(tmp_path / "fb")) as c:
+        def made(source: str):
+            return c.post("/v1/files/import", json={"source": source}, headers=AUTH)
+
+        assert assert_envelope(made("conversations"), 400, "source")["message"] == (
+            "No saved conversation has a reply to train on yet: chat in the playground (or send `conversation` with "
+            "/v1/chat/completions) first.")
+        store = c.app.state.store
+        _turns(store, BASE, [("Hi", "Hello."), ("2+2?", "4.")], system="Be brief.")
+        store.create(model=BASE)  # no reply yet
+        call = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}
+        _turns(store, BASE, [("1+2?", call)])  # the store has no definition of `add`: left out
+        _turns(store, "lora", [("Bye", "Goodbye.")])
+        kept = made("conversations").json()
+        assert (kept["object"], kept["filename"], kept["purpose"], kept["status"]) == (
+            "file", "conversations.jsonl", "fine-tune", "processed")
+        assert kept["tunesmith"] == {"source": "conversations", "records": 2, "left_out": 2}
+        content = c.get(f"/v1/files/{kept['id']}/content", headers=AUTH).text
+        assert [json.loads(line) for line in content.splitlines()] == [  # oldest first
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4."}]},
+            {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}]
+        assert kept["id"] in [f["id"] for f in c.get("/v1/files", headers=AUTH).json()["data"]]
+
+        assert assert_envelope(made("feedback/sft"), 400, "source")["message"] == (
+            f"No sft feedback is kept yet: {tmp_path / 'fb' / 'sft.jsonl'} holds no records.")
+        c.app.state.feedback.write(edit([{"role": "user", "content": "Where is order 42?"}], "No idea.", "Shipped."))
+        sft = made("feedback/sft").json()
+        assert (sft["filename"], sft["tunesmith"]) == ("sft.jsonl", {"source": "feedback/sft", "records": 1,
+                                                                     "left_out": 0})
+        sft_content = c.get(f"/v1/files/{sft['id']}/content", headers=AUTH).content
+        assert sft_content == (tmp_path / "fb" / "sft.jsonl").read_bytes()
+        pairs = made("feedback/preference")
+        if "preference" in KINDS:  # tunesmith reads preference pairs: the file is kept, for a dpo job
+            assert pairs.json()["tunesmith"]["records"] == 1
+        else:
+            assert assert_envelope(pairs, 400, "source")["message"].startswith(
+                "preference.jsonl is not valid training data (1 problem; `tunesmith data validate` shows the same): "
+                "preference.jsonl:1: ")
+        assert_envelope(made("elsewhere"), 400, "source")
+    with client_for(engine, api_key=KEY, state_dir=str(tmp_path / "state")) as c:
+        error = assert_envelope(c.post("/v1/files/import", json={"source": "feedback/sft"}, headers=AUTH), 404)
+        assert error["code"] == "feedback_not_configured"
+    with client_for(engine, state_dir=str(tmp_path / "state")) as c:  # no API key: no fine-tuning
+        assert assert_envelope(c.post("/v1/files/import", json={"source": "conversations"}), 403)["code"] == (
+            "fine_tuning_off")
+
+
 # -- Stop: a client that hangs up stops the generation --------------------------------------------------------
 
 def slowed(engine, delay: float):
