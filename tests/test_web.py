@@ -3,7 +3,10 @@ loading nothing from elsewhere, the runs/reports API behind the key (no id reach
 input a 4xx envelope), the conversation list, and a stopped stream stopping the generation on the server.
 Then the page itself in headless Chromium (Playwright) against a real uvicorn server: send a message and
 see it stream, stop it, switch model, completion mode, open a run and a report, phone width, and the feedback
-gestures (👍/👎, Edit, "Prefer this one") keeping exactly their records under --feedback."""
+gestures (👍/👎, Edit, "Prefer this one") keeping exactly their records under --feedback; the message box in view
+at 1280x900; and the Train view against a server that fine-tunes: upload (a bad file refused with its line), start
+a job, its loss curve growing while it trains, "Chat with it" answered by the fine-tuned model, the saved
+conversations trained on and a job cancelled mid-run, the feedback files offered, a failed job's reason shown."""
 
 from __future__ import annotations
 
@@ -131,7 +134,7 @@ def test_the_page_fetches_nothing_from_elsewhere():
     """No CDN, no build step: every script, style and module the page names is one of its own files."""
     files = {p.name: p.read_text(encoding="utf-8") for p in WEB.iterdir()}
     assert set(files) == {"index.html", "style.css", "app.js", "api.js", "dom.js", "chart.js", "playground.js",
-                          "runs.js", "feedback.js"}
+                          "runs.js", "feedback.js", "train.js", "job.js"}
     for name, text in files.items():
         text = text.replace("http://www.w3.org/2000/svg", "")  # SVG's namespace name, never fetched
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), name
@@ -248,6 +251,69 @@ def test_conversations_are_listed_newest_first(engine):
         assert [x["id"] for x in c.get("/v1/conversations").json()["data"]] == [ids[2], ids[0]]
 
 
+# -- training data the server keeps, made into training files (POST /v1/files/import) -----------------------------
+
+def _turns(store, model: str, turns: list, system: str | None = None) -> dict:
+    conversation = store.create(model=model, system=system)
+    for question, reply in turns:
+        store.add_turn(conversation["id"], [{"role": "user", "content": question}], reply)
+    return conversation
+
+
+def test_the_saved_conversations_and_the_feedback_become_training_files(engine, tmp_path):
+    from tunesmith.data.formats import KINDS
+    from tunesmith.feedback import edit
+
+    with client_for(engine, api_key=KEY, state_dir=str(tmp_path / "state"), feedback=str(tmp_path / "fb")) as c:
+        def made(source: str):
+            return c.post("/v1/files/import", json={"source": source}, headers=AUTH)
+
+        assert assert_envelope(made("conversations"), 400, "source")["message"] == (
+            "No saved conversation has a reply to train on yet: chat in the playground (or send `conversation` with "
+            "/v1/chat/completions) first.")
+        store = c.app.state.store
+        _turns(store, BASE, [("Hi", "Hello."), ("2+2?", "4.")], system="Be brief.")
+        store.create(model=BASE)  # no reply yet
+        call = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}
+        _turns(store, BASE, [("1+2?", call)])  # the store has no definition of `add`: left out
+        _turns(store, "lora", [("Bye", "Goodbye.")])
+        kept = made("conversations").json()
+        assert (kept["object"], kept["filename"], kept["purpose"], kept["status"]) == (
+            "file", "conversations.jsonl", "fine-tune", "processed")
+        assert kept["tunesmith"] == {"source": "conversations", "records": 2, "left_out": 2}
+        content = c.get(f"/v1/files/{kept['id']}/content", headers=AUTH).text
+        assert [json.loads(line) for line in content.splitlines()] == [  # oldest first
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4."}]},
+            {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}]
+        assert kept["id"] in [f["id"] for f in c.get("/v1/files", headers=AUTH).json()["data"]]
+
+        assert assert_envelope(made("feedback/sft"), 400, "source")["message"] == (
+            f"No sft feedback is kept yet: {tmp_path / 'fb' / 'sft.jsonl'} holds no records.")
+        c.app.state.feedback.write(edit([{"role": "user", "content": "Where is order 42?"}], "No idea.", "Shipped."))
+        sft = made("feedback/sft").json()
+        assert (sft["filename"], sft["tunesmith"]) == ("sft.jsonl", {"source": "feedback/sft", "records": 1,
+                                                                     "left_out": 0})
+        sft_content = c.get(f"/v1/files/{sft['id']}/content", headers=AUTH).content
+        assert sft_content == (tmp_path / "fb" / "sft.jsonl").read_bytes()
+        pairs = made("feedback/preference")
+        if "preference" in KINDS:  # tunesmith reads preference pairs: the file is kept, for a dpo job
+            assert pairs.json()["tunesmith"]["records"] == 1
+        else:
+            assert assert_envelope(pairs, 400, "source")["message"].startswith(
+                "preference.jsonl is not valid training data (1 problem; `tunesmith data validate` shows the same): "
+                "preference.jsonl:1: ")
+        assert_envelope(made("elsewhere"), 400, "source")
+    with client_for(engine, api_key=KEY, state_dir=str(tmp_path / "state")) as c:
+        error = assert_envelope(c.post("/v1/files/import", json={"source": "feedback/sft"}, headers=AUTH), 404)
+        assert error["code"] == "feedback_not_configured"
+    with client_for(engine, state_dir=str(tmp_path / "state")) as c:  # no API key: no fine-tuning
+        assert assert_envelope(c.post("/v1/files/import", json={"source": "conversations"}), 403)["code"] == (
+            "fine_tuning_off")
+
+
 # -- Stop: a client that hangs up stops the generation --------------------------------------------------------
 
 def slowed(engine, delay: float):
@@ -347,23 +413,30 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    """The page opened, the API key typed into the dialog it asks with, the models loaded."""
+@contextmanager
+def _browsing(browser, url: str, models: int):
+    """The page at `url` opened at 1280x900, the API key typed into the dialog it asks with, at least `models`
+    models loaded; no script error and no CSP refusal by the end."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))  # our own CSP
-    page.goto(server["url"] + "/")
+    page.goto(url + "/")
     dialog = page.locator("#key-dialog")
     dialog.wait_for(state="visible")
     page.fill("#key-input", KEY)
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('[data-pane=\"0\"] select option').length === 2")
+    page.wait_for_function(f"() => document.querySelectorAll('[data-pane=\"0\"] select option').length >= {models}")
     yield page
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, server):
+    with _browsing(browser, server["url"], 2) as page:
+        yield page
 
 
 def _settings(page, max_tokens: int, compare: bool):
@@ -494,7 +567,7 @@ def test_browser_fits_a_phone(browser, server):
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
     page = context.new_page()
     page.add_init_script(f"sessionStorage.setItem('tunesmith-api-key', {json.dumps(KEY)})")
-    for hash_ in ("#playground", "#runs/support-lora"):
+    for hash_ in ("#playground", "#train", "#runs/support-lora"):
         page.goto(server["url"] + "/" + hash_)
         page.wait_for_load_state("networkidle")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, hash_
@@ -646,4 +719,241 @@ def test_browser_the_pairs_the_page_keeps_train_with_dpo_as_they_are(page, feedb
         reply.locator(".correction").wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('.prefer')].every((b) => b.disabled)")
     assert len(_kept(feedback)["preference.jsonl"]) == 6
-    assert train_on(tmp_path, model_dir, feedback / "preference.jsonl", task="preference", preference={"objective": "dpo"}) == 0
+    assert train_on(tmp_path, model_dir, feedback / "preference.jsonl", task="preference",
+                    preference={"objective": "dpo"}) == 0
+
+
+# -- the playground as a chat page: the message box stays in view -------------------------------------------------
+
+IN_VIEW = """() => ['#prompt', '#send'].map((selector) => {
+    const box = document.querySelector(selector).getBoundingClientRect();
+    return box.height > 0 && box.top >= 0 && box.bottom <= innerHeight && box.left >= 0 && box.right <= innerWidth;
+})"""
+NO_SCROLL = "() => [scrollY, document.documentElement.scrollHeight - innerHeight]"
+
+
+@browser_test
+def test_browser_the_message_box_and_send_are_in_view_at_1280x900(page, server):
+    """A new user's first look at 1280x900: the message box and Send are on screen without scrolling, and stay
+    there when a long conversation fills the panes (the transcripts scroll, never the page)."""
+    assert page.viewport_size == {"width": 1280, "height": 900}
+    assert page.evaluate(IN_VIEW) == [True, True]
+    assert page.evaluate(NO_SCROLL) == [0, 0]
+    store = server["app"].state.store
+    long = store.create(model=BASE, metadata={"title": "A long one"})
+    for i in range(12):
+        store.add_turn(long["id"], [{"role": "user", "content": f"Question {i}?"}], f"Answer {i}. " * 40)
+    page.click("#refresh-conversations")
+    page.locator("#conversation-list button.open", has_text="A long one").click()
+    page.locator(f"{_reply(0)} >> nth=11").wait_for()
+    assert page.evaluate(IN_VIEW) == [True, True]
+    assert page.evaluate(NO_SCROLL) == [0, 0]
+    transcript = page.evaluate("""() => { const t = document.querySelector('[data-pane="0"] .transcript');
+        return [t.scrollHeight > 2 * t.clientHeight, t.scrollTop + t.clientHeight >= t.scrollHeight - 1]; }""")
+    assert transcript == [True, True]  # it scrolls, and shows the newest turn
+    store.delete(long["id"])
+
+
+# -- the Train view: a job from the page, its curve growing, chat with the result ---------------------------------
+
+CHAT = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                      {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(16)]
+# A checkpoint at every step makes a step of the tiny model take ~0.2 s on a CPU, so the curve grows over
+# several of the page's looks at the job (one a second) instead of arriving whole.
+SLOW_STEPS = {"logging_steps": 1, "save_steps": 1, "evaluate_before": False, "data": {"eval_fraction": 0}}
+STEPS = 16
+CURVE = """() => { window.curve = [];  // the train-loss points drawn, each time the chart changes
+    new MutationObserver(() => {
+        const line = document.querySelector('#job-detail svg.chart .series-train');
+        const drawn = !line ? 0 : line.tagName === 'circle' ? 1 : line.getAttribute('points').split(' ').length;
+        if (drawn && drawn !== window.curve.at(-1)) window.curve.push(drawn);
+    }).observe(document.getElementById('job-detail'), { childList: true, subtree: true }); }"""
+
+
+@pytest.fixture(scope="module")
+def tuner(assets, tmp_path_factory):
+    """A real uvicorn server that fine-tunes (API key, --state-dir, --feedback) over an engine of its own that
+    serves the base model alone: the jobs' models are added to it as they succeed."""
+    from tunesmith.serve import ServeSettings, create_app, load_engine
+
+    root = tmp_path_factory.mktemp("tuner")
+    engine = load_engine(str(assets["base"]))
+    app = create_app(engine, ServeSettings(api_key=KEY, state_dir=str(root / "state"), feedback=str(root / "fb")))
+    with uvicorn_on_loopback(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
+        yield {"url": url, "http": http, "app": app, "base": str(assets["base"])}
+    engine.stop()
+
+
+@pytest.fixture
+def tuned_page(browser, tuner):
+    with _browsing(browser, tuner["url"], 1) as page:
+        page.click("#tab-train")
+        page.locator("#train-form").wait_for()
+        yield page
+
+
+def _started(page, tuner) -> dict:
+    """The job the page started (its hash is #train/ID)."""
+    page.wait_for_function("() => location.hash.startsWith('#train/ftjob-')")
+    return tuner["http"].get(f"/v1/fine_tuning/jobs/{page.evaluate('location.hash.slice(7)')}").json()
+
+
+@browser_test
+def test_browser_train_from_an_upload_watch_the_curve_grow_and_chat_with_the_result(tuned_page, tuner, tmp_path):
+    from playwright.sync_api import expect
+
+    page, http = tuned_page, tuner["http"]
+    expect(page.locator("#train-title")).to_be_focused()
+    expect(page.locator("#train-file")).to_have_text("No file uploaded yet")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CHAT[0]) + '\n{"messages": [{"role": "user"}]}\n', encoding="utf-8")
+    page.set_input_files("#upload", str(bad))
+    expect(page.locator("#upload-error")).to_contain_text(
+        "bad.jsonl is not valid training data (1 problem; `tunesmith data validate` shows the same): bad.jsonl:2: ")
+    good = tmp_path / "chat.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in CHAT), encoding="utf-8")
+    page.set_input_files("#upload", str(good))
+    expect(page.locator("#upload-status")).to_have_text(re.compile(r"^Kept chat\.jsonl as file-[0-9a-f]+\.$"))
+    expect(page.locator("#upload-error")).to_have_text("")
+    (uploaded,) = http.get("/v1/files").json()["data"]  # the refused file was not kept
+    assert page.locator("#train-file").input_value() == uploaded["id"]
+
+    page.fill("#train-steps", str(STEPS))
+    page.fill("#train-lr", "2")
+    page.fill("#train-suffix", "page")
+    page.click(".more summary")
+    page.fill("#train-config", json.dumps(SLOW_STEPS))
+    page.evaluate(CURVE)
+    page.click("#train-start")
+    job = _started(page, tuner)
+    assert (job["model"], job["training_file"], job["user_provided_suffix"]) == (tuner["base"], uploaded["id"], "page")
+    assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": 2}}}
+    assert job["tunesmith"]["config"] == {**SLOW_STEPS, "max_steps": STEPS}
+    page.locator('#job-detail article.job[data-status="succeeded"]').wait_for(timeout=120_000)
+
+    curve = page.evaluate("window.curve")
+    assert curve[-1] == STEPS and curve == sorted(curve) and any(0 < n < STEPS for n in curve), curve  # it grew
+    events = http.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
+    assert page.locator("#job-detail .events li span").all_inner_texts() == [e["message"] for e in reversed(events)]
+    fine_tuned = f"ft:base:page:{job['id']}"
+    assert events[1]["message"] == f"New fine-tuned model created: {fine_tuned}"
+    expect(page.locator("#job-detail .job-status")).to_have_text("Status: succeeded")
+    expect(page.locator(f'#job-list li[data-job="{job["id"]}"] .badge')).to_have_text("succeeded")
+    assert page.locator("#job-detail button.cancel").count() == 0
+
+    page.click("#job-detail button.chat-with")
+    page.wait_for_function("() => location.hash === '#playground'")
+    assert page.locator('[data-pane="0"] select').input_value() == tuner["base"]
+    assert page.locator('[data-pane="1"] select').input_value() == fine_tuned
+    _settings(page, 4, compare=True)
+    _, reply = _chat_turn(page, "What is 3+3?", 1, panes=(0, 1))
+    assert page.locator(f"{_reply(1)} .who").inner_text() == f"assistant · {fine_tuned}"
+    (conversation,) = [c for c in http.get("/v1/conversations").json()["data"] if c["model"] == fine_tuned]
+    stored = http.get(f"/v1/conversations/{conversation['id']}/messages").json()["data"]
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "What is 3+3?"), ("assistant", reply)]
+
+
+@browser_test
+def test_browser_train_on_the_saved_conversations_and_cancel_mid_run(tuned_page, tuner):
+    from playwright.sync_api import expect
+    from test_fine_tuning import trainers, wait_for
+
+    from tunesmith.serve.routes.files import conversation_records
+
+    page, http, store = tuned_page, tuner["http"], tuner["app"].state.store
+    for i in range(3):
+        _turns(store, tuner["base"], [(f"Question {i}?", f"Answer {i}.")])
+    count = len(store.recent(1000))
+    page.evaluate("location.hash = '#playground'")
+    page.click("#tab-train")  # the view reads what the server keeps each time it opens
+    expect(page.locator("#count-conversations")).to_have_text(f"({count})")
+    page.check('input[name="source"][value="conversations"]')
+    page.fill("#train-steps", "500")
+    page.click(".more summary")
+    page.fill("#train-config", json.dumps(SLOW_STEPS))
+    page.click("#train-start")
+    job = _started(page, tuner)
+    kept = http.get(f"/v1/files/{job['training_file']}").json()
+    assert kept["filename"] == "conversations.jsonl"
+    content = http.get(f"/v1/files/{job['training_file']}/content").text
+    assert [json.loads(line) for line in content.splitlines()] == conversation_records(store)[0]
+    page.locator("#job-detail svg.chart").wait_for(timeout=60_000)  # training: its first steps are drawn
+    page.click("#job-detail button.cancel")
+    expect(page.locator("#job-detail .job-status")).to_have_text("Status: cancelled")
+    expect(page.locator("#notice")).to_have_text(f"Cancelled {job['id']}.")
+    assert page.locator("#job-detail button.cancel").count() == 0
+    assert http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
+    config = Path(job["tunesmith"]["run"]).parent / "config.yaml"
+    wait_for(lambda: not trainers(config), "the trainer to end", timeout=30)
+    assert page.locator("#job-detail .events li span").last.inner_text() == "The job was cancelled"
+
+
+@browser_test
+def test_browser_the_feedback_files_are_offered_once_they_hold_records(tuned_page, tuner):
+    from playwright.sync_api import expect
+
+    from tunesmith.data.formats import KINDS
+    from tunesmith.feedback import edit
+
+    page = tuned_page
+    for kind in ("sft", "preference"):
+        expect(page.locator(f"#source-{kind}")).to_be_hidden()
+    tuner["app"].state.feedback.write(edit([{"role": "user", "content": "Where is order 42?"}], "No idea.", "Shipped."))
+    page.evaluate("location.hash = '#playground'")
+    page.click("#tab-train")
+    page.check('input[name="source"][value="feedback/sft"]')
+    assert page.locator('input[name="method"]:checked').input_value() == "supervised"
+    expect(page.locator("#train-beta")).to_be_hidden()
+    page.check('input[name="source"][value="feedback/preference"]')
+    assert page.locator('input[name="method"]:checked').input_value() == "dpo"
+    expect(page.locator("#train-beta")).to_be_visible()
+    page.fill("#train-steps", "1")
+    page.click("#train-start")
+    if "preference" in KINDS:  # tunesmith reads preference pairs: a dpo job starts
+        job = _started(page, tuner)
+        assert job["method"]["type"] == "dpo"
+        tuner["http"].post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    else:  # the refusal is said where the job would have started
+        expect(page.locator("#train-error")).to_contain_text(
+            "preference.jsonl is not valid training data (1 problem; `tunesmith data validate` shows the same): "
+            "preference.jsonl:1: ")
+
+
+@browser_test
+def test_browser_the_train_view_says_how_to_turn_fine_tuning_on(page):
+    from playwright.sync_api import expect
+
+    page.click("#tab-train")
+    expect(page.locator("#train-off")).to_have_text("Fine-tuning needs a directory for its files and jobs: start the "
+                                                    "server with --state-dir DIR (ServeSettings.state_dir in Python).")
+    for part in ("#train-form", "#train-jobs", "#job-detail"):
+        expect(page.locator(part)).to_be_hidden()
+
+
+@browser_test
+def test_browser_a_job_that_fails_says_why(tuned_page, tuner):
+    """A dpo job, while tunesmith has no preference training, fails at validation: the page shows its sentence."""
+    from playwright.sync_api import expect
+
+    from tunesmith.config import TrainConfig
+
+    page, http = tuned_page, tuner["http"]
+    kept = http.post("/v1/files", data={"purpose": "fine-tune"},
+                     files={"file": ("tiny.jsonl", "".join(json.dumps(r) + "\n" for r in CHAT[:4]))}).json()
+    page.evaluate("location.hash = '#playground'")
+    page.click("#tab-train")
+    page.select_option("#train-file", kept["id"])
+    page.check('input[name="method"][value="dpo"]')
+    page.fill("#train-beta", "0.2")
+    page.fill("#train-steps", "1")
+    page.click("#train-start")
+    job = _started(page, tuner)
+    assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    page.locator('#job-detail article.job[data-status="failed"]').wait_for(timeout=60_000)
+    said = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["error"]["message"]
+    expect(page.locator("#job-detail .error")).to_have_text(said)
+    if "preference" not in TrainConfig.model_fields["task"].annotation.__args__:
+        assert said.startswith("method dpo trains with `task: preference, objective: dpo`, which this tunesmith's "
+                               "training config does not accept yet")
+    expect(page.locator(f'#job-list li[data-job="{job["id"]}"] .badge')).to_have_text("failed")

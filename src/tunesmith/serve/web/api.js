@@ -53,14 +53,16 @@ async function failure(response) {
 }
 
 // fetch(path) with the key; the parsed JSON body, or the Response itself with {raw: true}. Non-2xx: APIError.
+// `body` is sent as JSON, or as multipart when it is FormData (an upload; the browser writes its boundary).
 export async function api(path, { method, body, signal, raw = false } = {}) {
+  const form = body instanceof FormData;
   for (let attempt = 0; ; attempt += 1) {
     const headers = {};
     if (key) headers.Authorization = `Bearer ${key}`;
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    if (body !== undefined && !form) headers['Content-Type'] = 'application/json';
     const response = await fetch(path, {
       method: method || (body === undefined ? 'GET' : 'POST'), headers, signal,
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || form ? body : JSON.stringify(body),
     });
     if (response.status === 401 && attempt < 3) {
       const error = await failure(response);

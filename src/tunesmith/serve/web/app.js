@@ -1,10 +1,11 @@
-// The page's entry point: the two views (#playground, #runs/...), chosen by the URL's hash so a run or a
-// report can be linked to, and the API-key dialog the first 401 opens.
+// The page's entry point: the three views (#playground, #train/..., #runs/...), chosen by the URL's hash so a
+// job, a run or a report can be linked to, and the API-key dialog the first 401 opens.
 
 import { APIError, forgetKey, hasKey, setKeyPrompt } from './api.js';
 import { tell } from './dom.js';
 import { Playground } from './playground.js';
 import { Runs } from './runs.js';
+import { Train } from './train.js';
 
 const dialog = document.getElementById('key-dialog');
 const keyButton = document.getElementById('key-button');
@@ -23,14 +24,15 @@ setKeyPrompt((message) => new Promise((resolve) => {
 }));
 
 const playground = new Playground(document.getElementById('playground'));
-const runs = new Runs(document.getElementById('runs'), {
-  onChat: async (model) => {
-    await playground.loadModels();
-    location.hash = '#playground';
-    route(); // now, not at the hashchange event: the prompt can take focus only once it is shown
-    playground.chatWith(model);
-  },
-});
+// "Chat with it" (a run, a fine-tuned model): the playground, the model beside its base.
+async function chatWith(model) {
+  await playground.loadModels();
+  location.hash = '#playground';
+  route(); // now, not at the hashchange event: the prompt can take focus only once it is shown
+  playground.chatWith(model);
+}
+const runs = new Runs(document.getElementById('runs'), { onChat: chatWith });
+const train = new Train(document.getElementById('train'), { onChat: chatWith });
 
 async function start() {
   try {
@@ -50,17 +52,22 @@ function parse() {
   return [view, rest.length ? decodeURIComponent(rest.join('/')) : null];
 }
 
+// hash -> the view it shows
+const VIEWS = { playground: 'playground', train: 'train', runs: 'runs', reports: 'runs' };
+
 function route() {
-  const [view, id] = parse();
-  const showRuns = view === 'runs' || view === 'reports';
-  document.getElementById('playground').hidden = showRuns;
-  document.getElementById('runs').hidden = !showRuns;
-  for (const [tab, active] of [['tab-playground', !showRuns], ['tab-runs', showRuns]]) {
-    const el = document.getElementById(tab);
-    if (active) el.setAttribute('aria-current', 'page');
-    else el.removeAttribute('aria-current');
+  const [hash, id] = parse();
+  const view = VIEWS[hash] ?? 'playground';
+  for (const name of new Set(Object.values(VIEWS))) {
+    document.getElementById(name).hidden = name !== view;
+    const tab = document.getElementById(`tab-${name}`);
+    if (name === view) tab.setAttribute('aria-current', 'page');
+    else tab.removeAttribute('aria-current');
   }
-  if (showRuns) runs.show(view, id);
+  document.body.dataset.view = view; // the playground keeps its composer in view (style.css)
+  if (view === 'runs') runs.show(hash, id);
+  if (view === 'train') train.show(id);
+  else train.hide(); // a job is followed only while it is shown
 }
 
 keyButton.addEventListener('click', () => {
@@ -75,7 +82,7 @@ window.addEventListener('hashchange', () => {
   const [view, id] = parse();
   const active = document.activeElement;
   if (!id && (!active || active === document.body || active.closest('nav, [hidden]'))) {
-    document.getElementById(view === 'runs' ? 'runs-title' : 'playground-title')?.focus();
+    document.getElementById(`${VIEWS[view] ?? 'playground'}-title`)?.focus();
   }
 });
 route();
