@@ -210,3 +210,28 @@ def test_cli_exit_codes(lora_run, full_run, tmp_path, capsys):
 
     assert main(["export", str(tmp_path / "no-run"), "-o", str(tmp_path / "x")]) == 1
     assert "is not a finished tunesmith run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model card
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_export_writes_a_model_card_the_hub_parser_reads(lora_run, lm_dir, tmp_path, merge):
+    from huggingface_hub import ModelCard
+
+    from tunesmith import runs
+
+    info = runs.open_run(lora_run)
+    out = export(lora_run, tmp_path / "out", merge=merge)
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == info.base_model == str(lm_dir)
+    assert card.data.library_name == ("transformers" if merge else "peft")
+    assert card.data.tags == ["tunesmith", "lora", "sft"]
+    sha = info.train_data["sha256"]
+    assert card.data.to_dict()["tunesmith_data_sha256"] == {"train": sha}
+    assert f"- train: `chat.jsonl`, 16 examples, sha256 `{sha}`" in card.text
+    assert f"Chat template fingerprint: `{info.chat_template_fingerprint}`" in card.text
+    assert "Model Card for Model ID" not in card.text  # peft's placeholder is replaced, not kept
+    assert card.text.endswith("## Metrics (eval split)\n\nNot scored.\n")  # no eval split, nothing scored

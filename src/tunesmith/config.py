@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.reasoning import Policy
 from .data.templates import TemplateKwargs
@@ -243,6 +243,12 @@ class TrainConfig(Strict):
                                                   "evaluation)")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept (the best one is kept too)")
     logging_steps: int = Field(5, gt=0)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers that log the run (tensorboard, mlflow, wandb; one or "
+                                          "a list; default none): TensorBoard writes to RUN/tensorboard, MLflow to "
+                                          "MLFLOW_TRACKING_URI (default ./mlruns), wandb offline unless WANDB_MODE "
+                                          "says otherwise")
+    run_name: str | None = Field(None, description="the run's name in the trackers (default: the run directory's)")
 
     evaluate_before: bool = Field(True, description="score the untrained base model on the eval split first")
     eval_max_new_tokens: int = Field(64, gt=0, description="sft: generation length when scoring replies")
@@ -265,6 +271,14 @@ class TrainConfig(Strict):
         """What the trained model does, as run.json records it: preference tuning trains a generation (sft) model,
         which every command then loads, serves and exports as one."""
         return "sft" if self.task == "preference" else self.task
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value):
+        """`report_to: tensorboard` is shorthand for a list of one; `none` (transformers' word) for none."""
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self):

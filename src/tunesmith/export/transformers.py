@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import runs
 from ..models import load_run, resolve
+from .card import write_card
 from .common import ExportError, refuse_existing, refuse_unmergeable
 
 
@@ -35,8 +36,8 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
         tokenizer.save_pretrained(tmp)
         if info.peft and not merge:
             _point_adapter_at_base(tmp, info.base_model)
-        for extra in ("README.md",):
-            (tmp / extra).unlink(missing_ok=True)
+        # peft's save_pretrained writes its own placeholder README.md: the card replaces it
+        write_card(tmp, info, merged=merge)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

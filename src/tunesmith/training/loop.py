@@ -34,7 +34,7 @@ from ..methods import prepare, trainable_parameters
 from ..models import EMBEDDED, is_causal_lm, load_causal_lm, load_for_task, load_tokenizer, resolve
 from ..runs import RunError, RunInfo
 from ..version import __version__
-from . import lineage, precision
+from . import lineage, precision, tracking
 from .callbacks import AdaLora, JsonlLog, Progress, RunTrainer, eval_metrics_fn
 from .data import (build_features, check_kind, check_trainable, collator, feature_tokens, label_list, load_splits,
                    read_data, sft_chat, sft_records, shares_prefix, tool_rendering)
@@ -84,6 +84,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     `labelled_only=False` computes the sft loss the plain way, logits at every position (equal results; for
     benchmarks and tests of loss.py)."""
     cfg, parent = _start(config, overrides, resume)
+    tracking.check(cfg.report_to)  # a missing tracker package fails now, not after the "before" scoring
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     data = _load_data(cfg, tokenizer, parent)
@@ -112,6 +113,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
         metrics["train"] = _train_metrics(fit, trainer, parameters, data)
         metrics["after"] = _score_after(cfg, trainer.model, tokenizer, data, parent, reference)
         _save_run(cfg, data, parent, chosen, metrics)
+        tracking.log_summary(trainer, tracking.summary(metrics, chosen.reasons))
     return Run(Path(cfg.output_dir), metrics)
 
 
@@ -385,6 +387,7 @@ def _print_defaults(reasons: dict) -> None:
 
 def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> TrainingArguments:
     best = best_checkpoint(cfg, has_eval)  # (metric, greater_is_better) or None
+    os.environ.update(tracking.environment(cfg.report_to, checkpoints.parent))  # the integrations read these
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -394,7 +397,8 @@ def _training_args(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> Train
         save_total_limit=None,  # RunTrainer rotates, atomically
         eval_strategy="steps" if cfg.eval_steps and has_eval else "no", eval_steps=cfg.eval_steps,
         load_best_model_at_end=best is not None, metric_for_best_model=best[0] if best else None,
-        greater_is_better=best[1] if best else None, report_to="none", remove_unused_columns=False,
+        greater_is_better=best[1] if best else None, remove_unused_columns=False,
+        report_to=cfg.report_to or "none", run_name=cfg.run_name or Path(cfg.output_dir).name,
         use_cpu=not _cuda(), ddp_backend="gloo" if not _cuda() and _world_size() > 1 else None,
         dataloader_num_workers=0, disable_tqdm=not _is_main(),
         # Packed rows have no attention mask and hold only a sliver of padding: count every token there.

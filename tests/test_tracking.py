@@ -1,0 +1,66 @@
+"""report_to: the config's shorthand, the missing package's one sentence, the Trainer's arguments, the summary
+sent after training."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tunesmith.cli import main
+from tunesmith.config import ConfigError, load_config
+from tunesmith.training import tracking
+from tunesmith.training.loop import _training_args
+
+DATA = {"train": "unused.jsonl"}
+
+
+@pytest.mark.parametrize("value, expected", [("tensorboard", ["tensorboard"]), (["mlflow", "wandb"],
+                                             ["mlflow", "wandb"]), ("none", []), (None, [])])
+def test_report_to_takes_one_name_or_a_list(value, expected):
+    assert load_config({"data": DATA, "report_to": value}).report_to == expected
+    assert load_config({"data": DATA}).report_to == []
+
+
+def test_an_unknown_tracker_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"report_to\.0: Input should be 'tensorboard', 'mlflow' or 'wandb'"):
+        load_config({"data": DATA, "report_to": "comet"})
+
+
+@pytest.mark.parametrize("tracker", [t for t in tracking.PACKAGES if importlib.util.find_spec(t) is None])
+def test_a_missing_tracker_package_is_one_sentence(tracker, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train: {tmp_path / 'none.jsonl'}}}\nreport_to: {tracker}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(config)]) != 0
+    assert capsys.readouterr().err.strip() == (f"tunesmith: error: report_to: {tracker} needs the {tracker} "
+                                               f"package: pip install {tracker}")
+
+
+def test_the_trainer_gets_the_trackers_and_the_run_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    cfg = load_config({"data": DATA, "output_dir": str(tmp_path / "my-run"), "learning_rate": 1e-4, "epochs": 1,
+                       "warmup_ratio": 0.1})
+    args = _training_args(cfg, tmp_path / "my-run" / "checkpoints", has_eval=False)
+    assert args.report_to == [] and args.run_name == "my-run"
+    cfg = cfg.model_copy(update={"run_name": "named"})
+    assert _training_args(cfg, tmp_path / "my-run" / "checkpoints", has_eval=False).run_name == "named"
+
+
+def test_environment_points_tensorboard_at_the_run_and_keeps_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert tracking.environment(["tensorboard", "wandb"], tmp_path) == {
+        "TENSORBOARD_LOGGING_DIR": str(tmp_path / "tensorboard"), "WANDB_MODE": "offline"}
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert tracking.environment(["wandb"], tmp_path) == {"WANDB_MODE": "online"}
+    assert tracking.environment([], tmp_path) == {}
+
+
+def test_the_summary_is_before_and_after_numbers_and_the_defaults_reasons():
+    metrics = {"before": {"accuracy": 0.25, "before_kind": "untrained head"}, "train": {"train_loss": 1.0},
+               "after": {"accuracy": 0.75, "bleu": 3}}
+    reasons = {"learning_rate": "learning_rate 2e-4: lora on a small model"}
+    assert tracking.summary(metrics, reasons) == {
+        "before/accuracy": 0.25, "after/accuracy": 0.75, "after/bleu": 3,
+        "defaults/learning_rate": "learning_rate 2e-4: lora on a small model"}
+
