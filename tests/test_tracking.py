@@ -4,6 +4,7 @@ sent after training."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 
@@ -64,3 +65,36 @@ def test_the_summary_is_before_and_after_numbers_and_the_defaults_reasons():
         "before/accuracy": 0.25, "after/accuracy": 0.75, "after/bleu": 3,
         "defaults/learning_rate": "learning_rate 2e-4: lora on a small model"}
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                    reason="tensorboard is not installed (tunesmith does not depend on it)")
+def test_tensorboard_loss_scalars_equal_log_jsonl(tmp_path, bpe):
+    from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunesmith import runs
+    from tunesmith.training import train
+
+    tokenizer = _wrap(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
+    build_tiny_llama(tokenizer).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                                                     {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
+                            for i in range(16)))
+    run = train({"model": str(tmp_path / "lm"), "data": {"train": str(data)}, "method": "lora",
+                 "output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 4, "logging_steps": 1,
+                 "learning_rate": 1e-3, "eval_max_new_tokens": 4, "report_to": "tensorboard"}).path
+
+    events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent)).Reload()
+    logged = {e["step"]: e["loss"] for e in map(json.loads, (run / runs.LOG).read_text().splitlines())
+              if "loss" in e}
+    assert len(logged) == 4
+    assert {s.step: s.value for s in events.Scalars("train/loss")} == pytest.approx(logged, rel=1e-6)
+    metrics = runs.read_metrics(run)
+    assert events.Scalars("train/before/loss")[0].value == pytest.approx(metrics["before"]["loss"])
+    assert events.Scalars("train/after/loss")[0].value == pytest.approx(metrics["after"]["loss"])
+    texts = events.Tags()["tensors"]
+    assert "train/defaults/epochs/text_summary" in texts  # chosen by defaults.py: its reason is logged
+    assert "train/defaults/learning_rate/text_summary" not in texts  # set in the config: no reason to log
