@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,13 +68,11 @@ def test_the_summary_is_before_and_after_numbers_and_the_defaults_reasons():
 
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
-                    reason="tensorboard is not installed (tunesmith does not depend on it)")
-def test_tensorboard_loss_scalars_equal_log_jsonl(tmp_path, bpe):
-    from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tunesmith import runs
+def tiny_run(tmp_path, bpe, tracker: str):
+    """Four logged LoRA steps of a tiny random Llama, scored before and after, reported to `tracker`."""
+    from conftest import SMOLLM2_TEMPLATE, _wrap, build_tiny_llama
+
     from tunesmith.training import train
 
     tokenizer = _wrap(bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=SMOLLM2_TEMPLATE)
@@ -83,13 +82,28 @@ def test_tensorboard_loss_scalars_equal_log_jsonl(tmp_path, bpe):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
                                                      {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
                             for i in range(16)))
-    run = train({"model": str(tmp_path / "lm"), "data": {"train": str(data)}, "method": "lora",
-                 "output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 4, "logging_steps": 1,
-                 "learning_rate": 1e-3, "eval_max_new_tokens": 4, "report_to": "tensorboard"}).path
+    return train({"model": str(tmp_path / "lm"), "data": {"train": str(data)}, "method": "lora",
+                  "output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 4, "logging_steps": 1,
+                  "learning_rate": 1e-3, "eval_max_new_tokens": 4, "report_to": tracker}).path
 
-    events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent)).Reload()
-    logged = {e["step"]: e["loss"] for e in map(json.loads, (run / runs.LOG).read_text().splitlines())
-              if "loss" in e}
+
+def logged_losses(run) -> dict[int, float]:
+    from tunesmith import runs
+
+    return {e["step"]: e["loss"] for e in map(json.loads, (run / runs.LOG).read_text().splitlines()) if "loss" in e}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                    reason="tensorboard is not installed (tunesmith does not depend on it)")
+def test_tensorboard_loss_scalars_equal_log_jsonl(tmp_path, bpe):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunesmith import runs
+
+    run = tiny_run(tmp_path, bpe, "tensorboard")
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    logged = logged_losses(run)
     assert len(logged) == 4
     assert {s.step: s.value for s in events.Scalars("train/loss")} == pytest.approx(logged, rel=1e-6)
     metrics = runs.read_metrics(run)
@@ -98,3 +112,28 @@ def test_tensorboard_loss_scalars_equal_log_jsonl(tmp_path, bpe):
     texts = events.Tags()["tensors"]
     assert "train/defaults/epochs/text_summary" in texts  # chosen by defaults.py: its reason is logged
     assert "train/defaults/learning_rate/text_summary" not in texts  # set in the config: no reason to log
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                    reason="mlflow is not installed (tunesmith does not depend on it)")
+def test_an_mlflow_file_store_records_the_run(tmp_path, bpe, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tunesmith import runs
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 prefers a database; a folder needs no server
+    run = tiny_run(tmp_path, bpe, "mlflow")
+
+    client = MlflowClient(store)
+    (recorded,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert recorded.info.run_name == "run" and recorded.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(recorded.info.run_id, "loss")] == pytest.approx(
+        list(logged_losses(run).values()), rel=1e-6)
+    metrics = runs.read_metrics(run)
+    assert recorded.data.metrics["after/loss"] == pytest.approx(metrics["after"]["loss"])
+    assert recorded.data.metrics["before/loss"] == pytest.approx(metrics["before"]["loss"])
+    assert recorded.data.params["learning_rate"] == "0.001"
+    reasons = json.loads((Path(client.download_artifacts(recorded.info.run_id, "defaults.json"))).read_text())
+    assert set(reasons) == {f"defaults/{k}" for k in json.loads((run / runs.RUN_INFO).read_text())["defaults"]}

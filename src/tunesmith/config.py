@@ -246,7 +246,7 @@ class TrainConfig(Strict):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="experiment trackers that log the run (tensorboard, mlflow, wandb; one or "
                                           "a list; default none): TensorBoard writes to RUN/tensorboard, MLflow to "
-                                          "MLFLOW_TRACKING_URI (default ./mlruns), wandb offline unless WANDB_MODE "
+                                          "MLFLOW_TRACKING_URI, wandb offline unless WANDB_MODE "
                                           "says otherwise")
     run_name: str | None = Field(None, description="the run's name in the trackers (default: the run directory's)")
 

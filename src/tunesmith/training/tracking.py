@@ -2,8 +2,8 @@
 this module checks the tracker's package is there, points it at the run, and sends it the run's summary
 (before/after metrics and the defaults' reasons), which the Trainer never sees.
 
-Offline first: TensorBoard writes to RUN/tensorboard, MLflow to MLFLOW_TRACKING_URI (default ./mlruns),
-and wandb runs with WANDB_MODE=offline unless the environment says otherwise."""
+Offline first: TensorBoard writes to RUN/tensorboard, MLflow to MLFLOW_TRACKING_URI (mlflow's default when
+unset), and wandb runs with WANDB_MODE=offline unless the environment says otherwise."""
 
 from __future__ import annotations
 
