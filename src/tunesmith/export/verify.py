@@ -82,26 +82,37 @@ class Verification:
                 + "; ".join(map(str, self.comparisons)))
 
 
+# The architectures (general.architecture) transformers' GGUF loader reads exactly: on a tiny random model of each,
+# an f32 file gives the model's own logits. It misreads others, so their files are verified by llama.cpp alone:
+# qwen3 (it ignores attention.key_length, so a head size other than hidden / heads breaks), gemma2 (logits 1e-2
+# off), gemma3 (a correct file's top-1 agreement 0.48), and it refuses smollm3.
+TRANSFORMERS_READS = {"llama", "qwen2", "phi3"}
+
+
 def verify_gguf(run: str | Path, gguf_path: str | Path, *, lora: str | Path | None = None,
                 llama_cpp: bool | None = None) -> Verification:
     """Load `gguf_path` back and compare it with `run` on the fixed prompt set: exactly, the chat template and
     the token ids of every prompt; within TOLERANCE of the file's quant type, the next-token distributions at
-    every position of the prompts and of the run's greedy continuations. The loaders are transformers and, when
-    llama-cpp-python is installed (or llama_cpp=True), llama.cpp. With `lora` (a GGUF LoRA adapter for the
-    base model `gguf_path`), only llama.cpp can apply it."""
+    every position of the prompts and of the run's greedy continuations. The loaders are transformers, for the
+    architectures it reads (TRANSFORMERS_READS), and llama.cpp: with llama_cpp=True, or None and llama-cpp-python
+    installed, or where transformers cannot read the file. With `lora` (a GGUF LoRA adapter for the base model
+    `gguf_path`), only llama.cpp can apply it."""
     import gguf
 
     gguf_path = Path(gguf_path)
-    file_type = int(gguf.GGUFReader(gguf_path).fields["general.file_type"].contents())
+    fields = gguf.GGUFReader(gguf_path).fields
+    file_type = int(fields["general.file_type"].contents())
     quant = next((q for q, (ft, _) in QUANTS.items() if getattr(gguf.LlamaFileType, ft) == file_type), None)
     if quant is None:
         raise ExportError(f"{gguf_path} is of type {gguf.LlamaFileType(file_type).name}, which has no stated "
                           f"tolerance; verification knows {', '.join(QUANTS)}")
+    transformers = lora is None and fields["general.architecture"].contents() in TRANSFORMERS_READS
     if llama_cpp is None:
-        llama_cpp = lora is not None or has_llama_cpp()
+        llama_cpp = has_llama_cpp()
+    loaders = [("transformers", _transformers_outputs)] if transformers else []
+    if llama_cpp or not transformers:
+        loaders.append(("llama.cpp" + (" + LoRA" if lora else ""), _llama_cpp_outputs))
     prompts, tokenizer = _reference(run)
-    loaders = [] if lora is not None else [("transformers", _transformers_outputs)]
-    loaders += [("llama.cpp" + (" + LoRA" if lora else ""), _llama_cpp_outputs)] if llama_cpp else []
 
     problems, comparisons = [], []
     for name, load in loaders:
@@ -239,17 +250,26 @@ def _llama_cpp_outputs(path: Path, lora, texts: list[str], fulls: list[list[int]
                 f"llama.cpp: the process running llama-cpp-python died loading or evaluating {path.name} (a "
                 "build for another CPU dies like this: reinstall llama-cpp-python on this machine, or pass "
                 "--no-verify)") from None
+        except ImportError:
+            raise _LoaderCrashed(f"llama.cpp: {path.name} can only be verified by llama.cpp, and llama-cpp-python "
+                                 "is not installed: run `make setup-fast`, or pass --no-verify") from None
+        except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
+            raise _LoaderCrashed(f"llama.cpp: {err}") from None
 
 
 def _llama_cpp_child(path: str, lora: str | None, texts: list[str], fulls: list[list[int]]):
     import gguf
     import numpy as np
-    from llama_cpp import Llama
+    from llama_cpp import GGML_TYPE_F32, Llama
 
-    context = int(gguf.GGUFReader(path).fields["llama.context_length"].contents())
-    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set.
+    fields = gguf.GGUFReader(path).fields
+    context = int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
+    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set. The KV cache in f32, not
+    # llama.cpp's default f16: verification judges the file, not a cache precision chosen when serving it, and
+    # the f16 cache alone puts an f32 file of a tiny Llama whose largest logit is 13 at mean KL 6e-6 from its
+    # run (4e-12 with f32; docs/gguf.md), over f32's tolerance.
     llm = Llama(model_path=path, lora_path=lora, n_ctx=min(512, context), n_batch=512, logits_all=True,
-                verbose=False)
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
     logits = []
     for full in fulls:
         llm.reset()
