@@ -81,12 +81,16 @@ def _merged(run):
 
 
 def write_model(model, tokenizer, path: Path, *, quant: str, name: str, base: str | None = None) -> str:
-    """Write `model` and `tokenizer` as the GGUF `path` with the writer gguf_path chooses; which one it was."""
+    """Write `model` and `tokenizer` as the GGUF `path` with the writer gguf_path chooses; which one it was. `name`
+    becomes general.name; `base`, the base model's name, is added to it for llama.cpp's converter: llama.cpp keys
+    some of a family's tokenizer on general.name (Phi-3's role tokens strip the whitespace after them only in a
+    model whose name says "phi-3" or "phi3"), so a run named anything keeps its base's behaviour."""
     writer = gguf_path(model.config, tokenizer, base)
     if writer == TUNESMITH:
         write_gguf(model, tokenizer, path, quant=quant, name=name, base=base)
     else:
-        convert_model(model, tokenizer, path, quant=quant, name=name, pre=pre_tokenizer_name(tokenizer, base))
+        named = f"{name} ({Path(base).name})" if base and Path(base).name != name else name
+        convert_model(model, tokenizer, path, quant=quant, name=named, pre=pre_tokenizer_name(tokenizer, base))
     return writer
 
 

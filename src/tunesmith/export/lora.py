@@ -57,7 +57,7 @@ def export_lora_gguf(run: str | Path, out: str | Path, *, quant: str = "f32", fo
         write_adapter(model.config, alpha, weights, tmp, quant=quant, name=Path(run).resolve().name)
         if verify and has_llama_cpp():
             if base_gguf is None:  # the base as an f32 GGUF, only to verify against
-                write_model(model.unload(), tokenizer, scratch, quant="f32", name="base")
+                write_model(model.unload(), tokenizer, scratch, quant="f32", name=Path(info.base_model).name)
             del model
             report = verify_gguf(run, base_gguf or scratch, lora=tmp)
             if not report.ok:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..models import load_run
 from .common import ExportError
-from .quants import FINER, GREEDY_MUST_MATCH, QUANTS, TOLERANCE, TRAINING_KEPT
+from .quants import FINER, GREEDY_MUST_MATCH, QUANTS, TOLERANCE, TRAINING_KEPT, judged_as
 
 # A fixed prompt set: chats rendered with the run's own template, and plain text with special tokens, digits
 # and non-ASCII bytes, so the tokenizer round trip is exercised too.
@@ -40,18 +40,20 @@ class Comparison:
     kl_base: float | None = None  # mean KL(run || base model) over the same positions: adapter runs only
 
     def problems(self, quant: str) -> list[str]:
-        tol, problems = TOLERANCE[quant], []
+        judged = judged_as(quant, self.backend)
+        tol, problems = TOLERANCE[judged], []
+        what = quant if judged == quant else f"{quant} in llama.cpp, which computes in {judged} in places"
         if self.top1 < tol.top1:
             problems.append(f"{self.backend}: the most likely next token is the run's at only {self.top1:.3f} of "
-                            f"{self.positions} positions, below the {tol.top1:g} required for {quant}")
+                            f"{self.positions} positions, below the {tol.top1:g} required for {what}")
         if not self.kl <= tol.kl:  # NaN fails too
             problems.append(f"{self.backend}: the mean KL divergence from the run's next-token distribution is "
-                            f"{self.kl:.3g} nats, over the {tol.kl:g} tolerated for {quant}")
+                            f"{self.kl:.3g} nats, over the {tol.kl:g} tolerated for {what}")
         if self.kl_base is not None and not self.kl <= TRAINING_KEPT * self.kl_base:
             problems.append(f"{self.backend}: the file lost what training changed: it is {self.kl:.3g} nats from "
                             f"the run, and the base model without the adapter is {self.kl_base:.3g}; a file must "
                             f"be at most {TRAINING_KEPT:g} times as far")
-        if quant in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
+        if judged in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
             problems.append(f"{self.backend}: greedy continuations differ on {self.prompts - self.greedy_same}/"
                             f"{self.prompts} prompts, where {quant} must reproduce them all")
         return problems
@@ -78,15 +80,25 @@ class Verification:
 
     def __str__(self) -> str:
         tol = TOLERANCE[self.quant]
-        return (f"{self.quant} (tolerance: top-1 agreement >= {tol.top1:g}, mean KL <= {tol.kl:g} nats): "
-                + "; ".join(map(str, self.comparisons)))
+        floor = {judged_as(self.quant, c.backend) for c in self.comparisons} - {self.quant}
+        return (f"{self.quant} (tolerance: top-1 agreement >= {tol.top1:g}, mean KL <= {tol.kl:g} nats"
+                + "".join(f"; in llama.cpp, {f}'s" for f in floor) + "): " + "; ".join(map(str, self.comparisons)))
 
 
 # The architectures (general.architecture) transformers' GGUF loader reads exactly: on a tiny random model of each,
-# an f32 file gives the model's own logits. It misreads others, so their files are verified by llama.cpp alone:
-# qwen3 (it ignores attention.key_length, so a head size other than hidden / heads breaks), gemma2 (logits 1e-2
-# off), gemma3 (a correct file's top-1 agreement 0.48), and it refuses smollm3.
-TRANSFORMERS_READS = {"llama", "qwen2", "phi3"}
+# an f32 file gives the model's own logits and the run's token ids. It misreads others, so their files are
+# verified by llama.cpp alone: qwen3 (it ignores attention.key_length, so a head size other than hidden / heads
+# breaks), gemma2 (logits 1e-2 off), gemma3 (a correct file's top-1 agreement 0.48), phi3 (its role tokens lose
+# the right-strip Phi-3's tokenizer gives them, so chat prompts tokenize otherwise), and it refuses smollm3. Nor
+# does it read rope scaling (Llama 3.1's rope_freqs tensor: logits 3.5e-3 off on a tiny Llama 3).
+TRANSFORMERS_READS = {"llama", "qwen2"}
+
+
+def transformers_reads(reader) -> bool:
+    """Whether transformers reads the GGUF (a gguf.GGUFReader) as llama.cpp does (TRANSFORMERS_READS)."""
+    arch = reader.fields["general.architecture"].contents()
+    return (arch in TRANSFORMERS_READS and f"{arch}.rope.scaling.type" not in reader.fields
+            and not any(t.name.startswith("rope_") for t in reader.tensors))
 
 
 def verify_gguf(run: str | Path, gguf_path: str | Path, *, lora: str | Path | None = None,
@@ -100,13 +112,13 @@ def verify_gguf(run: str | Path, gguf_path: str | Path, *, lora: str | Path | No
     import gguf
 
     gguf_path = Path(gguf_path)
-    fields = gguf.GGUFReader(gguf_path).fields
-    file_type = int(fields["general.file_type"].contents())
+    reader = gguf.GGUFReader(gguf_path)
+    file_type = int(reader.fields["general.file_type"].contents())
     quant = next((q for q, (ft, _) in QUANTS.items() if getattr(gguf.LlamaFileType, ft) == file_type), None)
     if quant is None:
         raise ExportError(f"{gguf_path} is of type {gguf.LlamaFileType(file_type).name}, which has no stated "
                           f"tolerance; verification knows {', '.join(QUANTS)}")
-    transformers = lora is None and fields["general.architecture"].contents() in TRANSFORMERS_READS
+    transformers = lora is None and transformers_reads(reader)
     if llama_cpp is None:
         llama_cpp = has_llama_cpp()
     loaders = [("transformers", _transformers_outputs)] if transformers else []
@@ -160,11 +172,8 @@ def _reference(run) -> tuple[list[_Prompt], object]:
     the base model's logits (the adapter disabled) at the same positions."""
     import torch
 
-    from ..data.templates import render_chat
-
     model, tokenizer, info = load_run(run)
-    texts = [render_chat(tokenizer, chat, add_generation_prompt=True) for chat in CHATS] \
-        if tokenizer.chat_template else []
+    texts = _chat_prompts(tokenizer) if tokenizer.chat_template else []
     prompts = []
     for text in texts + TEXTS:
         ids = tokenizer(text).input_ids
@@ -177,6 +186,19 @@ def _reference(run) -> tuple[list[_Prompt], object]:
                     base = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
         prompts.append(_Prompt(text, ids, full, logits, base))
     return prompts, tokenizer
+
+
+def _chat_prompts(tokenizer) -> list[str]:
+    """CHATS rendered with the run's template, less those it refuses (Gemma 2's raises on a system message)."""
+    from ..data.templates import ChatTemplateError, render_chat
+
+    texts = []
+    for chat in CHATS:
+        try:
+            texts.append(render_chat(tokenizer, chat, add_generation_prompt=True))
+        except ChatTemplateError:
+            continue
+    return texts
 
 
 def _greedy(model, ids: list[int], steps: int = GREEDY_TOKENS) -> list[int]:
@@ -260,16 +282,14 @@ def _llama_cpp_outputs(path: Path, lora, texts: list[str], fulls: list[list[int]
 def _llama_cpp_child(path: str, lora: str | None, texts: list[str], fulls: list[list[int]]):
     import gguf
     import numpy as np
-    from llama_cpp import GGML_TYPE_F32, Llama
+    from llama_cpp import Llama
 
     fields = gguf.GGUFReader(path).fields
     context = int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
-    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set. The KV cache in f32, not
-    # llama.cpp's default f16: verification judges the file, not a cache precision chosen when serving it, and
-    # the f16 cache alone puts an f32 file of a tiny Llama whose largest logit is 13 at mean KL 6e-6 from its
-    # run (4e-12 with f32; docs/gguf.md), over f32's tolerance.
+    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set. Run as it is served, with
+    # llama.cpp's default f16 KV cache (quants.LLAMA_CPP_FLOOR says how that is judged).
     llm = Llama(model_path=path, lora_path=lora, n_ctx=min(512, context), n_batch=512, logits_all=True,
-                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+                verbose=False)
     logits = []
     for full in fulls:
         llm.reset()
