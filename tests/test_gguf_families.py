@@ -174,3 +174,22 @@ def test_lora_only_writes_an_adapter_llama_cpp_applies_as_the_run_does(lora_run,
     assert result.verification.ok, result.verification.problems
     [applied] = result.verification.comparisons
     assert applied.backend == "llama.cpp + LoRA" and applied.greedy_same == applied.prompts
+
+
+def test_llama_cpp_alone_refuses_a_file_that_lost_the_training(lora_run, workdir, monkeypatch):
+    """For the families only llama.cpp verifies, a wrong file still fails: the base model written in place of
+    the merged run, what rounding onto a base's own quant grid does."""
+    from tunesmith.export import ExportError
+    from tunesmith.export import gguf as gguf_export
+    from tunesmith.models import load_run
+
+    tiny, _, run = lora_run
+    if tiny.name != "qwen3":
+        pytest.skip("one family whose files only llama.cpp reads is enough")
+    monkeypatch.setattr(gguf_export, "_merged", lambda run: (lambda m, t, i: (m.unload(), t, i))(*load_run(run)))
+
+    with pytest.raises(ExportError, match=r"; llama.cpp: the file lost what training changed: it is [\d.e-]+ nats "
+                                          r"from the run, and the base model without the adapter is [\d.e-]+; a file "
+                                          r"must be at most 0\.5 times as far\)") as refused:
+        export_gguf(run, workdir / "qwen3-base-only" / "model.gguf", quant="f16")
+    assert "transformers" not in str(refused.value).split("Measured:")[0]
