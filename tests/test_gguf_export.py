@@ -380,6 +380,19 @@ def test_a_file_that_lost_the_training_is_refused_even_within_its_quant_toleranc
     assert merged_file.kl < 1e-6 and merged_file.kl_base == pytest.approx(base_file.kl_base, rel=1e-6)
 
 
+def test_a_file_of_the_same_name_in_the_working_directory_is_not_verified_in_its_place(lora_run, base_f32, tmp_path,
+                                                                                        monkeypatch):
+    """transformers reads a bare gguf_file name from the working directory when one is there; the base model's
+    file, under the name of the run's, must not be what the run's file is compared as."""
+    path = export_gguf(lora_run, tmp_path / "run" / "model.gguf", quant="f32", verify=False).path
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "model.gguf").write_bytes(base_f32.read_bytes())
+    monkeypatch.chdir(tmp_path / "cwd")
+
+    report = verify_gguf(lora_run, path, llama_cpp=False)
+    assert report.ok, report.problems
+
+
 def test_a_refusal_says_by_how_much_against_which_tolerance_and_what_to_do(lora_run, tmp_path, monkeypatch):
     monkeypatch.setitem(TOLERANCE, "q4_0", Tolerance(top1=1.0, kl=0.0))
 

@@ -117,15 +117,27 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("gguf-families")
 
 
+@pytest.fixture(scope="module")
+def family_run(bpe, workdir):
+    """name -> (Tiny, base model directory, run): a few LoRA steps on the family's tiny model, far enough from the
+    base for the training-kept check to see the adapter; each built once per module."""
+    built = {}
+
+    def run_of(name: str):
+        if name not in built:
+            tiny = TINY[name]
+            if tiny.chat_template is None:
+                pytest.skip(f"the {tiny.name} chat template is not in the tree yet")
+            base = build(tiny, bpe, workdir / f"{tiny.name}-model")
+            built[name] = tiny, base, run_sft(workdir, base, {"name": "lora", "r": 4}, f"{tiny.name}-lora",
+                                              learning_rate=1e-2)
+        return built[name]
+    return run_of
+
+
 @pytest.fixture(scope="module", params=list(TINY))
-def lora_run(request, bpe, workdir):
-    """(Tiny, base model directory, run): a few LoRA steps on the family's tiny model, far enough from the base for the training-kept
-    check to see the adapter."""
-    tiny = TINY[request.param]
-    if tiny.chat_template is None:
-        pytest.skip(f"the {tiny.name} chat template is not in the tree yet")
-    base = build(tiny, bpe, workdir / f"{tiny.name}-model")
-    return tiny, base, run_sft(workdir, base, {"name": "lora", "r": 4}, f"{tiny.name}-lora", learning_rate=1e-2)
+def lora_run(request, family_run):
+    return family_run(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +188,15 @@ def test_lora_only_writes_an_adapter_llama_cpp_applies_as_the_run_does(lora_run,
     assert applied.backend == "llama.cpp + LoRA" and applied.greedy_same == applied.prompts
 
 
-def test_llama_cpp_alone_refuses_a_file_that_lost_the_training(lora_run, workdir, monkeypatch):
+@pytest.mark.skipif("qwen3" not in TINY, reason="no tiny Qwen3")
+def test_llama_cpp_alone_refuses_a_file_that_lost_the_training(family_run, workdir, monkeypatch):
     """For the families only llama.cpp verifies, a wrong file still fails: the base model written in place of
     the merged run, what rounding onto a base's own quant grid does."""
     from tunesmith.export import ExportError
     from tunesmith.export import gguf as gguf_export
     from tunesmith.models import load_run
 
-    tiny, _, run = lora_run
-    if tiny.name != "qwen3":
-        pytest.skip("one family whose files only llama.cpp reads is enough")
+    _, _, run = family_run("qwen3")  # a family whose files only llama.cpp reads
     monkeypatch.setattr(gguf_export, "_merged", lambda run: (lambda m, t, i: (m.unload(), t, i))(*load_run(run)))
 
     with pytest.raises(ExportError, match=r"; llama.cpp: the file lost what training changed: it is [\d.e-]+ nats "

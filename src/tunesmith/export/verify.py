@@ -248,7 +248,9 @@ def _transformers_outputs(path: Path, lora, texts: list[str], fulls: list[list[i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    # gguf_file by its absolute path: transformers takes a bare name that exists in the working directory for
+    # that file (modeling_utils' "Case 1"), so a model.gguf there would be verified instead of this one.
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=str(path.resolve()))
     model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(**where)
     with torch.no_grad():
