@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quants", nargs="+", choices=list(QUANTS), default=["f16", "q8_0", "q4_0"])
     args = parser.parse_args(argv)
 
-    print("| run | GGUF architecture | quant | writer | export s | verify s | loader | top-1 agreement | mean KL (nats) "
-          "| greedy identical |")
+    print("| run | GGUF architecture | quant | writer | export s | verify s | loader | top-1 agreement "
+          "| mean KL (nats) | greedy identical |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:

@@ -615,7 +615,8 @@ def test_llama_cpps_converter_writes_the_tensors_tunesmiths_writer_does(tied_dir
     gguf_writer.write_gguf(model, tokenizer, tmp_path / "ours.gguf", quant=quant, name="x")
     converters.convert_model(model, tokenizer, tmp_path / "theirs.gguf", quant=quant, name="x", pre="gpt-2")
 
-    ours, theirs = ({t.name: t for t in gguf.GGUFReader(tmp_path / f"{who}.gguf").tensors} for who in ("ours", "theirs"))
+    ours, theirs = ({t.name: t for t in gguf.GGUFReader(tmp_path / f"{who}.gguf").tensors}
+                    for who in ("ours", "theirs"))
     assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
     assert [n for n in ours if not np.array_equal(ours[n].data, theirs[n].data)] == []
     assert gguf_fields(tmp_path / "theirs.gguf")["tokenizer.ggml.pre"] == "gpt-2"  # the name tunesmith gave it
