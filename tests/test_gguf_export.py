@@ -613,7 +613,8 @@ def test_llama_cpps_converter_writes_the_tensors_tunesmiths_writer_does(tied_dir
 
     model = AutoModelForCausalLM.from_pretrained(tied_dir)
     gguf_writer.write_gguf(model, tokenizer, tmp_path / "ours.gguf", quant=quant, name="x")
-    converters.convert_model(model, tokenizer, tmp_path / "theirs.gguf", quant=quant, name="x", pre="gpt-2")
+    converters.convert_model(model, tokenizer, tmp_path / "theirs.gguf", quant=quant, name="x", pre="gpt-2",
+                             adds=(False, False))
 
     ours, theirs = ({t.name: t for t in gguf.GGUFReader(tmp_path / f"{who}.gguf").tensors}
                     for who in ("ours", "theirs"))

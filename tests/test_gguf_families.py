@@ -204,3 +204,46 @@ def test_llama_cpp_alone_refuses_a_file_that_lost_the_training(family_run, workd
                                           r"must be at most 0\.5 times as far\)") as refused:
         export_gguf(run, workdir / "qwen3-base-only" / "model.gguf", quant="f16")
     assert "transformers" not in str(refused.value).split("Measured:")[0]
+
+
+def sentencepiece_style_bpe(prepend: bool):
+    """A tiny BPE tokenizer shaped like the tokenizer.json of a SentencePiece model (Gemma's, Mistral's, Phi-3's):
+    spaces written as "▁" (and one put before the text with `prepend`, as Llama 2 and Mistral do; Gemma does
+    not), the 256 byte tokens <0x00>..<0xFF> to fall back on, no byte-level alphabet."""
+    import json
+
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    trained.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prepend
+                                              + [normalizers.Replace(" ", "\u2581")])
+    trained.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + [decoders.Strip(" ", 1, 0)] * prepend)
+    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=450, special_tokens=specials,
+                                                             show_progress=False))
+    # The byte tokens go right after the specials, where SentencePiece puts them, as ordinary pieces.
+    spec = json.loads(trained.to_str())
+    order = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
+    pieces = specials + [f"<0x{i:02X}>" for i in range(256)] + [p for p in order if p not in specials]
+    spec["model"]["vocab"] = {piece: i for i, piece in enumerate(pieces)}
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+@pytest.mark.parametrize("name, prepend", [("gemma2", False), ("mistral", True)])
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_sentencepiece_vocabulary(name, prepend, workdir):
+    """What a real Gemma, Mistral or Phi-3 run holds: transformers 5 saves its tokenizer as tokenizer.json alone,
+    with no tokenizer.model for the converter's SentencePiece reader. The file's vocabulary is llama.cpp's
+    SentencePiece kind, built from tokenizer.json, and llama.cpp tokenizes every prompt as the run does."""
+    if name not in TINY:
+        pytest.skip(f"no tiny {name}")
+    tiny = TINY[name]
+    base = build(tiny, sentencepiece_style_bpe(prepend), workdir / f"{name}-sp-model")
+    run = run_sft(workdir, base, {"name": "lora", "r": 4}, f"{name}-sp-lora", learning_rate=1e-2)
+
+    result = export_gguf(run, workdir / f"{name}-sp" / "model.gguf", quant="f16")
+    assert result.verification.ok  # the token ids of every prompt among it
+    fields = gguf.GGUFReader(result.path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is prepend

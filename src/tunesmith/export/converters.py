@@ -37,17 +37,20 @@ def has_converters() -> bool:
     return True
 
 
-def convert_model(model, tokenizer, out: Path, *, quant: str, name: str, pre: str | None) -> None:
+def convert_model(model, tokenizer, out: Path, *, quant: str, name: str, pre: str | None,
+                  adds: tuple[bool, bool]) -> None:
     """Write `model` and `tokenizer` as the GGUF `out` with llama.cpp's converter (and quantizer, for the types in
     FTYPES). pre: llama.cpp's name for the tokenizer's pre-tokenizer, used where the converter does not recognise
-    the tokenizer itself."""
+    the tokenizer itself; adds: whether the tokenizer puts BOS and EOS around a text (vocab.adds_bos_eos), which
+    the file says in place of what the converter reads from the tokenizer's config."""
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}-hf-", dir=out.parent) as scratch:
         scratch = Path(scratch)
         model.save_pretrained(scratch / "model")  # the converter reads a model directory
         tokenizer.save_pretrained(scratch / "model")
         direct = quant in OUTTYPES
         target = out if direct else scratch / "f32.gguf"
-        _run(["hf", *(["--pre", pre] if pre else []), "--", str(scratch / "model"), "--outfile", str(target),
+        _run(["hf", *(["--pre", pre] if pre else []), "--adds", *(str(int(a)) for a in adds), "--",
+              str(scratch / "model"), "--outfile", str(target),
               "--outtype", quant if direct else "f32", "--model-name", name], what=f"converting to {quant}")
         if not direct:
             _run(["quantize", str(target), str(out), FTYPES[quant]], what=f"quantizing to {quant}")

@@ -24,7 +24,7 @@ from .converters import convert_model, has_converters
 from .modelfile import ollama_modelfile
 from .quants import QUANTS
 from .verify import Verification, mismatch_message, verify_gguf
-from .vocab import add_vocab, pre_tokenizer_name, vocab_problem
+from .vocab import add_vocab, adds_bos_eos, pre_tokenizer_name, vocab_problem
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def write_model(model, tokenizer, path: Path, *, quant: str, name: str, base: st
         write_gguf(model, tokenizer, path, quant=quant, name=name, base=base)
     else:
         named = f"{name} ({Path(base).name})" if base and Path(base).name != name else name
-        convert_model(model, tokenizer, path, quant=quant, name=named, pre=pre_tokenizer_name(tokenizer, base))
+        convert_model(model, tokenizer, path, quant=quant, name=named, pre=pre_tokenizer_name(tokenizer, base),
+                      adds=adds_bos_eos(tokenizer))
     return writer
 
 

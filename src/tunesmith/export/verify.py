@@ -90,14 +90,16 @@ class Verification:
 # verified by llama.cpp alone: qwen3 (it ignores attention.key_length, so a head size other than hidden / heads
 # breaks), gemma2 (logits 1e-2 off), gemma3 (a correct file's top-1 agreement 0.48), phi3 (its role tokens lose
 # the right-strip Phi-3's tokenizer gives them, so chat prompts tokenize otherwise), and it refuses smollm3. Nor
-# does it read rope scaling (Llama 3.1's rope_freqs tensor: logits 3.5e-3 off on a tiny Llama 3).
+# does it read rope scaling (Llama 3.1's rope_freqs tensor: logits 3.5e-3 off on a tiny Llama 3), nor tokenize
+# as llama.cpp and the run do with a SentencePiece vocabulary (Mistral's: other ids after "<s>[INST]").
 TRANSFORMERS_READS = {"llama", "qwen2"}
 
 
 def transformers_reads(reader) -> bool:
     """Whether transformers reads the GGUF (a gguf.GGUFReader) as llama.cpp does (TRANSFORMERS_READS)."""
     arch = reader.fields["general.architecture"].contents()
-    return (arch in TRANSFORMERS_READS and f"{arch}.rope.scaling.type" not in reader.fields
+    return (arch in TRANSFORMERS_READS and reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+            and f"{arch}.rope.scaling.type" not in reader.fields
             and not any(t.name.startswith("rope_") for t in reader.tensors))
 
 

@@ -81,14 +81,21 @@ def add_vocab(writer, tokenizer, vocab_size: int, base: str | None) -> None:
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    # What the tokenizer adds around a text, read off its behaviour rather than its config keys.
-    bare, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
-    writer.add_add_bos_token(len(full) > len(bare) and full[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(len(full) > len(bare) and full[-1] == tokenizer.eos_token_id)
+    add_bos, add_eos = adds_bos_eos(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
     byte_level = next((p for p in _pre_steps(spec) if p["type"] == "ByteLevel"), {})
     writer.add_add_space_prefix(bool(byte_level.get("add_prefix_space", False)))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)  # the template the run was trained with
+
+
+def adds_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """Whether the tokenizer puts BOS before a text and EOS after it, read off its behaviour rather than its
+    config keys (tokenizer.ggml.add_bos_token / add_eos_token)."""
+    bare, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    return (len(full) > len(bare) and full[0] == tokenizer.bos_token_id,
+            len(full) > len(bare) and full[-1] == tokenizer.eos_token_id)
 
 
 def _pre_steps(spec: dict) -> list[dict]:
