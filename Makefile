@@ -8,16 +8,35 @@ RUN_ENV := $$( [ -e $(TCMALLOC) ] && echo LD_PRELOAD=$(TCMALLOC) )
 setup:
 	./setup.sh
 
-# Set-up plus the llama-cpp serving backend (`tunesmith serve --backend llama-cpp`), at the lock's version. pip
-# builds llama.cpp from the sdist (~7 min on 2 CPU cores); skipped when the venv already has it. Portable x86-64
-# flags, AMX off: llama.cpp's default (native) build on this project's VM, which advertises AMX, died with "illegal
-# instruction" at its first batched decode; this build runs everywhere AVX2 does.
+# Set-up plus llama.cpp: the llama-cpp serving backend (`tunesmith serve --backend llama-cpp`) and llama.cpp's own
+# GGUF converters (`tunesmith export --gguf`), both from llama-cpp-python's sdist at the lock's version. The sdist is
+# downloaded once into .venv/src; pip builds llama.cpp from it (~7 min on 2 CPU cores), skipped when the venv
+# already has it. Portable x86-64 flags, AMX off: llama.cpp's default (native) build on this project's VM, which
+# advertises AMX, died with "illegal instruction" at its first batched decode; this build runs everywhere AVX2 does.
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_PIN = $(shell grep -E '^llama-cpp-python==' requirements.lock)
+LLAMA_VERSION = $(patsubst llama-cpp-python==%,%,$(LLAMA_PIN))
+LLAMA_SDIST = .venv/src/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+# The sdist's vendor/llama.cpp is gone once pip has built it, so the converters are kept here (tunesmith's
+# export/converter.py looks for them in the venv's share/tunesmith/llama.cpp): the two scripts, the `conversion`
+# package they import, gguf-py as it ships with them, the chat templates a few architectures read, the licence.
+# Re-extracted when the stamp (version and file list) differs.
+CONVERTERS := .venv/share/tunesmith/llama.cpp
+CONVERTER_FILES := convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py/gguf models/templates LICENSE
+CONVERTER_STAMP = $(LLAMA_VERSION): $(CONVERTER_FILES)
 setup-fast: setup
+	[ -f $(LLAMA_SDIST) ] || .venv/bin/python -m pip --disable-pip-version-check -q download --no-deps \
+		--no-binary :all: "$(LLAMA_PIN)" -d .venv/src
 	.venv/bin/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" \
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv/bin/python -m pip --disable-pip-version-check -q install \
-		--no-deps --no-cache-dir "$$(grep -E '^llama-cpp-python==' requirements.lock)"
+		--no-deps --no-cache-dir $(LLAMA_SDIST)
+	[ "$$(cat $(CONVERTERS)/STAMP 2>/dev/null)" = "$(CONVERTER_STAMP)" ] || { \
+		rm -rf $(CONVERTERS).tmp && mkdir -p $(CONVERTERS).tmp \
+		&& tar -xzf $(LLAMA_SDIST) -C $(CONVERTERS).tmp --strip-components=3 \
+			$(addprefix llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/,$(CONVERTER_FILES)) \
+		&& echo "$(CONVERTER_STAMP)" > $(CONVERTERS).tmp/STAMP \
+		&& rm -rf $(CONVERTERS) && mv $(CONVERTERS).tmp $(CONVERTERS); }
 
 # LoRA-tune the embedded SmolLM2 on the demo support-routing chat task, scoring it before and after.
 # Each run gets a new directory: tunesmith never overwrites a run.

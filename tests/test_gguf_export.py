@@ -5,7 +5,9 @@ fails verification; and the LoRA adapter alone, in llama.cpp's format, adds up t
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 
 import gguf
 import numpy as np
@@ -15,8 +17,9 @@ from conftest import SMOLLM2_TEMPLATE, _wrap_all_specials, build_tiny_llama
 
 from tunesmith.cli import main
 from tunesmith.data.templates import CHAT_TEMPLATES
-from tunesmith.export import (QUANTS, TOLERANCE, ExportError, Tolerance, export_gguf, export_lora_gguf, has_llama_cpp,
-                              ollama_modelfile, verify, verify_gguf, vocab)
+from tunesmith.export import (QUANTS, TOLERANCE, TUNESMITH, ExportError, Tolerance, converters, converters_dir,
+                              export_gguf, export_lora_gguf, has_converters, has_llama_cpp, ollama_modelfile, verify,
+                              verify_gguf, vocab)
 from tunesmith.export import gguf as gguf_writer  # tunesmith's writer; plain `gguf` is gguf-py, which reads files
 
 from test_export import CHAT, run_sft, write_jsonl  # a few steps of a method on the tiny chat data
@@ -171,7 +174,7 @@ def test_every_key_of_llama_cpps_own_smollm2_file_but_the_model_card_is_written(
     card = {"general.organization", "general.finetune", "general.basename", "general.size_label",
             "general.license", "general.languages"}
     assert set(smollm2_gguf) - card - set(gguf.GGUFReader(exported.path).fields) == set()
-    assert vocab._pre_tokenizer({}, "smollm2-135m-instruct") == "smollm"  # a SmolLM2 run keeps its file's
+    assert vocab.pre_tokenizer_name(None, "smollm2-135m-instruct") == "smollm"  # a SmolLM2 run keeps its file's
 
 
 def test_the_file_holds_the_runs_own_chat_template(exported, chatml_run, tmp_path):
@@ -258,7 +261,8 @@ def test_an_existing_gguf_or_modelfile_is_kept_without_force(exported, lora_run,
     assert result.path.read_bytes()[:4] == b"GGUF" and result.modelfile.read_text().startswith("FROM ./m.gguf")
 
 
-def test_another_architecture_is_refused_by_name(workdir, tokenizer, tmp_path):
+def test_without_llama_cpps_converter_another_architecture_is_refused_naming_make_setup_fast(workdir, tokenizer,
+                                                                                           tmp_path, monkeypatch):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -268,10 +272,51 @@ def test_another_architecture_is_refused_by_name(workdir, tokenizer, tmp_path):
     Qwen2ForCausalLM(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
     run = run_sft(workdir, base, {"name": "full"}, "qwen2-run", max_steps=1)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))  # a venv that `make setup-fast` has not run in
 
-    with pytest.raises(ExportError, match="supports the Llama architecture .* this run's model is 'qwen2'"):
-        export_gguf(run, tmp_path / "m.gguf")
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ExportError, match=r"^this run's model needs llama.cpp's GGUF converter: its architecture is "
+                                          r"'qwen2', not 'llama'\. tunesmith's own writer covers plain Llama models "
+                                          r"with a byte-level BPE tokenizer \(such as SmolLM2\); run `make "
+                                          r"setup-fast`, which installs llama.cpp's converter for every architecture "
+                                          r"llama.cpp supports$"):
+        export_gguf(run, tmp_path / "out" / "m.gguf")
+    assert not (tmp_path / "out").exists()
+    llama31 = build_tiny_llama(tokenizer, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64}).config
+    with pytest.raises(ExportError, match="needs llama.cpp's GGUF converter: this Llama has llama3 rope scaling"):
+        gguf_writer.gguf_path(llama31)
+    assert gguf_writer.gguf_path(build_tiny_llama(tokenizer).config, tokenizer) == TUNESMITH  # needs no converter
+
+
+def test_the_converters_are_looked_for_where_make_setup_fast_puts_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    where = re.escape(str(tmp_path / "share" / "tunesmith" / "llama.cpp"))
+    with pytest.raises(ExportError, match=rf"^llama.cpp's GGUF converter is not installed \(looked in {where}\); run "
+                                          r"`make setup-fast`, which builds llama.cpp and keeps its converters in the "
+                                          r"venv$"):
+        converters_dir()
+    assert not has_converters()
+
+
+def test_the_pre_tokenizer_is_named_from_the_tokenizers_own_split(tokenizer, tmp_path):
+    """What llama.cpp's converter is told where it does not recognise a tokenizer by hash: Qwen2's tokenizer class
+    replaces the saved byte-level split by Qwen2's, and transformers loads it for any model of type qwen2."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    assert vocab.pre_tokenizer_name(tokenizer) == "gpt-2" and vocab.vocab_problem(tokenizer) is None
+    tokenizer.save_pretrained(tmp_path)
+    Qwen2Config().save_pretrained(tmp_path)
+    qwen2 = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(qwen2).__name__ == "Qwen2Tokenizer" and vocab.pre_tokenizer_name(qwen2) == "qwen2"
+    spec = json.loads(qwen2.backend_tokenizer.to_str())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = vocab.LLAMA3_SPLIT  # Llama 3's, digits in 3s
+    qwen2.backend_tokenizer.pre_tokenizer = qwen2.backend_tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    assert vocab.pre_tokenizer_name(qwen2) == "llama-bpe"
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
+    qwen2.backend_tokenizer.pre_tokenizer = qwen2.backend_tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    assert vocab.pre_tokenizer_name(qwen2) is None
+    assert vocab.vocab_problem(qwen2).startswith("its tokenizer's pre-tokenizer ({\"type\": \"Sequence\"")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,6 +383,19 @@ def test_a_file_that_lost_the_training_is_refused_even_within_its_quant_toleranc
     [merged_file] = verify_gguf(lora_run, tmp_path / "right" / "m.gguf", llama_cpp=False).comparisons
     assert base_file.kl == pytest.approx(base_file.kl_base, rel=1e-3) and base_file.kl_base > 1e-4
     assert merged_file.kl < 1e-6 and merged_file.kl_base == pytest.approx(base_file.kl_base, rel=1e-6)
+
+
+def test_a_file_of_the_same_name_in_the_working_directory_is_not_verified_in_its_place(lora_run, base_f32, tmp_path,
+                                                                                        monkeypatch):
+    """transformers reads a bare gguf_file name from the working directory when one is there; the base model's
+    file, under the name of the run's, must not be what the run's file is compared as."""
+    path = export_gguf(lora_run, tmp_path / "run" / "model.gguf", quant="f32", verify=False).path
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "model.gguf").write_bytes(base_f32.read_bytes())
+    monkeypatch.chdir(tmp_path / "cwd")
+
+    report = verify_gguf(lora_run, path, llama_cpp=False)
+    assert report.ok, report.problems
 
 
 def test_a_refusal_says_by_how_much_against_which_tolerance_and_what_to_do(lora_run, tmp_path, monkeypatch):
@@ -540,3 +598,103 @@ def test_lora_only_is_verified_with_llama_cpp(lora_run, tmp_path):
     assert [c.backend for c in result.verification.comparisons] == ["llama.cpp + LoRA"]
     assert result.verification.quant == "f32"  # judged as the f32 base it was applied to
     assert not list(tmp_path.glob(".adapter-*"))  # the scratch base is gone
+
+
+# ---------------------------------------------------------------------------------------------------------
+# llama.cpp's converter (`make setup-fast`): the same file as tunesmith's writer, where both apply
+# ---------------------------------------------------------------------------------------------------------
+
+needs_converters = pytest.mark.skipif(not has_converters(), reason="llama.cpp's converters are not installed "
+                                                                   "(make setup-fast)")
+
+
+@needs_converters
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0"])
+def test_llama_cpps_converter_writes_the_tensors_tunesmiths_writer_does(tied_dir, tokenizer, tmp_path, quant):
+    """The measurement behind gguf_path's choice, kept: on a plain Llama both writers give the same bytes for
+    every tensor (q4_0: llama.cpp's quantizer from an f32 file), so tunesmith's, which needs no model directory
+    on disk and no second process, writes those."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tied_dir)
+    gguf_writer.write_gguf(model, tokenizer, tmp_path / "ours.gguf", quant=quant, name="x")
+    converters.convert_model(model, tokenizer, tmp_path / "theirs.gguf", quant=quant, name="x", pre="gpt-2",
+                             adds=(False, False))
+
+    ours, theirs = ({t.name: t for t in gguf.GGUFReader(tmp_path / f"{who}.gguf").tensors}
+                    for who in ("ours", "theirs"))
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
+    assert [n for n in ours if not np.array_equal(ours[n].data, theirs[n].data)] == []
+    assert gguf_fields(tmp_path / "theirs.gguf")["tokenizer.ggml.pre"] == "gpt-2"  # the name tunesmith gave it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.gguf", "theirs.gguf"]  # no scratch directory left
+
+
+@needs_converters
+def test_an_architecture_llama_cpp_does_not_convert_is_refused_in_the_converters_words(tokenizer, tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                     num_attention_heads=4, word_embed_proj_dim=32))
+    with pytest.raises(ExportError, match=r"^llama.cpp's converter failed converting to f16 \(exit status 1\); its "
+                                          r"last words: .*Model OPTForCausalLM is not supported"):
+        gguf_writer.write_model(model, tokenizer, tmp_path / "m.gguf", quant="f16", name="opt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tolerances hold beyond SmolLM2: a correct file with large logits passes, wrong ones still fail, in llama.cpp
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loud_run(workdir, tokenizer):
+    """A LoRA run on a tiny Llama whose weights are scaled up (embeddings 35x, every other matrix 20x) so that its
+    largest logit is about 17, as a real model's are, where a tiny random model's stay under 1."""
+    path = workdir / "tiny-loud"
+    model = build_tiny_llama(tokenizer, tie_word_embeddings=True)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim == 2:
+                weight.mul_(35 if "embed" in name else 20)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return run_sft(workdir, path, {"name": "lora", "r": 4}, "loud-run", learning_rate=1e-3)
+
+
+@needs_llama_cpp
+def test_an_f32_file_with_large_logits_passes_in_llama_cpp_judged_by_f16s_tolerance(loud_run, tmp_path):
+    """llama.cpp's own f16 arithmetic (its KV cache) puts a correct f32 file further from the run than f32's 1e-6
+    when logits are large; judged as f16, the file passes, and transformers still meets f32's."""
+    report = export_gguf(loud_run, tmp_path / "m.gguf", quant="f32", llama_cpp=True).verification
+
+    assert report.ok, report.problems
+    transformers, llama_cpp = report.comparisons
+    assert llama_cpp.backend == "llama.cpp" and 15 < llama_cpp.logit_scale < 20
+    assert TOLERANCE["f32"].kl < llama_cpp.kl < TOLERANCE["f16"].kl and transformers.kl < 1e-3 * TOLERANCE["f32"].kl
+    assert llama_cpp.top1 == 1.0 and llama_cpp.greedy_same == llama_cpp.prompts
+    assert str(report).startswith("f32 (tolerance: top-1 agreement >= 1, mean KL <= 1e-06 nats; in llama.cpp, "
+                                  "f16's): transformers: ")
+
+
+@needs_llama_cpp
+def test_llama_cpp_still_refuses_a_file_without_the_rope_permutation(sharp_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_writer, "permute_for_rope", lambda weights, n_head: weights)
+    path = export_gguf(sharp_run, tmp_path / "m.gguf", quant="f32", verify=False).path
+
+    report = verify_gguf(sharp_run, path, llama_cpp=True)
+    [llama_cpp] = [c for c in report.comparisons if c.backend == "llama.cpp"]
+    assert llama_cpp.top1 < TOLERANCE["f16"].top1 and llama_cpp.kl > 10 * TOLERANCE["f16"].kl
+    assert [p for p in report.problems if p.startswith("llama.cpp: the most likely")] == [
+        f"llama.cpp: the most likely next token is the run's at only {llama_cpp.top1:.3f} of {llama_cpp.positions} "
+        "positions, below the 0.98 required for f32 in llama.cpp, which computes in f16 in places"]
+
+
+@needs_llama_cpp
+def test_llama_cpp_still_refuses_a_file_that_lost_the_training(lora_run, tmp_path, monkeypatch):
+    from tunesmith.models import load_run
+
+    monkeypatch.setattr(gguf_writer, "_merged", lambda run: (lambda m, t, i: (m.unload(), t, i))(*load_run(run)))
+    path = export_gguf(lora_run, tmp_path / "m.gguf", quant="f16", verify=False).path
+
+    report = verify_gguf(lora_run, path, llama_cpp=True)
+    assert [p.split(":")[0] for p in report.problems if "lost what training changed" in p] == [
+        "transformers", "llama.cpp"]

@@ -58,8 +58,9 @@ def exported(run: Path, quant: str = GGUF_QUANT) -> Path:
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        # Verified against the run with transformers; llama.cpp loads it next, in this process (tests/
-        # test_backends.py compares its replies with the torch engine's).
+        # Verified against the run with transformers where it reads the architecture (llama.cpp loads the file
+        # next, in this process: tests/test_backends.py compares its replies with the torch engine's), and with
+        # llama.cpp, in a child process, for the families only llama.cpp reads (verify.TRANSFORMERS_READS).
         export_gguf(run, tmp / "model.gguf", quant=quant, force=True, verify=False)
         report = verify_gguf(run, tmp / "model.gguf", llama_cpp=False)
         if not report.ok:

@@ -2,9 +2,13 @@
 tokenizer and the chat template the run was trained with, plus an Ollama Modelfile beside it (modelfile.py). The
 file is then verified against the run (verify.py) before it is moved into place.
 
-What goes into the file mirrors llama.cpp's convert_hf_to_gguf.py (LlamaModel, TextModel.prepare_tensors) and
-llama-quantize's choice of type per tensor; the format itself is gguf-py's GGUFWriter (`import gguf` here is that
-library, not this module)."""
+Two writers, chosen per run by `gguf_path`: tunesmith's own (write_gguf, below) for plain Llama models with a
+byte-level BPE tokenizer (SmolLM2's kind), and llama.cpp's own converter (converters.py, `make setup-fast`) for
+every other architecture llama.cpp supports. On Llama the two write bit-identical tensors (f32 to q4_0, measured
+on SmolLM2-135M: docs/gguf.md), and tunesmith's needs no model directory on disk nor a second Python process.
+What write_gguf puts into the file mirrors llama.cpp's convert_hf_to_gguf.py (LlamaModel,
+TextModel.prepare_tensors) and llama-quantize's choice of type per tensor; the format itself is gguf-py's
+GGUFWriter (`import gguf` here is that library, not this module)."""
 
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ from pathlib import Path
 from .. import runs
 from ..models import load_run
 from .common import ExportError, open_language_run, refuse_existing, refuse_unmergeable, scratch_beside
+from .converters import convert_model, has_converters
 from .modelfile import ollama_modelfile
 from .quants import QUANTS
 from .verify import Verification, mismatch_message, verify_gguf
-from .vocab import add_vocab
+from .vocab import add_vocab, adds_bos_eos, pre_tokenizer_name, vocab_problem
 
 log = logging.getLogger(__name__)
+
+TUNESMITH, LLAMA_CPP = "tunesmith", "llama.cpp"  # the two writers (gguf_path)
 
 
 @dataclass
@@ -30,6 +37,7 @@ class GGUFExport:
     modelfile: Path
     quant: str
     verification: Verification | None  # None with verify=False
+    writer: str = TUNESMITH  # which wrote the file: TUNESMITH or LLAMA_CPP (gguf_path)
 
 
 def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: bool = False,
@@ -49,7 +57,7 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = scratch_beside(out)
     try:
-        write_gguf(model, tokenizer, tmp, quant=quant, name=Path(run).resolve().name, base=info.base_model)
+        writer = write_model(model, tokenizer, tmp, quant=quant, name=Path(run).resolve().name, base=info.base_model)
         del model  # verification loads the run afresh: the comparison is with the run as tunesmith serves it
         report = verify_gguf(run, tmp, llama_cpp=llama_cpp) if verify else None
         if report is not None and not report.ok:
@@ -58,32 +66,61 @@ def export_gguf(run: str | Path, out: str | Path, *, quant: str = "f16", force: 
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return GGUFExport(out, modelfile, quant, report)
+    return GGUFExport(out, modelfile, quant, report, writer)
 
 
 def _merged(run):
-    """(model, tokenizer, info): the run's weights as one standalone causal LM."""
+    """(model, tokenizer, info): the run's weights as one standalone causal LM, of an architecture that can be
+    written (gguf_path)."""
     info = open_language_run(run)
     refuse_unmergeable(info, into="the weights a GGUF holds", instead="--gguf")
     model, tokenizer, _ = load_run(run)
     if info.peft:
         model = model.merge_and_unload()
-    check_supported(model.config)
+    gguf_path(model.config, tokenizer, info.base_model)
     return model.eval(), tokenizer, info
 
 
-def check_supported(config) -> None:
+def write_model(model, tokenizer, path: Path, *, quant: str, name: str, base: str | None = None) -> str:
+    """Write `model` and `tokenizer` as the GGUF `path` with the writer gguf_path chooses; which one it was. `name`
+    becomes general.name; `base`, the base model's name, is added to it for llama.cpp's converter: llama.cpp keys
+    some of a family's tokenizer on general.name (Phi-3's role tokens strip the whitespace after them only in a
+    model whose name says "phi-3" or "phi3"), so a run named anything keeps its base's behaviour."""
+    writer = gguf_path(model.config, tokenizer, base)
+    if writer == TUNESMITH:
+        write_gguf(model, tokenizer, path, quant=quant, name=name, base=base)
+    else:
+        named = f"{name} ({Path(base).name})" if base and Path(base).name != name else name
+        convert_model(model, tokenizer, path, quant=quant, name=named, pre=pre_tokenizer_name(tokenizer, base),
+                      adds=adds_bos_eos(tokenizer))
+    return writer
+
+
+def gguf_path(config, tokenizer=None, base: str | None = None) -> str:
+    """Which writer a model takes: TUNESMITH where tunesmith's own writer covers it (a plain Llama and, when
+    `tokenizer` is given, a byte-level BPE tokenizer), else LLAMA_CPP when `make setup-fast` has installed
+    llama.cpp's converter; without it, an ExportError that says so."""
+    problem = llama_problem(config) or (vocab_problem(tokenizer, base) if tokenizer is not None else None)
+    if problem is None:
+        return TUNESMITH
+    if has_converters():
+        return LLAMA_CPP
+    raise ExportError(f"this run's model needs llama.cpp's GGUF converter: {problem}. tunesmith's own writer covers "
+                      "plain Llama models with a byte-level BPE tokenizer (such as SmolLM2); run `make setup-fast`, "
+                      "which installs llama.cpp's converter for every architecture llama.cpp supports")
+
+
+def llama_problem(config) -> str | None:
+    """Why tunesmith's own writer cannot write a model of this config (None: it can)."""
     if config.model_type != "llama":
-        raise ExportError(f"GGUF export supports the Llama architecture (model_type 'llama', e.g. SmolLM2); this "
-                          f"run's model is {config.model_type!r}")
+        return f"its architecture is {config.model_type!r}, not 'llama'"
     unsupported = [flag for flag in ("attention_bias", "mlp_bias") if getattr(config, flag, False)]
     if config.hidden_act != "silu":
         unsupported.append(f"hidden_act={config.hidden_act}")
     rope_type = _rope(config).get("rope_type") or "default"
     if rope_type != "default":
         unsupported.append(f"{rope_type} rope scaling")
-    if unsupported:
-        raise ExportError(f"GGUF export supports plain Llama models; this one has {', '.join(unsupported)}")
+    return f"this Llama has {', '.join(unsupported)}" if unsupported else None
 
 
 def _rope(config) -> dict:
@@ -93,6 +130,9 @@ def _rope(config) -> dict:
 def write_gguf(model, tokenizer, path: Path, *, quant: str, name: str, base: str | None = None) -> None:
     """Write a Llama model and its tokenizer as GGUF at `path` (not atomic: `export_gguf` renames it in)."""
     import gguf
+
+    if (problem := llama_problem(model.config)) is not None:
+        raise ExportError(f"tunesmith's GGUF writer writes plain Llama models; {problem}")
 
     file_type, weight_type = (getattr(gguf.LlamaFileType, QUANTS[quant][0]),
                               getattr(gguf.GGMLQuantizationType, QUANTS[quant][1]))

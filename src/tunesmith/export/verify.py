@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..models import load_run
 from .common import ExportError
-from .quants import FINER, GREEDY_MUST_MATCH, QUANTS, TOLERANCE, TRAINING_KEPT
+from .quants import FINER, GREEDY_MUST_MATCH, QUANTS, TOLERANCE, TRAINING_KEPT, judged_as
 
 # A fixed prompt set: chats rendered with the run's own template, and plain text with special tokens, digits
 # and non-ASCII bytes, so the tokenizer round trip is exercised too.
@@ -40,18 +40,20 @@ class Comparison:
     kl_base: float | None = None  # mean KL(run || base model) over the same positions: adapter runs only
 
     def problems(self, quant: str) -> list[str]:
-        tol, problems = TOLERANCE[quant], []
+        judged = judged_as(quant, self.backend)
+        tol, problems = TOLERANCE[judged], []
+        what = quant if judged == quant else f"{quant} in llama.cpp, which computes in {judged} in places"
         if self.top1 < tol.top1:
             problems.append(f"{self.backend}: the most likely next token is the run's at only {self.top1:.3f} of "
-                            f"{self.positions} positions, below the {tol.top1:g} required for {quant}")
+                            f"{self.positions} positions, below the {tol.top1:g} required for {what}")
         if not self.kl <= tol.kl:  # NaN fails too
             problems.append(f"{self.backend}: the mean KL divergence from the run's next-token distribution is "
-                            f"{self.kl:.3g} nats, over the {tol.kl:g} tolerated for {quant}")
+                            f"{self.kl:.3g} nats, over the {tol.kl:g} tolerated for {what}")
         if self.kl_base is not None and not self.kl <= TRAINING_KEPT * self.kl_base:
             problems.append(f"{self.backend}: the file lost what training changed: it is {self.kl:.3g} nats from "
                             f"the run, and the base model without the adapter is {self.kl_base:.3g}; a file must "
                             f"be at most {TRAINING_KEPT:g} times as far")
-        if quant in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
+        if judged in GREEDY_MUST_MATCH and self.greedy_same < self.prompts:
             problems.append(f"{self.backend}: greedy continuations differ on {self.prompts - self.greedy_same}/"
                             f"{self.prompts} prompts, where {quant} must reproduce them all")
         return problems
@@ -78,30 +80,53 @@ class Verification:
 
     def __str__(self) -> str:
         tol = TOLERANCE[self.quant]
-        return (f"{self.quant} (tolerance: top-1 agreement >= {tol.top1:g}, mean KL <= {tol.kl:g} nats): "
-                + "; ".join(map(str, self.comparisons)))
+        floor = {judged_as(self.quant, c.backend) for c in self.comparisons} - {self.quant}
+        return (f"{self.quant} (tolerance: top-1 agreement >= {tol.top1:g}, mean KL <= {tol.kl:g} nats"
+                + "".join(f"; in llama.cpp, {f}'s" for f in floor) + "): " + "; ".join(map(str, self.comparisons)))
+
+
+# The architectures (general.architecture) transformers' GGUF loader reads exactly: on a tiny random model of each,
+# an f32 file gives the model's own logits and the run's token ids. It misreads others, so their files are
+# verified by llama.cpp alone: qwen3 (it ignores attention.key_length, so a head size other than hidden / heads
+# breaks), gemma2 (logits 1e-2 off), gemma3 (a correct file's top-1 agreement 0.48), phi3 (its role tokens lose
+# the right-strip Phi-3's tokenizer gives them, so chat prompts tokenize otherwise), and it refuses smollm3. Nor
+# does it read rope scaling (Llama 3.1's rope_freqs tensor: logits 3.5e-3 off on a tiny Llama 3), nor tokenize
+# as llama.cpp and the run do with a SentencePiece vocabulary (Mistral's: other ids after "<s>[INST]").
+TRANSFORMERS_READS = {"llama", "qwen2"}
+
+
+def transformers_reads(reader) -> bool:
+    """Whether transformers reads the GGUF (a gguf.GGUFReader) as llama.cpp does (TRANSFORMERS_READS)."""
+    arch = reader.fields["general.architecture"].contents()
+    return (arch in TRANSFORMERS_READS and reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+            and f"{arch}.rope.scaling.type" not in reader.fields
+            and not any(t.name.startswith("rope_") for t in reader.tensors))
 
 
 def verify_gguf(run: str | Path, gguf_path: str | Path, *, lora: str | Path | None = None,
                 llama_cpp: bool | None = None) -> Verification:
     """Load `gguf_path` back and compare it with `run` on the fixed prompt set: exactly, the chat template and
     the token ids of every prompt; within TOLERANCE of the file's quant type, the next-token distributions at
-    every position of the prompts and of the run's greedy continuations. The loaders are transformers and, when
-    llama-cpp-python is installed (or llama_cpp=True), llama.cpp. With `lora` (a GGUF LoRA adapter for the
-    base model `gguf_path`), only llama.cpp can apply it."""
+    every position of the prompts and of the run's greedy continuations. The loaders are transformers, for the
+    architectures it reads (TRANSFORMERS_READS), and llama.cpp: with llama_cpp=True, or None and llama-cpp-python
+    installed, or where transformers cannot read the file. With `lora` (a GGUF LoRA adapter for the base model
+    `gguf_path`), only llama.cpp can apply it."""
     import gguf
 
     gguf_path = Path(gguf_path)
-    file_type = int(gguf.GGUFReader(gguf_path).fields["general.file_type"].contents())
+    reader = gguf.GGUFReader(gguf_path)
+    file_type = int(reader.fields["general.file_type"].contents())
     quant = next((q for q, (ft, _) in QUANTS.items() if getattr(gguf.LlamaFileType, ft) == file_type), None)
     if quant is None:
         raise ExportError(f"{gguf_path} is of type {gguf.LlamaFileType(file_type).name}, which has no stated "
                           f"tolerance; verification knows {', '.join(QUANTS)}")
+    transformers = lora is None and transformers_reads(reader)
     if llama_cpp is None:
-        llama_cpp = lora is not None or has_llama_cpp()
+        llama_cpp = has_llama_cpp()
+    loaders = [("transformers", _transformers_outputs)] if transformers else []
+    if llama_cpp or not transformers:
+        loaders.append(("llama.cpp" + (" + LoRA" if lora else ""), _llama_cpp_outputs))
     prompts, tokenizer = _reference(run)
-    loaders = [] if lora is not None else [("transformers", _transformers_outputs)]
-    loaders += [("llama.cpp" + (" + LoRA" if lora else ""), _llama_cpp_outputs)] if llama_cpp else []
 
     problems, comparisons = [], []
     for name, load in loaders:
@@ -149,11 +174,8 @@ def _reference(run) -> tuple[list[_Prompt], object]:
     the base model's logits (the adapter disabled) at the same positions."""
     import torch
 
-    from ..data.templates import render_chat
-
     model, tokenizer, info = load_run(run)
-    texts = [render_chat(tokenizer, chat, add_generation_prompt=True) for chat in CHATS] \
-        if tokenizer.chat_template else []
+    texts = _chat_prompts(tokenizer) if tokenizer.chat_template else []
     prompts = []
     for text in texts + TEXTS:
         ids = tokenizer(text).input_ids
@@ -166,6 +188,19 @@ def _reference(run) -> tuple[list[_Prompt], object]:
                     base = model(input_ids=torch.tensor([full])).logits[0].double().numpy()
         prompts.append(_Prompt(text, ids, full, logits, base))
     return prompts, tokenizer
+
+
+def _chat_prompts(tokenizer) -> list[str]:
+    """CHATS rendered with the run's template, less those it refuses (Gemma 2's raises on a system message)."""
+    from ..data.templates import ChatTemplateError, render_chat
+
+    texts = []
+    for chat in CHATS:
+        try:
+            texts.append(render_chat(tokenizer, chat, add_generation_prompt=True))
+        except ChatTemplateError:
+            continue
+    return texts
 
 
 def _greedy(model, ids: list[int], steps: int = GREEDY_TOKENS) -> list[int]:
@@ -215,7 +250,9 @@ def _transformers_outputs(path: Path, lora, texts: list[str], fulls: list[list[i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    # gguf_file by its absolute path: transformers takes a bare name that exists in the working directory for
+    # that file (modeling_utils' "Case 1"), so a model.gguf there would be verified instead of this one.
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=str(path.resolve()))
     model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(**where)
     with torch.no_grad():
@@ -239,6 +276,11 @@ def _llama_cpp_outputs(path: Path, lora, texts: list[str], fulls: list[list[int]
                 f"llama.cpp: the process running llama-cpp-python died loading or evaluating {path.name} (a "
                 "build for another CPU dies like this: reinstall llama-cpp-python on this machine, or pass "
                 "--no-verify)") from None
+        except ImportError:
+            raise _LoaderCrashed(f"llama.cpp: {path.name} can only be verified by llama.cpp, and llama-cpp-python "
+                                 "is not installed: run `make setup-fast`, or pass --no-verify") from None
+        except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
+            raise _LoaderCrashed(f"llama.cpp: {err}") from None
 
 
 def _llama_cpp_child(path: str, lora: str | None, texts: list[str], fulls: list[list[int]]):
@@ -246,8 +288,10 @@ def _llama_cpp_child(path: str, lora: str | None, texts: list[str], fulls: list[
     import numpy as np
     from llama_cpp import Llama
 
-    context = int(gguf.GGUFReader(path).fields["llama.context_length"].contents())
-    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set.
+    fields = gguf.GGUFReader(path).fields
+    context = int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
+    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set. Run as it is served, with
+    # llama.cpp's default f16 KV cache (quants.LLAMA_CPP_FLOOR says how that is judged).
     llm = Llama(model_path=path, lora_path=lora, n_ctx=min(512, context), n_batch=512, logits_all=True,
                 verbose=False)
     logits = []
