@@ -132,8 +132,8 @@ def _converted(name: str, spec: EmbeddedModel, directory: Path) -> Path:
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=spec.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=spec.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=str(gguf.resolve()))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=str(gguf.resolve()))
         # save_pretrained refuses a quantizer-loaded model; the weights are already dequantized fp32.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

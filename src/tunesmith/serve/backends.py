@@ -48,7 +48,8 @@ def _gguf_tokenizer(path: Path):
     """The tokenizer inside a GGUF file, read by transformers (its pad token set as `load_tokenizer` does)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # by its absolute path: transformers reads a bare name from the working directory when one exists there
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path.resolve()))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
