@@ -43,7 +43,9 @@ LLAMA3_SPECIALS = ("<|end_of_text|>", "<|eom_id|>", "<|python_tag|>", "<|finetun
 QWEN_WORDS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 HEAD_DIM = {"head_dim": 8}  # 32 / 4 heads; the architectures that size heads apart from the hidden size need it
-GEMMA_SETTINGS = {"tie_word_embeddings": True, **HEAD_DIM}
+# Queries scaled by 1/sqrt(head_dim), as real Gemma 2/3 models (but 27B) do and as llama.cpp always computes them
+# (transformers' default query_pre_attn_scalar of 256 would make llama.cpp's attention differ from the run's).
+GEMMA_SETTINGS = {"tie_word_embeddings": True, "query_pre_attn_scalar": HEAD_DIM["head_dim"], **HEAD_DIM}
 
 TINY: dict[str, Tiny] = {t.name: t for t in (
     # meta-llama/Llama-3.1-8B-Instruct: turns end with <|eot_id|>, which is also the tokenizer's EOS.
@@ -115,7 +117,7 @@ def build(tiny: Tiny, bpe, directory: Path) -> Path:
     model_class = getattr(transformers, tiny.architecture)
     config = model_class.config_class(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=ids.get("bos_token"),
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=ids.get("bos_token"),
         eos_token_id=stops if len(stops) > 1 else stops[0], pad_token_id=ids.get("pad_token"),
         **{"tie_word_embeddings": False, **tiny.settings})
     torch.manual_seed(0)

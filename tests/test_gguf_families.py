@@ -129,8 +129,10 @@ def family_run(bpe, workdir):
             if tiny.chat_template is None:
                 pytest.skip(f"the {tiny.name} chat template is not in the tree yet")
             base = build(tiny, bpe, workdir / f"{tiny.name}-model")
+            # max_length 2048: SmolLM3's template prints a long default system prompt (~1,000 tiny-tokenizer
+            # tokens) before every conversation without one
             built[name] = tiny, base, run_sft(workdir, base, {"name": "lora", "r": 4}, f"{tiny.name}-lora",
-                                              learning_rate=1e-2)
+                                              learning_rate=1e-2, max_length=2048)
         return built[name]
     return run_of
 

@@ -290,10 +290,11 @@ def _llama_cpp_child(path: str, lora: str | None, texts: list[str], fulls: list[
 
     fields = gguf.GGUFReader(path).fields
     context = int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
-    # logits_all keeps (n_ctx, vocab) floats: a short context, enough for the prompt set. Run as it is served, with
-    # llama.cpp's default f16 KV cache (quants.LLAMA_CPP_FLOOR says how that is judged).
-    llm = Llama(model_path=path, lora_path=lora, n_ctx=min(512, context), n_batch=512, logits_all=True,
-                verbose=False)
+    # logits_all keeps (n_ctx, vocab) floats: the shortest context that holds the longest prompt of the set (a
+    # template with a long default system prompt makes long ones). Run as it is served, with llama.cpp's default
+    # f16 KV cache (quants.LLAMA_CPP_FLOOR says how that is judged).
+    n_ctx = min(context, -(-max(len(full) for full in fulls) // 64) * 64)
+    llm = Llama(model_path=path, lora_path=lora, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
     logits = []
     for full in fulls:
         llm.reset()
