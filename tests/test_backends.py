@@ -234,6 +234,9 @@ def test_auth_and_errors_keep_the_envelope(client, server, assets):
     with pytest.raises(openai.BadRequestError) as err:
         complete(client, assets.model, PROMPTS[0], logit_bias={"100000": 1})
     assert err.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as err:  # more digits than Python turns into an int
+        complete(client, assets.model, PROMPTS[0], logit_bias={"9" * 5000: 1})
+    assert err.value.body["param"] == "logit_bias" and len(err.value.body["message"]) < 200
 
 
 def test_hung_up_streams_stop_and_free_their_cache(server, assets):

@@ -209,6 +209,9 @@ def test_the_official_client_with_its_usual_arguments(client):
     ("/v1/completions", {"suffix": "and then"}, "suffix"),
     ("/v1/completions", {"logit_bias": {"five": -100}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"99999999": -100}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"9" * 5000: -100}}, "logit_bias"),  # past Python's int-string limit
+    ("/v1/chat/completions", {"logit_bias": {"1" + "0" * 4300: 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"0" * 5000 + "1": 5, "x": 1}}, "logit_bias"),
 ])
 def test_settings_that_would_change_the_reply_are_refused_by_name(client, path, extra, param):
     body = {"model": BASE, "max_tokens": 4, **({"messages": USER} if "chat" in path else {"prompt": "Hi"}), **extra}

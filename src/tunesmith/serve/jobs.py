@@ -77,10 +77,13 @@ def logit_bias(body, vocab: int) -> dict[int, float]:
     """OpenAI's logit_bias ({"token id": bias}) with integer keys, each a token of this model's vocabulary."""
     bias = {}
     for key, value in (body.logit_bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
-            raise APIError(400, f"logit_bias keys are token ids from 0 to {vocab - 1}; {key!r} is not one.",
+        # Compared as text first: int() refuses more than 4,300 digits (Python's integer-string limit).
+        digits = key.lstrip("0") if key.isascii() and key.isdigit() else None
+        if digits is None or len(digits) > len(str(vocab)) or int(digits or "0") >= vocab:
+            shown = key if len(key) <= 20 else f"{key[:20]}... ({len(key)} characters)"
+            raise APIError(400, f"logit_bias keys are token ids from 0 to {vocab - 1}; {shown!r} is not one.",
                            param="logit_bias")
-        bias[int(key)] = value
+        bias[int(digits or "0")] = value
     return bias
 
 
