@@ -720,6 +720,22 @@ def test_token_id_prompts_equal_their_text(client, base_engine):
     assert_envelope(client.post("/v1/completions", json={"model": BASE, "prompt": [10**7]}), 400, "prompt")
 
 
+@pytest.mark.parametrize("prompt, param, message", [
+    ([1, -1, 2], "prompt.1", "prompt.1: Input should be greater than or equal to 0"),
+    ([1, "a"], "prompt.1", "prompt.1: Input should be a valid integer"),
+    (["a", 3], "prompt.1", "prompt.1: Input should be a valid string"),
+    ([[1, 2], [3, -4]], "prompt.1.1", "prompt.1.1: Input should be greater than or equal to 0"),
+    ([[1, "x"]], "prompt.0.1", "prompt.0.1: Input should be a valid integer"),
+    ([[]], "prompt.0", "prompt.0: List should have at least 1 item after validation, not 0"),
+    ([], "prompt", "prompt: List should have at least 1 item after validation, not 0"),
+])
+def test_a_bad_prompt_is_refused_for_its_one_problem(client, prompt, param, message):
+    """A prompt is a string, strings, token ids or lists of token ids: the error is the one problem of the
+    form the client sent (the branch of the union that got furthest), not every branch's complaint."""
+    error = assert_envelope(client.post("/v1/completions", json={"model": BASE, "prompt": prompt}), 400, param)
+    assert error["message"] == message
+
+
 def test_echo_with_logprobs_scores_the_prompt_like_a_forward_pass(client, base_engine):
     """OpenAI's shape (first token null, then each prompt token's logprob and top alternatives), equal to the
     log-softmax of one forward pass; max_tokens 0 returns the prompt alone."""
