@@ -195,6 +195,42 @@ def test_max_tokens_and_stop_sequences(client, assets):
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
 
 
+def _stop_at(tokens: list[str]) -> int:
+    """The index of a reply token whose text first appears at its own start (a stop string cutting there)."""
+    text = "".join(tokens)
+    return next(k for k in range(2, len(tokens)) if tokens[k].strip()
+                and text.index(tokens[k]) == len("".join(tokens[:k])))
+
+
+def test_a_stop_string_leaves_no_token_in_the_logprobs(client, assets):
+    """The logprobs are those of the text returned: a token swallowed by a stop string (or held back as its
+    possible start and then swallowed) is not in them, so the text rebuilt from them is the reply."""
+    sampled = {"max_tokens": 16, "temperature": 1.0, "seed": 7}  # a random model's greedy reply repeats one token
+    whole = complete(client, assets.model, PROMPTS[1], logprobs=1, **sampled).choices[0]
+    full = whole.logprobs.tokens
+    k = _stop_at(full)
+    for stop in (full[k], full[k] + full[k + 1]):
+        reply = complete(client, assets.model, PROMPTS[1], logprobs=1, stop=[stop], **sampled).choices[0]
+        assert (reply.text, reply.logprobs.tokens) == ("".join(full[:k]), full[:k]), stop
+    # held back as a possible start of the stop string, then let go: every token is there once
+    reply = complete(client, assets.model, PROMPTS[1], logprobs=1, stop=[full[k] + "\x00never"], **sampled)
+    assert (reply.choices[0].text, reply.choices[0].logprobs.tokens) == (whole.text, full)
+    chat = client.chat.completions.create(model=assets.model, messages=USER, logprobs=True, **sampled)
+    said = [t.token for t in chat.choices[0].logprobs.content]
+    cut = client.chat.completions.create(model=assets.model, messages=USER, logprobs=True,
+                                         stop=[said[_stop_at(said)]], **sampled)
+    assert "".join(t.token for t in cut.choices[0].logprobs.content) == cut.choices[0].message.content == \
+        "".join(said[:_stop_at(said)])
+
+
+def test_echo_with_logprobs_0_gives_each_token_its_own_logprob(client, assets):
+    """As vLLM (and OpenAI's completions: "up to logprobs + 1 elements"), top_logprobs holds the token itself."""
+    reply = complete(client, assets.model, PROMPTS[0], max_tokens=3, echo=True, logprobs=0).choices[0].logprobs
+    assert reply.top_logprobs[0] is None and len(reply.tokens) > 4
+    for token, logprob, top in zip(reply.tokens[1:], reply.token_logprobs[1:], reply.top_logprobs[1:]):
+        assert top == {token: logprob}
+
+
 def test_concurrent_clients_get_what_each_gets_alone(client, server, assets):
     alone = {p: complete(client, assets.model, p).choices[0].text for p in PROMPTS}
     with ThreadPoolExecutor(16) as pool:

@@ -137,6 +137,10 @@ class Row:
         self.cached = 0  # prompt tokens whose KV came from the prefix cache
         self.scores: list = []  # a scoring row's logits of each prompt piece, until the whole prompt is in
         self.ended = False
+        # The text given to the stop scanner, in characters, and how much of it was passed on; with logprobs, the
+        # (start, Token) of each token whose text is not passed on yet (held back as a stop string's possible start).
+        self.scanned = self.passed = 0
+        self.held: deque[tuple[int, Token]] = deque()
 
     @property
     def tokens(self) -> list[int]:
@@ -166,25 +170,54 @@ class Row:
         self.n, self.last = self.n + 1, token
         self.picked.append(token)
         if token in self.stops:
-            return self._finish("stop", self.scanner.feed(self.text.flush()))
-        out = self.scanner.feed(self.text.add(token))
+            return self._finish("stop", self._scan(self.text.flush()))
+        out = self._scan(self.text.add(token), info)
         if self.scanner.stopped:
-            return self._finish("stop", out, info)
+            return self._finish("stop", out)
         if self.n >= self.req.params.max_new_tokens:
-            return self._finish("length", out + self.scanner.feed(self.text.flush()), info)
-        self._emit(Event(self.req.index, out, info))
+            return self._finish("length", out + self._scan(self.text.flush()))
+        self._pass_on(out)
         return False
+
+    def _scan(self, piece: str, info: Token | None = None) -> str:
+        """Give a token's text to the stop scanner (its logprobs held with it); what may be passed on now."""
+        if info is not None:
+            self.held.append((self.scanned, info))
+        self.scanned += len(piece)
+        return self.scanner.feed(piece)
+
+    def _pass_on(self, text: str, final: bool = False) -> None:
+        """Emit `text`, the next characters the scanner let through, each token's part with its logprobs: a token
+        is reported once its text starts to be passed on, never when a stop string swallowed all of it (as
+        OpenAI: text rebuilt from the logprobs is the reply). `final`: the reply ends here without a stop string,
+        so tokens of no text at its end are reported too."""
+        start = at = self.passed
+        end = self.passed = start + len(text)
+        events = []
+        while self.held and (self.held[0][0] < end or final):
+            begin, info = self.held.popleft()
+            if begin > at:  # the rest of a token reported earlier
+                events.append(Event(self.req.index, text[at - start:begin - start]))
+            at = max(begin, min(self.held[0][0], end) if self.held else end)
+            events.append(Event(self.req.index, text[begin - start:at - start], info))
+        if at < end:
+            if events:
+                events[-1].text += text[at - start:]
+            else:
+                events.append(Event(self.req.index, text[at - start:]))
+        for event in events:
+            self._emit(event)
 
     def _emit(self, event: Event) -> None:
         if event.text or event.token or event.finish_reason:
             self.req.emit(event)
 
-    def _finish(self, reason: str, text: str, info: Token | None = None) -> bool:
+    def _finish(self, reason: str, text: str) -> bool:
         if not self.scanner.stopped:  # the end: a held-back tail that never became a stop string is text
             text += self.scanner.flush()
         elif reason == "length":
             reason = "stop"  # the last token completed a stop string
-        self._emit(Event(self.req.index, text, info))
+        self._pass_on(text, final=not self.scanner.stopped)
         if not self.req.cancelled.is_set():
             self.req.emit(Event(self.req.index, finish_reason=reason, prompt_tokens=len(self.req.ids),
                                 completion_tokens=self.n, cached_tokens=self.cached))

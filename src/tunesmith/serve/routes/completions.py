@@ -15,6 +15,14 @@ from .common import Reply, chunks_of, collect, read, streaming, usage
 router = APIRouter()
 
 
+def _top(token) -> dict[str, float]:
+    """A position's top_logprobs: the `logprobs` most likely tokens and the token itself, as OpenAI's completions
+    ("up to logprobs + 1 elements") and vLLM give them, so `logprobs: 0` still shows each token's own."""
+    top = dict(token.top)
+    top.setdefault(token.text, token.logprob)
+    return top
+
+
 @router.post("/v1/completions")
 async def completions(request: Request):
     state = request.app.state
@@ -44,7 +52,7 @@ async def completions(request: Request):
             text = t.text if t is not None else engine.tokenizer.decode([token_id])
             out["tokens"].append(text)
             out["token_logprobs"].append(None if t is None else t.logprob)
-            out["top_logprobs"].append(None if t is None else dict(t.top))
+            out["top_logprobs"].append(None if t is None else _top(t))
             out["text_offset"].append(at)
             at += len(text)
         return out
@@ -53,7 +61,7 @@ async def completions(request: Request):
         if body.logprobs is None or event.token is None:
             return None
         t = event.token
-        out = {"tokens": [t.text], "token_logprobs": [t.logprob], "top_logprobs": [dict(t.top)],
+        out = {"tokens": [t.text], "token_logprobs": [t.logprob], "top_logprobs": [_top(t)],
                "text_offset": [offsets[event.index]]}
         offsets[event.index] += len(t.text)
         return out
