@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from serve_assets import (TOOLS, WINDOW, check_call, check_three_turn_conversation, streamed_calls,
+from serve_assets import (TOOLS, WINDOW, check_call, check_three_turn_conversation, gate, streamed_calls,
                           uvicorn_on_loopback, write_base, write_run)
 
 KEY = "test-key"
@@ -308,6 +308,30 @@ def test_loading_a_run_while_serving(server, assets):
 
         assert (assets.cache / "gguf" / run_key(assets.lora, "f16") / "model.gguf").is_file()
         assert not (assets.cache / "gguf" / run_key(assets.lora, "q8_0")).exists()
+
+
+def test_a_request_being_prepared_when_its_model_is_unloaded_still_finishes(server, assets, monkeypatch):
+    """The chat route looks the model up, then compiles the response_format before queuing: an unload in
+    between must not turn the accepted request into a 500; it finishes on the model it was accepted for."""
+    from tunesmith.serve import jobs
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    compiling, go = gate(monkeypatch, jobs, "token_mask")
+    body = {"model": "doomed", "messages": USER, "max_tokens": 8, "temperature": 0,
+            "response_format": {"type": "json_object"}}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "doomed", "lora_path": str(assets.lora)}
+                         ).status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(http.post, "/v1/chat/completions", json=body)
+            assert compiling.wait(60)
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": "doomed"}).status_code == 200
+            go.set()
+            reply = pending.result(120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert http.post("/v1/chat/completions", json=body).status_code == 404  # gone for the next request
+    wait_idle(server)
 
 
 # -- tool calling, on each backend ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from serve_assets import CONTEXT, write_base, write_classifier, write_run
+from serve_assets import CONTEXT, gate, write_base, write_classifier, write_run
 
 BASE = "base"
 TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -364,16 +364,7 @@ def test_the_api_key_guards_these_routes(engine, assets):
 
 def _gate(monkeypatch, module):
     """Hold every forward pass of `module` until `opened` is set; `entered` says one has begun."""
-    entered, opened = threading.Event(), threading.Event()
-    forward = module.forward
-
-    def gated(*args, **kwargs):
-        entered.set()
-        assert opened.wait(60)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(module, "forward", gated)
-    return entered, opened
+    return gate(monkeypatch, module, "forward")
 
 
 def _in_thread(fn):

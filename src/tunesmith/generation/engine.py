@@ -88,16 +88,20 @@ class Request:
 
     `params` may be given as the reply's maximum length with the other settings as keywords, which build the
     SamplingParams: `Request(model, ids, 16, emit, temperature=0.7)` (temperature 1.0, OpenAI's default, unless
-    given). Set `cancelled` to drop the row at its next step, without another event."""
+    given). Set `cancelled` to drop the row at its next step, without another event. `served`: the model the
+    name meant when the request was accepted (the server's routes pass it, so a run unloaded while the request
+    was being prepared or waited still answers it); None: the name is looked up at admission."""
 
     def __init__(self, model: str, ids: list[int], params: SamplingParams | int, emit: Callable[[Event], None], *,
-                 index: int = 0, cancelled: threading.Event | None = None, **settings):
+                 index: int = 0, cancelled: threading.Event | None = None, served: Served | None = None,
+                 **settings):
         if not isinstance(params, SamplingParams):
             params = SamplingParams(max_new_tokens=params, **{"temperature": 1.0, **settings})
         elif settings:
             raise TypeError("give the settings in params or as keywords, not both")
         self.model, self.ids, self.params, self.emit, self.index = model, ids, params, emit, index
         self.cancelled = cancelled or threading.Event()
+        self.served = served
 
     @property
     def max_tokens(self) -> int:
@@ -226,10 +230,9 @@ class Row:
 
 def generating(models: dict[str, Served], req: Request) -> Served:
     """The served model a generation request names, or a ValueError that says why it cannot generate."""
-    try:
-        served = models[req.model]  # [] not get(): a run unloaded while this waited still resolves
-    except KeyError:
-        raise ValueError(f"the model {req.model!r} is not served (any more)") from None
+    served = req.served if req.served is not None else models.get(req.model)
+    if served is None:
+        raise ValueError(f"the model {req.model!r} is not served (any more)")
     if served.task != "sft":
         raise ValueError(f"{req.model!r} is a {served.task} run and cannot generate text")
     if not req.ids:
@@ -299,9 +302,9 @@ class Engine:
             requests = [*self._waiting, self._admitting, *(row.req for row in list(self.rows))]
         return sum(req is not None and req.model == model for req in requests)
 
-    def vocabulary(self, name: str) -> tuple[int, set[int]]:
-        """(the logits' width, the stop token ids) of the served model `name`: what a token mask is built for."""
-        return self.decoder.vocabulary(self.models[name])
+    def vocabulary(self, model: str | Served) -> tuple[int, set[int]]:
+        """(the logits' width, the stop token ids) of a served model (or its name): what a token mask is built for."""
+        return self.decoder.vocabulary(self.models[model] if isinstance(model, str) else model)
 
     @property
     def running(self) -> int:
@@ -395,7 +398,7 @@ class Engine:
                 self._admitting = None
 
     def _fits(self, req: Request) -> bool:
-        served = self.models.get(req.model)
+        served = req.served if req.served is not None else self.models.get(req.model)
         if served is None or served.task != "sft" or not req.ids or _usage_only(req):
             return True  # answered at once (an error, or the prompt's usage)
         return self.decoder.fits(served, len(req.ids), req.params.max_new_tokens)

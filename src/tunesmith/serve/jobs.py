@@ -87,16 +87,17 @@ def logit_bias(body, vocab: int) -> dict[int, float]:
     return bias
 
 
-def constraint(engine: Engine, body, plan=None):
+def constraint(engine: Engine, body, plan=None, entry=None):
     """Constrained decoding: a forced tool call (tool_choice "required" or a named function: the call parses
     and its arguments validate), else response_format json_object / json_schema (every reply parses, and
-    validates against the schema), else None. Compiled before the request is queued (cached per grammar)."""
+    validates against the schema), else None. Compiled before the request is queued (cached per grammar), for
+    `entry`, the served model the route accepted the request for (default: the one named now)."""
     spec = plan.grammar() if plan is not None else None
     if spec is None:
         if body.response_format is None or body.response_format.type == "text":
             return None
         spec = body.response_format
-    vocab, stops = engine.vocabulary(body.model)
+    vocab, stops = engine.vocabulary(entry if entry is not None else body.model)
     try:
         return token_mask(engine.tokenizer, spec, vocab, eos_token_ids=sorted(stops))
     except ResponseFormatError as err:
@@ -104,8 +105,10 @@ def constraint(engine: Engine, body, plan=None):
 
 
 def job_for(engine: Engine, body, encoded: list[list[int]], max_tokens: list[int], logprobs: int | None, *,
-            prompt_logprobs: int | None = None, mask=None) -> Job:
-    """Queue body.n choices for each prompt of `encoded` (choice j of prompt p has index p * n + j)."""
+            prompt_logprobs: int | None = None, mask=None, entry=None) -> Job:
+    """Queue body.n choices for each prompt of `encoded` (choice j of prompt p has index p * n + j), for `entry`,
+    the served model the route accepted the call for: it answers the call even if its name is unloaded while
+    the call is being prepared or waits (an accepted request finishes; the next one gets a 404)."""
     job = Job(engine)
     job.n = body.n
     bias = logit_bias(body, len(engine.tokenizer))
@@ -115,6 +118,6 @@ def job_for(engine: Engine, body, encoded: list[list[int]], max_tokens: list[int
                                 frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=logprobs,
                                 prompt_logprobs=prompt_logprobs, n=body.n, token_mask=mask)
         for j, choice in enumerate(params.choices()):  # choice j is seeded with seed + j, as everywhere
-            job.requests.append(Request(body.model, ids, choice, job.emit, index=p * body.n + j))
+            job.requests.append(Request(body.model, ids, choice, job.emit, index=p * body.n + j, served=entry))
     job.submit()
     return job

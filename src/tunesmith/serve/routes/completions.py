@@ -28,7 +28,7 @@ async def completions(request: Request):
     state = request.app.state
     engine, prompts = state.engine, state.prompts
     body = await read(request, CompletionRequest)
-    served(engine, body.model)
+    entry = served(engine, body.model)  # held from here: an unload meanwhile lets this request finish
     sources = body.prompts
     fits(engine, len(sources) * body.n)
     encoded = await run_in_threadpool(lambda: [prompts.completion(p, body.max_tokens) for p in sources])
@@ -37,7 +37,7 @@ async def completions(request: Request):
     # echo + logprobs scores the prompt itself (OpenAI's shape: the first token's logprob is null); with
     # max_tokens 0 that is all there is, which is how lm-evaluation-harness asks for log-likelihoods.
     scoring = body.logprobs if body.echo else None
-    job = job_for(engine, body, encoded, limits, body.logprobs, prompt_logprobs=scoring)
+    job = job_for(engine, body, encoded, limits, body.logprobs, prompt_logprobs=scoring, entry=entry)
     reply = Reply("cmpl", "text_completion", body.model)
     shown = [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(sources, encoded)]
     echo = [shown[c.index // body.n] if body.echo else "" for c in job.requests]
