@@ -334,6 +334,70 @@ def test_a_request_being_prepared_when_its_model_is_unloaded_still_finishes(serv
     wait_idle(server)
 
 
+def _broken_runs(lora: Path, root: Path) -> dict[str, tuple[Path | str, str]]:
+    """{case: (lora_path, what the 400 must say)}: copies of a good LoRA run, each broken in one way."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def copy(name: str, **files: str | bytes | None) -> Path:
+        run = root / name
+        if not run.exists():
+            shutil.copytree(lora, run)
+            for file, content in files.items():
+                target = run / file.replace("__", ".")
+                if content is None:
+                    target.unlink()
+                else:
+                    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return run
+
+    info = json.loads((lora / "run.json").read_text())
+    weights = (lora / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(lora / "adapter_model.safetensors")
+    wrong = {k: (v[:, :-1].contiguous() if v.dim() == 2 else v) for k, v in tensors.items()}
+    save_file(wrong, root / "wrong.safetensors")
+    return {
+        "long path": ("/" + "a" * 10_000, "longer than"),
+        "not json": (copy("notjson", run__json="{nope"), "run.json"),
+        "a list": (copy("list", run__json="[1, 2]"), "not a JSON object"),
+        "empty object": (copy("empty", run__json="{}"), "task"),
+        "task null": (copy("tasknull", run__json=json.dumps({**info, "task": None})), "task"),
+        "deeply nested": (copy("nested", run__json='{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nested"),
+        "huge integer": (copy("bigint", run__json='{"task": ' + "9" * 5000 + "}"), "digits"),
+        "no adapter config": (copy("noconfig", adapter_config__json=None), "adapter_config.json"),
+        "broken adapter config": (copy("badconfig", adapter_config__json="{not json"), "adapter_config.json"),
+        "config a list": (copy("listconfig", adapter_config__json="[]"), "adapter_config.json"),
+        "no weights": (copy("noweights", adapter_model__safetensors=None), "adapter_model"),
+        "corrupt weights": (copy("corrupt", adapter_model__safetensors=b"\x00" * 64), "adapter_model.safetensors"),
+        "truncated weights": (copy("truncated", adapter_model__safetensors=weights[:len(weights) // 2]),
+                              "adapter_model.safetensors"),
+        "another shape": (copy("shape", adapter_model__safetensors=(root / "wrong.safetensors").read_bytes()),
+                          "shape"),
+    }
+
+
+def test_loading_a_broken_run_is_a_400_naming_the_problem(server, assets, tmp_path_factory):
+    """Each way a run can be broken on disk is refused with a sentence that names what is wrong, never a
+    traceback; so are names that could not be used as a model name."""
+    cases = _broken_runs(assets.lora, tmp_path_factory.mktemp(f"broken-{server.backend}"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    wrong = []
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
+        for case, (path, says) in cases.items():
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(path)})
+            error = r.json()["error"] if r.status_code != 200 else {}
+            if (r.status_code, error.get("param")) != (400, "lora_path") or says not in error["message"] \
+                    or "Traceback" in error["message"] or len(error["message"]) > 1000:
+                wrong.append((case, r.status_code, r.text[:300]))
+        for name in ("two\nlines", "a/b", "x" * 10_000, " "):
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(assets.lora)})
+            if r.status_code != 400 or r.json()["error"]["param"] != "lora_name":
+                wrong.append((name[:20], r.status_code, r.text[:300]))
+        assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {assets.model, "mine"}
+    assert wrong == []
+
+
 # -- tool calling, on each backend ----------------------------------------------------------------------------
 
 def ask_tools(client, **kw):

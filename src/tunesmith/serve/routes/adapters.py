@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..adapters import NameTaken, NotServed, ServeError, check_loaded, check_name, register, remove_run
+from ..adapters import NameTaken, NotARun, NotServed, ServeError, check_loaded, check_name, register, remove_run
 from ..backends import BACKENDS
 from ..errors import APIError
 from .common import read
@@ -90,6 +90,10 @@ async def load_adapter(request: Request):
         try:
             load_served = BACKENDS[engine.backend].load_served  # llama-cpp: the run exported to GGUF, merged
             served = await run_in_threadpool(load_served, engine, name, body.lora_path)
+        except NotARun as err:  # without a key, anyone may ask: the same words whether the path exists or not
+            vague = request.app.state.settings.api_key is None
+            raise APIError(400, _sentence(err.vague if vague else err), param="lora_path",
+                           code="invalid_lora_path") from None
         except ServeError as err:
             raise APIError(400, _sentence(err), param="lora_path", code="invalid_lora_path") from None
         register(engine, name, served, replace=body.load_inplace)
