@@ -775,3 +775,95 @@ def test_a_tool_definition_is_refused_in_the_same_words_as_data_validate_says(cl
     assert field == "tools.0.function.parameters.properties.a.type"
     assert error["message"] == f"{field}: {why}."
     assert why.startswith("parameters is not a valid JSON schema: 'nonsense' is not valid under any of the given")
+
+
+# -- 10. the runs browser reads only what lies inside --runs, and never hangs on it ------------------------------
+
+SECRET_FILES = {"run.json": json.dumps({"task": "sft", "base_model": "SECRET", "method": "SECRET", "peft": False}),
+                "metrics.json": json.dumps({"after": {"SECRET": 1.0}}), "log.jsonl": '{"step": 1, "SECRET": 1}\n',
+                "train_config.yaml": "SECRET: 1\n", "report.html": "<h1>SECRET</h1>", "report.json": '{"title": "SECRET"}'}
+
+
+def test_the_runs_browser_follows_no_link_out_of_runs(base_engine, tmp_path):
+    """Directories linked out of --runs were never walked; files linked out (run.json, report.html, ...) are
+    not read either, while a file linked to another inside --runs still is."""
+    outside, runs = tmp_path / "outside", tmp_path / "runs"
+    outside.mkdir()
+    for name, text in SECRET_FILES.items():
+        (outside / name).write_text(text)
+    for directory, names in {"run": ["run.json", "metrics.json", "log.jsonl", "train_config.yaml"],
+                             "report": ["report.html", "report.json"]}.items():
+        (runs / directory).mkdir(parents=True)
+        for name in names:
+            (runs / directory / name).symlink_to(outside / name)
+    (runs / "kept").mkdir()
+    (runs / "kept" / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (runs / "kept" / "train_config.yaml").symlink_to(runs / "kept" / "log.jsonl")  # inside: still read
+    with client_for(fresh(base_engine), runs=str(runs)) as c:
+        answers = [c.get(path) for path in ("/v1/runs", "/v1/runs/run", "/v1/reports", "/v1/runs/kept")]
+        assert [r.status_code for r in answers] == [200] * 4
+        assert all("SECRET" not in r.text for r in answers), [r.text for r in answers]
+        run = answers[1].json()
+        assert (run["status"], run["config"], run["log"], run["after"]) == ("unfinished", None, [], {})
+        assert [r["title"] for r in answers[2].json()["data"]] == ["report"]
+        assert_envelope(c.get("/v1/reports/report"), 404)
+        assert answers[3].json()["config"] == '{"step": 1, "loss": 2.0}\n'
+
+
+@contextmanager
+def fifos(paths):
+    """Named pipes at `paths`; whatever still waits to read one is let go (end of file) afterwards."""
+    import os
+
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+    try:
+        yield
+    finally:  # a reader let go may go on to open the next pipe: until none has waited for a second
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1:
+            for path in paths:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                    quiet_since = time.monotonic()
+                except OSError:  # no reader waits: nothing to let go
+                    pass
+            time.sleep(0.05)
+
+
+def test_a_fifo_in_runs_blocks_no_page_request(base_engine, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = tmp_path / "runs"
+    pipes = [runs / "piped" / name for name in ("run.json", "metrics.json", "log.jsonl", "train_config.yaml")]
+    pipes += [runs / "report" / name for name in ("report.html", "report.json", "compare.yaml")]
+    runs.mkdir()
+    with client_for(fresh(base_engine), runs=str(runs)) as c, ThreadPoolExecutor(4) as pool, fifos(pipes):
+        paths = ["/v1/runs", "/v1/runs/piped", "/v1/reports", "/v1/reports/report"]
+        answers = [pool.submit(c.get, path) for path in paths]
+        statuses = [answer.result(timeout=30).status_code for answer in answers]
+    assert statuses == [200, 200, 200, 404]
+
+
+def test_a_hung_runs_directory_holds_no_chat_request(base_engine, tmp_path, monkeypatch):
+    """A hung mount under --runs: each page request gives up after the page's time limit (503), on threads of
+    its own, so the threads that parse chat bodies stay free and chat goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tunesmith.serve.routes import web
+
+    (tmp_path / "run").mkdir()
+    hung = threading.Event()
+    monkeypatch.setattr(web, "_walk", lambda root: hung.wait(60))
+    monkeypatch.setattr(web, "READ_TIMEOUT_S", 1.0)
+    with client_for(fresh(base_engine), runs=str(tmp_path)) as c, ThreadPoolExecutor(48) as pool:
+        try:
+            pages = [pool.submit(c.get, "/v1/runs") for _ in range(45)]
+            time.sleep(0.5)  # every page request has started, and holds whatever it holds
+            assert text_of(pool.submit(chat, c).result(timeout=20))
+            answers = [page.result(timeout=30) for page in pages]
+        finally:
+            hung.set()
+    assert {r.status_code for r in answers} == {503}
+    assert assert_envelope(answers[0], 503)["code"] == "runs_unavailable"

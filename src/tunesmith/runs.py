@@ -283,13 +283,13 @@ def append_log(run_dir: Path, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def read_log(run_dir: str | Path, max_bytes: int | None = None) -> list[dict]:
+def read_log(run_dir: str | Path, max_bytes: int | None = None, within: str | Path | None = None) -> list[dict]:
     """log.jsonl's entries, oldest first: every complete line holding a JSON object (a half-written last line,
-    left by a kill or still being written, is skipped). `max_bytes` reads only the file's start."""
+    left by a kill or still being written, is skipped). `max_bytes` reads only the file's start; none when the
+    log is no regular file or (with `within`) resolves outside that directory."""
     try:
-        with (Path(run_dir) / LOG).open("rb") as f:
-            raw = f.read() if max_bytes is None else f.read(max_bytes)
-    except OSError:
+        raw = read_regular(Path(run_dir) / LOG, max_bytes, within=within)
+    except (OSError, ValueError):
         return []
     entries = []
     for line in raw.decode("utf-8", errors="replace").splitlines():
