@@ -709,6 +709,37 @@ def test_an_invalid_schema_is_a_400_naming_response_format(client):
     assert_envelope(chat(client, response_format=bad), 400, "response_format")
 
 
+LOOP = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}  # a $ref to itself: no first character
+BRANCHES = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"const": i}}, "required": [f"k{i}"]}
+                      for i in range(2500)]}  # over llguidance's 2,000 items of a row, found once a key starts
+LONG = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a{100000}$"}}, "required": ["a"]}
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "probe", "schema": schema}}
+
+
+def test_a_schema_the_grammar_cannot_start_is_a_400_naming_response_format(client):
+    error = assert_envelope(chat(client, response_format=json_schema(LOOP)), 400, "response_format")
+    assert error["message"].startswith("response_format cannot be enforced: ") and "\n" not in error["message"]
+
+
+@pytest.mark.parametrize("schema", [BRANCHES, LONG], ids=["anyOf", "pattern"])
+def test_a_grammar_limit_met_mid_reply_ends_it_saying_so(client, base_engine, schema):
+    """llguidance's limits (items per row, lexer size) show only as the reply goes: the reply ends there with
+    finish_reason "grammar_error", never "stop" with JSON that does not validate, streamed or not."""
+    body = {"max_tokens": 60, "temperature": 1.0, "seed": 0, "logit_bias": closing_bias(base_engine.tokenizer),
+            "response_format": json_schema(schema)}
+    reply = chat(client, **body)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["finish_reason"] == "grammar_error", choice
+    with client.stream("POST", "/v1/chat/completions", json={"model": BASE, "messages": USER, "stream": True,
+                                                             **body}) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "grammar_error"
+
+
 def test_token_id_prompts_equal_their_text(client, base_engine):
     ids = base_engine.tokenizer("What is the capital of France?", add_special_tokens=False)["input_ids"]
     as_text = client.post("/v1/completions", json={"model": BASE, "prompt": "What is the capital of France?",
@@ -867,3 +898,81 @@ def test_a_hung_runs_directory_holds_no_chat_request(base_engine, tmp_path, monk
             hung.set()
     assert {r.status_code for r in answers} == {503}
     assert assert_envelope(answers[0], 503)["code"] == "runs_unavailable"
+
+
+# -- 11. big legal requests stall no one: schemas compile one at a time, off every shared thread -----------------
+
+class CompileSpy:
+    """Stands in for llguidance.LLMatcher: records on which thread each compile runs and how many run at once,
+    and holds the compile of any grammar naming `held` until `go` is set."""
+
+    def __init__(self, real, held: str):
+        self.real, self.held, self.go = real, held, threading.Event()
+        self.threads, self.active, self.most, self.lock = [], 0, 0, threading.Lock()
+        self.holding = threading.Event()
+        spy = self
+
+        class Matcher:
+            def __new__(cls, tokenizer, grammar, **kwargs):
+                return spy.run(lambda: real(tokenizer, grammar, **kwargs), spy.held in grammar)
+
+            grammar_from_json_schema = staticmethod(lambda *a, **k: spy.run(
+                lambda: real.grammar_from_json_schema(*a, **k)))
+            validate_grammar_with_warnings = staticmethod(lambda *a, **k: spy.run(
+                lambda: real.validate_grammar_with_warnings(*a, **k)))
+            grammar_from_lark = staticmethod(real.grammar_from_lark)
+
+        self.matcher = Matcher
+
+    def run(self, compile_, hold: bool = False):
+        with self.lock:
+            self.threads.append(threading.current_thread().name)
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            if hold:
+                self.holding.set()
+                assert self.go.wait(60)
+            return compile_()
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def distinct_schema(i: int, marker: str = "plain") -> dict:
+    return json_schema({"type": "object", "properties": {f"{marker}_{i}_{j}": {"type": "integer"} for j in range(40)}})
+
+
+def test_schemas_compile_one_at_a_time_on_the_grammar_threads(base_engine, monkeypatch):
+    """Never on the event loop, the engine's thread or the threads that parse request bodies; never two at once
+    (16 big schemas at once took both cores from everyone)."""
+    import llguidance
+    from concurrent.futures import ThreadPoolExecutor
+
+    spy = CompileSpy(llguidance.LLMatcher, held="never")
+    monkeypatch.setattr(llguidance, "LLMatcher", spy.matcher)
+    with client_for(fresh(base_engine)) as c, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: chat(c, max_tokens=2, response_format=distinct_schema(i)), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6
+    assert len(spy.threads) >= 18 and spy.most == 1
+    assert {name.split("_")[0] for name in spy.threads} == {"tunesmith-grammar"}, set(spy.threads)
+
+
+def test_a_cached_schema_and_plain_chat_answer_while_a_big_schema_compiles(base_engine, monkeypatch):
+    import llguidance
+    from concurrent.futures import ThreadPoolExecutor
+
+    spy = CompileSpy(llguidance.LLMatcher, held="held_marker")
+    monkeypatch.setattr(llguidance, "LLMatcher", spy.matcher)
+    cached = {"response_format": {"type": "json_object"}, "max_tokens": 2}
+    with client_for(fresh(base_engine)) as c, ThreadPoolExecutor(3) as pool:
+        assert chat(c, **cached).status_code == 200  # compiled and kept
+        big = pool.submit(chat, c, max_tokens=2, response_format=distinct_schema(0, "held_marker"))
+        try:
+            assert spy.holding.wait(30)
+            assert pool.submit(chat, c, **cached).result(timeout=20).status_code == 200
+            assert text_of(pool.submit(chat, c).result(timeout=20)) is not None
+            assert not big.done()
+        finally:
+            spy.go.set()
+        assert big.result(timeout=60).status_code == 200

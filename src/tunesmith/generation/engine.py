@@ -19,6 +19,7 @@ A row whose settings, sampling or callback fail gets an error event and leaves; 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -29,11 +30,12 @@ from itertools import count
 
 from .batch import Route, TorchDecoder, route
 from .decoder import Decoder
-from .params import SamplingParams
+from .params import ConstraintFailed, SamplingParams
 from .prefix_cache import DEFAULT_MB
 from .sampler import Sampler, Token, prompt_logprobs
 from .text import Detokenizer, StopScanner
 
+log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # prompt tokens a row reads per step: a step that also decodes others stays short
 _UIDS = count()
 
@@ -75,7 +77,9 @@ class Event:
     index: int = 0  # which of a request's n choices
     text: str = ""  # new text, already cut at stop strings
     token: Token | None = None  # with logprobs: the token this event's text came from
-    finish_reason: str | None = None  # on the last event of a choice, which carries no text: "stop" or "length"
+    # on the last event of a choice, which carries no text: "stop", "length", or "grammar_error" (its token mask
+    # could not go on: params.ConstraintFailed)
+    finish_reason: str | None = None
     prompt_tokens: int = 0  # on the last event
     completion_tokens: int = 0  # on the last event: generated tokens, a final stop token included
     cached_tokens: int = 0  # on the last event: prompt tokens whose KV came from the prefix cache
@@ -211,6 +215,10 @@ class Row:
                 events.append(Event(self.req.index, text[at - start:]))
         for event in events:
             self._emit(event)
+
+    def end(self, reason: str) -> bool:
+        """Finish now with `reason`, what its text holds back passed on (a token mask that cannot go on)."""
+        return self._finish(reason, self._scan(self.text.flush()))
 
     def _emit(self, event: Event) -> None:
         if event.text or event.token or event.finish_reason:
@@ -495,6 +503,9 @@ class Engine:
                 continue
             try:
                 finished = row.advance(*row.pick(out))
+            except ConstraintFailed as err:  # its grammar cannot go on: the reply ends here, saying so
+                log.warning("%r ends with finish_reason grammar_error: %s", row.req, err)
+                finished = row.end("grammar_error")
             except Exception as err:  # this row's settings or callback: it fails alone
                 fail(row.req, f"{type(err).__name__}: {err}")
                 finished = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .params import SamplingParams
+from .params import ConstraintFailed, SamplingParams
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Sampler:
         if self.mask is not None and (allowed := self.mask.allowed(row)) is not None:
             allowed = allowed.to(device=logits.device, dtype=torch.bool)
             if not bool(allowed.any()):
-                raise ValueError("the token mask allows no token at this step")
+                raise ConstraintFailed("the token mask allows no token at this step")
             logits = logits.masked_fill(~allowed, float("-inf"))
         token = int(logits.argmax()) if p.greedy else self._sample(logits)
         info = self._logprobs(logits, token) if p.logprobs is not None else None

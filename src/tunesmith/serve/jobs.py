@@ -6,6 +6,7 @@ by /v1/completions and /v1/chat/completions; no HTTP here, only `APIError`s to a
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from ..generation.grammar import ResponseFormatError, token_mask
 from ..generation import Engine, Event, QueueFull, Request, SamplingParams
@@ -52,6 +53,17 @@ class Job:
                 done += 1
                 self.cached[event.index] = event.cached_tokens
             yield event
+
+
+GRAMMAR_THREADS = 8  # requests whose grammars are checked or compiled at once (one compiles, grammar_cache.py)
+_GRAMMARS = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="tunesmith-grammar")
+
+
+async def grammar_work(fn, *args):
+    """`fn(*args)` on the grammar threads: a schema compiling for seconds holds neither the event loop, nor the
+    engine's thread, nor the threads that parse request bodies (a request waiting its turn to compile holds
+    no thread of those either)."""
+    return await asyncio.wrap_future(_GRAMMARS.submit(fn, *args))
 
 
 def served(engine: Engine, name: str):

@@ -271,9 +271,6 @@ class ChatRequest(_Sampling):
             for field_name, why in parameters_problems(f.parameters, f"{where}.parameters")[:1] \
                     if f.parameters is not None else ():
                 return f"{where}.parameters", f"{field_name}: {why}."
-            if problem := schema_error(parameters_schema(f.parameters), f"{where}.parameters",
-                                       strict=bool(f.strict)):
-                return f"{where}.parameters", problem
         param = "function_call" if self.legacy else "tool_choice"
         if self.choice == "required" and not names:
             return param, f"{param} 'required' needs tools to call; send tools or leave {param} out."
@@ -299,11 +296,23 @@ class ChatRequest(_Sampling):
                 return f"messages.{i}.name", f"messages.{i}.name is required on a function message."
         return None
 
+    def grammar_problem(self) -> tuple[str, str] | None:
+        """(param, message) for the first JSON schema llguidance cannot read or enforce: each function's
+        parameters (tool_choice "required" or a named function constrains a call by them), then the
+        response_format. Compiles them (cached): the server calls it on its grammar threads (jobs.grammar_work)."""
+        field = "tools" if self.tools else "functions"
+        for i, f in enumerate(self.functions_of_tools):
+            where = f"{field}.{i}.function" if self.tools else f"functions.{i}"
+            if problem := schema_error(parameters_schema(f.parameters), f"{where}.parameters",
+                                       strict=bool(f.strict)):
+                return f"{where}.parameters", problem
+        if self.response_format is not None and (problem := response_format_error(self.response_format)):
+            return "response_format", problem
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         if problem := self._tools_problem():
             return problem
-        if self.response_format is not None and (problem := response_format_error(self.response_format)):
-            return "response_format", problem
         if "audio" in (self.modalities or []):
             return "modalities", "modalities: audio output is not supported by this server; use [\"text\"]."
         if self.audio is not None:

@@ -18,7 +18,7 @@ from ... import runs
 from ..conversations import KeyReused
 from ...generation import Event
 from ..errors import APIError
-from ..jobs import constraint, fits, job_for, served
+from ..jobs import constraint, fits, grammar_work, job_for, served
 from ..schemas import ChatRequest
 from ..reasoning import ReplyReader, template_kwargs
 from ..tools import ToolPlan
@@ -95,7 +95,7 @@ async def answer(state, body: ChatRequest, entry, plan: ToolPlan, conversation: 
     reader = ReplyReader.of(plan, prompts.chat_template, engine.tokenizer, ids)
     limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    mask = await run_in_threadpool(constraint, engine, body, plan, entry)
+    mask = await grammar_work(constraint, engine, body, plan, entry)
     job = job_for(engine, body, [ids], [limit], top, mask=mask, entry=entry)
 
     def logprobs(ev: Event):

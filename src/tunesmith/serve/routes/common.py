@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from ..errors import APIError
-from ..jobs import Job
+from ..jobs import Job, grammar_work
 from ..schemas import BodyError, parse
 
 MAX_BODY_BYTES = 1_000_000  # the default body limit (ServeSettings.max_body_bytes)
@@ -20,7 +20,8 @@ MAX_BODY_BYTES = 1_000_000  # the default body limit (ServeSettings.max_body_byt
 
 async def read_json(request: Request, schema):
     """(validated body, its JSON object): refused (413) past the server's body limit before it is read in full,
-    parsed in a worker thread, every problem a 400 naming the field."""
+    parsed in a worker thread, its JSON schemas checked on the grammar threads, every problem a 400 naming the
+    field."""
     settings = getattr(request.app.state, "settings", None)
     limit = settings.max_body_bytes if settings is not None else MAX_BODY_BYTES
     too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
@@ -39,9 +40,14 @@ async def read_json(request: Request, schema):
         raise APIError(400, "The client closed the connection before sending the whole body.",
                        code="client_disconnected") from None
     try:
-        return await run_in_threadpool(parse, bytes(body), schema)
+        parsed = await run_in_threadpool(parse, bytes(body), schema)
     except BodyError as err:
         raise APIError(400, err.message, param=err.param, code=err.code) from None
+    # The schemas in it (response_format, tools' parameters) compile on the grammar threads, cached.
+    check = getattr(parsed[0], "grammar_problem", None)
+    if check is not None and (problem := await grammar_work(check)) is not None:
+        raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
+    return parsed
 
 
 async def read(request: Request, schema):
