@@ -250,6 +250,22 @@ def test_n_choices_and_json_mode(client, assets):
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
 
+def test_a_schema_beyond_the_grammars_limits_is_refused_or_ends_saying_so(client, assets):
+    import openai
+
+    loop = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    branches = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"const": i}}, "required": [f"k{i}"]}
+                          for i in range(2500)]}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=assets.model, messages=USER, response_format={
+            "type": "json_schema", "json_schema": {"name": "loop", "schema": loop}})
+    assert err.value.body["param"] == "response_format"
+    reply = client.chat.completions.create(model=assets.model, messages=USER, max_tokens=40, temperature=1.0, seed=0,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "many", "schema": branches}})
+    assert reply.choices[0].finish_reason == "grammar_error"
+
+
 def test_a_conversation_of_three_turns(client, server, assets):
     check_three_turn_conversation(client, server.url, KEY)
 
