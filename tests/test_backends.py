@@ -718,6 +718,70 @@ def test_prompt_scores_are_the_same_read_in_pieces_or_at_once(backend, servers, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_scoring_keeps_no_logits_of_the_whole_prompt(backend, servers, assets, monkeypatch):
+    """Each piece read is scored as it comes ([chunk, V] at most), never [T, V] of the whole prompt."""
+    import importlib
+
+    from tunesmith.generation import Request, SamplingParams
+
+    engine_module = importlib.import_module("tunesmith.generation.engine")
+    engine, widths = engine_for(backend, servers, assets), []
+    score = engine_module.prompt_logprobs
+    monkeypatch.setattr(engine_module, "prompt_logprobs",
+                        lambda logits, *args: (widths.append(logits.shape[0]), score(logits, *args))[1])
+    engine.prefill_chunk = 8
+    ids, events = engine.tokenizer(" ".join(PROMPTS))["input_ids"], []
+    run(engine, [Request(next(iter(engine.models)), ids, SamplingParams(max_new_tokens=0, prompt_logprobs=1),
+                         events.append)])
+    assert max(widths) == 8 and sum(widths) == len(ids) > 16
+    assert len(events[0].prompt) == len(ids) and events[-1].finish_reason == "length"
+
+
+def test_scoring_a_long_prompt_n_times_holds_no_other_request_back(tool_server, monkeypatch):
+    """echo + logprobs with n choices scores the prompt once (the choices share its scores), so a plain
+    request sent while a long prompt is being scored ends before that scoring does, in the engine (each
+    forward pass slowed alike, to stand for a real model)."""
+    engine, seen, ended = tool_server.engine, [], []
+    submit, prefill = engine.submit, engine.decoder.prefill
+
+    def watched(requests):
+        for r in requests:
+            def emit(event, r=r, emit=r.emit):
+                if event.finish_reason:
+                    ended.append("scoring" if len(r.ids) > 300 else "plain")
+                emit(event)
+            r.emit = emit
+        seen.extend(requests)
+        submit(requests)
+
+    monkeypatch.setattr(engine, "submit", watched)
+    monkeypatch.setattr(engine.decoder, "prefill", lambda rows, chunk: (time.sleep(0.03), prefill(rows, chunk))[1])
+    monkeypatch.setattr(engine, "prefill_chunk", 64)
+    model = client_of(tool_server).models.list().data[0].id
+    long = " ".join(["What is the capital of France? The capital of France is Paris."] * 60)
+
+    def post(path: str, body: dict):
+        with httpx.Client(base_url=tool_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            return http.post(path, json={"model": model, **body})
+
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(post, "/v1/completions", {"prompt": long, "echo": True, "logprobs": 1, "max_tokens": 0,
+                                                     "n": 16})
+        deadline = time.monotonic() + 30
+        while not engine.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        normal = pool.submit(post, "/v1/chat/completions", {"messages": USER, "max_tokens": 2})
+        big, normal = big.result(120), normal.result(120)
+    assert (big.status_code, normal.status_code) == (200, 200)
+    assert ended.index("plain") < len(ended) - 1 and ended[-1] == "scoring", ended
+    choices = big.json()["choices"]
+    assert len(choices) == 16 and all(c["logprobs"] == choices[0]["logprobs"] for c in choices)
+    assert len(choices[0]["logprobs"]["tokens"]) == big.json()["usage"]["prompt_tokens"] > 600
+    assert sum(r.params.prompt_logprobs is not None for r in seen) == 1  # scored once, not 16 times
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_at_most_max_batch_rows_run_and_the_others_wait_their_turn(backend, servers, assets):
     from tunesmith.generation import Request
 

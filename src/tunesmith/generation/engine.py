@@ -143,7 +143,7 @@ class Row:
         self.slot = None  # the decoder's record of where this row's KV lives
         self.fed = 0  # tokens in its KV cache: the prompt's first ones, then those picked
         self.cached = 0  # prompt tokens whose KV came from the prefix cache
-        self.scores: list = []  # a scoring row's logits of each prompt piece, until the whole prompt is in
+        self.scores: list = []  # a scoring row's prompt logprobs (Tokens), each piece's as it is read
         self.ended = False
         # The text given to the stop scanner, in characters, and how much of it was passed on; with logprobs, the
         # (start, Token) of each token whose text is not passed on yet (held back as a stop string's possible start).
@@ -459,23 +459,32 @@ class Engine:
             return
         ready, last = [], []
         for row, out in zip(rows, logits):
-            if row.scoring:
-                row.scores.append(out)
+            if row.scoring and not self._score_piece(row, out):
+                continue
             if row.prefilling or (row.scoring and not self._score(row)):
                 continue
             ready.append(row)
             last.append(out[-1].float().cpu() if row.scoring else out)
         self._advance(ready, last)
 
-    def _score(self, row: Row) -> bool:
-        """Emit a row's prompt logprobs (echo + logprobs), before its reply's first token, from the logits of
-        every prompt position; False when the row ends here (max_tokens 0, or failed)."""
-        import torch
+    def _score_piece(self, row: Row, logits) -> bool:
+        """Score the prompt piece just read (logits [n, V] of its positions), keeping only its logprobs; False
+        when that failed (the row has ended)."""
+        try:
+            start = row.fed - logits.shape[0]
+            row.scores += prompt_logprobs(logits, row.req.ids, row.req.params.prompt_logprobs, self.tokenizer, start)
+        except Exception as err:
+            fail(row.req, f"{type(err).__name__}: {err}")
+            self._end(row)
+            return False
+        return True
 
+    def _score(self, row: Row) -> bool:
+        """Emit a row's prompt logprobs (echo + logprobs), before its reply's first token, once its whole prompt
+        is scored; False when the row ends here (max_tokens 0, or failed)."""
         req = row.req
         try:
-            scores = prompt_logprobs(torch.cat(row.scores), req.ids, req.params.prompt_logprobs, self.tokenizer)
-            row.scores = []
+            scores, row.scores = row.scores, []
             req.emit(Event(req.index, prompt=scores))
             if req.params.max_new_tokens == 0:  # scored, nothing to generate
                 req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from ..generation.grammar import ResponseFormatError, token_mask
 from ..generation import Engine, Event, QueueFull, Request, SamplingParams
@@ -22,6 +23,12 @@ class Job:
         self.requests: list[Request] = []
         self.n = 1  # choices per prompt
         self.cached: dict[int, int] = {}  # request index -> prompt tokens its KV came from the prefix cache for
+        # echo + logprobs with n > 1: each prompt is scored once, by its choice 0, and its scores given to the
+        # other choices' first events (held until they are known)
+        self.shared_scores = False
+        self._scores: dict[int, list] = {}  # prompt -> its scores
+        self._held: dict[int, list[Event]] = {}  # prompt -> events of its other choices, waiting for them
+        self._scored: set[int] = set()  # request indices given their scores
 
     def emit(self, event: Event) -> None:  # called on the engine's thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -49,10 +56,33 @@ class Job:
             event = await self.queue.get()
             if event.error:
                 raise APIError(500, f"generation failed: {event.error}", type="server_error")
-            if event.finish_reason is not None:
-                done += 1
-                self.cached[event.index] = event.cached_tokens
-            yield event
+            for ready in self._with_scores(event):
+                if ready.finish_reason is not None:
+                    done += 1
+                    self.cached[ready.index] = ready.cached_tokens
+                yield ready
+
+    def _with_scores(self, event: Event) -> list[Event]:
+        """`event`, and what it lets go: with shared scores, a choice's first event carries its prompt's scores,
+        so the other choices' events wait until choice 0 has scored the prompt."""
+        if not self.shared_scores:
+            return [event]
+        prompt, choice = divmod(event.index, self.n)
+        if choice == 0:
+            if event.prompt is None:
+                return [event]
+            self._scores[prompt] = event.prompt
+            return [event] + [self._scored_first(e) for e in self._held.pop(prompt, [])]
+        if prompt not in self._scores:
+            self._held.setdefault(prompt, []).append(event)
+            return []
+        return [self._scored_first(event)]
+
+    def _scored_first(self, event: Event) -> Event:
+        if event.index in self._scored:
+            return event
+        self._scored.add(event.index)
+        return replace(event, prompt=self._scores[event.index // self.n])
 
 
 GRAMMAR_THREADS = 8  # requests whose grammars are checked or compiled at once (one compiles, grammar_cache.py)
@@ -124,12 +154,15 @@ def job_for(engine: Engine, body, encoded: list[list[int]], max_tokens: list[int
     job = Job(engine)
     job.n = body.n
     bias = logit_bias(body, len(engine.tokenizer))
+    job.shared_scores = prompt_logprobs is not None and body.n > 1
     for p, ids in enumerate(encoded):
         params = SamplingParams(max_new_tokens=max_tokens[p], temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stops, presence_penalty=body.presence_penalty,
                                 frequency_penalty=body.frequency_penalty, logit_bias=bias, logprobs=logprobs,
                                 prompt_logprobs=prompt_logprobs, n=body.n, token_mask=mask)
         for j, choice in enumerate(params.choices()):  # choice j is seeded with seed + j, as everywhere
+            if j and job.shared_scores:  # scored once, by choice 0 (with max_tokens 0 the others cost nothing)
+                choice = replace(choice, prompt_logprobs=None)
             job.requests.append(Request(body.model, ids, choice, job.emit, index=p * body.n + j, served=entry))
     job.submit()
     return job
