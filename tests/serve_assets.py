@@ -170,3 +170,19 @@ def streamed_calls(chunks) -> tuple[str, list[dict], str]:
                     calls[part.index]["arguments"] += part.function.arguments
             finish = choice.finish_reason or finish
     return content, calls, finish
+
+
+def gate(monkeypatch, owner, name: str):
+    """(entered, opened): every call of `owner.name` waits until `opened` is set; `entered` says one has begun."""
+    import threading
+
+    entered, opened = threading.Event(), threading.Event()
+    original = getattr(owner, name)
+
+    def gated(*args, **kwargs):
+        entered.set()
+        assert opened.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, gated)
+    return entered, opened

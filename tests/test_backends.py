@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from serve_assets import (TOOLS, WINDOW, check_call, check_three_turn_conversation, streamed_calls,
+from serve_assets import (TOOLS, WINDOW, check_call, check_three_turn_conversation, gate, streamed_calls,
                           uvicorn_on_loopback, write_base, write_run)
 
 KEY = "test-key"
@@ -195,6 +195,42 @@ def test_max_tokens_and_stop_sequences(client, assets):
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
 
 
+def _stop_at(tokens: list[str]) -> int:
+    """The index of a reply token whose text first appears at its own start (a stop string cutting there)."""
+    text = "".join(tokens)
+    return next(k for k in range(2, len(tokens)) if tokens[k].strip()
+                and text.index(tokens[k]) == len("".join(tokens[:k])))
+
+
+def test_a_stop_string_leaves_no_token_in_the_logprobs(client, assets):
+    """The logprobs are those of the text returned: a token swallowed by a stop string (or held back as its
+    possible start and then swallowed) is not in them, so the text rebuilt from them is the reply."""
+    sampled = {"max_tokens": 16, "temperature": 1.0, "seed": 7}  # a random model's greedy reply repeats one token
+    whole = complete(client, assets.model, PROMPTS[1], logprobs=1, **sampled).choices[0]
+    full = whole.logprobs.tokens
+    k = _stop_at(full)
+    for stop in (full[k], full[k] + full[k + 1]):
+        reply = complete(client, assets.model, PROMPTS[1], logprobs=1, stop=[stop], **sampled).choices[0]
+        assert (reply.text, reply.logprobs.tokens) == ("".join(full[:k]), full[:k]), stop
+    # held back as a possible start of the stop string, then let go: every token is there once
+    reply = complete(client, assets.model, PROMPTS[1], logprobs=1, stop=[full[k] + "\x00never"], **sampled)
+    assert (reply.choices[0].text, reply.choices[0].logprobs.tokens) == (whole.text, full)
+    chat = client.chat.completions.create(model=assets.model, messages=USER, logprobs=True, **sampled)
+    said = [t.token for t in chat.choices[0].logprobs.content]
+    cut = client.chat.completions.create(model=assets.model, messages=USER, logprobs=True,
+                                         stop=[said[_stop_at(said)]], **sampled)
+    assert "".join(t.token for t in cut.choices[0].logprobs.content) == cut.choices[0].message.content == \
+        "".join(said[:_stop_at(said)])
+
+
+def test_echo_with_logprobs_0_gives_each_token_its_own_logprob(client, assets):
+    """As vLLM (and OpenAI's completions: "up to logprobs + 1 elements"), top_logprobs holds the token itself."""
+    reply = complete(client, assets.model, PROMPTS[0], max_tokens=3, echo=True, logprobs=0).choices[0].logprobs
+    assert reply.top_logprobs[0] is None and len(reply.tokens) > 4
+    for token, logprob, top in zip(reply.tokens[1:], reply.token_logprobs[1:], reply.top_logprobs[1:]):
+        assert top == {token: logprob}
+
+
 def test_concurrent_clients_get_what_each_gets_alone(client, server, assets):
     alone = {p: complete(client, assets.model, p).choices[0].text for p in PROMPTS}
     with ThreadPoolExecutor(16) as pool:
@@ -212,6 +248,22 @@ def test_n_choices_and_json_mode(client, assets):
                                            seed=0, logit_bias=bias, response_format={"type": "json_object"})
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_a_schema_beyond_the_grammars_limits_is_refused_or_ends_saying_so(client, assets):
+    import openai
+
+    loop = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    branches = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"const": i}}, "required": [f"k{i}"]}
+                          for i in range(2500)]}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=assets.model, messages=USER, response_format={
+            "type": "json_schema", "json_schema": {"name": "loop", "schema": loop}})
+    assert err.value.body["param"] == "response_format"
+    reply = client.chat.completions.create(model=assets.model, messages=USER, max_tokens=40, temperature=1.0, seed=0,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "many", "schema": branches}})
+    assert reply.choices[0].finish_reason == "grammar_error"
 
 
 def test_a_conversation_of_three_turns(client, server, assets):
@@ -234,6 +286,9 @@ def test_auth_and_errors_keep_the_envelope(client, server, assets):
     with pytest.raises(openai.BadRequestError) as err:
         complete(client, assets.model, PROMPTS[0], logit_bias={"100000": 1})
     assert err.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as err:  # more digits than Python turns into an int
+        complete(client, assets.model, PROMPTS[0], logit_bias={"9" * 5000: 1})
+    assert err.value.body["param"] == "logit_bias" and len(err.value.body["message"]) < 200
 
 
 def test_hung_up_streams_stop_and_free_their_cache(server, assets):
@@ -269,6 +324,94 @@ def test_loading_a_run_while_serving(server, assets):
 
         assert (assets.cache / "gguf" / run_key(assets.lora, "f16") / "model.gguf").is_file()
         assert not (assets.cache / "gguf" / run_key(assets.lora, "q8_0")).exists()
+
+
+def test_a_request_being_prepared_when_its_model_is_unloaded_still_finishes(server, assets, monkeypatch):
+    """The chat route looks the model up, then compiles the response_format before queuing: an unload in
+    between must not turn the accepted request into a 500; it finishes on the model it was accepted for."""
+    from tunesmith.serve import jobs
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    compiling, go = gate(monkeypatch, jobs, "token_mask")
+    body = {"model": "doomed", "messages": USER, "max_tokens": 8, "temperature": 0,
+            "response_format": {"type": "json_object"}}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "doomed", "lora_path": str(assets.lora)}
+                         ).status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(http.post, "/v1/chat/completions", json=body)
+            assert compiling.wait(60)
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": "doomed"}).status_code == 200
+            go.set()
+            reply = pending.result(120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert http.post("/v1/chat/completions", json=body).status_code == 404  # gone for the next request
+    wait_idle(server)
+
+
+def _broken_runs(lora: Path, root: Path) -> dict[str, tuple[Path | str, str]]:
+    """{case: (lora_path, what the 400 must say)}: copies of a good LoRA run, each broken in one way."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def copy(name: str, **files: str | bytes | None) -> Path:
+        run = root / name
+        if not run.exists():
+            shutil.copytree(lora, run)
+            for file, content in files.items():
+                target = run / file.replace("__", ".")
+                if content is None:
+                    target.unlink()
+                else:
+                    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return run
+
+    info = json.loads((lora / "run.json").read_text())
+    weights = (lora / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(lora / "adapter_model.safetensors")
+    wrong = {k: (v[:, :-1].contiguous() if v.dim() == 2 else v) for k, v in tensors.items()}
+    save_file(wrong, root / "wrong.safetensors")
+    return {
+        "long path": ("/" + "a" * 10_000, "longer than"),
+        "not json": (copy("notjson", run__json="{nope"), "run.json"),
+        "a list": (copy("list", run__json="[1, 2]"), "not a JSON object"),
+        "empty object": (copy("empty", run__json="{}"), "task"),
+        "task null": (copy("tasknull", run__json=json.dumps({**info, "task": None})), "task"),
+        "deeply nested": (copy("nested", run__json='{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nested"),
+        "huge integer": (copy("bigint", run__json='{"task": ' + "9" * 5000 + "}"), "digits"),
+        "no adapter config": (copy("noconfig", adapter_config__json=None), "adapter_config.json"),
+        "broken adapter config": (copy("badconfig", adapter_config__json="{not json"), "adapter_config.json"),
+        "config a list": (copy("listconfig", adapter_config__json="[]"), "adapter_config.json"),
+        "no weights": (copy("noweights", adapter_model__safetensors=None), "adapter_model"),
+        "corrupt weights": (copy("corrupt", adapter_model__safetensors=b"\x00" * 64), "adapter_model.safetensors"),
+        "truncated weights": (copy("truncated", adapter_model__safetensors=weights[:len(weights) // 2]),
+                              "adapter_model.safetensors"),
+        "another shape": (copy("shape", adapter_model__safetensors=(root / "wrong.safetensors").read_bytes()),
+                          "shape"),
+    }
+
+
+def test_loading_a_broken_run_is_a_400_naming_the_problem(server, assets, tmp_path_factory):
+    """Each way a run can be broken on disk is refused with a sentence that names what is wrong, never a
+    traceback; so are names that could not be used as a model name."""
+    cases = _broken_runs(assets.lora, tmp_path_factory.mktemp(f"broken-{server.backend}"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    wrong = []
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as http:
+        for case, (path, says) in cases.items():
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(path)})
+            error = r.json()["error"] if r.status_code != 200 else {}
+            if (r.status_code, error.get("param")) != (400, "lora_path") or says not in error["message"] \
+                    or "Traceback" in error["message"] or len(error["message"]) > 1000:
+                wrong.append((case, r.status_code, r.text[:300]))
+        for name in ("two\nlines", "a/b", "x" * 10_000, " "):
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(assets.lora)})
+            if r.status_code != 400 or r.json()["error"]["param"] != "lora_name":
+                wrong.append((name[:20], r.status_code, r.text[:300]))
+        assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {assets.model, "mine"}
+    assert wrong == []
 
 
 # -- tool calling, on each backend ----------------------------------------------------------------------------
@@ -572,6 +715,70 @@ def test_prompt_scores_are_the_same_read_in_pieces_or_at_once(backend, servers, 
         assert len(prompt) == len(ids) and prompt[0] is None and events[-1].cached_tokens == 0  # scoring reads all
         scored.append(([t.logprob for t in prompt[1:]], [t.top[0][0] for t in prompt[1:]], events[-2].text))
     assert scored[0][0] == pytest.approx(scored[1][0], abs=1e-3) and scored[0][1:] == scored[1][1:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_scoring_keeps_no_logits_of_the_whole_prompt(backend, servers, assets, monkeypatch):
+    """Each piece read is scored as it comes ([chunk, V] at most), never [T, V] of the whole prompt."""
+    import importlib
+
+    from tunesmith.generation import Request, SamplingParams
+
+    engine_module = importlib.import_module("tunesmith.generation.engine")
+    engine, widths = engine_for(backend, servers, assets), []
+    score = engine_module.prompt_logprobs
+    monkeypatch.setattr(engine_module, "prompt_logprobs",
+                        lambda logits, *args: (widths.append(logits.shape[0]), score(logits, *args))[1])
+    engine.prefill_chunk = 8
+    ids, events = engine.tokenizer(" ".join(PROMPTS))["input_ids"], []
+    run(engine, [Request(next(iter(engine.models)), ids, SamplingParams(max_new_tokens=0, prompt_logprobs=1),
+                         events.append)])
+    assert max(widths) == 8 and sum(widths) == len(ids) > 16
+    assert len(events[0].prompt) == len(ids) and events[-1].finish_reason == "length"
+
+
+def test_scoring_a_long_prompt_n_times_holds_no_other_request_back(tool_server, monkeypatch):
+    """echo + logprobs with n choices scores the prompt once (the choices share its scores), so a plain
+    request sent while a long prompt is being scored ends before that scoring does, in the engine (each
+    forward pass slowed alike, to stand for a real model)."""
+    engine, seen, ended = tool_server.engine, [], []
+    submit, prefill = engine.submit, engine.decoder.prefill
+
+    def watched(requests):
+        for r in requests:
+            def emit(event, r=r, emit=r.emit):
+                if event.finish_reason:
+                    ended.append("scoring" if len(r.ids) > 300 else "plain")
+                emit(event)
+            r.emit = emit
+        seen.extend(requests)
+        submit(requests)
+
+    monkeypatch.setattr(engine, "submit", watched)
+    monkeypatch.setattr(engine.decoder, "prefill", lambda rows, chunk: (time.sleep(0.03), prefill(rows, chunk))[1])
+    monkeypatch.setattr(engine, "prefill_chunk", 64)
+    model = client_of(tool_server).models.list().data[0].id
+    long = " ".join(["What is the capital of France? The capital of France is Paris."] * 60)
+
+    def post(path: str, body: dict):
+        with httpx.Client(base_url=tool_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            return http.post(path, json={"model": model, **body})
+
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(post, "/v1/completions", {"prompt": long, "echo": True, "logprobs": 1, "max_tokens": 0,
+                                                     "n": 16})
+        deadline = time.monotonic() + 30
+        while not engine.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        normal = pool.submit(post, "/v1/chat/completions", {"messages": USER, "max_tokens": 2})
+        big, normal = big.result(120), normal.result(120)
+    assert (big.status_code, normal.status_code) == (200, 200)
+    assert ended.index("plain") < len(ended) - 1 and ended[-1] == "scoring", ended
+    choices = big.json()["choices"]
+    assert len(choices) == 16 and all(c["logprobs"] == choices[0]["logprobs"] for c in choices)
+    assert len(choices[0]["logprobs"]["tokens"]) == big.json()["usage"]["prompt_tokens"] > 600
+    assert sum(r.params.prompt_logprobs is not None for r in seen) == 1  # scored once, not 16 times
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,6 +13,7 @@ import torch
 from conftest import build_tiny_llama
 from tunesmith.generation import grammar
 from tunesmith.generation.grammar import Constraint, ResponseFormatError, response_format_error, token_mask
+from tunesmith.generation.params import ConstraintFailed
 
 PADDING = 8  # lm_head rows past the tokenizer's vocabulary, as padded models have
 
@@ -132,9 +133,8 @@ def test_a_token_outside_the_grammar_ends_the_row(chatml_tokenizer):
     constraint = Constraint(chatml_tokenizer, {"type": "json_object"}, len(chatml_tokenizer))
     assert not constraint.advance(chatml_tokenizer.convert_tokens_to_ids("a"))  # JSON cannot start with "a"
     assert constraint.is_done() and constraint.error
-    eos = chatml_tokenizer.eos_token_id
-    assert constraint.allowed().nonzero().flatten().tolist() == [eos]
-    assert constraint.advance(eos) and constraint.allowed() is None
+    with pytest.raises(ConstraintFailed, match="the grammar cannot go on"):  # the row ends: "grammar_error"
+        constraint.allowed()
 
 
 @pytest.mark.parametrize("extra", [-5, 0, PADDING])
@@ -164,19 +164,34 @@ def test_token_mask_gives_each_row_its_own_state(chatml_tokenizer):
 
 
 def test_tokenizer_info_and_grammars_are_compiled_once(chatml_tokenizer, monkeypatch):
-    vocab_size = len(chatml_tokenizer) + PADDING
-    Constraint(chatml_tokenizer, json_schema(SCHEMA), vocab_size)
-    compiled = grammar._compiled(chatml_tokenizer, vocab_size, (chatml_tokenizer.eos_token_id,))
-    template = next(reversed(compiled.templates.values()))
-    Constraint(chatml_tokenizer, json_schema(SCHEMA), vocab_size)
-    assert grammar._compiled(chatml_tokenizer, vocab_size, (chatml_tokenizer.eos_token_id,)) is compiled
-    assert next(reversed(compiled.templates.values())) is template  # the same compiled grammar, copied
+    from tunesmith.generation import grammar_cache
 
-    monkeypatch.setattr(grammar, "SCHEMA_CACHE_SIZE", 2)
-    schemas = [json_schema({"type": "object", "properties": {f"k{i}": {"type": "integer"}}}) for i in range(3)]
-    for schema in schemas:
-        Constraint(chatml_tokenizer, schema, vocab_size)
-    assert len(compiled.templates) == 2 and template not in compiled.templates.values()  # least recent dropped
+    vocab_size = len(chatml_tokenizer) + PADDING
+    first = token_mask(chatml_tokenizer, json_schema(SCHEMA), vocab_size).args[0]
+    compiled = grammar._compiled(chatml_tokenizer, vocab_size, (chatml_tokenizer.eos_token_id,))
+    again = token_mask(chatml_tokenizer, json_schema(SCHEMA), vocab_size).args[0]
+    assert grammar._compiled(chatml_tokenizer, vocab_size, (chatml_tokenizer.eos_token_id,)) is compiled
+    assert again.template is first.template  # the same compiled grammar, copied by each row
+
+    # Kept within a budget in bytes (each matcher's size estimated from its grammar), least recent out first.
+    cache = grammar_cache.ByteLRU(3 * grammar_cache.MIN_TEMPLATE_BYTES)
+    monkeypatch.setattr(grammar, "TEMPLATES", cache)
+    schemas = [json_schema({"type": "object", "properties": {f"k{i}": {"type": "integer"}}}) for i in range(5)]
+    kept = [token_mask(chatml_tokenizer, schema, vocab_size).args[0] for schema in schemas]
+    assert {grammar_cache.template_bytes(k.grammar) for k in kept} == {grammar_cache.MIN_TEMPLATE_BYTES}
+    assert len(cache) == 3 and cache.used <= cache.budget
+    assert cache.get((compiled, kept[0].grammar)) is None and cache.get((compiled, kept[-1].grammar)) is not None
+    huge = grammar_cache.ByteLRU(100)
+    huge.put("big", object(), 101)
+    assert len(huge) == 0  # larger than the whole budget: not kept
+
+
+def test_a_row_copies_the_grammar_its_request_compiled_even_when_the_cache_dropped_it(chatml_tokenizer,
+                                                                                       monkeypatch):
+    """A request's factory holds its compiled grammar: a row never compiles (on the engine's thread)."""
+    factory = token_mask(chatml_tokenizer, json_schema(SCHEMA), len(chatml_tokenizer))
+    monkeypatch.setattr(grammar._Compiled, "template", lambda *a: pytest.fail("compiled again"))
+    assert factory().allowed() is not None
 
 
 @pytest.mark.parametrize("response_format, expected", [

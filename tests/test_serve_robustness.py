@@ -209,6 +209,9 @@ def test_the_official_client_with_its_usual_arguments(client):
     ("/v1/completions", {"suffix": "and then"}, "suffix"),
     ("/v1/completions", {"logit_bias": {"five": -100}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"99999999": -100}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"9" * 5000: -100}}, "logit_bias"),  # past Python's int-string limit
+    ("/v1/chat/completions", {"logit_bias": {"1" + "0" * 4300: 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"0" * 5000 + "1": 5, "x": 1}}, "logit_bias"),
 ])
 def test_settings_that_would_change_the_reply_are_refused_by_name(client, path, extra, param):
     body = {"model": BASE, "max_tokens": 4, **({"messages": USER} if "chat" in path else {"prompt": "Hi"}), **extra}
@@ -706,6 +709,37 @@ def test_an_invalid_schema_is_a_400_naming_response_format(client):
     assert_envelope(chat(client, response_format=bad), 400, "response_format")
 
 
+LOOP = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}  # a $ref to itself: no first character
+BRANCHES = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"const": i}}, "required": [f"k{i}"]}
+                      for i in range(2500)]}  # over llguidance's 2,000 items of a row, found once a key starts
+LONG = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a{100000}$"}}, "required": ["a"]}
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "probe", "schema": schema}}
+
+
+def test_a_schema_the_grammar_cannot_start_is_a_400_naming_response_format(client):
+    error = assert_envelope(chat(client, response_format=json_schema(LOOP)), 400, "response_format")
+    assert error["message"].startswith("response_format cannot be enforced: ") and "\n" not in error["message"]
+
+
+@pytest.mark.parametrize("schema", [BRANCHES, LONG], ids=["anyOf", "pattern"])
+def test_a_grammar_limit_met_mid_reply_ends_it_saying_so(client, base_engine, schema):
+    """llguidance's limits (items per row, lexer size) show only as the reply goes: the reply ends there with
+    finish_reason "grammar_error", never "stop" with JSON that does not validate, streamed or not."""
+    body = {"max_tokens": 60, "temperature": 1.0, "seed": 0, "logit_bias": closing_bias(base_engine.tokenizer),
+            "response_format": json_schema(schema)}
+    reply = chat(client, **body)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["finish_reason"] == "grammar_error", choice
+    with client.stream("POST", "/v1/chat/completions", json={"model": BASE, "messages": USER, "stream": True,
+                                                             **body}) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "grammar_error"
+
+
 def test_token_id_prompts_equal_their_text(client, base_engine):
     ids = base_engine.tokenizer("What is the capital of France?", add_special_tokens=False)["input_ids"]
     as_text = client.post("/v1/completions", json={"model": BASE, "prompt": "What is the capital of France?",
@@ -715,6 +749,22 @@ def test_token_id_prompts_equal_their_text(client, base_engine):
     assert [c["text"] for c in as_ids["choices"]] == [as_text["choices"][0]["text"]] * 2
     assert as_ids["usage"]["prompt_tokens"] == 2 * len(ids)
     assert_envelope(client.post("/v1/completions", json={"model": BASE, "prompt": [10**7]}), 400, "prompt")
+
+
+@pytest.mark.parametrize("prompt, param, message", [
+    ([1, -1, 2], "prompt.1", "prompt.1: Input should be greater than or equal to 0"),
+    ([1, "a"], "prompt.1", "prompt.1: Input should be a valid integer"),
+    (["a", 3], "prompt.1", "prompt.1: Input should be a valid string"),
+    ([[1, 2], [3, -4]], "prompt.1.1", "prompt.1.1: Input should be greater than or equal to 0"),
+    ([[1, "x"]], "prompt.0.1", "prompt.0.1: Input should be a valid integer"),
+    ([[]], "prompt.0", "prompt.0: List should have at least 1 item after validation, not 0"),
+    ([], "prompt", "prompt: List should have at least 1 item after validation, not 0"),
+])
+def test_a_bad_prompt_is_refused_for_its_one_problem(client, prompt, param, message):
+    """A prompt is a string, strings, token ids or lists of token ids: the error is the one problem of the
+    form the client sent (the branch of the union that got furthest), not every branch's complaint."""
+    error = assert_envelope(client.post("/v1/completions", json={"model": BASE, "prompt": prompt}), 400, param)
+    assert error["message"] == message
 
 
 def test_echo_with_logprobs_scores_the_prompt_like_a_forward_pass(client, base_engine):
@@ -738,8 +788,9 @@ def test_echo_with_logprobs_scores_the_prompt_like_a_forward_pass(client, base_e
         expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     for i in range(1, len(ids)):
         assert lp["token_logprobs"][i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
-        assert len(lp["top_logprobs"][i]) == 2
-        assert max(lp["top_logprobs"][i].values()) == pytest.approx(float(expected[i - 1].max()), abs=1e-4)
+        top = lp["top_logprobs"][i]  # the 2 most likely, and the token itself (OpenAI: up to logprobs + 1)
+        assert len(top) in (2, 3) and top[lp["tokens"][i]] == lp["token_logprobs"][i]
+        assert max(top.values()) == pytest.approx(float(expected[i - 1].max()), abs=1e-4)
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
 
 
@@ -755,3 +806,173 @@ def test_a_tool_definition_is_refused_in_the_same_words_as_data_validate_says(cl
     assert field == "tools.0.function.parameters.properties.a.type"
     assert error["message"] == f"{field}: {why}."
     assert why.startswith("parameters is not a valid JSON schema: 'nonsense' is not valid under any of the given")
+
+
+# -- 10. the runs browser reads only what lies inside --runs, and never hangs on it ------------------------------
+
+SECRET_FILES = {"run.json": json.dumps({"task": "sft", "base_model": "SECRET", "method": "SECRET", "peft": False}),
+                "metrics.json": json.dumps({"after": {"SECRET": 1.0}}), "log.jsonl": '{"step": 1, "SECRET": 1}\n',
+                "train_config.yaml": "SECRET: 1\n", "report.html": "<h1>SECRET</h1>", "report.json": '{"title": "SECRET"}'}
+
+
+def test_the_runs_browser_follows_no_link_out_of_runs(base_engine, tmp_path):
+    """Directories linked out of --runs were never walked; files linked out (run.json, report.html, ...) are
+    not read either, while a file linked to another inside --runs still is."""
+    outside, runs = tmp_path / "outside", tmp_path / "runs"
+    outside.mkdir()
+    for name, text in SECRET_FILES.items():
+        (outside / name).write_text(text)
+    for directory, names in {"run": ["run.json", "metrics.json", "log.jsonl", "train_config.yaml"],
+                             "report": ["report.html", "report.json"]}.items():
+        (runs / directory).mkdir(parents=True)
+        for name in names:
+            (runs / directory / name).symlink_to(outside / name)
+    (runs / "kept").mkdir()
+    (runs / "kept" / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (runs / "kept" / "train_config.yaml").symlink_to(runs / "kept" / "log.jsonl")  # inside: still read
+    with client_for(fresh(base_engine), runs=str(runs)) as c:
+        answers = [c.get(path) for path in ("/v1/runs", "/v1/runs/run", "/v1/reports", "/v1/runs/kept")]
+        assert [r.status_code for r in answers] == [200] * 4
+        assert all("SECRET" not in r.text for r in answers), [r.text for r in answers]
+        run = answers[1].json()
+        assert (run["status"], run["config"], run["log"], run["after"]) == ("unfinished", None, [], {})
+        assert [r["title"] for r in answers[2].json()["data"]] == ["report"]
+        assert_envelope(c.get("/v1/reports/report"), 404)
+        assert answers[3].json()["config"] == '{"step": 1, "loss": 2.0}\n'
+
+
+@contextmanager
+def fifos(paths):
+    """Named pipes at `paths`; whatever still waits to read one is let go (end of file) afterwards."""
+    import os
+
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+    try:
+        yield
+    finally:  # a reader let go may go on to open the next pipe: until none has waited for a second
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1:
+            for path in paths:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                    quiet_since = time.monotonic()
+                except OSError:  # no reader waits: nothing to let go
+                    pass
+            time.sleep(0.05)
+
+
+def test_a_fifo_in_runs_blocks_no_page_request(base_engine, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = tmp_path / "runs"
+    pipes = [runs / "piped" / name for name in ("run.json", "metrics.json", "log.jsonl", "train_config.yaml")]
+    pipes += [runs / "report" / name for name in ("report.html", "report.json", "compare.yaml")]
+    runs.mkdir()
+    with client_for(fresh(base_engine), runs=str(runs)) as c, ThreadPoolExecutor(4) as pool, fifos(pipes):
+        paths = ["/v1/runs", "/v1/runs/piped", "/v1/reports", "/v1/reports/report"]
+        answers = [pool.submit(c.get, path) for path in paths]
+        statuses = [answer.result(timeout=30).status_code for answer in answers]
+    assert statuses == [200, 200, 200, 404]
+
+
+def test_a_hung_runs_directory_holds_no_chat_request(base_engine, tmp_path, monkeypatch):
+    """A hung mount under --runs: each page request gives up after the page's time limit (503), on threads of
+    its own, so the threads that parse chat bodies stay free and chat goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tunesmith.serve.routes import web
+
+    (tmp_path / "run").mkdir()
+    hung = threading.Event()
+    monkeypatch.setattr(web, "_walk", lambda root: hung.wait(60))
+    monkeypatch.setattr(web, "READ_TIMEOUT_S", 1.0)
+    with client_for(fresh(base_engine), runs=str(tmp_path)) as c, ThreadPoolExecutor(48) as pool:
+        try:
+            pages = [pool.submit(c.get, "/v1/runs") for _ in range(45)]
+            time.sleep(0.5)  # every page request has started, and holds whatever it holds
+            assert text_of(pool.submit(chat, c).result(timeout=20))
+            answers = [page.result(timeout=30) for page in pages]
+        finally:
+            hung.set()
+    assert {r.status_code for r in answers} == {503}
+    assert assert_envelope(answers[0], 503)["code"] == "runs_unavailable"
+
+
+# -- 11. big legal requests stall no one: schemas compile one at a time, off every shared thread -----------------
+
+class CompileSpy:
+    """Stands in for llguidance.LLMatcher: records on which thread each compile runs and how many run at once,
+    and holds the compile of any grammar naming `held` until `go` is set."""
+
+    def __init__(self, real, held: str):
+        self.real, self.held, self.go = real, held, threading.Event()
+        self.threads, self.active, self.most, self.lock = [], 0, 0, threading.Lock()
+        self.holding = threading.Event()
+        spy = self
+
+        class Matcher:
+            def __new__(cls, tokenizer, grammar, **kwargs):
+                return spy.run(lambda: real(tokenizer, grammar, **kwargs), spy.held in grammar)
+
+            grammar_from_json_schema = staticmethod(lambda *a, **k: spy.run(
+                lambda: real.grammar_from_json_schema(*a, **k)))
+            validate_grammar_with_warnings = staticmethod(lambda *a, **k: spy.run(
+                lambda: real.validate_grammar_with_warnings(*a, **k)))
+            grammar_from_lark = staticmethod(real.grammar_from_lark)
+
+        self.matcher = Matcher
+
+    def run(self, compile_, hold: bool = False):
+        with self.lock:
+            self.threads.append(threading.current_thread().name)
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            if hold:
+                self.holding.set()
+                assert self.go.wait(60)
+            return compile_()
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def distinct_schema(i: int, marker: str = "plain") -> dict:
+    return json_schema({"type": "object", "properties": {f"{marker}_{i}_{j}": {"type": "integer"} for j in range(40)}})
+
+
+def test_schemas_compile_one_at_a_time_on_the_grammar_threads(base_engine, monkeypatch):
+    """Never on the event loop, the engine's thread or the threads that parse request bodies; never two at once
+    (16 big schemas at once took both cores from everyone)."""
+    import llguidance
+    from concurrent.futures import ThreadPoolExecutor
+
+    spy = CompileSpy(llguidance.LLMatcher, held="never")
+    monkeypatch.setattr(llguidance, "LLMatcher", spy.matcher)
+    with client_for(fresh(base_engine)) as c, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: chat(c, max_tokens=2, response_format=distinct_schema(i)), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6
+    assert len(spy.threads) >= 18 and spy.most == 1
+    assert {name.split("_")[0] for name in spy.threads} == {"tunesmith-grammar"}, set(spy.threads)
+
+
+def test_a_cached_schema_and_plain_chat_answer_while_a_big_schema_compiles(base_engine, monkeypatch):
+    import llguidance
+    from concurrent.futures import ThreadPoolExecutor
+
+    spy = CompileSpy(llguidance.LLMatcher, held="held_marker")
+    monkeypatch.setattr(llguidance, "LLMatcher", spy.matcher)
+    cached = {"response_format": {"type": "json_object"}, "max_tokens": 2}
+    with client_for(fresh(base_engine)) as c, ThreadPoolExecutor(3) as pool:
+        assert chat(c, **cached).status_code == 200  # compiled and kept
+        big = pool.submit(chat, c, max_tokens=2, response_format=distinct_schema(0, "held_marker"))
+        try:
+            assert spy.holding.wait(30)
+            assert pool.submit(chat, c, **cached).result(timeout=20).status_code == 200
+            assert text_of(pool.submit(chat, c).result(timeout=20)) is not None
+            assert not big.done()
+        finally:
+            spy.go.set()
+        assert big.result(timeout=60).status_code == 200

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from serve_assets import CONTEXT, write_base, write_classifier, write_run
+from serve_assets import CONTEXT, gate, write_base, write_classifier, write_run
 
 BASE = "base"
 TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -322,13 +322,13 @@ def test_load_errors_are_400s_naming_the_field(client, assets, tmp_path):
     def error(response, param, status=400):
         return assert_envelope(response, status, param)["message"]
 
-    assert "no directory" in error(load(client, "x", tmp_path / "missing"), "lora_path")
+    assert "does not say which" in error(load(client, "x", tmp_path / "missing"), "lora_path")  # no key
     (tmp_path / "empty").mkdir()
-    assert "is not a finished tunesmith run" in error(load(client, "x", tmp_path / "empty"), "lora_path")
+    assert "does not say which" in error(load(client, "x", tmp_path / "empty"), "lora_path")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run.json").write_text((assets["lora"] / "run.json").read_text())  # no weights, no adapter config
-    assert "cannot load" in error(load(client, "x", broken), "lora_path")
+    assert "adapter_config.json of" in error(load(client, "x", broken), "lora_path")
     old = write_run(assets["base"], tmp_path / "old", "lora", fingerprint="0123456789abcdef")
     assert "chat template 0123456789abcdef" in error(load(client, "x", old), "lora_path")
     assert "already served" in error(load(client, "lora", assets["lora"]), "lora_name")
@@ -341,6 +341,37 @@ def test_load_errors_are_400s_naming_the_field(client, assets, tmp_path):
     assert "No model named 'nope'" in error(unload(client, "nope"), "lora_name", 404)
     assert "cannot be unloaded" in error(unload(client, BASE), "lora_name")
     assert set(listed(client)) == {BASE, "lora", "clf", "topic", "tags"}
+
+
+def test_without_a_key_a_load_error_does_not_tell_which_paths_exist(engine, tmp_path):
+    """Anyone may call a server without a key: a missing path, a file, a directory without a run and one with
+    a broken run.json get the same words; with a key (only its holders may ask) each says what it is."""
+    from starlette.testclient import TestClient
+
+    from tunesmith.serve import ServeSettings, create_app
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{nope")
+    paths = [tmp_path / name for name in ("missing", "file", "empty", "broken")]
+
+    def messages(client, headers=None) -> list[str]:
+        out = []
+        for path in paths:
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(path)}, headers=headers)
+            out.append(assert_envelope(r, 400, "lora_path")["message"].replace(str(path), "PATH"))
+        return out
+
+    with TestClient(create_app(engine, ServeSettings())) as c:
+        vague = messages(c)
+    with TestClient(create_app(engine, ServeSettings(api_key="sekret"))) as c:
+        precise = messages(c, {"Authorization": "Bearer sekret"})
+    assert len(set(vague)) == 1 and "does not say which" in vague[0]
+    assert precise == ["Adapter 'x': there is no directory PATH.", "Adapter 'x': PATH is not a directory.",
+                       "Adapter 'x': PATH is not a finished tunesmith run (no run.json).",
+                       "Adapter 'x': PATH: run.json is unreadable (Expecting property name enclosed in double quotes: "
+                       "line 1 column 2 (char 1)); train the run again."]
 
 
 def test_the_api_key_guards_these_routes(engine, assets):
@@ -364,16 +395,7 @@ def test_the_api_key_guards_these_routes(engine, assets):
 
 def _gate(monkeypatch, module):
     """Hold every forward pass of `module` until `opened` is set; `entered` says one has begun."""
-    entered, opened = threading.Event(), threading.Event()
-    forward = module.forward
-
-    def gated(*args, **kwargs):
-        entered.set()
-        assert opened.wait(60)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(module, "forward", gated)
-    return entered, opened
+    return gate(monkeypatch, module, "forward")
 
 
 def _in_thread(fn):

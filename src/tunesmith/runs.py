@@ -18,12 +18,15 @@ A leaf module: it imports nothing else of tunesmith but errors, so models, train
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+import stat
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import TunesmithError
@@ -116,18 +119,105 @@ class RunInfo:
         return {"path": str(self.path), "task": self.task, "method": self.method, "base_model": self.base_model}
 
 
-def find_run(path: str | Path) -> RunInfo | None:
-    """The finished run at `path`, or None when `path` holds none (a model name, a data file, a plain model)."""
+MAX_INFO_BYTES = 10_000_000  # a run.json is a few kilobytes; anything near this is not one
+
+
+def read_regular(path: str | Path, max_bytes: int | None = None, *, within: str | Path | None = None) -> bytes:
+    """The bytes of the regular file at `path` (at most `max_bytes`). FileNotFoundError when there is none;
+    another OSError when it is not a regular file (a FIFO, a device, a directory: never opened for reading, so
+    nothing can block on it) or, with `within`, when it resolves outside that directory (a symbolic link out)."""
+    real = os.path.realpath(path)
+    if within is not None:
+        root = os.path.realpath(within)
+        if os.path.commonpath([root, real]) != root:
+            raise PermissionError(errno.EACCES, f"resolves outside {root}", str(path))
+    before = os.stat(real)
+    if not stat.S_ISREG(before.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):  # swapped since it was looked at
+            raise OSError(errno.EAGAIN, "the file changed while being opened", str(path))
+        return f.read() if max_bytes is None else f.read(max_bytes)
+
+
+def _kind(value) -> str:
+    """A JSON value's type in words."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _options(hint) -> tuple:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
+
+
+def _expected(hint) -> str:
+    """A RunInfo field's type in JSON words: "a list of strings or null"."""
+    words = {str: "a string", bool: "true or false", dict: "an object", type(None): "null", list: "a list"}
+    out = []
+    for option in _options(hint):
+        args = typing.get_args(option)
+        out.append(f"a list of {words[args[0]].split(' ', 1)[1]}s" if args else words.get(option, str(option)))
+    return " or ".join(out)
+
+
+def _matches(value, hint) -> bool:
+    """Whether a JSON value has the type of a RunInfo field (`str`, `list[str] | None`, `dict`, ...)."""
+    for option in _options(hint):
+        origin, args = typing.get_origin(option) or option, typing.get_args(option)
+        if option is type(None):
+            if value is None:
+                return True
+        elif origin is list:
+            if isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list):
+                return True
+        elif origin is bool or not isinstance(value, bool):  # true is no string, and no number either
+            if isinstance(value, origin):
+                return True
+    return False
+
+
+def _record_problem(data: dict) -> str | None:
+    """What keeps a run.json object from being a RunInfo: a required field missing, or a field of another type."""
+    hints = typing.get_type_hints(RunInfo)
+    own = [f for f in fields(RunInfo) if f.name not in ("path", "extra")]
+    missing = [f.name for f in own if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
+    if missing:
+        return f"has no {', '.join(missing)}, which every run's record has"
+    for f in own:
+        if f.name in data and not _matches(data[f.name], hints[f.name]):
+            return f"has {_kind(data[f.name])} for {f.name}, where a run's record has {_expected(hints[f.name])}"
+    return None
+
+
+def find_run(path: str | Path, within: str | Path | None = None) -> RunInfo | None:
+    """The finished run at `path`, or None when `path` holds none (a model name, a data file, a plain model, a
+    run.json that is no regular file, or with `within`, one that resolves outside that directory). NotARunError,
+    naming the problem, for a run.json that cannot be read as a run's record."""
     file = Path(path) / RUN_INFO
-    if not file.is_file():
-        return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return RunInfo.from_dict(data, path)
-    except (OSError, ValueError, TypeError) as err:
+        raw = read_regular(file, MAX_INFO_BYTES + 1, within=within)
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the path
+        return None
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES if within else None):
+            return None
+        raise NotARunError(f"{path}: {RUN_INFO} is unreadable ({err.strerror or err}); train the run again") from None
+    if len(raw) > MAX_INFO_BYTES:
+        raise NotARunError(f"{path}: {RUN_INFO} is larger than {MAX_INFO_BYTES // 1_000_000} MB, too large to be a "
+                           "run's record; train the run again")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise NotARunError(f"{path}: {RUN_INFO} is nested too deeply to be a run's record; train the run again") \
+            from None
+    except ValueError as err:  # not UTF-8, not JSON, or a number of more digits than Python reads
         raise NotARunError(f"{path}: {RUN_INFO} is unreadable ({err}); train the run again") from None
+    problem = "is not a JSON object, as a run's record is" if not isinstance(data, dict) else _record_problem(data)
+    if problem:
+        raise NotARunError(f"{path}: {RUN_INFO} {problem}; train the run again")
+    return RunInfo.from_dict(data, path)
 
 
 def open_run(path: str | Path, task: str | None = None, purpose: str | None = None) -> RunInfo:
@@ -193,13 +283,13 @@ def append_log(run_dir: Path, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def read_log(run_dir: str | Path, max_bytes: int | None = None) -> list[dict]:
+def read_log(run_dir: str | Path, max_bytes: int | None = None, within: str | Path | None = None) -> list[dict]:
     """log.jsonl's entries, oldest first: every complete line holding a JSON object (a half-written last line,
-    left by a kill or still being written, is skipped). `max_bytes` reads only the file's start."""
+    left by a kill or still being written, is skipped). `max_bytes` reads only the file's start; none when the
+    log is no regular file or (with `within`) resolves outside that directory."""
     try:
-        with (Path(run_dir) / LOG).open("rb") as f:
-            raw = f.read() if max_bytes is None else f.read(max_bytes)
-    except OSError:
+        raw = read_regular(Path(run_dir) / LOG, max_bytes, within=within)
+    except (OSError, ValueError):
         return []
     entries = []
     for line in raw.decode("utf-8", errors="replace").splitlines():

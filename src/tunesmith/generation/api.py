@@ -27,7 +27,7 @@ __all__ = ["Generation", "GenerationError", "SamplingParams", "generate", "gener
 @dataclass
 class Generation:
     text: str  # the reply as generated, a call's markup and a think block included
-    finish_reason: str  # "stop" (a stop token or string) or "length"
+    finish_reason: str  # "stop" (a stop token or string), "length", or "grammar_error" (the token mask gave up)
     prompt_tokens: int
     completion_tokens: int
     tool_calls: list[dict] | None = None  # with tools=: the calls made (OpenAI's, with ids); None when none parse

@@ -19,6 +19,7 @@ A row whose settings, sampling or callback fail gets an error event and leaves; 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -29,11 +30,12 @@ from itertools import count
 
 from .batch import Route, TorchDecoder, route
 from .decoder import Decoder
-from .params import SamplingParams
+from .params import ConstraintFailed, SamplingParams
 from .prefix_cache import DEFAULT_MB
 from .sampler import Sampler, Token, prompt_logprobs
 from .text import Detokenizer, StopScanner
 
+log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # prompt tokens a row reads per step: a step that also decodes others stays short
 _UIDS = count()
 
@@ -75,7 +77,9 @@ class Event:
     index: int = 0  # which of a request's n choices
     text: str = ""  # new text, already cut at stop strings
     token: Token | None = None  # with logprobs: the token this event's text came from
-    finish_reason: str | None = None  # on the last event of a choice, which carries no text: "stop" or "length"
+    # on the last event of a choice, which carries no text: "stop", "length", or "grammar_error" (its token mask
+    # could not go on: params.ConstraintFailed)
+    finish_reason: str | None = None
     prompt_tokens: int = 0  # on the last event
     completion_tokens: int = 0  # on the last event: generated tokens, a final stop token included
     cached_tokens: int = 0  # on the last event: prompt tokens whose KV came from the prefix cache
@@ -88,16 +92,20 @@ class Request:
 
     `params` may be given as the reply's maximum length with the other settings as keywords, which build the
     SamplingParams: `Request(model, ids, 16, emit, temperature=0.7)` (temperature 1.0, OpenAI's default, unless
-    given). Set `cancelled` to drop the row at its next step, without another event."""
+    given). Set `cancelled` to drop the row at its next step, without another event. `served`: the model the
+    name meant when the request was accepted (the server's routes pass it, so a run unloaded while the request
+    was being prepared or waited still answers it); None: the name is looked up at admission."""
 
     def __init__(self, model: str, ids: list[int], params: SamplingParams | int, emit: Callable[[Event], None], *,
-                 index: int = 0, cancelled: threading.Event | None = None, **settings):
+                 index: int = 0, cancelled: threading.Event | None = None, served: Served | None = None,
+                 **settings):
         if not isinstance(params, SamplingParams):
             params = SamplingParams(max_new_tokens=params, **{"temperature": 1.0, **settings})
         elif settings:
             raise TypeError("give the settings in params or as keywords, not both")
         self.model, self.ids, self.params, self.emit, self.index = model, ids, params, emit, index
         self.cancelled = cancelled or threading.Event()
+        self.served = served
 
     @property
     def max_tokens(self) -> int:
@@ -135,8 +143,12 @@ class Row:
         self.slot = None  # the decoder's record of where this row's KV lives
         self.fed = 0  # tokens in its KV cache: the prompt's first ones, then those picked
         self.cached = 0  # prompt tokens whose KV came from the prefix cache
-        self.scores: list = []  # a scoring row's logits of each prompt piece, until the whole prompt is in
+        self.scores: list = []  # a scoring row's prompt logprobs (Tokens), each piece's as it is read
         self.ended = False
+        # The text given to the stop scanner, in characters, and how much of it was passed on; with logprobs, the
+        # (start, Token) of each token whose text is not passed on yet (held back as a stop string's possible start).
+        self.scanned = self.passed = 0
+        self.held: deque[tuple[int, Token]] = deque()
 
     @property
     def tokens(self) -> list[int]:
@@ -166,25 +178,58 @@ class Row:
         self.n, self.last = self.n + 1, token
         self.picked.append(token)
         if token in self.stops:
-            return self._finish("stop", self.scanner.feed(self.text.flush()))
-        out = self.scanner.feed(self.text.add(token))
+            return self._finish("stop", self._scan(self.text.flush()))
+        out = self._scan(self.text.add(token), info)
         if self.scanner.stopped:
-            return self._finish("stop", out, info)
+            return self._finish("stop", out)
         if self.n >= self.req.params.max_new_tokens:
-            return self._finish("length", out + self.scanner.feed(self.text.flush()), info)
-        self._emit(Event(self.req.index, out, info))
+            return self._finish("length", out + self._scan(self.text.flush()))
+        self._pass_on(out)
         return False
+
+    def _scan(self, piece: str, info: Token | None = None) -> str:
+        """Give a token's text to the stop scanner (its logprobs held with it); what may be passed on now."""
+        if info is not None:
+            self.held.append((self.scanned, info))
+        self.scanned += len(piece)
+        return self.scanner.feed(piece)
+
+    def _pass_on(self, text: str, final: bool = False) -> None:
+        """Emit `text`, the next characters the scanner let through, each token's part with its logprobs: a token
+        is reported once its text starts to be passed on, never when a stop string swallowed all of it (as
+        OpenAI: text rebuilt from the logprobs is the reply). `final`: the reply ends here without a stop string,
+        so tokens of no text at its end are reported too."""
+        start = at = self.passed
+        end = self.passed = start + len(text)
+        events = []
+        while self.held and (self.held[0][0] < end or final):
+            begin, info = self.held.popleft()
+            if begin > at:  # the rest of a token reported earlier
+                events.append(Event(self.req.index, text[at - start:begin - start]))
+            at = max(begin, min(self.held[0][0], end) if self.held else end)
+            events.append(Event(self.req.index, text[begin - start:at - start], info))
+        if at < end:
+            if events:
+                events[-1].text += text[at - start:]
+            else:
+                events.append(Event(self.req.index, text[at - start:]))
+        for event in events:
+            self._emit(event)
+
+    def end(self, reason: str) -> bool:
+        """Finish now with `reason`, what its text holds back passed on (a token mask that cannot go on)."""
+        return self._finish(reason, self._scan(self.text.flush()))
 
     def _emit(self, event: Event) -> None:
         if event.text or event.token or event.finish_reason:
             self.req.emit(event)
 
-    def _finish(self, reason: str, text: str, info: Token | None = None) -> bool:
+    def _finish(self, reason: str, text: str) -> bool:
         if not self.scanner.stopped:  # the end: a held-back tail that never became a stop string is text
             text += self.scanner.flush()
         elif reason == "length":
             reason = "stop"  # the last token completed a stop string
-        self._emit(Event(self.req.index, text, info))
+        self._pass_on(text, final=not self.scanner.stopped)
         if not self.req.cancelled.is_set():
             self.req.emit(Event(self.req.index, finish_reason=reason, prompt_tokens=len(self.req.ids),
                                 completion_tokens=self.n, cached_tokens=self.cached))
@@ -193,10 +238,9 @@ class Row:
 
 def generating(models: dict[str, Served], req: Request) -> Served:
     """The served model a generation request names, or a ValueError that says why it cannot generate."""
-    try:
-        served = models[req.model]  # [] not get(): a run unloaded while this waited still resolves
-    except KeyError:
-        raise ValueError(f"the model {req.model!r} is not served (any more)") from None
+    served = req.served if req.served is not None else models.get(req.model)
+    if served is None:
+        raise ValueError(f"the model {req.model!r} is not served (any more)")
     if served.task != "sft":
         raise ValueError(f"{req.model!r} is a {served.task} run and cannot generate text")
     if not req.ids:
@@ -266,9 +310,9 @@ class Engine:
             requests = [*self._waiting, self._admitting, *(row.req for row in list(self.rows))]
         return sum(req is not None and req.model == model for req in requests)
 
-    def vocabulary(self, name: str) -> tuple[int, set[int]]:
-        """(the logits' width, the stop token ids) of the served model `name`: what a token mask is built for."""
-        return self.decoder.vocabulary(self.models[name])
+    def vocabulary(self, model: str | Served) -> tuple[int, set[int]]:
+        """(the logits' width, the stop token ids) of a served model (or its name): what a token mask is built for."""
+        return self.decoder.vocabulary(self.models[model] if isinstance(model, str) else model)
 
     @property
     def running(self) -> int:
@@ -362,7 +406,7 @@ class Engine:
                 self._admitting = None
 
     def _fits(self, req: Request) -> bool:
-        served = self.models.get(req.model)
+        served = req.served if req.served is not None else self.models.get(req.model)
         if served is None or served.task != "sft" or not req.ids or _usage_only(req):
             return True  # answered at once (an error, or the prompt's usage)
         return self.decoder.fits(served, len(req.ids), req.params.max_new_tokens)
@@ -415,23 +459,32 @@ class Engine:
             return
         ready, last = [], []
         for row, out in zip(rows, logits):
-            if row.scoring:
-                row.scores.append(out)
+            if row.scoring and not self._score_piece(row, out):
+                continue
             if row.prefilling or (row.scoring and not self._score(row)):
                 continue
             ready.append(row)
             last.append(out[-1].float().cpu() if row.scoring else out)
         self._advance(ready, last)
 
-    def _score(self, row: Row) -> bool:
-        """Emit a row's prompt logprobs (echo + logprobs), before its reply's first token, from the logits of
-        every prompt position; False when the row ends here (max_tokens 0, or failed)."""
-        import torch
+    def _score_piece(self, row: Row, logits) -> bool:
+        """Score the prompt piece just read (logits [n, V] of its positions), keeping only its logprobs; False
+        when that failed (the row has ended)."""
+        try:
+            start = row.fed - logits.shape[0]
+            row.scores += prompt_logprobs(logits, row.req.ids, row.req.params.prompt_logprobs, self.tokenizer, start)
+        except Exception as err:
+            fail(row.req, f"{type(err).__name__}: {err}")
+            self._end(row)
+            return False
+        return True
 
+    def _score(self, row: Row) -> bool:
+        """Emit a row's prompt logprobs (echo + logprobs), before its reply's first token, once its whole prompt
+        is scored; False when the row ends here (max_tokens 0, or failed)."""
         req = row.req
         try:
-            scores = prompt_logprobs(torch.cat(row.scores), req.ids, req.params.prompt_logprobs, self.tokenizer)
-            row.scores = []
+            scores, row.scores = row.scores, []
             req.emit(Event(req.index, prompt=scores))
             if req.params.max_new_tokens == 0:  # scored, nothing to generate
                 req.emit(Event(req.index, finish_reason="length", prompt_tokens=len(req.ids)))
@@ -459,6 +512,9 @@ class Engine:
                 continue
             try:
                 finished = row.advance(*row.pick(out))
+            except ConstraintFailed as err:  # its grammar cannot go on: the reply ends here, saying so
+                log.warning("%r ends with finish_reason grammar_error: %s", row.req, err)
+                finished = row.end("grammar_error")
             except Exception as err:  # this row's settings or callback: it fails alone
                 fail(row.req, f"{type(err).__name__}: {err}")
                 finished = True

@@ -9,16 +9,21 @@ The contract with the engine, per row and decode step:
     if mask is not None:
         logits[~mask] = float("-inf")  # logits [vocab_size]; mask.to(logits.device) when they live elsewhere
     token = sample(logits)
-    constraint.advance(token)          # False: the token broke the grammar (only EOS is allowed from then on)
+    constraint.advance(token)          # False: the token broke the grammar (allowed() then raises)
 
 EOS is allowed only once the JSON is complete, and then nothing else is, so a row ends with its own EOS or at
 max_tokens (the JSON cut short, finish_reason "length", as with OpenAI). Tokens past the tokenizer's vocabulary
-(lm_head padding) are never allowed. `allowed(row)` also takes the engine's row and ignores it, so a
+(lm_head padding) are never allowed. Some schemas llguidance accepts meet one of its limits only as the reply
+goes (an anyOf of more than 2,000 objects once a key starts, a pattern such as `^a{100000}$` once the string
+does): `allowed()` then raises `ConstraintFailed` and the engine ends the row with finish_reason "grammar_error",
+never "stop" with JSON that does not validate. One that cannot even start (a `$ref` to itself) is refused when
+it compiles. `allowed(row)` also takes the engine's row and ignores it, so a
 Constraint is a `generation.params.TokenMask`, and `token_mask()` gives `SamplingParams.token_mask` its factory.
 
 Costs: the tokenizer's byte table is built once per tokenizer (~0.5 s for a 49k vocabulary) and kept while the
-tokenizer lives; each schema's grammar is compiled once (an LRU of SCHEMA_CACHE_SIZE per tokenizer) and every
-request starts from a copy of it (~10 us); a mask costs ~0.01-0.2 ms on CPU, far below a decode step.
+tokenizer lives; each schema's grammar is compiled once, one compile at a time, and kept within a budget in bytes
+(grammar_cache.py); `token_mask()` holds its compiled grammar, so each row starts from a copy of it (~10 us) and
+nothing compiles on the engine's thread; a mask costs ~0.01-0.2 ms on CPU, far below a decode step.
 `response_format_error()` checks a request up front and returns the sentence for a 400 on `response_format`.
 
 Tool calls (tool_choice "required" or a named function) are forced the same way: `tool_call_grammar()` writes a
@@ -31,13 +36,12 @@ import functools
 import json
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..data.tools import CALL_CLOSE, CALL_OPEN
 from ..errors import TunesmithError
-
-SCHEMA_CACHE_SIZE = 64  # compiled grammars kept per tokenizer, least recently used dropped first
+from .grammar_cache import TEMPLATES, TEXTS, compiling, template_bytes
+from .params import ConstraintFailed
 
 # Whitespace between JSON tokens: one or two spaces, or one line break and up to 32 characters of indentation.
 # That is compact and pretty-printed JSON alike, while llguidance's default ([ \t\r\n]+) lets a small model
@@ -106,11 +110,20 @@ def _schema_of(response_format) -> tuple[dict | None, bool]:
     return spec["schema"], bool(spec.get("strict"))
 
 
-@functools.lru_cache(maxsize=256)
 def _grammar(schema_json: str, strict: bool, field: str = "response_format.json_schema.schema") -> str:
-    """llguidance's grammar for a canonical schema text, checked; errors name `field`. strict rejects keywords
-    llguidance cannot enforce (uniqueItems, not, if/then, ...); non-strict, as OpenAI's strict=false, enforces
-    the rest."""
+    """llguidance's grammar for a canonical schema text, checked (kept in TEXTS); errors name `field`. strict
+    rejects keywords llguidance cannot enforce (uniqueItems, not, if/then, ...); non-strict, as OpenAI's
+    strict=false, enforces the rest."""
+    key = ("json", schema_json, strict)
+    if (grammar := TEXTS.get(key)) is None:
+        with compiling():
+            if (grammar := TEXTS.get(key)) is None:  # or compiled meanwhile by the thread this one waited for
+                grammar = _compile_schema(schema_json, strict, field)
+                TEXTS.put(key, grammar, len(grammar) + len(schema_json))
+    return grammar
+
+
+def _compile_schema(schema_json: str, strict: bool, field: str) -> str:
     llg = _llguidance()
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(json.loads(schema_json),
@@ -145,29 +158,42 @@ def response_format_error(response_format) -> str | None:
 
 
 class _Compiled:
-    """One tokenizer's llguidance tokenizer and its LRU of compiled grammars (template matchers, never
-    advanced: each request deep-copies one)."""
+    """One tokenizer's llguidance tokenizer, and the grammars compiled for it (template matchers, never
+    advanced: each row deep-copies one), kept in grammar_cache.TEMPLATES."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         llg = _llguidance()
         # llguidance refuses a width below the tokenizer's; a narrower lm_head is cut in allowed() instead.
         self.tokenizer = llg.hf.from_tokenizer(tokenizer, n_vocab=max(vocab_size, len(tokenizer)),
                                                eos_token=list(eos_token_ids))
-        self.templates: OrderedDict[str, object] = OrderedDict()
-        self.lock = threading.Lock()
 
-    def matcher(self, grammar: str):
-        with self.lock:
-            template = self.templates.get(grammar)
-            if template is None:
-                template = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0)  # errors: .error
-                if template.is_error():  # the tokenizer-free check passed, so this is a bug or a limit hit
-                    raise ResponseFormatError(f"response_format cannot be enforced: {template.get_error()}")
-                if len(self.templates) >= SCHEMA_CACHE_SIZE:
-                    self.templates.popitem(last=False)
-                self.templates[grammar] = template
-            self.templates.move_to_end(grammar)
-            return template.deep_copy()
+    def template(self, grammar: str):
+        """The compiled matcher of `grammar`: kept, or compiled now (one compile at a time)."""
+        if (template := TEMPLATES.get((self, grammar))) is None:
+            with compiling():
+                if (template := TEMPLATES.get((self, grammar))) is None:
+                    template = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0)  # errors: .error
+                    _check_start(template)
+                    TEMPLATES.put((self, grammar), template, template_bytes(grammar))
+        return template
+
+    def forget(self, grammar: str) -> None:
+        """Drop a compiled grammar whose copy met a limit: its copies share the lexer whose budget ran out."""
+        TEMPLATES.forget((self, grammar))
+
+
+def _first_line(error: str) -> str:
+    return (error.strip().splitlines() or ["unknown error"])[0]
+
+
+def _check_start(template) -> None:
+    """ResponseFormatError unless a compiled grammar can give its first mask: the tokenizer-free check passed,
+    so what fails here is a limit hit or a grammar with no first character (a `$ref` to itself)."""
+    probe = template if template.is_error() else template.deep_copy()
+    if not probe.is_error():
+        probe.compute_bitmask()
+    if probe.is_error():
+        raise ResponseFormatError(f"response_format cannot be enforced: {_first_line(probe.get_error())}")
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab, eos): _Compiled}
@@ -183,26 +209,55 @@ def _compiled(tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> _Co
         return per_tokenizer[key]
 
 
+@dataclass(frozen=True)
+class _Ready:
+    """A grammar compiled for one tokenizer, vocabulary and EOS set: what each row's Constraint copies."""
+
+    compiled: _Compiled
+    grammar: str
+    template: object  # the compiled matcher, never advanced
+    vocab_size: int
+    tokenizer_size: int  # the ids past it (lm_head padding) are never allowed
+    eos_token_ids: tuple[int, ...]
+
+
+def _ready(tokenizer, response_format, vocab_size: int, eos_token_ids: tuple[int, ...]) -> _Ready | None:
+    grammar = _grammar_for(response_format)
+    if grammar is None:
+        return None
+    compiled = _compiled(tokenizer, vocab_size, eos_token_ids)
+    return _Ready(compiled, grammar, compiled.template(grammar), vocab_size, min(len(tokenizer), vocab_size),
+                  eos_token_ids)
+
+
 class Constraint:
     """One row's constraint: which tokens may come next under `response_format`. Raises ResponseFormatError
     for a format it cannot enforce. `eos_token_ids` (default: the tokenizer's EOS) end the row once the JSON is
     complete."""
 
     def __init__(self, tokenizer, response_format, vocab_size: int, *, eos_token_ids=None):
+        eos = tuple(eos_token_ids or [tokenizer.eos_token_id])
+        self._start(vocab_size, eos, _ready(tokenizer, response_format, vocab_size, eos))
+
+    @classmethod
+    def of(cls, ready: _Ready) -> Constraint:
+        """A new row's constraint from a grammar compiled already: a copy of it, nothing compiled."""
+        constraint = cls.__new__(cls)
+        constraint._start(ready.vocab_size, ready.eos_token_ids, ready)
+        return constraint
+
+    def _start(self, vocab_size: int, eos_token_ids: tuple[int, ...], ready: _Ready | None) -> None:
         import torch
 
-        self.vocab_size = vocab_size
-        self.eos_token_ids = tuple(eos_token_ids or [tokenizer.eos_token_id])
+        self.vocab_size, self.eos_token_ids, self._ready = vocab_size, eos_token_ids, ready
         self._matcher, self._ended = None, False
-        grammar = _grammar_for(response_format)
-        if grammar is None:
+        if ready is None:
             return
-        compiled = _compiled(tokenizer, vocab_size, self.eos_token_ids)
-        self._matcher = compiled.matcher(grammar)
-        self._tokenizer_size = min(len(tokenizer), vocab_size)
-        self._words = torch.zeros((compiled.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        self._matcher = ready.template.deep_copy()
+        self._tokenizer_size = ready.tokenizer_size
+        self._words = torch.zeros((ready.compiled.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
         self._eos_only = torch.zeros(vocab_size, dtype=torch.bool)
-        self._eos_only[[i for i in self.eos_token_ids if i < vocab_size]] = True
+        self._eos_only[[i for i in eos_token_ids if i < vocab_size]] = True
 
     def allowed(self, row=None):
         """bool [vocab_size], True where the next token may go; None when unconstrained or after EOS."""
@@ -211,10 +266,13 @@ class Constraint:
 
         if self._matcher is None or self._ended:
             return None
-        if self._matcher.is_stopped() or self._matcher.is_error():
-            # Complete JSON with nothing that may extend it, or a rejected token broke it: end the row.
+        if not self._matcher.is_error() and self._matcher.is_stopped():  # complete, nothing may extend it
             return self._eos_only.clone()
-        self._matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
+        if not self._matcher.is_error():
+            self._matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
+        if self._matcher.is_error():  # a limit met: this step's mask, or consuming the last token
+            self._ready.compiled.forget(self._ready.grammar)  # the next request compiles afresh
+            raise ConstraintFailed(f"the grammar cannot go on: {_first_line(self._matcher.get_error())}")
         # Bit i of word w is token 32*w + i: the words' little-endian bytes unpack in token order ([W] -> [32W]).
         words = self._words.numpy().astype("<i4", copy=False)
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size]
@@ -226,9 +284,6 @@ class Constraint:
         if self._matcher is None or self._ended:
             return True
         token = int(token)
-        if token in self.eos_token_ids and self._matcher.is_error():
-            self._ended = True  # the EOS that allowed() offered after the failure
-            return True
         accepted = self._matcher.consume_token(token)
         self._ended = accepted and token in self.eos_token_ids
         return accepted
@@ -245,11 +300,10 @@ class Constraint:
 
 def token_mask(tokenizer, response_format, vocab_size: int, *, eos_token_ids=None):
     """`SamplingParams.token_mask` for a request: a factory of fresh Constraints, one per row, or None for plain
-    text. The grammar compiles here, so an unenforceable format fails before the request is queued."""
-    if _grammar_for(response_format) is None:
-        return None
-    Constraint(tokenizer, response_format, vocab_size, eos_token_ids=eos_token_ids)  # compile and cache now
-    return functools.partial(Constraint, tokenizer, response_format, vocab_size, eos_token_ids=eos_token_ids)
+    text. The grammar compiles here (or comes from the cache), so an unenforceable format fails before the
+    request is queued; the factory holds it, so a row never compiles on the engine's thread."""
+    ready = _ready(tokenizer, response_format, vocab_size, tuple(eos_token_ids or [tokenizer.eos_token_id]))
+    return None if ready is None else functools.partial(Constraint.of, ready)
 
 
 def parameters_schema(parameters: dict | None) -> dict:
@@ -296,12 +350,15 @@ def tool_call_grammar(functions: list[dict], style: str, *, parallel: bool = Fal
     return Grammar(_lark(lark))
 
 
-@functools.lru_cache(maxsize=256)
 def _lark(lark: str) -> str:
-    """llguidance's grammar for a Lark text, checked (cached: the same tools come with every request of an agent)."""
-    llg = _llguidance()
-    grammar = llg.LLMatcher.grammar_from_lark(lark)
-    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
-    if failed:  # each function's parameters passed schema_error: a failure here is a bug, not the client's
-        raise ResponseFormatError(f"the tool call grammar cannot be enforced: {messages[0].strip()}")
+    """llguidance's grammar for a Lark text, checked (kept in TEXTS: the same tools come with every request of an
+    agent)."""
+    if (grammar := TEXTS.get(("lark", lark))) is None:
+        with compiling():
+            llg = _llguidance()
+            grammar = llg.LLMatcher.grammar_from_lark(lark)
+            failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+            if failed:  # each function's parameters passed schema_error: a failure here is a bug, not the client's
+                raise ResponseFormatError(f"the tool call grammar cannot be enforced: {messages[0].strip()}")
+            TEXTS.put(("lark", lark), grammar, len(grammar) + len(lark))
     return grammar

@@ -48,6 +48,11 @@ def within(value, limit: Interval) -> bool:
 GREEDY_BELOW = 1e-5
 
 
+class ConstraintFailed(Exception):
+    """A token mask that cannot go on mid-reply (its grammar hit a limit, or allows no token): the row ends
+    there with finish_reason "grammar_error", its text so far kept, and the other rows go on."""
+
+
 class TokenMask(Protocol):
     """Which tokens one row may generate next: the hook for constrained decoding (a grammar, a JSON schema).
 
@@ -55,7 +60,8 @@ class TokenMask(Protocol):
     Before each token the sampler calls `allowed(row)` (`row.tokens`: the ids generated so far) for a bool
     tensor of shape [vocab] (True = allowed; None = no restriction this step); after the token is chosen it
     calls `advance(token)`. The mask applies after penalties and logit_bias, before temperature, top-k and
-    top-p, so logprobs report the constrained distribution. A step where nothing is allowed fails the row."""
+    top-p, so logprobs report the constrained distribution. A step where nothing is allowed, or where
+    `allowed` raises ConstraintFailed, ends the row with finish_reason "grammar_error"."""
 
     def allowed(self, row) -> object | None: ...
 

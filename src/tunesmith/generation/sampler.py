@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .params import SamplingParams
+from .params import ConstraintFailed, SamplingParams
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Sampler:
         if self.mask is not None and (allowed := self.mask.allowed(row)) is not None:
             allowed = allowed.to(device=logits.device, dtype=torch.bool)
             if not bool(allowed.any()):
-                raise ValueError("the token mask allows no token at this step")
+                raise ConstraintFailed("the token mask allows no token at this step")
             logits = logits.masked_fill(~allowed, float("-inf"))
         token = int(logits.argmax()) if p.greedy else self._sample(logits)
         info = self._logprobs(logits, token) if p.logprobs is not None else None
@@ -103,18 +103,21 @@ class Sampler:
             self.mask.advance(token)
 
 
-def prompt_logprobs(logits, ids: list[int], top: int, tokenizer) -> list[Token | None]:
-    """Each prompt token's logprob under the model given the tokens before it, with `top` alternatives: None for
-    the first token (nothing predicts it), as OpenAI's echo reports it. logits: [len(ids), V], the row's own
-    positions, on any device; the model's distribution as it is (no penalties: this scores, it does not pick)."""
+def prompt_logprobs(logits, ids: list[int], top: int, tokenizer, start: int = 0) -> list[Token | None]:
+    """Prompt tokens' logprobs under the model given the tokens before them, with `top` alternatives, from the
+    logits [n, V] of prompt positions start .. start + n - 1 (one piece as prefill reads it, on any device: no
+    [T, V] of a whole prompt is ever kept). Position i predicts token i + 1, so this scores ids[start + 1 ..
+    start + n] within the prompt, preceded by None for the first token (nothing predicts it, as OpenAI's echo
+    reports it) when the piece starts the prompt. The model's distribution as it is: no penalties, this scores."""
     import torch
 
-    if len(ids) < 2:
-        return [None] * len(ids)
-    logp = torch.log_softmax(logits[:-1].float(), -1)  # position i predicts token i + 1
-    targets = torch.tensor(ids[1:], device=logp.device)
-    chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
+    targets = ids[start + 1:start + 1 + logits.shape[0]]
+    out: list[Token | None] = [None] if start == 0 else []
+    if not targets:
+        return out
+    logp = torch.log_softmax(logits[:len(targets)].float(), -1)  # [n, V]
+    chosen = logp.gather(-1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
     values, indices = (t.tolist() for t in logp.topk(top, -1)) if top else ([[]] * len(chosen),) * 2
-    return [None] + [Token(tokenizer.decode([token]), chosen[i],
-                           [(tokenizer.decode([t]), v) for v, t in zip(values[i], indices[i])])
-                     for i, token in enumerate(ids[1:])]
+    return out + [Token(tokenizer.decode([token]), chosen[i],
+                        [(tokenizer.decode([t]), v) for v, t in zip(values[i], indices[i])])
+                  for i, token in enumerate(targets)]

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import os
+import stat
 from pathlib import Path
 
 from .. import runs
@@ -33,15 +36,78 @@ class NotServed(ServeError, LookupError):
 
 
 class NameTaken(ServeError):
-    """A name that cannot be given to a loaded run: the base model's, or one already served."""
+    """A name that cannot be given to a loaded run: the base model's, one already served, or no usable name."""
+
+
+class NotARun(ServeError):
+    """No run this server can read at a path: none there, not a directory, no readable run.json. The message
+    says which; `vague` says the same words for every path (for clients that may not learn which paths exist)."""
+
+    def __init__(self, name: str, run: str | Path, why: str):
+        super().__init__(f"adapter {name!r}: {why}")
+        shown = str(run) if len(str(run)) <= 200 else f"{str(run)[:200]}..."
+        self.vague = (f"adapter {name!r}: {shown} is not a directory holding a tunesmith run this server can read "
+                      "(this server has no API key, so it does not say which)")
+
+
+MAX_NAME = 256  # characters of a served name
+MAX_PATH = 4096  # characters of a run's path (Linux's PATH_MAX)
+CONFIGS = {True: "adapter_config.json", False: "config.json"}  # by peft
+WEIGHTS = {True: ("adapter_model.safetensors", "adapter_model.bin"),
+           False: ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")}
+
+
+def _run_directory(name: str, run: str | Path) -> Path:
+    """`run` as a directory, or NotARun saying why it is none."""
+    if len(str(run)) > MAX_PATH:
+        raise NotARun(name, run, f"the path is longer than {MAX_PATH} characters")
+    try:
+        is_dir = stat.S_ISDIR(os.stat(run).st_mode)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        is_dir = None
+    if not is_dir:
+        raise NotARun(name, run, f"{run} is not a directory" if is_dir is False else f"there is no directory {run}")
+    return Path(run)
+
+
+def _check_files(name: str, path: Path, info: runs.RunInfo) -> None:
+    """The run's config and weights read before anything loads: a ServeError naming the file that does not."""
+    config = path / CONFIGS[info.peft]
+    try:
+        data = json.loads(runs.read_regular(config, runs.MAX_INFO_BYTES))
+        problem = None if isinstance(data, dict) else "is not a JSON object"
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError, RecursionError) as err:
+        problem = f"is unreadable ({type(err).__name__}: {str(err)[:200]})"
+    if problem:
+        raise ServeError(f"adapter {name!r}: {config.name} of {path} {problem}; train the run again")
+    found = [path / f for f in WEIGHTS[info.peft] if (path / f).is_file()]
+    if not found:
+        raise ServeError(f"adapter {name!r}: {path} has no weights ({' or '.join(WEIGHTS[info.peft])}); train the "
+                         "run again")
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # safetensors' own error type: a corrupt or truncated file
+            raise ServeError(f"adapter {name!r}: {file.name} of {path} is unreadable ({str(err)[:200]}); train the "
+                             "run again") from None
 
 
 def open_served_run(name: str, run: str | Path) -> runs.RunInfo:
-    """The run to be served as `name`, opened; a ServeError (the server's 400) with runs' sentence when it is none."""
+    """The run to be served as `name`, opened, its config and weight files checked before anything loads: NotARun
+    when there is no run at `run`, a ServeError (the server's 400) naming the problem when it is broken."""
+    path = _run_directory(name, run)
     try:
-        return runs.open_run(run)
+        info = runs.open_run(path)
     except runs.NotARunError as err:
-        raise ServeError(f"adapter {name!r}: {err}") from None
+        raise NotARun(name, run, str(err)) from None
+    _check_files(name, path, info)
+    return info
 
 
 def check_template(name: str, run: str, info: runs.RunInfo, fingerprint: str) -> None:
@@ -132,7 +198,13 @@ def base_name(engine) -> str:
 
 
 def check_name(engine, name: str, *, replace: bool = False) -> None:
-    """NameTaken unless `name` can be given to a newly loaded run."""
+    """NameTaken unless `name` can be given to a newly loaded run: the name a client sends as `model`, so at
+    most MAX_NAME characters, no `/` (it would read as a path or a hub id), no line breaks or other control
+    characters, no space at either end."""
+    if not name.strip() or name != name.strip() or len(name) > MAX_NAME or "/" in name \
+            or not name.isprintable():
+        raise NameTaken(f"{name[:40]!r}{'...' if len(name) > 40 else ''} cannot name a model: give 1 to {MAX_NAME} "
+                        "characters, without '/', line breaks or spaces at either end")
     if name == base_name(engine):
         raise NameTaken(f"{name!r} is the base model's name: give the run another name")
     if name in engine.models and not replace:
@@ -186,10 +258,8 @@ def load_served(engine, name: str, run: str | Path) -> Served:
 
     from ..models import load_causal_lm, load_run
 
-    if not Path(run).is_dir():
-        raise ServeError(f"adapter {name!r}: there is no directory {run}")
+    info = open_served_run(name, run)
     try:
-        info = open_served_run(name, run)
         if info.task != "sft":  # a trained head: its own model, as at start-up
             module, _, _ = load_run(run)
             return Served(_beside_base(module, engine), task=info.task, run=str(run))
@@ -202,8 +272,18 @@ def load_served(engine, name: str, run: str | Path) -> Served:
         module = PeftModel.from_pretrained(_bare_base(engine), str(run), adapter_name=internal)
         return Served(_beside_base(module, engine), internal, use_cache=not config.is_prompt_learning,
                       run=str(run))
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # unreadable or mismatched weights
-        raise ServeError(f"adapter {name!r}: cannot load {run}: {type(err).__name__}: {err}") from None
+    except ServeError:
+        raise
+    except Exception as err:  # weights of another shape, a config peft cannot read: whatever the files hold
+        raise cannot_load(name, run, err) from None
+
+
+def cannot_load(name: str, run: str | Path, err: Exception) -> ServeError:
+    """The 400 for a run whose files read but do not load: the error's first lines (a shape mismatch lists
+    every tensor), at most 300 characters."""
+    first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])  # torch: the cause is line 2
+    first = first if len(first) <= 300 else f"{first[:300]}..."
+    return ServeError(f"adapter {name!r}: cannot load {run}: {type(err).__name__}: {first}")
 
 
 def register(engine, name: str, served: Served, *, replace: bool = False) -> None:

@@ -22,7 +22,7 @@ from ..errors import TunesmithError
 from ..export import cache
 from ..export.cache import GGUF_QUANT
 from ..export.quants import QUANTS
-from .adapters import ServeError, check_template, load_engine, load_served, open_served_run
+from .adapters import ServeError, cannot_load, check_template, load_engine, load_served, open_served_run
 from ..generation import Served
 from ..generation.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 
@@ -91,26 +91,26 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple
     """(GGUF file, generation config) of a run served as `name`, checked as the torch backend checks it."""
     from ..models import load_generation_config
 
-    if not Path(run).is_dir():
-        raise ServeError(f"adapter {name!r}: there is no directory {run}")
     info = open_served_run(name, run)
     if info.task != "sft":
         raise ServeError(f"adapter {name!r}: {run} is a {info.task} run; the llama-cpp backend serves language "
                          "models only: serve it with --backend torch")
     check_template(name, str(run), info, fingerprint)
-    if info.peft:
-        from peft import PeftConfig
-
-        if PeftConfig.from_pretrained(str(run)).is_prompt_learning:
-            raise ServeError(f"adapter {name!r}: {run} learned virtual tokens ({info.method} tuning), which cannot "
-                             "be merged into a GGUF's weights; serve it with --backend torch")
     try:
+        if info.peft:
+            from peft import PeftConfig
+
+            if PeftConfig.from_pretrained(str(run)).is_prompt_learning:
+                raise ServeError(f"adapter {name!r}: {run} learned virtual tokens ({info.method} tuning), which "
+                                 "cannot be merged into a GGUF's weights; serve it with --backend torch")
         path = exported(Path(run), quant)
     except ServeError:  # the file did not match the run: the message says what to do
         raise
     except TunesmithError as err:  # e.g. prompt tuning, which has no merged weights to export
         raise ServeError(f"adapter {name!r}: the llama-cpp backend serves each run as an exported GGUF, and {err}; "
                          "serve it with --backend torch") from None
+    except Exception as err:  # files that read but do not load: weights of another shape, a config peft refuses
+        raise cannot_load(name, run, err) from None
     return path, load_generation_config(str(run))
 
 

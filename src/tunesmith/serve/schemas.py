@@ -271,9 +271,6 @@ class ChatRequest(_Sampling):
             for field_name, why in parameters_problems(f.parameters, f"{where}.parameters")[:1] \
                     if f.parameters is not None else ():
                 return f"{where}.parameters", f"{field_name}: {why}."
-            if problem := schema_error(parameters_schema(f.parameters), f"{where}.parameters",
-                                       strict=bool(f.strict)):
-                return f"{where}.parameters", problem
         param = "function_call" if self.legacy else "tool_choice"
         if self.choice == "required" and not names:
             return param, f"{param} 'required' needs tools to call; send tools or leave {param} out."
@@ -299,11 +296,23 @@ class ChatRequest(_Sampling):
                 return f"messages.{i}.name", f"messages.{i}.name is required on a function message."
         return None
 
+    def grammar_problem(self) -> tuple[str, str] | None:
+        """(param, message) for the first JSON schema llguidance cannot read or enforce: each function's
+        parameters (tool_choice "required" or a named function constrains a call by them), then the
+        response_format. Compiles them (cached): the server calls it on its grammar threads (jobs.grammar_work)."""
+        field = "tools" if self.tools else "functions"
+        for i, f in enumerate(self.functions_of_tools):
+            where = f"{field}.{i}.function" if self.tools else f"functions.{i}"
+            if problem := schema_error(parameters_schema(f.parameters), f"{where}.parameters",
+                                       strict=bool(f.strict)):
+                return f"{where}.parameters", problem
+        if self.response_format is not None and (problem := response_format_error(self.response_format)):
+            return "response_format", problem
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         if problem := self._tools_problem():
             return problem
-        if self.response_format is not None and (problem := response_format_error(self.response_format)):
-            return "response_format", problem
         if "audio" in (self.modalities or []):
             return "modalities", "modalities: audio output is not supported by this server; use [\"text\"]."
         if self.audio is not None:
@@ -370,10 +379,25 @@ def _value_at(data, loc):
     return data
 
 
+def _closest(branches: dict[str, list[dict]], at: int) -> list[dict]:
+    """The errors of the union branch closest to what was sent: the fewest wrong types ("Input should be a valid
+    string" for each of [1, -1, 2]), then the fewest errors, then the one that got furthest into the value
+    ([1, "a"] is a list of token ids wrong at its item 1 rather than a list of strings wrong at its item 0)."""
+    def progress(errors: list[dict]) -> tuple:
+        return tuple(p if isinstance(p, int) else 0 for p in errors[0]["loc"][at + 1:])
+
+    def wrong_types(errors: list[dict]) -> int:
+        return sum(e["type"].endswith("_type") for e in errors)
+
+    fewest = min((wrong_types(b), len(b)) for b in branches.values())
+    return max((b for b in branches.values() if (wrong_types(b), len(b)) == fewest), key=progress)
+
+
 def _explain(errors: list[dict], data: dict) -> list[tuple[str | None, str]]:
     """(param, message) per problem, in order. For a field whose type is a union (`stop`: a string or a list
-    of up to 4), pydantic reports one error per branch; only the branch matching the JSON type the client
-    sent says what is wrong ("List should have at most 4 items", not "Input should be a valid string")."""
+    of up to 4; `prompt`: a string, strings, token ids or lists of them), pydantic reports every branch's
+    errors; only the branch matching the JSON type the client sent, and of those the closest (`_closest`),
+    says what is wrong ("List should have at most 4 items", not "Input should be a valid string")."""
     groups: dict[tuple, list[dict]] = {}
     for e in errors:
         loc = e["loc"]
@@ -384,8 +408,11 @@ def _explain(errors: list[dict], data: dict) -> list[tuple[str | None, str]]:
     for head, group in groups.items():
         if len(group) > 1 and any(len(e["loc"]) > len(head) for e in group):
             sent = _JSON_TAG.get(type(_value_at(data, head)))
-            group = [e for e in group if len(e["loc"]) > len(head) and str(e["loc"][len(head)]).split("[")[0] == sent] \
-                or group[:1]
+            branches: dict[str, list[dict]] = {}
+            for e in group:
+                if len(e["loc"]) > len(head) and str(e["loc"][len(head)]).split("[")[0] == sent:
+                    branches.setdefault(str(e["loc"][len(head)]), []).append(e)
+            group = _closest(branches, len(head)) if branches else group[:1]
         out += [(error_param(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in group]
     return out
 

@@ -4,11 +4,13 @@ vLLM's plain-text "Success: ..." (errors in OpenAI's envelope). Any tunesmith ru
 or with a head; /v1/models lists it as soon as the answer arrives.
 
 As in vLLM, a name already served is refused unless `load_inplace` is true, which swaps the new weights in
-under the name. The base model can be neither replaced nor unloaded. Rows already decoding keep the model
-they started with whatever happens to its name, but the engine looks a request's model up when it admits it,
-so an unload first waits (up to UNLOAD_WAIT_S) until nothing waits in the engine's queue, then removes the name
-with no pause in between; a queue that never empties is answered 409 and the model stays. Loads and unloads run
-one at a time (a lock on `app.state`), so two loads can never both take one name."""
+under the name. The base model can be neither replaced nor unloaded. A request the routes accepted carries the
+model its name meant then (`Request.served`), so it finishes on it whatever happens to the name meanwhile,
+while its prompt or response_format is still being prepared, as it waits or as it decodes; the next request
+for the name gets a 404. A request queued by name alone is looked up when admitted, so an unload first waits
+(up to UNLOAD_WAIT_S) until nothing waits in the engine's queue, then removes the name with no pause in
+between; a queue that never empties is answered 409 and the model stays. Loads and unloads run one at a time
+(a lock on `app.state`), so two loads can never both take one name."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..adapters import NameTaken, NotServed, ServeError, check_loaded, check_name, register, remove_run
+from ..adapters import NameTaken, NotARun, NotServed, ServeError, check_loaded, check_name, register, remove_run
 from ..backends import BACKENDS
 from ..errors import APIError
 from .common import read
@@ -88,6 +90,10 @@ async def load_adapter(request: Request):
         try:
             load_served = BACKENDS[engine.backend].load_served  # llama-cpp: the run exported to GGUF, merged
             served = await run_in_threadpool(load_served, engine, name, body.lora_path)
+        except NotARun as err:  # without a key, anyone may ask: the same words whether the path exists or not
+            vague = request.app.state.settings.api_key is None
+            raise APIError(400, _sentence(err.vague if vague else err), param="lora_path",
+                           code="invalid_lora_path") from None
         except ServeError as err:
             raise APIError(400, _sentence(err), param="lora_path", code="invalid_lora_path") from None
         register(engine, name, served, replace=body.load_inplace)

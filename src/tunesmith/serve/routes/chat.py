@@ -18,7 +18,7 @@ from ... import runs
 from ..conversations import KeyReused
 from ...generation import Event
 from ..errors import APIError
-from ..jobs import constraint, fits, job_for, served
+from ..jobs import constraint, fits, grammar_work, job_for, served
 from ..schemas import ChatRequest
 from ..reasoning import ReplyReader, template_kwargs
 from ..tools import ToolPlan
@@ -37,7 +37,7 @@ def _fingerprint(data: dict) -> str:
 async def chat(request: Request):
     state = request.app.state
     body, data = await read_json(request, ChatRequest)
-    entry = served(state.engine, body.model)
+    entry = served(state.engine, body.model)  # held from here: an unload meanwhile lets this request finish
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
     fits(state.engine, body.n)
@@ -53,14 +53,14 @@ async def chat(request: Request):
     plan = ToolPlan.of(body, state.prompts.chat_template, run.tools if run else None, data)
     kwargs = template_kwargs(body, state.prompts.chat_template, run)
     if conversation is None or not key:
-        return await answer(state, body, plan, conversation, None, None, kwargs)
+        return await answer(state, body, entry, plan, conversation, None, None, kwargs)
     if len(key) > 255:
         raise APIError(400, "The Idempotency-Key header is longer than 255 characters.",
                        code="invalid_idempotency_key")
     # One generation per (conversation, key): a concurrent retry waits here for the first to end.
     await state.turns.acquire(conversation["id"], key)
     try:
-        response = await answer(state, body, plan, conversation, key, _fingerprint(data), kwargs)
+        response = await answer(state, body, entry, plan, conversation, key, _fingerprint(data), kwargs)
     except BaseException:
         state.turns.release(conversation["id"], key)
         raise
@@ -71,9 +71,10 @@ async def chat(request: Request):
     return response
 
 
-async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | None, key: str | None,
+async def answer(state, body: ChatRequest, entry, plan: ToolPlan, conversation: dict | None, key: str | None,
                  fingerprint: str | None, kwargs: dict | None = None):
-    """The reply to a chat request, its prompt rendered with `kwargs` (the chat template's variables)."""
+    """The reply to a chat request by `entry` (the served model the request was accepted for), its prompt
+    rendered with `kwargs` (the chat template's variables)."""
     engine, store, prompts, settings = state.engine, state.store, state.prompts, state.settings
     max_tokens = body.max_completion_tokens or body.max_tokens
     messages = new = body.prompt_messages()
@@ -94,7 +95,8 @@ async def answer(state, body: ChatRequest, plan: ToolPlan, conversation: dict | 
     reader = ReplyReader.of(plan, prompts.chat_template, engine.tokenizer, ids)
     limit = prompts.budget(len(ids), max_tokens, settings.chat_max_tokens, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = job_for(engine, body, [ids], [limit], top, mask=await run_in_threadpool(constraint, engine, body, plan))
+    mask = await grammar_work(constraint, engine, body, plan, entry)
+    job = job_for(engine, body, [ids], [limit], top, mask=mask, entry=entry)
 
     def logprobs(ev: Event):
         if top is None or ev.token is None:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from ..errors import APIError
-from ..jobs import Job
+from ..jobs import Job, grammar_work
 from ..schemas import BodyError, parse
 
 MAX_BODY_BYTES = 1_000_000  # the default body limit (ServeSettings.max_body_bytes)
@@ -39,15 +39,21 @@ async def read_body(request: Request, limit: int, too_big: APIError) -> bytes:
 
 async def read_json(request: Request, schema):
     """(validated body, its JSON object): refused (413) past the server's body limit before it is read in full,
-    parsed in a worker thread, every problem a 400 naming the field."""
+    parsed in a worker thread, its JSON schemas checked on the grammar threads, every problem a 400 naming the
+    field."""
     settings = getattr(request.app.state, "settings", None)
     limit = settings.max_body_bytes if settings is not None else MAX_BODY_BYTES
     too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     body = await read_body(request, limit, too_big)
     try:
-        return await run_in_threadpool(parse, body, schema)
+        parsed = await run_in_threadpool(parse, body, schema)
     except BodyError as err:
         raise APIError(400, err.message, param=err.param, code=err.code) from None
+    # The schemas in it (response_format, tools' parameters) compile on the grammar threads, cached.
+    check = getattr(parsed[0], "grammar_problem", None)
+    if check is not None and (problem := await grammar_work(check)) is not None:
+        raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
+    return parsed
 
 
 async def read(request: Request, schema):

@@ -15,12 +15,20 @@ from .common import Reply, chunks_of, collect, read, streaming, usage
 router = APIRouter()
 
 
+def _top(token) -> dict[str, float]:
+    """A position's top_logprobs: the `logprobs` most likely tokens and the token itself, as OpenAI's completions
+    ("up to logprobs + 1 elements") and vLLM give them, so `logprobs: 0` still shows each token's own."""
+    top = dict(token.top)
+    top.setdefault(token.text, token.logprob)
+    return top
+
+
 @router.post("/v1/completions")
 async def completions(request: Request):
     state = request.app.state
     engine, prompts = state.engine, state.prompts
     body = await read(request, CompletionRequest)
-    served(engine, body.model)
+    entry = served(engine, body.model)  # held from here: an unload meanwhile lets this request finish
     sources = body.prompts
     fits(engine, len(sources) * body.n)
     encoded = await run_in_threadpool(lambda: [prompts.completion(p, body.max_tokens) for p in sources])
@@ -29,7 +37,7 @@ async def completions(request: Request):
     # echo + logprobs scores the prompt itself (OpenAI's shape: the first token's logprob is null); with
     # max_tokens 0 that is all there is, which is how lm-evaluation-harness asks for log-likelihoods.
     scoring = body.logprobs if body.echo else None
-    job = job_for(engine, body, encoded, limits, body.logprobs, prompt_logprobs=scoring)
+    job = job_for(engine, body, encoded, limits, body.logprobs, prompt_logprobs=scoring, entry=entry)
     reply = Reply("cmpl", "text_completion", body.model)
     shown = [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(sources, encoded)]
     echo = [shown[c.index // body.n] if body.echo else "" for c in job.requests]
@@ -44,7 +52,7 @@ async def completions(request: Request):
             text = t.text if t is not None else engine.tokenizer.decode([token_id])
             out["tokens"].append(text)
             out["token_logprobs"].append(None if t is None else t.logprob)
-            out["top_logprobs"].append(None if t is None else dict(t.top))
+            out["top_logprobs"].append(None if t is None else _top(t))
             out["text_offset"].append(at)
             at += len(text)
         return out
@@ -53,7 +61,7 @@ async def completions(request: Request):
         if body.logprobs is None or event.token is None:
             return None
         t = event.token
-        out = {"tokens": [t.text], "token_logprobs": [t.logprob], "top_logprobs": [dict(t.top)],
+        out = {"tokens": [t.text], "token_logprobs": [t.logprob], "top_logprobs": [_top(t)],
                "text_offset": [offsets[event.index]]}
         offsets[event.index] += len(t.text)
         return out

@@ -3,6 +3,12 @@ modules in `serve/web/`, no build step, nothing fetched from anywhere else) and 
 browser reads: GET /v1/runs, /v1/runs/{id}, /v1/reports and /v1/reports/{id} over the directory given with
 `--runs` (`ServeSettings.runs`).
 
+What lies under --runs is read with care: a file is read only when it is a regular file (a FIFO is never
+opened, so nothing blocks on one) that resolves inside its own run's or report's directory (a symbolic link
+out of --runs is not followed), and all of it happens on threads of the page's own, at most PAGE_THREADS at a
+time, each request given up after READ_TIMEOUT_S (503): a hung mount under --runs holds those threads, never
+the ones that parse request bodies, so chat goes on.
+
 The page and its files hold no data, so they are served without the API key (`page_router`); everything the
 page shows comes from the API behind the key (`router`), which the page sends like any client. A run or a
 report is found by looking its id up among the directories found under `--runs`, never by joining the id to
@@ -10,14 +16,15 @@ a path, so no id can name anything outside that directory."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
-from starlette.concurrency import run_in_threadpool
 
 from ... import runs
 from ...errors import TunesmithError
@@ -42,6 +49,10 @@ MAX_DIRS = 5000
 MAX_LOG_POINTS = 400  # loss-curve points sent to the page (a long run's log is thinned evenly)
 MAX_LOG_BYTES = 20_000_000
 MAX_CONFIG_BYTES = 100_000
+MAX_JSON_BYTES = 10_000_000  # metrics.json, report.json
+MAX_REPORT_BYTES = 50_000_000
+PAGE_THREADS = 4  # threads reading --runs at once
+READ_TIMEOUT_S = 10.0  # a page request still reading after this is answered 503
 REPORT = runs.REPORT_HTML
 
 
@@ -109,16 +120,25 @@ def _scalars(metrics) -> dict:
 
 def _mtime(path: Path) -> int:
     try:
-        return int(path.stat().st_mtime)
+        return int(path.stat(follow_symlinks=False).st_mtime)
     except OSError:
         return 0
+
+
+def _read(path: Path, limit: int) -> bytes | None:
+    """A file of a run or report directory, at most `limit` bytes; None unless it is a regular file that
+    resolves inside that directory."""
+    try:
+        return runs.read_regular(path, limit, within=path.parent)
+    except (OSError, ValueError):
+        return None
 
 
 def _object(path: Path) -> dict:
     """A JSON file's object; {} when it is missing, unreadable or not an object."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(_read(path, MAX_JSON_BYTES) or b"null")
+    except (ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -126,7 +146,7 @@ def _object(path: Path) -> dict:
 def _info(directory: Path) -> runs.RunInfo | None:
     """The run's run.json; None while it trains, and for a run.json the page cannot read (shown unfinished)."""
     try:
-        return runs.find_run(directory)
+        return runs.find_run(directory, within=directory)
     except TunesmithError:
         return None
 
@@ -165,7 +185,7 @@ def _resolved(path: str | Path) -> str:
 def _log(directory: Path) -> list[dict]:
     """The training log's numeric fields, one dict per line (half-written lines skipped), thinned evenly to at
     most MAX_LOG_POINTS lines (the last one always kept)."""
-    points = [_scalars(entry) for entry in runs.read_log(directory, max_bytes=MAX_LOG_BYTES)
+    points = [_scalars(entry) for entry in runs.read_log(directory, max_bytes=MAX_LOG_BYTES, within=directory)
               if isinstance(entry.get("step"), (int, float))]
     if len(points) > MAX_LOG_POINTS:
         stride = len(points) / MAX_LOG_POINTS
@@ -174,11 +194,8 @@ def _log(directory: Path) -> list[dict]:
 
 
 def _text(path: Path, limit: int) -> str | None:
-    try:
-        with path.open("rb") as f:
-            return f.read(limit).decode("utf-8", errors="replace")
-    except OSError:
-        return None
+    raw = _read(path, limit)
+    return None if raw is None else raw.decode("utf-8", errors="replace")
 
 
 def _detail(request: Request, name: str) -> dict:
@@ -210,14 +227,73 @@ def _detail(request: Request, name: str) -> dict:
             "served_as": served, "log": _log(directory), "config": _text(directory / runs.CONFIG, MAX_CONFIG_BYTES)}
 
 
+def _is_file(path: Path) -> bool:
+    """A regular file, not a link out of its directory (nothing is opened)."""
+    try:
+        return os.path.isfile(path) and os.path.commonpath([os.path.realpath(path), str(path.parent)]) == \
+            str(path.parent)
+    except (OSError, ValueError):
+        return False
+
+
 def _report(name: str, directory: Path) -> dict:
     title = _object(directory / runs.REPORT_JSON).get("title")
-    kind = next((k for k, f in runs.REPORT_CONFIGS.items() if (directory / f).is_file()), "report")
+    kind = next((k for k, f in runs.REPORT_CONFIGS.items() if _is_file(directory / f)), "report")
     return {"id": name, "object": "report", "kind": kind, "title": title or name,
             "modified": _mtime(directory / REPORT)}
 
 
 # -- the API ------------------------------------------------------------------------------------------------------
+
+class _PageThreads:
+    """The page's file work: each call on a daemon thread of its own, at most PAGE_THREADS at once, given up
+    (503) after READ_TIMEOUT_S. Its own threads, not the pool that parses request bodies, so a hung mount
+    under --runs stalls the runs view only; daemon threads, so one stuck in the kernel cannot hold the
+    process at exit."""
+
+    def __init__(self):
+        self.free = threading.BoundedSemaphore(PAGE_THREADS)
+
+    async def __call__(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READ_TIMEOUT_S
+        while not self.free.acquire(blocking=False):  # all held: wait for one, without holding the loop
+            if loop.time() > deadline:
+                raise _too_slow()
+            await asyncio.sleep(0.05)
+        done = loop.create_future()
+
+        def settle(result, error) -> None:
+            if not done.done():  # given up on meanwhile
+                done.set_exception(error) if error is not None else done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = fn(*args), None
+            except BaseException as err:  # handed to the request, raised there
+                result, error = None, err
+            finally:
+                self.free.release()
+            loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=work, name="tunesmith-runs-page", daemon=True).start()
+        try:
+            return await asyncio.wait_for(done, max(deadline - loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise _too_slow() from None
+
+
+def _too_slow() -> APIError:
+    return APIError(503, f"Reading the runs directory took longer than {READ_TIMEOUT_S:g} s (a slow or hung mount "
+                    "under --runs?); try again later.", code="runs_unavailable", type="server_error")
+
+
+def _page_threads(request: Request) -> _PageThreads:
+    state = request.app.state
+    if getattr(state, "page_threads", None) is None:  # on the event loop: nothing can interleave here
+        state.page_threads = _PageThreads()
+    return state.page_threads
+
 
 async def _listing(request: Request, describe) -> dict:
     """{"object": "list", "root", "data"}: `describe(root)` of what lies under --runs, newest first (an empty
@@ -225,7 +301,7 @@ async def _listing(request: Request, describe) -> dict:
     root = _root(request)
     if root is None:
         return {"object": "list", "root": None, "data": []}
-    found = await run_in_threadpool(describe, root)
+    found = await _page_threads(request)(describe, root)
     return {"object": "list", "root": str(root), "data": sorted(found, key=lambda x: (-x["modified"], x["id"]))}
 
 
@@ -246,7 +322,7 @@ async def list_runs(request: Request):
 
 @router.get("/v1/runs/{name:path}")
 async def get_run(request: Request, name: str):
-    return await run_in_threadpool(_detail, request, name)
+    return await _page_threads(request)(_detail, request, name)
 
 
 @router.get("/v1/reports")
@@ -259,8 +335,12 @@ async def list_reports(request: Request):
 async def get_report(request: Request, name: str):
     """The report's own self-contained report.html; the page shows it in a sandboxed iframe."""
     root = _root(request)
-    found = (await run_in_threadpool(_walk, root))[1] if root is not None else {}
-    html = _text(found[name] / REPORT, 50_000_000) if name in found else None
+
+    def html_of() -> str | None:
+        found = _walk(root)[1]
+        return _text(found[name] / REPORT, MAX_REPORT_BYTES) if name in found else None
+
+    html = await _page_threads(request)(html_of) if root is not None else None
     if html is None:
         raise APIError(404, f"No report {name!r}" + (f" under {root}." if root else ": start the server with "
                                                       "--runs DIR."), param="report", code="report_not_found",
