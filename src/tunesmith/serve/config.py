@@ -66,9 +66,10 @@ class ServeConfig(ModelOptions):
     feedback: str | None = Field(None, json_schema_extra={"metavar": "DIR"}, description="keep the web page's "
                                  "thumbs, edits and side-by-side choices under DIR as training data (kto.jsonl, "
                                  "sft.jsonl, preference.jsonl; only ever appended to); GET /v1/feedback lists them")
-    state_dir: str = Field("tunesmith-state", json_schema_extra={"metavar": "DIR"}, description="where the "
-                           "server keeps uploaded files (/v1/files), fine-tuning jobs (/v1/fine_tuning/jobs) and the "
-                           "runs they train (default: ./tunesmith-state)")
+    state_dir: str | None = Field(None, json_schema_extra={"metavar": "DIR"}, description="where the server "
+                                  "keeps uploaded files (/v1/files), fine-tuning jobs (/v1/fine_tuning/jobs) and the "
+                                  "runs they train (default: server-state in the tunesmith cache directory, "
+                                  "$TUNESMITH_CACHE or ~/.cache/tunesmith)")
     max_upload_mb: int = Field(100, ge=1, description="larger uploads to /v1/files are answered 413 (default: 100)")
     max_train_jobs: int = Field(1, ge=1, description="fine-tuning jobs that train at once, each in its own process; "
                                 "the others wait in the queue (default: 1)")
@@ -127,8 +128,17 @@ class ServeConfig(ModelOptions):
 
         return ServeSettings(api_key=resolve_api_key(self.api_key, self.api_key_file, env),
                              conversations=self.conversations, max_body_bytes=self.max_body_bytes, runs=self.runs,
-                             feedback=self.feedback, state_dir=self.state_dir, max_upload_bytes=self.max_upload_mb * 2**20,
+                             feedback=self.feedback, state_dir=self.state_dir or str(_default_state_dir()),
+                             max_upload_bytes=self.max_upload_mb * 2**20,
                              max_train_jobs=self.max_train_jobs, fine_tuning=self.fine_tuning == "on")
+
+
+def _default_state_dir():
+    """The server's state under the tunesmith cache directory: never the working directory, which may be a
+    checkout (a server started in one would litter it with jobs and uploads)."""
+    from ..models import cache_dir
+
+    return cache_dir() / "server-state"
 
 
 def runs_problem(path: str | None) -> str | None:
