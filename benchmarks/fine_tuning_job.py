@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
             time.sleep(2)
         finished = time.perf_counter()
-        events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=1000))))
+        events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100))))
         print(f"job {job.id}: {job.status}" + (f" ({job.error.message})" if job.error else ""))
         run = Path(job.tunesmith["run"])
         metrics = json.loads((run / "metrics.json").read_text())
