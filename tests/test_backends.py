@@ -673,6 +673,44 @@ def run(engine, requests) -> None:
         engine.step()
 
 
+def holds_nothing(engine) -> bool:
+    """No row's place is held in the decoder (cached prefixes aside)."""
+    if engine.backend == "llama-cpp":
+        return all(served.module.reserved == 0 for served in engine.models.values())
+    return not engine.decoder.prefilling and not engine.decoder.decoding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("when", ["admitted", "mid-prompt", "decoding"])
+def test_a_row_cancelled_at_any_point_leaves_nothing_behind(backend, when, servers, assets, monkeypatch):
+    """Cancelled right after admission (nothing cached yet), between two prompt pieces, or while decoding: the
+    row leaves the decoder too, so the next request is never batched with a row that picked no token (it was a
+    500 'NoneType object cannot be interpreted as an integer' after clients hung up)."""
+    from tunesmith.generation import Request, SamplingParams
+
+    engine = engine_for(backend, servers, assets)
+    engine.prefill_chunk = 8
+    tokenizer, model = engine.tokenizer, next(iter(engine.models))
+    ids = tokenizer(" ".join(["Paris is nice."] * 6))["input_ids"]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logit_bias={tokenizer.eos_token_id: -100.0})
+    alone = []
+    run(engine_for(backend, servers, assets, prefix_cache_mb=0), [Request(model, ids, params, alone.append)])
+    gone, heard = Request(model, ids, params, None), []
+    gone.emit = lambda e: (heard.append(e), gone.cancelled.set())  # "decoding": hangs up at its first token
+    start, prefill = engine.decoder.start, engine.decoder.prefill
+    if when == "admitted":
+        monkeypatch.setattr(engine.decoder, "start", lambda row: (start(row), gone.cancelled.set()))
+    elif when == "mid-prompt":
+        monkeypatch.setattr(engine.decoder, "prefill", lambda rows, n: (gone.cancelled.set(), prefill(rows, n))[1])
+    run(engine, [gone])
+    assert len(heard) == (when == "decoding") and holds_nothing(engine)
+    monkeypatch.undo()
+    again = []
+    run(engine, [Request(model, ids, params, again.append)])
+    assert [(e.text, e.finish_reason, e.error) for e in again] == [(e.text, e.finish_reason, e.error) for e in alone]
+    assert holds_nothing(engine)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_long_prompt_is_read_in_pieces_while_a_running_row_keeps_decoding(backend, servers, assets):
     import math

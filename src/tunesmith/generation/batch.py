@@ -347,7 +347,8 @@ class TorchDecoder:
         """Keep the KV of the row at `index` in the prefix cache, under its served model and adapter."""
         row = group.rows[index]
         ids = row.fed_ids()
-        if not self.prefixes.budget or row.slot.virtual is not None or self.prefixes.covers(row.served.uid, ids):
+        if not ids or not self.prefixes.budget or row.slot.virtual is not None or \
+                self.prefixes.covers(row.served.uid, ids):
             return  # (a virtual-token row's KV depends on its adapter's virtual tokens, which its key ignores)
         kv = group.kv_of(index)
         size = sum(t.numel() * t.element_size() for pair in kv for t in pair)

@@ -441,9 +441,18 @@ class Engine:
         self.rows = [row for row in self.rows if not row.ended]
 
     def _end(self, row: Row, keep: bool = True) -> None:
-        if not row.ended:
-            row.ended = True
+        """The row leaves: its place in the decoder is given back, its KV kept as a cached prefix if `keep`. If
+        keeping it fails, it is dropped: a row left behind in the decoder would be batched with the next ones."""
+        if row.ended:
+            return
+        row.ended = True
+        try:
             self.decoder.release(row, keep)
+        except Exception as err:
+            if not keep:
+                raise
+            log.warning("%r: its prefix was not cached (%s: %s)", row.req, type(err).__name__, err)
+            self.decoder.release(row, keep=False)
 
     def _fail(self, rows: list[Row], err: Exception) -> None:
         """A forward pass failed: its rows fail, their KV dropped; other rows go on."""

@@ -161,9 +161,12 @@ class GGUFModel:
         """Give a sequence id back, its `cells` reservation with it; with `ids` (the tokens its cells hold) the
         sequence stays as a cached prefix, else its cells are emptied."""
         self.reserved -= cells
-        if ids and self.reusable and self.prefixes.put(None, ids, seq, len(ids) * self.cell_bytes):
-            return
-        self._forget(seq)
+        kept = False
+        try:
+            kept = bool(ids) and self.reusable and self.prefixes.put(None, ids, seq, len(ids) * self.cell_bytes)
+        finally:
+            if not kept:
+                self._forget(seq)
 
     def _forget(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
