@@ -599,6 +599,8 @@ def test_llama_cpp_flags_are_refused_with_the_torch_backend(assets, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "--threads and --gguf-quant apply to --backend llama-cpp only" in err
     assert "Traceback" not in err
+    assert main(["serve", "--model", assets.model, "--batch-invariance", "on"]) != 0
+    assert "--batch-invariance apply to --backend llama-cpp only" in capsys.readouterr().err
 
 
 def test_without_llama_cpp_serve_names_make_setup_fast(assets, monkeypatch, capsys):
@@ -817,6 +819,38 @@ def test_scoring_a_long_prompt_n_times_holds_no_other_request_back(tool_server, 
     assert len(choices) == 16 and all(c["logprobs"] == choices[0]["logprobs"] for c in choices)
     assert len(choices[0]["logprobs"]["tokens"]) == big.json()["usage"]["prompt_tokens"] > 600
     assert sum(r.params.prompt_logprobs is not None for r in seen) == 1  # scored once, not 16 times
+
+
+@needs_llama_cpp
+def test_a_rows_logits_do_not_depend_on_its_batch_on_llama_cpp(servers, assets):
+    """--batch-invariance on: each prompt's scores and greedy reply logprobs, bit for bit, the same read and
+    decoded alone as beside 7 others (llama.cpp picks its kernels by the number of tokens in a call:
+    generation/llamacpp.py); off, they differ, by little (the bound docs/backends.md states). torch's batched
+    matmuls round differently by batch size: its greedy texts match (test_concurrent_clients_get_what_each_gets_
+    alone), not its last bits."""
+    from tunesmith.generation import Request, SamplingParams
+
+    engine = engine_for("llama-cpp", servers, assets, prefix_cache_mb=0, batch_invariance="on")
+    model, params = next(iter(engine.models)), SamplingParams(max_new_tokens=12, logprobs=0, prompt_logprobs=0)
+    prompts = [engine.tokenizer(p * (i + 1))["input_ids"] for i, p in enumerate(PROMPTS * 3)][:8]
+
+    def scores(events) -> tuple:
+        return ([t.logprob for t in events[0].prompt[1:]], [e.token.logprob for e in events if e.token])
+
+    alone = []
+    for ids in prompts:
+        alone.append([])
+        run(engine, [Request(model, ids, params, alone[-1].append)])
+    together = [[] for _ in prompts]
+    run(engine, [Request(model, ids, params, together[i].append) for i, ids in enumerate(prompts)])
+    assert [scores(e) for e in together] == [scores(e) for e in alone]
+    fast = engine_for("llama-cpp", servers, assets, prefix_cache_mb=0)  # the default: off
+    apart, beside = [[] for _ in prompts], [[] for _ in prompts]
+    for i, ids in enumerate(prompts):
+        run(fast, [Request(model, ids, params, apart[i].append)])
+    run(fast, [Request(model, ids, params, beside[i].append) for i, ids in enumerate(prompts)])
+    gaps = [abs(x - y) for a, b in zip(apart, beside) for x, y in zip(sum(scores(a), []), sum(scores(b), []))]
+    assert 0 < max(gaps) < 1e-3  # the tiny f16 model; a real model's close calls can flip: docs/backends.md
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

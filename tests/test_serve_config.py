@@ -14,7 +14,7 @@ from tunesmith.serve import ServeConfig
 FLAGS = {"--model", "--adapter", "--host", "--port", "--api-key", "--api-key-file", "--max-batch", "--max-queue",
          "--context-window", "--conversations", "--max-body-bytes", "--chat-template", "--runs", "--backend",
          "--threads", "--gguf-quant", "--device", "--prefix-cache-mb", "--feedback", "--state-dir",
-         "--max-upload-mb", "--max-train-jobs", "--fine-tuning"}
+         "--max-upload-mb", "--max-train-jobs", "--fine-tuning", "--batch-invariance"}
 
 
 def serve_parser():
@@ -42,14 +42,15 @@ def test_no_flags_give_the_documented_defaults():
 def test_a_documented_command_line_parses_as_before(tmp_path):
     argv = ["serve", "--model", "base", "--adapter", "a=runs/x", "--adapter", "runs/y", "--port", "9000",
             "--backend", "llama-cpp", "--threads", "2", "--gguf-quant", "f16", "--max-batch", "1",
-            "--context-window", "512", "--runs", str(tmp_path), "--device", "cpu", "--chat-template", "chatml"]
+            "--context-window", "512", "--runs", str(tmp_path), "--device", "cpu", "--chat-template", "chatml",
+            "--batch-invariance", "on"]
     config = config_from_args(ServeConfig, build_parser().parse_args(argv))
     assert config == ServeConfig(model="base", adapters={"a": "runs/x", "y": "runs/y"}, port=9000,
                                  backend="llama-cpp", threads=2, gguf_quant="f16", max_batch=1, context_window=512,
-                                 runs=str(tmp_path), device="cpu", chat_template="chatml")
+                                 runs=str(tmp_path), device="cpu", chat_template="chatml", batch_invariance="on")
     assert config.engine_options() == {"chat_template": "chatml", "context_window": 512, "device": "cpu",
                                        "max_batch": 1, "max_queue": 64, "prefix_cache_mb": 256, "threads": 2,
-                                       "gguf_quant": "f16"}
+                                       "gguf_quant": "f16", "batch_invariance": "on"}
 
 
 def test_bad_flags_are_one_usage_sentence_naming_each_flag(tmp_path, capsys):

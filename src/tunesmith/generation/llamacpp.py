@@ -29,8 +29,27 @@ from ..data.tokenize import stop_token_ids
 from ..errors import TunesmithError
 from .prefix_cache import DEFAULT_MB, PrefixCache
 
-N_BATCH = 512  # tokens per llama_decode call (longer prompts go in pieces): bounds the logits buffer
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids per context
+N_BATCH = 512  # tokens per llama_decode call (longer prompts go in pieces): bounds the logits buffer
+# Batch invariance (`batch_invariant`): a row's logits the same bit for bit whatever else shares its llama_decode
+# call, so a greedy reply does not depend on the load. llama.cpp's CPU kernels are chosen by the shape of a call:
+# a matmul over 1 token or 1 output takes another path than over 2 or more (llamafile's sgemm: the embedded
+# model's Q8_0 output layer), and flash attention splits the cache between threads for a single token but tiles
+# it in blocks of 64 cells (a sequence's cells sit anywhere in the shared cache) for 64 tokens or more; only in
+# between does each token attend on its own, over its own cells in order. So each call then holds at most
+# CALL_TOKENS tokens and at least MIN_TOKENS tokens and outputs, a lone one made up by a scratch token (on a
+# sequence of its own, emptied after the call). Measured (docs/backends.md): 0 of 16 greedy replies of the
+# embedded model change beside 15 others (10 of 16 without), for ~40% slower decoding of a lone request. Not
+# covered: repacked weights (Q4_0 and K-quants on AVX2 multiply rows in fours, the rest one by one).
+CALL_TOKENS = 56  # tokens per call: below flash attention's 64-token tiles
+MIN_TOKENS = 2
+
+
+def _scratch(tokens: int, outputs: int) -> list[bool]:
+    """The scratch tokens an invariant call of `tokens` tokens (`outputs` of them outputs) needs, each True when
+    its logits are computed: enough for MIN_TOKENS tokens and MIN_TOKENS outputs."""
+    logits = max(MIN_TOKENS - outputs, 0)
+    return [True] * logits + [False] * max(MIN_TOKENS - tokens - logits, 0)
 
 
 class LlamaCppError(TunesmithError, RuntimeError):
@@ -56,7 +75,7 @@ class GGUFModel:
     cached prefixes."""
 
     def __init__(self, path: str | Path, tokenizer, *, max_batch: int = 8, context_window: int | None = None,
-                 threads: int | None = None, generation_config=None):
+                 threads: int | None = None, generation_config=None, batch_invariant: bool = False):
         import numpy as np
 
         lib = self.lib = import_llama_cpp()
@@ -72,8 +91,11 @@ class GGUFModel:
         self.stops = stop_token_ids(tokenizer, generation_config) | {t for t in [lib.llama_vocab_eos(vocab)] if t >= 0}
         params = lib.llama_context_default_params()
         params.n_ctx = self.window
-        params.n_batch = params.n_ubatch = min(N_BATCH, self.window)
-        params.n_seq_max = min(2 * max(max_batch, 1), max(max_batch, MAX_SEQ))
+        self.batch_invariant = batch_invariant
+        self.call_tokens = CALL_TOKENS if batch_invariant else min(N_BATCH, self.window)
+        params.n_batch = params.n_ubatch = self.call_tokens + MIN_TOKENS  # a call's tokens and scratch tokens
+        usable = min(2 * max(max_batch, 1), max(max_batch, MAX_SEQ - 1))
+        params.n_seq_max = usable + 1  # and the scratch sequence (see `forward`)
         params.kv_unified = True  # one pool of cells for every sequence, instead of window / max_batch each
         params.n_outputs_max_per_seq = 0  # prompt logprobs want every position of one sequence
         self.threads = threads or len(os.sched_getaffinity(0))
@@ -83,10 +105,10 @@ class GGUFModel:
             lib.llama_model_free(self.model)
             raise LlamaCppError(f"llama.cpp cannot make a {self.window}-token context for {path}")
         self.memory = lib.llama_get_memory(self.ctx)
-        self.cells = lib.llama_n_ctx(self.ctx)
+        self.cells = lib.llama_n_ctx(self.ctx) - 1  # one cell kept for the scratch token
         self.n_batch = lib.llama_n_batch(self.ctx)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        self.n_seq_max = params.n_seq_max
+        self.n_seq_max, self.scratch = usable, usable
         self.free_seqs = list(range(self.n_seq_max))
         self.reserved = 0  # cells the running sequences may take (prompt + max_tokens each)
         # Cached prefixes: payload a sequence id, size in bytes of f16 keys and values (llama.cpp's default types).
@@ -99,23 +121,32 @@ class GGUFModel:
         self.cell_bytes = lib.llama_model_n_layer(self.model) * 2 * kv_width * 2
 
     def forward(self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[bool]):
-        """Feed tokens (of any sequences, in n_batch pieces) into the KV cache; the logits of those marked in
+        """Feed tokens (of any sequences, in calls of `call_tokens`) into the KV cache; the logits of those marked in
         `outputs`, in order, as float32 [n_outputs, n_vocab]."""
         import torch
 
         lib, np, batch = self.lib, self._np, self.batch
         logits = np.empty((sum(outputs), self.n_vocab), dtype=np.float32)
         k = 0
-        for start in range(0, len(tokens), self.n_batch):
-            end = min(start + self.n_batch, len(tokens))
+        for start in range(0, len(tokens), self.call_tokens):
+            end = min(start + self.call_tokens, len(tokens))
             marked = []
             for j, i in enumerate(range(start, end)):
                 batch.token[j], batch.pos[j], batch.n_seq_id[j] = tokens[i], positions[i], 1
                 batch.seq_id[j][0], batch.logits[j] = seqs[i], outputs[i]
                 if outputs[i]:
                     marked.append(j)
-            batch.n_tokens = end - start
-            if (code := lib.llama_decode(self.ctx, batch)) != 0:
+            scratch = _scratch(end - start, len(marked)) if self.batch_invariant else []
+            for j, output in enumerate(scratch, start=end - start):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = tokens[start], j - (end - start), 1
+                batch.seq_id[j][0], batch.logits[j] = self.scratch, output
+            batch.n_tokens = end - start + len(scratch)
+            try:
+                code = lib.llama_decode(self.ctx, batch)
+            finally:
+                if scratch:
+                    lib.llama_memory_seq_rm(self.memory, self.scratch, -1, -1)
+            if code != 0:
                 raise LlamaCppError(f"llama_decode returned {code}"
                                     + (" (no room in the KV cache)" if code == 1 else ""))
             for j in marked:  # copied now: the next decode overwrites llama.cpp's logits buffer
@@ -239,7 +270,7 @@ class LlamaCppDecoder:
         return logits
 
     def _forward(self, rows: list, pieces: list[list[int]]):
-        """One llama_decode (in n_batch pieces) of each row's tokens at its next positions; the logits of each
+        """llama_decode (in calls of `call_tokens`) of each row's tokens at its next positions; the logits of each
         piece's last token, or of all its tokens for a scoring row still reading its prompt."""
         tokens, positions, seqs, outputs = [], [], [], []
         for row, piece in zip(rows, pieces):

@@ -117,9 +117,10 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple
 def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
                      context_window: int | None = None, max_batch: int = 8, max_queue: int = 64,
                      device: str = "auto", threads: int | None = None, gguf_quant: str = GGUF_QUANT,
-                     prefix_cache_mb: float = PREFIX_CACHE_MB):
+                     prefix_cache_mb: float = PREFIX_CACHE_MB, batch_invariance: str = "off"):
     """An `Engine` on llama.cpp serving `model` under its own name and each run of `adapters` ({name: run dir}), with
-    llama.cpp on `threads` threads (default: every core this process may use); runs are exported at `gguf_quant`.
+    llama.cpp on `threads` threads (default: every core this process may use); runs are exported at `gguf_quant`;
+    `batch_invariance` "on": each request's logits do not depend on what runs beside it (llamacpp.py).
 
     Sets torch to one thread: here torch only picks tokens (vocabulary-sized vectors, where a second thread gains
     nothing), and its idle OpenMP threads spin on the cores llama.cpp's threads need (measured on 2 cores: the
@@ -140,7 +141,10 @@ def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat
     path, tokenizer, generation_config = gguf_of(model, gguf_quant)
     template = chat_template_for(tokenizer, chat_template)
     fingerprint = template_fingerprint(template)
-    options = dict(max_batch=max_batch, context_window=context_window, threads=threads)
+    if batch_invariance not in ("on", "off"):
+        raise ServeError(f"--batch-invariance {batch_invariance}: give on or off")
+    options = dict(max_batch=max_batch, context_window=context_window, threads=threads,
+                   batch_invariant=batch_invariance == "on")
     base = GGUFModel(path, tokenizer, generation_config=generation_config, **options)
     served = {model: Served(base)}
     for name, run in (adapters or {}).items():
@@ -162,7 +166,7 @@ def load_gguf_served(engine, name: str, run: str | Path) -> Served:
     run_path, config = _run_gguf(name, run, template_fingerprint(engine.chat_template),
                                  engine.decoder.gguf_quant or GGUF_QUANT)
     model = GGUFModel(run_path, engine.tokenizer, generation_config=config, max_batch=engine.max_batch,
-                      context_window=base.window, threads=base.threads)
+                      context_window=base.window, threads=base.threads, batch_invariant=base.batch_invariant)
     return Served(model, run=str(run))
 
 

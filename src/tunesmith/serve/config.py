@@ -82,6 +82,10 @@ class ServeConfig(ModelOptions):
         "use; needs `make setup-fast`)")
     threads: int | None = Field(None, ge=1, description="llama-cpp backend: llama.cpp's threads (default: every core "
                                 "this process may use)")
+    batch_invariance: Literal["off", "on"] | None = Field(
+        None, description="llama-cpp backend: on = a request's logits do not depend on what runs beside it, so a "
+        "greedy reply is the same under any load (a lone request decodes about 1.4x slower; default: off, "
+        "where 10 of 16 greedy replies of the embedded model changed under load: docs/backends.md)")
     gguf_quant: Literal[tuple(QUANTS)] | None = Field(
         None, description="llama-cpp backend: the GGUF type a run is exported at on first use (default: q8_0, 1.6x "
         "f16's speed; f16 is exact; 4-bit types are faster, and refused when they lose what training changed)")
@@ -114,7 +118,8 @@ class ServeConfig(ModelOptions):
 
     def backend_options(self) -> dict:
         """The options only the llama-cpp backend takes, those that are set."""
-        return {k: v for k, v in (("threads", self.threads), ("gguf_quant", self.gguf_quant)) if v is not None}
+        return {k: v for k, v in (("threads", self.threads), ("gguf_quant", self.gguf_quant),
+                                  ("batch_invariance", self.batch_invariance)) if v is not None}
 
     def engine_options(self) -> dict:
         """The keyword arguments of the backend's `load_engine`, beside the model and its adapters."""
