@@ -2,11 +2,12 @@
 special tokens (tests/families.py): the family table finds the family from the saved config; `data preview` and
 the loss mask label exactly each reply and its end-of-turn token; LoRA trains only its adapters; full training
 learns a reply and where it ends, which `eval` scores and the torch server answers, stopping at the family's
-end-of-turn token; `export --merge` writes a standalone model of the same family with the LoRA run's outputs; and
-the Ollama Modelfile TEMPLATE of the family table writes what the chat template writes.
+end-of-turn token; the llama-cpp server, on the run's f16 GGUF, answers exactly as the torch server does;
+`export --merge` writes a standalone model of the same family with the LoRA run's outputs; and the Ollama Modelfile
+TEMPLATE of the family table writes what the chat template writes.
 
 One parametrised suite: a family is one entry in tests/families.py's TINY; each tiny model is built and trained
-once per session. The GGUF steps live with the GGUF exporter's tests."""
+once per session. GGUF export and its verification are tested with the GGUF exporter (test_gguf_families.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from test_tool_masks import learnable_spans, learned_ids, span_after
 from test_train import LORA_TRAINABLE, logits, run_train, write_jsonl
 
 from tunesmith.data.tokenize import IGNORE_INDEX, encode_chat_prompt, tokenize_chat
+from tunesmith.export import has_converters, has_llama_cpp
 from tunesmith.families import CONVENTIONS, FAMILIES, TODAY, UnknownFamilyError, convention_of, family_of
 
 # No system message: Gemma 2's template refuses one, and SmolLM3 then prints its default system prompt.
@@ -32,6 +34,8 @@ CONVERSATION = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant
                 {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "How can I help you today?"}]
 SYSTEM = {"role": "system", "content": "Be brief."}
 REPLY = "It is Paris."  # what full training teaches every family to answer, and to end there
+needs_llama_cpp = pytest.mark.skipif(not (has_converters() and has_llama_cpp()),
+                                     reason="llama.cpp and its GGUF converters are not installed (make setup-fast)")
 STEPS = 100  # enough for each tiny model to learn REPLY and its end-of-turn token, with a margin (80 sufficed)
 
 
@@ -248,6 +252,85 @@ def test_the_torch_server_answers_and_stops_at_the_family_end_of_turn(full_run, 
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == full["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert lora.status_code == 200 and lora.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# What both servers are asked: the training prompt (whose reply was learned), a multi-turn conversation, a question
+# the run never saw, and that question with the family's stop tokens banned, so the reply goes on past what training
+# taught for all of max_tokens: the tiny model's own untrained continuation, the sensitive comparison.
+ASKED = ("trained", "conversation", "unseen", "past the end")
+
+
+def asked(built: Built) -> list[dict]:
+    """The request bodies of ASKED (greedy, 16 tokens at most)."""
+    system = [SYSTEM] if built.tiny.system else []
+    unseen = system + [{"role": "user", "content": "Where is the cat?"}]
+    banned = {str(built.tokenizer.convert_tokens_to_ids(t)): -100 for t in built.tiny.stops}
+    return [{"messages": messages, "max_tokens": 16, "temperature": 0} for messages in
+            (built.records[0]["messages"][:-1], system + CONVERSATION[:3], unseen)] + \
+        [{"messages": unseen, "max_tokens": 16, "temperature": 0, "logit_bias": banned}]
+
+
+def served_replies(engine, model: str, bodies: list[dict]) -> list[tuple]:
+    """(message, finish_reason) of the chat reply to each body by `engine`'s server, its engine stopped after."""
+    from starlette.testclient import TestClient
+
+    from tunesmith.serve import ServeSettings, create_app
+
+    try:
+        with TestClient(create_app(engine, ServeSettings())) as client:
+            replies = [client.post("/v1/chat/completions", json={"model": model, **body}).json() for body in bodies]
+    finally:
+        engine.stop()
+    return [(r["choices"][0]["message"], r["choices"][0]["finish_reason"]) for r in replies]
+
+
+@pytest.fixture(scope="session")
+def gguf_replies(full_run, built, tmp_path_factory):
+    """The full run's replies to ASKED from the llama-cpp backend as `tunesmith serve --backend llama-cpp
+    --gguf-quant f16` serves it: from the run-to-GGUF cache, on one llama.cpp thread as tests/test_backends.py runs
+    it. The cache entry is written here by `export_gguf` without its verification (tests/test_gguf_families.py
+    verifies every family's exports; here llama.cpp's would cost up to 10 s a family), so the server finds it."""
+    from tunesmith.export import export_gguf
+    from tunesmith.export.cache import run_key
+    from tunesmith.serve.backends import load_gguf_engine
+
+    run, cache = full_run[0].path, tmp_path_factory.mktemp("gguf-cache")
+    export_gguf(run, cache / "gguf" / run_key(run, "f16") / "model.gguf", quant="f16", verify=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNESMITH_CACHE", str(cache))
+        engine = load_gguf_engine(str(run), gguf_quant="f16", threads=1)
+    return served_replies(engine, str(run), asked(built))
+
+
+@needs_llama_cpp
+def test_the_llama_cpp_server_answers_as_the_torch_server_does(full_run, built, gguf_replies):
+    """The run's f16 GGUF served by llama.cpp gives the torch backend's greedy reply to each question, token for
+    token, and stops where it stops: at the family's end-of-turn token, which the GGUF's vocabulary and the run's
+    generation config name (for the trained question, the reply training taught)."""
+    from tunesmith.serve import load_engine
+
+    model = str(full_run[0].path)
+    torch_replies = served_replies(load_engine(model), model, asked(built))
+    assert dict(zip(ASKED, gguf_replies, strict=True)) == dict(zip(ASKED, torch_replies, strict=True))
+    assert torch_replies[0] == ({"role": "assistant", "content": answer(built.tiny)}, "stop")
+    assert torch_replies[-1][1] == "length"
+
+
+def test_a_phi3_gguf_is_named_so_llama_cpp_strips_as_its_tokenizer_does(bpe):
+    """llama.cpp makes Phi-3's control tokens strip the whitespace to their right only in a file whose general.name
+    says phi3: a Phi-3 run over a base directory named otherwise is named for it (without, the families' phi3 run,
+    over a base called "model", was refused by the llama-cpp server's verification: other ids after <|user|>)."""
+    from types import SimpleNamespace
+
+    from tunesmith.export.gguf import converted_name
+
+    phi3, qwen = tokenizer_for(TINY["phi3"], bpe), tokenizer_for(TINY["qwen2"], bpe)
+    config = SimpleNamespace(model_type="phi3")
+    assert converted_name("run", "/tmp/model", config, phi3) == "run (model) [phi3]"
+    assert converted_name("run", "microsoft/Phi-3-mini-4k-instruct", config, phi3) == "run (Phi-3-mini-4k-instruct)"
+    # Phi-4 is a phi3 model whose tokens do not strip; another family is never renamed.
+    assert converted_name("run", "/tmp/model", config, qwen) == "run (model)"
+    assert converted_name("run", "/tmp/model", SimpleNamespace(model_type="qwen2"), phi3) == "run (model)"
 
 
 def test_export_merge_writes_a_standalone_model_of_the_family_with_the_runs_outputs(lora_run, built, tmp_path):

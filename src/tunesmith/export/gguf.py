@@ -83,17 +83,27 @@ def _merged(run):
 
 def write_model(model, tokenizer, path: Path, *, quant: str, name: str, base: str | None = None) -> str:
     """Write `model` and `tokenizer` as the GGUF `path` with the writer gguf_path chooses; which one it was. `name`
-    becomes general.name; `base`, the base model's name, is added to it for llama.cpp's converter: llama.cpp keys
-    some of a family's tokenizer on general.name (Phi-3's role tokens strip the whitespace after them only in a
-    model whose name says "phi-3" or "phi3"), so a run named anything keeps its base's behaviour."""
+    becomes general.name (with the base model's name, for llama.cpp's converter: converted_name)."""
     writer = gguf_path(model.config, tokenizer, base)
     if writer == TUNESMITH:
         write_gguf(model, tokenizer, path, quant=quant, name=name, base=base)
     else:
-        named = f"{name} ({Path(base).name})" if base and Path(base).name != name else name
-        convert_model(model, tokenizer, path, quant=quant, name=named, pre=pre_tokenizer_name(tokenizer, base),
-                      adds=adds_bos_eos(tokenizer))
+        convert_model(model, tokenizer, path, quant=quant, name=converted_name(name, base, model.config, tokenizer),
+                      pre=pre_tokenizer_name(tokenizer, base), adds=adds_bos_eos(tokenizer))
     return writer
+
+
+def converted_name(name: str, base: str | None, config, tokenizer) -> str:
+    """general.name of a file llama.cpp's converter writes: the run's name and its base's. llama.cpp keys some of a
+    family's tokenizer on general.name: Phi-3's control tokens strip the whitespace to their right only in a model
+    whose name says "phi-3" or "phi3" (llama-vocab.cpp, `_contains_any(model_name, ...)`), so a Phi-3 run whose
+    tokenizer strips so is named for it, whatever its base's directory is called (a Phi-4, whose tokens do not
+    strip, is not)."""
+    named = f"{name} ({Path(base).name})" if base and Path(base).name != name else name
+    strips = any(t.special and t.rstrip for t in tokenizer.added_tokens_decoder.values())
+    if config.model_type == "phi3" and strips and not any(k in named.lower() for k in ("phi-3", "phi3")):
+        named += " [phi3]"
+    return named
 
 
 def gguf_path(config, tokenizer=None, base: str | None = None) -> str:
