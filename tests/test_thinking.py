@@ -2,8 +2,8 @@
 `enable_thinking`, `reasoning_content` printed for the turns after the last user message): chat template variables
 reach every rendering (masks, prompts), assistant reasoning is learned or dropped by the data's policy (checked by
 token positions), and replies come back with the reasoning apart, from the Python API and the server, streamed or
-not, composed with tool calls. A tiny Qwen3 trained with thinking off never answers with a think block when served
-with torch (the GGUF/llama-cpp half of that check waits for the GGUF converter's Qwen3 support)."""
+not, composed with tool calls. A tiny Qwen3 trained with thinking off never answers with a think block when served,
+by torch or by llama.cpp on its GGUF export."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from test_tool_masks import learnable_spans, prompt_length, span_after
 from tunesmith.data.reasoning import ReasoningSplit, effort_kwargs, split_reasoning
 from tunesmith.data.templates import ChatTemplateError, render_chat
 from tunesmith.data.tokenize import MaskError, encode_chat_prompt, tokenize_chat
+from tunesmith.export import has_converters, has_llama_cpp
 
 QWEN3 = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
 OFF = {"enable_thinking": False}
+needs_llama_cpp = pytest.mark.skipif(not (has_converters() and has_llama_cpp()),
+                                     reason="llama.cpp and its GGUF converters are not installed (make setup-fast)")
 ASK = {"role": "user", "content": "What is 2+2?"}
 THOUGHT = "2 and 2 make 4."
 REPLY = {"role": "assistant", "content": "It is 4.", "reasoning_content": THOUGHT}
@@ -295,9 +298,7 @@ def test_evaluation_scores_the_answer_and_shows_the_reasoning(qwen3_tokenizer, m
 def served(bpe, tmp_path_factory):
     """A tiny Qwen3 trained on answers with thinking off (its data's reasoning dropped), served with torch by a
     live server; the engine records the prompts it is given."""
-    from types import SimpleNamespace
-
-    from tunesmith.serve import ServeSettings, create_app, load_engine
+    from tunesmith.serve import load_engine
     from tunesmith.training import train
 
     root = tmp_path_factory.mktemp("thinking")
@@ -313,7 +314,15 @@ def served(bpe, tmp_path_factory):
                           "reasoning": "drop"},
                  "max_steps": 40, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0, "logging_steps": 10,
                  "save_steps": 1000, "evaluate_before": False})
-    engine = load_engine(str(run.path), max_batch=4)
+    yield from serving(load_engine(str(run.path), max_batch=4), run, tokenizer)
+
+
+def serving(engine, run, tokenizer):
+    """A live server of `engine` serving `run`, whose engine records the requests it is given (`seen`)."""
+    from types import SimpleNamespace
+
+    from tunesmith.serve import ServeSettings, create_app
+
     seen = []
     submit = engine.submit
     engine.submit = lambda requests: (seen.extend(requests), submit(requests))[1]
@@ -321,11 +330,28 @@ def served(bpe, tmp_path_factory):
         yield SimpleNamespace(url=url, run=run, engine=engine, tokenizer=tokenizer, seen=seen, model=str(run.path))
 
 
-@pytest.fixture
-def sdk(served):
+@pytest.fixture(scope="module")
+def gguf_served(served, tmp_path_factory):
+    """The same run served by the llama-cpp backend as `tunesmith serve --backend llama-cpp --gguf-quant f16`
+    serves it: exported to GGUF by llama.cpp's converter and verified (by llama.cpp: transformers misreads Qwen3
+    files) through the run-to-GGUF cache on first use, on one llama.cpp thread."""
+    from tunesmith.serve.backends import load_gguf_engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNESMITH_CACHE", str(tmp_path_factory.mktemp("gguf-cache")))
+        engine = load_gguf_engine(served.model, max_batch=4, threads=1, gguf_quant="f16")
+    yield from serving(engine, served.run, served.tokenizer)
+
+
+def client_of(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def sdk(served):
+    return client_of(served)
 
 
 def test_the_run_records_its_variables_and_is_talked_to_with_them(served):
@@ -336,16 +362,24 @@ def test_the_run_records_its_variables_and_is_talked_to_with_them(served):
     assert recorded_kwargs(str(served.run.path)) == OFF  # tunesmith chat / generate apply them by default
 
 
-def test_trained_with_thinking_off_it_never_serves_a_think_block(served, sdk):
-    n = 8
-    for i in range(n):
-        question = [{"role": "user", "content": f"What is {i + 10}+{i + 10}?"}]
-        reply = sdk.chat.completions.create(model=served.model, messages=question, max_tokens=12, temperature=0)
-        message = reply.choices[0].message
-        assert "<think>" not in message.content and "</think>" not in message.content
-        assert getattr(message, "reasoning_content", None) is None
-        # The run's recorded enable_thinking: false rendered the prompt: it ends with the empty block.
-        assert served.seen[-1].ids == encode_chat_prompt(served.tokenizer, question, chat_template_kwargs=OFF)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("llama-cpp", marks=needs_llama_cpp)])
+def test_trained_with_thinking_off_it_never_serves_a_think_block(backend, served, request):
+    """0 of 8 greedy replies to unseen questions has a think block, from the torch server and from the llama-cpp
+    server on the run's GGUF export (whose replies are the torch server's, token for token)."""
+    server = served if backend == "torch" else request.getfixturevalue("gguf_served")
+    replies = {}
+    for name, on in {"torch": served, backend: server}.items():
+        sdk = client_of(on)
+        for i in range(8):
+            question = [{"role": "user", "content": f"What is {i + 10}+{i + 10}?"}]
+            reply = sdk.chat.completions.create(model=on.model, messages=question, max_tokens=12, temperature=0)
+            message = reply.choices[0].message
+            assert "<think>" not in message.content and "</think>" not in message.content
+            assert getattr(message, "reasoning_content", None) is None
+            # The run's recorded enable_thinking: false rendered the prompt: it ends with the empty block.
+            assert on.seen[-1].ids == encode_chat_prompt(on.tokenizer, question, chat_template_kwargs=OFF)
+            replies.setdefault(name, []).append(message.content)
+    assert replies[backend] == replies["torch"] and len(set(replies["torch"])) > 1
 
 
 def test_a_request_sets_the_variables_over_the_runs(served, sdk):
