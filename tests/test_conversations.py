@@ -71,6 +71,31 @@ def test_tool_turns_are_stored_and_come_back_in_the_record_shape(tmp_path):
     assert store.reply_for(cid, "k") == {"role": "assistant", "content": None, "tool_calls": [call]}
 
 
+def test_a_reply_keeps_its_reasoning_and_a_store_from_before_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)  # the schema before reasoning was stored, with one turn in it
+    old.executescript("""
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, model TEXT, system TEXT,
+                                    metadata TEXT NOT NULL);
+        CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
+                               role TEXT NOT NULL, content TEXT NOT NULL, created_at INTEGER NOT NULL,
+                               idempotency_key TEXT, request_hash TEXT, tool_calls TEXT, tool_call_id TEXT);
+        INSERT INTO conversations VALUES ('conv_old', 0, NULL, NULL, '{}');
+        INSERT INTO messages (conversation_id, role, content, created_at) VALUES ('conv_old', 'user', 'hi', 0);
+        INSERT INTO messages (conversation_id, role, content, created_at) VALUES ('conv_old', 'assistant', 'yo', 0);
+    """)
+    old.close()
+    store = ConversationStore(path)
+    thought = {"role": "assistant", "content": "It is 4.", "reasoning_content": "2 and 2 make 4."}
+    assert store.add_turn("conv_old", [{"role": "user", "content": "2+2?"}], thought, key="k")
+    assert [{k: v for k, v in m.items() if k != "created_at"} for m in store.messages("conv_old")] == \
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+         {"role": "user", "content": "2+2?"}, thought]
+    assert store.reply_for("conv_old", "k") == thought
+
+
 def test_history_policy_keeps_a_call_with_its_results():
     call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}
     history = [{"role": "user", "content": "u0"}, call, {"role": "tool", "tool_call_id": "c", "content": "r"},

@@ -400,10 +400,11 @@ def test_a_request_sets_the_variables_over_the_runs(served, sdk):
 
 
 def script_server(monkeypatch, served, pieces: list[str], finish: str = "stop"):
-    """The served engine answers every request with `pieces`, as a model that wrote them would."""
+    """The served engine answers every request with `pieces`, as a model that wrote them would (and records it)."""
     from tunesmith.generation import Event
 
     def answer(requests):
+        served.seen.extend(requests)
         for req in requests:
             for piece in pieces:
                 req.emit(Event(req.index, piece))
@@ -442,6 +443,45 @@ def test_replies_come_back_with_the_reasoning_apart_streamed_or_not(served, sdk,
     last_thought = max((i for i, t in enumerate(thoughts) if t), default=-1)
     assert all(not d.content for d in deltas[1:last_thought + 1])
     assert all("think>" not in (d.content or "") for d in deltas)
+
+
+def test_a_conversation_keeps_the_reasoning_and_the_template_decides_where_it_shows(served, monkeypatch):
+    """A server-side conversation stores each reply's reasoning, returns it with the conversation's messages and
+    with a retried turn, and passes it back on its message in the next prompt: Qwen3's template drops the reasoning
+    of a turn before the last user message and keeps that of the tool call it is answering."""
+    import httpx
+
+    client = httpx.Client(base_url=served.url, timeout=120)
+    cid = client.post("/v1/conversations", json={}).json()["id"]
+
+    def say(messages: list[dict], pieces: list[str], **extra) -> httpx.Response:
+        script_server(monkeypatch, served, pieces)
+        body = {"model": served.model, "conversation": cid, "messages": messages, "max_tokens": 12,
+                "tools": WEATHER, **extra.pop("body", {})}
+        return client.post("/v1/chat/completions", json=body, **extra)
+
+    first = say([ASK], [THINKING], headers={"Idempotency-Key": "k1"}).json()["choices"][0]["message"]
+    assert first == {"role": "assistant", "content": "It is 4.", "reasoning_content": "The user asks 2+2."}
+    # A retry finds the stored turn, reasoning and all, streamed or not.
+    again = say([ASK], ["Something else."], headers={"Idempotency-Key": "k1"}, body={"stream": True})
+    chunks = [json.loads(line[6:]) for line in again.text.splitlines() if line.startswith("data: {")]
+    assert [c["choices"][0]["delta"].get("reasoning_content") for c in chunks] == ["The user asks 2+2."]
+    call = say([ASK2], ["<think>\nI should check.\n</think>\n\n" + CALL]).json()["choices"][0]["message"]
+    assert call["reasoning_content"] == "I should check." and call["content"] is None
+    result = {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "sunny"}
+    assert say([result], ["It is sunny."]).json()["choices"][0]["message"] == \
+        {"role": "assistant", "content": "It is sunny."}
+
+    stored = [{k: v for k, v in m.items() if k != "created_at"}
+              for m in client.get(f"/v1/conversations/{cid}/messages").json()["data"]]
+    assert stored == [ASK, first, ASK2, call, result, {"role": "assistant", "content": "It is sunny."}]
+    # Each prompt is the stored history as the template renders it: the first reply's reasoning dropped (it comes
+    # before the last user message), the call's kept while its result is answered.
+    asked, answered = (r.ids for r in served.seen[-2:])
+    for ids, history in ((asked, stored[:3]), (answered, stored[:5])):
+        assert ids == encode_chat_prompt(served.tokenizer, history, tools=WEATHER, chat_template_kwargs=OFF)
+        assert "The user asks 2+2." not in served.tokenizer.decode(ids)
+    assert "<think>\nI should check.\n</think>\n\n<tool_call>" in served.tokenizer.decode(answered)
 
 
 def test_a_template_without_thinking_answers_as_before(bpe):

@@ -8,7 +8,10 @@ keyed turn is being generated, `TurnGate` makes a concurrent retry wait for it.
 
 Tool turns are stored as they came: an assistant message's calls (`tool_calls`, JSON) and each `tool` result
 with the `tool_call_id` it answers, and they come back in the same shape (data/tools.py's record), so a replayed
-conversation renders as the client's own history would.
+conversation renders as the client's own history would. So is a thinking model's reasoning (`reasoning_content`,
+beside the answer): it is returned with the conversation's messages and passed back on its message in the next
+turn's prompt, where the chat template decides whether it shows (Qwen3's prints it only for the turns after the
+last user message, as in a tool loop, and drops older reasoning itself).
 
 History policy when it outgrows the context window (`fit_history`): the system prompt (the conversation's,
 and system messages sent before the first user message) is always kept and the oldest turns are dropped,
@@ -32,9 +35,12 @@ CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role TEXT NOT NULL, content TEXT NOT NULL, created_at INTEGER NOT NULL, idempotency_key TEXT,
-    request_hash TEXT, tool_calls TEXT, tool_call_id TEXT);
+    request_hash TEXT, tool_calls TEXT, tool_call_id TEXT, reasoning_content TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages(conversation_id, idempotency_key);
 """
+
+
+_FIELDS = "role, content, created_at, tool_calls, tool_call_id, reasoning_content"  # a message as _message reads it
 
 
 class KeyReused(Exception):
@@ -54,7 +60,7 @@ class ConversationStore:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(messages)")}
-            for column in ("request_hash", "tool_calls", "tool_call_id"):  # a store written before them
+            for column in ("request_hash", "tool_calls", "tool_call_id", "reasoning_content"):  # a store from before
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} TEXT")
 
@@ -98,22 +104,24 @@ class ConversationStore:
             message["content"] = row["content"] or None
         if row["tool_call_id"] is not None:
             message["tool_call_id"] = row["tool_call_id"]
+        if row["reasoning_content"] is not None:
+            message["reasoning_content"] = row["reasoning_content"]
         return message
 
     def messages(self, cid: str) -> list[dict]:
         """The stored turns, oldest first (the system prompt is on the conversation, not here)."""
         with self._lock:
-            rows = self._db.execute("SELECT role, content, created_at, tool_calls, tool_call_id FROM messages "
-                                    "WHERE conversation_id = ? ORDER BY seq", (cid,)).fetchall()
+            rows = self._db.execute(f"SELECT {_FIELDS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                                    (cid,)).fetchall()
         return [self._message(row) for row in rows]
 
     def reply_for(self, cid: str, key: str, request_hash: str | None = None) -> dict | None:
-        """The reply message ({"role", "content", "tool_calls"?}) already stored for an idempotency key, if this
-        turn was written before. KeyReused if that turn's request had another fingerprint than `request_hash`."""
+        """The reply message ({"role", "content", "tool_calls"?, "reasoning_content"?}) already stored for an
+        idempotency key, if this turn was written before. KeyReused if that turn's request had another fingerprint
+        than `request_hash`."""
         with self._lock:
-            row = self._db.execute("SELECT role, content, created_at, tool_calls, tool_call_id, request_hash "
-                                   "FROM messages WHERE conversation_id = ? AND idempotency_key = ?",
-                                   (cid, key)).fetchone()
+            row = self._db.execute(f"SELECT {_FIELDS}, request_hash FROM messages WHERE conversation_id = ? AND "
+                                   "idempotency_key = ?", (cid, key)).fetchone()
         if row is None:
             return None
         if request_hash and row["request_hash"] and row["request_hash"] != request_hash:
@@ -125,16 +133,16 @@ class ConversationStore:
     def add_turn(self, cid: str, user: list[dict], reply: str | dict, key: str | None = None,
                  request_hash: str | None = None) -> bool:
         """Append the new messages (user turns, tool results) and the reply (its text, or the record of a reply
-        with calls) atomically. False if the key was already used (a retry)."""
+        with calls or reasoning) atomically. False if the key was already used (a retry)."""
         reply = {"role": "assistant", "content": reply} if isinstance(reply, str) else reply
         now = int(time.time())
         insert = ("INSERT INTO messages (conversation_id, role, content, created_at, tool_calls, tool_call_id, "
-                  "idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                  "reasoning_content, idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
         def row(message: dict, key: str | None = None, request_hash: str | None = None) -> tuple:
             calls = message.get("tool_calls")
             return (cid, message["role"], message.get("content") or "", now, json.dumps(calls) if calls else None,
-                    message.get("tool_call_id"), key, request_hash)
+                    message.get("tool_call_id"), message.get("reasoning_content"), key, request_hash)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")

@@ -1,9 +1,9 @@
 """POST /v1/chat/completions: chat replies, n choices, streamed or not, optionally constrained to JSON by
 response_format, with tools the model may call (serve/tools.py: the prompt, the grammar that forces a call,
 and the reply's `tool_calls`), a thinking model's reasoning apart from its answer (serve/reasoning.py: the
-template's variables, `reasoning_content`). With `conversation` the server keeps the history: the turn's prompt is the
-stored history trimmed to the window, the reply (its calls too) is stored when it ends, and an Idempotency-Key
-makes a retry replay the stored reply instead of generating (and storing) a second one."""
+template's variables, `reasoning_content`). With `conversation` the server keeps the history: the turn's prompt is
+the stored history trimmed to the window, the reply (its calls and reasoning too) is stored when it ends, and an
+Idempotency-Key makes a retry replay the stored reply instead of generating (and storing) a second one."""
 
 from __future__ import annotations
 
@@ -153,6 +153,8 @@ def _replayed(body: ChatRequest, reply: Reply, message: dict):
     if body.stream:
         async def again():
             delta = {"role": "assistant", "content": message["content"]}
+            if "reasoning_content" in message:
+                delta["reasoning_content"] = message["reasoning_content"]
             for i, call in enumerate(message.get("tool_calls") or []):
                 delta.setdefault("tool_calls", []).append({"index": i, **call})
             yield sse(reply([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
