@@ -1,5 +1,5 @@
 # The README's quick start: `make demo` (set up + main job) and `make test` (set up + whole test suite).
-.PHONY: setup setup-fast demo test compare-demo lock
+.PHONY: setup setup-fast demo preference-demo test compare-demo lock
 
 # Checked when the recipe runs, after setup may have installed it.
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
@@ -43,6 +43,17 @@ setup-fast: setup
 demo: setup
 	env $(RUN_ENV) .venv/bin/tunesmith train examples/chat-lora.yaml \
 		output_dir=runs/support-chat-lora-$$(date +%Y%m%d-%H%M%S)
+
+# Preference-tune the newest finished `make demo` run (examples/preference-dpo.yaml: DPO on the support-routing
+# pairs), scoring held-out preference accuracy and the demo's exact match before and after. A config names one run
+# directory, so the newest runs/support-chat-lora-* with a run.json is passed as continue_from, as `make demo` passes
+# output_dir. PREFERENCE=examples/preference-kto.yaml continues it with KTO on thumbs instead.
+PREFERENCE ?= examples/preference-dpo.yaml
+DEMO_RUN = $(patsubst %/run.json,%,$(lastword $(sort $(wildcard runs/support-chat-lora-*/run.json))))
+preference-demo: setup
+	@[ -n "$(DEMO_RUN)" ] || { echo "no finished runs/support-chat-lora-* run to continue: run make demo first" >&2; exit 1; }
+	env $(RUN_ENV) .venv/bin/tunesmith train $(PREFERENCE) continue_from=$(DEMO_RUN) \
+		output_dir=runs/$(basename $(notdir $(PREFERENCE)))-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	.venv/bin/python -m pytest -q

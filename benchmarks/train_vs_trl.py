@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 DATA = "examples/data/support-chat/train.jsonl"
 MODEL = "smollm2-135m-instruct"
@@ -76,7 +77,7 @@ json.dump({"tokens": trainer.state.num_input_tokens_seen, "seconds": result.metr
 ''' % DATA
 
 
-class _GpuPeak:
+class GpuPeak:
     """The device's used memory above its level before the run, sampled every 50 ms (NVML) while it runs."""
 
     def __init__(self):
@@ -103,9 +104,9 @@ class _GpuPeak:
         return self.peak / 1024 ** 3
 
 
-def _run(command: list[str], env: dict) -> tuple[int, float, float | None]:
+def run_child(command: list[str], env: dict) -> tuple[int, float, float | None]:
     """(exit code, peak RSS in GB, peak GPU memory in GB or None) of one child process."""
-    gpu = _GpuPeak() if _cuda() else None
+    gpu = GpuPeak() if cuda() else None
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -114,7 +115,7 @@ def _run(command: list[str], env: dict) -> tuple[int, float, float | None]:
     return proc.returncode, usage.ru_maxrss / 1024 / 1024, gpu.stop() if gpu else None  # ru_maxrss: KiB
 
 
-def _cuda() -> bool:
+def cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -122,21 +123,27 @@ def _cuda() -> bool:
 
 def tunesmith_once(args) -> tuple[float, float, float | None]:
     with tempfile.TemporaryDirectory() as tmp:
-        code, rss, gpu = _run(_tunesmith_command(Path(tmp), args), dict(os.environ))
+        code, rss, gpu = run_child(_tunesmith_command(Path(tmp), args), dict(os.environ))
         if code:
             raise SystemExit("tunesmith train failed")
         train = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["train"]
         return train["tokens_seen"] / train["train_runtime"], rss, gpu
 
 
-def trl_once(args) -> tuple[float, float, float | None]:
+def run_trl(script: str, arguments: Callable[[Path], list[str]]) -> tuple[float, float, float | None]:
+    """(tokens/s, peak RSS GB, peak GPU GB or None) of `python -c script TMP *arguments(TMP)`, a TRL script that
+    writes TMP/result.json: {"tokens": non-padding tokens trained on, "seconds": train_runtime}."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # TRL as a user runs it: glibc malloc
     with tempfile.TemporaryDirectory() as tmp:
-        code, rss, gpu = _run([sys.executable, "-c", TRL_SCRIPT, tmp, str(args.steps), args.method, args.model], env)
+        code, rss, gpu = run_child([sys.executable, "-c", script, tmp, *arguments(Path(tmp))], env)
         if code:
             raise SystemExit("the TRL run failed")
         result = json.loads((Path(tmp) / "result.json").read_text())
         return result["tokens"] / result["seconds"], rss, gpu
+
+
+def trl_once(args) -> tuple[float, float, float | None]:
+    return run_trl(TRL_SCRIPT, lambda tmp: [str(args.steps), args.method, args.model])
 
 
 def main() -> None:
@@ -152,7 +159,7 @@ def main() -> None:
     import transformers
     import trl
 
-    device = f"GPU {torch.cuda.get_device_name(0)}" if _cuda() else "no GPU"
+    device = f"GPU {torch.cuda.get_device_name(0)}" if cuda() else "no GPU"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}, load average {os.getloadavg()[0]:.1f}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {args.method}, "
           f"batch 8, max length 256, {args.steps} steps, {args.rounds} alternating rounds"
@@ -161,18 +168,30 @@ def main() -> None:
     for _ in range(args.rounds):
         rows["TRL SFTTrainer"].append(trl_once(args))
         rows["tunesmith train"].append(tunesmith_once(args))
-        print("  " + "; ".join(f"{k}: {v[-1][0]:.0f} tok/s, {v[-1][1]:.2f} GB RSS"
-                               + (f", {v[-1][2]:.2f} GB GPU" if v[-1][2] is not None else "")
-                               for k, v in rows.items()), flush=True)
-    gpu = _cuda()
+        print_round(rows)
+    table(rows, "TRL SFTTrainer")
+
+
+def print_round(rows: dict[str, list[tuple[float, float, float | None]]]) -> None:
+    """The latest round of each tool: (tokens/s, peak RSS GB, peak GPU GB or None)."""
+    print("  " + "; ".join(f"{k}: {v[-1][0]:.0f} tok/s, {v[-1][1]:.2f} GB RSS"
+                           + (f", {v[-1][2]:.2f} GB GPU" if v[-1][2] is not None else "")
+                           for k, v in rows.items()), flush=True)
+
+
+def table(rows: dict[str, list[tuple[float, float, float | None]]], anchor_name: str,
+          speed_heading: str = "non-padding tokens/s") -> None:
+    """Every round of each tool, and its best against `anchor_name`'s."""
+    gpu = cuda()
     # Speed: each tool's best round (noise only slows a run down); memory: its largest peak.
     best = {k: (max(r[0] for r in v), max(r[2] if gpu else r[1] for r in v)) for k, v in rows.items()}
-    anchor = best["TRL SFTTrainer"]
+    anchor = best[anchor_name]
     memory = "peak GPU GB" if gpu else "peak RSS GB"
-    print(f"{'':18} {'non-padding tokens/s':>22} {'peak RSS GB':>12}" + (f" {memory:>12}" if gpu else "")
+    width = max(18, max(map(len, rows)) + 2)
+    print(f"{'':{width}} {speed_heading:>22} {'peak RSS GB':>12}" + (f" {memory:>12}" if gpu else "")
           + f" {'speed vs TRL':>13} {'memory vs TRL':>14}")
     for name, (speed, peak) in best.items():
-        print(f"{name:18} {' / '.join(f'{r[0]:.0f}' for r in rows[name]):>22} "
+        print(f"{name:{width}} {' / '.join(f'{r[0]:.0f}' for r in rows[name]):>22} "
               f"{' / '.join(f'{r[1]:.2f}' for r in rows[name]):>12}"
               + (f" {' / '.join(f'{r[2]:.2f}' for r in rows[name]):>12}" if gpu else "")
               + f" {speed / anchor[0]:12.2f}x {peak / anchor[1]:13.2f}x")

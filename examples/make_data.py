@@ -1,6 +1,6 @@
 """Write tunesmith's demo datasets: customer support for Northwind Cycles, a made-up online bike and
-outdoor gear shop, as one small dataset per task kind (chat, completion, classification, tagging, and chat
-with tool calls).
+outdoor gear shop, as one small dataset per task kind (chat, completion, classification, tagging, chat
+with tool calls, and preference pairs and thumbs on the chat task's replies).
 
 Everything comes from templates and word lists below, drawn with `random.Random(SEED)`: stdlib only, no
 network, and the same bytes on every run and machine. Texts are deduplicated across train and test.
@@ -298,6 +298,11 @@ def _dress(sentences: list[str], rng: random.Random) -> str:
     return _greet(greeting, " ".join(filter(None, [*sentences, closing, signature and f"- {signature}"])))
 
 
+def _reply(intent: str, oid: str | None) -> str:
+    """The router's exact reply: compact JSON, the keys in this order."""
+    return json.dumps({"intent": intent, "order_id": oid}, separators=(", ", ": "))
+
+
 def _chat_row(rng: random.Random, i: int) -> dict:
     intent = INTENTS[i % len(INTENTS)]
     spec = CHAT[intent]
@@ -317,9 +322,8 @@ def _chat_row(rng: random.Random, i: int) -> dict:
     text = _dress(sentences, rng)
     oid = order_id(rng) if has_id else None
     text = _casual(text, rng).replace(ID, oid or "")
-    reply = json.dumps({"intent": intent, "order_id": oid}, separators=(", ", ": "))
     return {"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
-                         {"role": "assistant", "content": reply}]}
+                         {"role": "assistant", "content": _reply(intent, oid)}]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -808,6 +812,76 @@ def _conversation(rng: random.Random, i: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 6. support-prefs: the support-chat conversations again, each with its exact JSON reply preferred to a plausible
+# wrong one (preference pairs for DPO, ORPO, SimPO) and as thumbs up or down on one reply (KTO)
+# ---------------------------------------------------------------------------------------------------------
+
+# The ways a router's reply goes wrong, cycled for balance: the intent of a neighbouring request, the order id
+# misread (a digit changed, dropped, or made up), a friendly sentence instead of the JSON, the JSON in chatter.
+REJECTIONS = ("intent", "order_id", "prose", "wrapped")
+# Wrong intents a router mixes up with the right one: requests about the same order that differ in what is wanted.
+CONFUSABLE = {"refund": ["cancel_order", "damaged_item"], "order_status": ["change_address", "cancel_order"],
+              "damaged_item": ["refund", "product_question"], "change_address": ["order_status", "cancel_order"],
+              "product_question": ["order_status", "damaged_item"], "cancel_order": ["refund", "order_status"]}
+INTENT_WORDS = {"refund": "a refund", "order_status": "where your order is", "damaged_item": "an item that arrived "
+                "damaged", "change_address": "changing the delivery address", "product_question": "a question about "
+                "one of our products", "cancel_order": "cancelling an order"}
+PROSE = ["Thanks for reaching out! It looks like you need help with {what}{about}. I've passed your message on to "
+         "our support team, and someone will get back to you within one business day.",
+         "I'm sorry for the trouble. I've noted that your message is about {what}{about}, and our support team "
+         "will look into it and reply by email shortly.",
+         "Hello! I've read your message: it is about {what}{about}. Is there anything else I can help you with?"]
+WRAPPED = ["Sure! Here is the routing for this message:\n\n{json}", "```json\n{json}\n```",
+           "{json}\n\nLet me know if there's anything else I can help with.",
+           "Based on the message, the routing is: {json}"]
+
+
+def _misread(oid: str, rng: random.Random) -> str:
+    """The id with one digit changed (still five digits: the first stays non-zero)."""
+    i = rng.randrange(len("NW-"), len(oid))
+    digit = rng.choice([d for d in "0123456789" if d != oid[i] and (d != "0" or i > len("NW-"))])
+    return oid[:i] + digit + oid[i + 1:]
+
+
+def _rejected(kind: str, intent: str, oid: str | None, rng: random.Random) -> str:
+    """A plausible wrong reply of `kind` (one of REJECTIONS) where the right one is _reply(intent, oid)."""
+    if kind == "intent":
+        return _reply(rng.choice(CONFUSABLE[intent]), oid)
+    if kind == "order_id":
+        if oid is None:
+            return _reply(intent, order_id(rng))
+        return _reply(intent, None if rng.random() < 0.5 else _misread(oid, rng))
+    if kind == "prose":
+        return rng.choice(PROSE).format(what=INTENT_WORDS[intent], about=f" (order {oid})" if oid else "")
+    return rng.choice(WRAPPED).format(json=_reply(intent, oid))
+
+
+def _pair(row: dict, i: int, rng: random.Random) -> dict:
+    """A support-chat conversation as TRL's conversational pair: the exact reply chosen, a wrong one rejected."""
+    *prompt, answer = row["messages"]
+    parsed = json.loads(answer["content"])
+    wrong = _rejected(REJECTIONS[i % len(REJECTIONS)], parsed["intent"], parsed["order_id"], rng)
+    return {"prompt": prompt, "chosen": [answer], "rejected": [{"role": "assistant", "content": wrong}]}
+
+
+def _thumbs(pairs: list[dict]) -> list[dict]:
+    """Thumbs on one reply per conversation, as the web page records them (KTO's prompt/completion/label): the
+    chosen reply up for four conversations, then the rejected one down for the next four, so the thumbs are half up
+    and every kind of wrong reply gets its share of the downs."""
+    up = [(i // len(REJECTIONS)) % 2 == 0 for i in range(len(pairs))]
+    return [{"prompt": p["prompt"], "completion": p["chosen" if good else "rejected"], "label": good}
+            for p, good in zip(pairs, up)]
+
+
+def _preference_files(train: list[dict], test: list[dict], rng: random.Random) -> dict[str, str]:
+    """support-prefs from support-chat's splits: a test prompt is one of support-chat's held-out messages."""
+    train_pairs = [_pair(row, i, rng) for i, row in enumerate(train)]
+    test_pairs = [_pair(row, i, rng) for i, row in enumerate(test)]
+    return {"support-prefs/train.jsonl": _jsonl(train_pairs), "support-prefs/test.jsonl": _jsonl(test_pairs),
+            "support-prefs/thumbs.jsonl": _jsonl(_thumbs(train_pairs))}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------
 
@@ -846,23 +920,25 @@ DATASETS = {
 
 def build(seed: int = SEED) -> dict[str, str]:
     """{"support-chat/train.jsonl": file text, ...} for every dataset; the same for the same seed."""
-    files = {}
+    files, splits = {}, {}
     for name, (make, n_train, n_test, suffix, serialise) in DATASETS.items():
         rng = random.Random(f"{name}:{seed}")  # one stream per dataset: editing one leaves the others alone
-        train, test = _split(_unique(make, n_train + n_test, _text_of, rng), n_test, rng)
+        train, test = splits[name] = _split(_unique(make, n_train + n_test, _text_of, rng), n_test, rng)
         files[f"{name}/train.{suffix}"], files[f"{name}/test.{suffix}"] = serialise(train), serialise(test)
+    # made from support-chat's conversations, with a stream of its own for the wrong replies
+    files.update(_preference_files(*splits["support-chat"], random.Random(f"support-prefs:{seed}")))
     return files
 
 
 def write(out, *, force: bool = False) -> list[Path]:
     """Write every dataset under `out`; refuses, writing nothing, if any file exists and not `force`."""
-    names = [f"{name}/{split}.{spec[3]}" for name, spec in DATASETS.items() for split in ("train", "test")]
-    existing = [str(Path(out) / name) for name in names if (Path(out) / name).exists()]
+    files = build()
+    existing = [str(Path(out) / name) for name in files if (Path(out) / name).exists()]
     if existing and not force:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise FileExistsError(f"{existing[0]}{more} already exist; pass --force to overwrite them")
     paths = []
-    for name, text in build().items():
+    for name, text in files.items():
         paths.append(Path(out) / name)
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         paths[-1].write_bytes(text.encode("utf-8"))

@@ -217,3 +217,47 @@ def test_every_example_recipe_loads():
         for cfg in configs:
             for data in filter(None, (cfg.data.train, cfg.data.eval)):
                 assert (ROOT / data).is_file(), f"{recipe.relative_to(ROOT)}: data file {data} does not exist"
+
+
+@pytest.mark.parametrize("objective, train, continues", [("dpo", "train.jsonl", True), ("orpo", "train.jsonl", False),
+                                                         ("kto", "thumbs.jsonl", True)])
+def test_preference_recipes_hold_out_pairs_and_continue_the_demo_run(objective, train, continues):
+    """The preference demo: each recipe holds the support-prefs test pairs out (preference accuracy before and
+    after); dpo and kto continue the support-chat demo run at the path its recipe writes (so metrics.json also
+    scores that run's task, on the eval data of its saved config), orpo starts from the base the demo tunes."""
+    cfg = load_config(ROOT / f"examples/preference-{objective}.yaml")
+    demo = load_config(ROOT / "examples/chat-lora.yaml")
+    assert cfg.task == "preference" and cfg.preference.objective == objective
+    assert (cfg.data.train, cfg.data.eval) == (f"examples/data/support-prefs/{train}",
+                                               "examples/data/support-prefs/test.jsonl")
+    assert cfg.continue_from == (demo.output_dir if continues else None)
+    assert cfg.model == demo.model and cfg.method.name == demo.method.name
+    assert cfg.output_dir == f"runs/preference-{objective}"
+
+
+def test_preference_demo_target_continues_the_newest_finished_demo_run(tmp_path):
+    """`make preference-demo` passes the newest runs/support-chat-lora-* holding a run.json as continue_from (a run
+    still training, or one that failed, has none) and stops with a sentence when there is none."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name, finished in [("20261201-100000", True), ("20261203-100000", True), ("20261204-100000", False)]:
+        (tmp_path / "runs" / f"support-chat-lora-{name}").mkdir(parents=True)
+        if finished:
+            (tmp_path / "runs" / f"support-chat-lora-{name}" / "run.json").write_text("{}")
+
+    def make(*args):
+        return subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-o", "setup", *args], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    dry = make("-n", "preference-demo", "PREFERENCE=examples/preference-kto.yaml")
+    assert dry.returncode == 0, dry.stderr
+    assert ("tunesmith train examples/preference-kto.yaml continue_from=runs/support-chat-lora-20261203-100000 "
+            "\\\n\toutput_dir=runs/preference-kto-$(date +%Y%m%d-%H%M%S)") in dry.stdout
+    for run in (tmp_path / "runs").glob("*/run.json"):
+        run.unlink()
+    refused = make("preference-demo")
+    assert refused.returncode != 0
+    assert "no finished runs/support-chat-lora-* run to continue: run make demo first" in refused.stderr

@@ -19,7 +19,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DATA = EXAMPLES / "data"
 FILES = ["support-chat/train.jsonl", "support-chat/test.jsonl", "product-titles/train.jsonl",
          "product-titles/test.jsonl", "ticket-topics/train.csv", "ticket-topics/test.csv",
-         "gear-ner/train.conll", "gear-ner/test.conll", "support-tools/train.jsonl", "support-tools/test.jsonl"]
+         "gear-ner/train.conll", "gear-ner/test.conll", "support-tools/train.jsonl", "support-tools/test.jsonl",
+         "support-prefs/train.jsonl", "support-prefs/test.jsonl", "support-prefs/thumbs.jsonl"]
 INTENTS = {"refund", "order_status", "damaged_item", "change_address", "product_question", "cancel_order"}
 TOPICS = {"shipping", "billing", "product", "returns", "account"}
 ENTITY_TYPES = {"PRODUCT", "BRAND", "CITY", "DATE", "ORDER"}
@@ -45,8 +46,8 @@ def records(name: str) -> list[dict]:
 
 
 def text_of(record: dict) -> str:
-    if "messages" in record:
-        return next(m["content"] for m in record["messages"] if m["role"] == "user")
+    if "messages" in record or "prompt" in record and isinstance(record["prompt"], list):
+        return next(m["content"] for m in record.get("messages") or record["prompt"] if m["role"] == "user")
     return record.get("prompt") or record.get("text") or " ".join(record["tokens"])
 
 
@@ -82,7 +83,7 @@ def test_files_are_commit_sized():
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["support-chat/{}.jsonl", "product-titles/{}.jsonl", "ticket-topics/{}.csv",
-                                  "gear-ner/{}.conll", "support-tools/{}.jsonl"])
+                                  "gear-ner/{}.conll", "support-tools/{}.jsonl", "support-prefs/{}.jsonl"])
 def test_no_text_in_both_train_and_test(name):
     train, test = ([text_of(r) for r in records(name.format(split))] for split in ("train", "test"))
     assert len(set(train)) == len(train) and len(set(test)) == len(test)
@@ -93,7 +94,9 @@ def test_no_text_in_both_train_and_test(name):
                                             ("product-titles/train.jsonl", 400), ("product-titles/test.jsonl", 80),
                                             ("ticket-topics/train.csv", 500), ("ticket-topics/test.csv", 100),
                                             ("gear-ner/train.conll", 400), ("gear-ner/test.conll", 80),
-                                            ("support-tools/train.jsonl", 300), ("support-tools/test.jsonl", 80)])
+                                            ("support-tools/train.jsonl", 300), ("support-tools/test.jsonl", 80),
+                                            ("support-prefs/train.jsonl", 400), ("support-prefs/test.jsonl", 80),
+                                            ("support-prefs/thumbs.jsonl", 400)])
 def test_every_file_reads_cleanly_with_the_promised_count(name, expected):
     assert len(records(name)) == expected  # read_records raises a DataError listing any problem
 
@@ -187,3 +190,101 @@ def test_tool_calls_validate_and_answer_the_message():
                        else "words")
     assert set(endings) == {"1 calls", "2 calls", "words after a result", "words"}
     assert 0.45 < endings.count("1 calls") / len(rows) < 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# support-prefs: the support-chat conversations as preference pairs and thumbs
+# ---------------------------------------------------------------------------------------------------------
+
+def _replies(pair: dict) -> tuple[str, str]:
+    (chosen,), (rejected,) = pair["chosen"], pair["rejected"]
+    assert chosen["role"] == rejected["role"] == "assistant"
+    return chosen["content"], rejected["content"]
+
+
+def _rejection(pair: dict) -> str:
+    """Which kind of wrong reply a pair's rejected one is (make_data.REJECTIONS), read from the reply itself."""
+    chosen, rejected = _replies(pair)
+    if not rejected.startswith("{"):
+        return "wrapped" if chosen in rejected else "prose"
+    if rejected != chosen and chosen in rejected:
+        return "wrapped"
+    right, wrong = json.loads(chosen), json.loads(rejected)
+    return "intent" if wrong["intent"] != right["intent"] else "order_id"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_pairs_are_the_chat_conversations_with_their_reference_reply_chosen(split):
+    """Each pair is the support-chat conversation of the same place in the same split: its system prompt and
+    message the prompt, its reference reply chosen; so a test prompt is one of support-chat's held-out messages."""
+    chat, pairs = records(f"support-chat/{split}.jsonl"), records(f"support-prefs/{split}.jsonl")
+    assert len(pairs) == len(chat)
+    for row, pair in zip(chat, pairs):
+        assert pair["prompt"] == row["messages"][:2] and pair["chosen"] == row["messages"][2:]
+        chosen, rejected = _replies(pair)
+        assert rejected != chosen and rejected.strip()
+
+
+def test_rejected_replies_are_plausible_and_cycled_for_balance():
+    for split, n in (("train", 400), ("test", 80)):
+        pairs = records(f"support-prefs/{split}.jsonl")
+        kinds = [_rejection(p) for p in pairs]
+        assert kinds == ["intent", "order_id", "prose", "wrapped"] * (n // 4)
+    pairs = records("support-prefs/train.jsonl") + records("support-prefs/test.jsonl")
+    misread = {"digit": 0, "dropped": 0, "invented": 0}
+    for pair in pairs:
+        chosen, rejected = _replies(pair)
+        right = json.loads(chosen)
+        kind = _rejection(pair)
+        if kind == "intent":  # a neighbouring intent, the id kept, the same compact JSON
+            wrong = json.loads(rejected)
+            assert wrong["intent"] in INTENTS - {right["intent"]} and wrong["order_id"] == right["order_id"]
+            assert rejected == json.dumps(wrong, separators=(", ", ": "))
+        elif kind == "order_id":
+            wrong = json.loads(rejected)
+            assert wrong["intent"] == right["intent"] and wrong["order_id"] != right["order_id"]
+            if right["order_id"] is None:
+                assert re.fullmatch(r"NW-[1-9]\d{4}", wrong["order_id"])
+                misread["invented"] += 1
+            elif wrong["order_id"] is None:
+                misread["dropped"] += 1
+            else:  # one digit changed, still an id of five digits
+                assert re.fullmatch(r"NW-[1-9]\d{4}", wrong["order_id"])
+                assert sum(a != b for a, b in zip(wrong["order_id"], right["order_id"])) == 1
+                misread["digit"] += 1
+        elif kind == "wrapped":  # the right JSON, with words or a code fence around it
+            assert rejected != chosen and chosen in rejected
+        else:  # a friendly sentence: no JSON, but the right order id where there is one
+            assert "{" not in rejected and len(rejected) > 2 * len(chosen)
+            assert right["order_id"] is None or right["order_id"] in rejected
+    assert min(misread.values()) >= 10, misread
+
+
+def test_thumbs_rate_one_train_reply_each_half_up():
+    """thumbs.jsonl: KTO's unpaired records, as the web page's thumbs write them: the chosen reply of a train pair
+    up (label true) or its rejected one down (false), one per conversation, half of each."""
+    pairs, thumbs = records("support-prefs/train.jsonl"), records("support-prefs/thumbs.jsonl")
+    assert len(thumbs) == len(pairs)
+    downs = []
+    for pair, thumb in zip(pairs, thumbs):
+        assert list(thumb) == ["prompt", "completion", "label"] and thumb["prompt"] == pair["prompt"]
+        assert thumb["completion"] == pair["chosen" if thumb["label"] else "rejected"]
+        if not thumb["label"]:
+            downs.append(_rejection(pair))
+    assert len(downs) == len(thumbs) // 2
+    assert {kind: downs.count(kind) for kind in set(downs)} == dict.fromkeys(
+        ["intent", "order_id", "prose", "wrapped"], len(downs) // 4)
+    test_prompts = {text_of(r) for r in records("support-prefs/test.jsonl")}
+    assert not {text_of(t) for t in thumbs} & test_prompts
+
+
+@pytest.mark.parametrize("name, kind", [("support-prefs/train.jsonl", "preference"),
+                                        ("support-prefs/test.jsonl", "preference"),
+                                        ("support-prefs/thumbs.jsonl", "kto")])
+def test_preference_files_validate_as_their_format(name, kind, capsys):
+    from tunesmith.cli import main
+
+    assert main(["data", "validate", str(DATA / name)]) == 0
+    count = 400 if "train" in name or "thumbs" in name else 80
+    records_word = "unpaired" if kind == "kto" else "preference"
+    assert capsys.readouterr().out.strip() == f"{DATA / name}: ok, {count} {records_word} records ({kind})"
