@@ -33,12 +33,13 @@ event loop and this client share the two cores, so its figure moves by several p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
 
-from served import start_server
+from served import served
 
 PROMPT = "Write a long story about a cat who learns to sail across the ocean."
 
@@ -124,17 +125,12 @@ def main() -> None:
           f"model {args.model} on {model.device} ({next(model.parameters()).dtype}); {n} new tokens, greedy, "
           f"best of {args.repeats}")
     paths = [("transformers generate, batch 1", hf), ("tunesmith engine (generate())", engine)]
-    proc = None
-    try:
+    with contextlib.ExitStack() as servers:
         if not args.no_server:
-            proc, url = start_server(args.model, "--device", args.device, threads=args.threads)
+            url = servers.enter_context(served(args.model, "--device", args.device, threads=args.threads))
             name = json.loads(__import__("httpx").get(url + "/v1/models").text)["data"][0]["id"]
             paths.append(("tunesmith serve, 1 stream", _server_call(url, name, n, stops)))
         rows = _rounds(paths, args.repeats)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
     print(f"{'path':34} {'best tokens/s':>14} {'tokens':>7} {'vs generate (median of rounds)':>31}")
     for label, speed, ratio, tokens in rows:
         print(f"{label:34} {speed:14.1f} {tokens:7d} {ratio:30.2f}x")

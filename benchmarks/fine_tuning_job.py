@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from served import start_server  # noqa: E402
+from served import served  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
@@ -43,8 +43,7 @@ def main(argv=None) -> int:
 
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="tunesmith-job-"))
     started = time.perf_counter()
-    proc, url = start_server("smollm2-135m-instruct", "--api-key", KEY, "--state-dir", str(state))
-    try:
+    with served("smollm2-135m-instruct", "--api-key", KEY, "--state-dir", str(state)) as url:
         client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
         up = time.perf_counter()
         data = ROOT / "examples" / "data" / "support-chat"
@@ -69,9 +68,6 @@ def main(argv=None) -> int:
         reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=40, temperature=0, messages=[
             {"role": "user", "content": "Hi, my order NW-48213 never arrived, can I get my money back?"}])
         print(f"  {job.fine_tuned_model}: {reply.choices[0].message.content!r}")
-    finally:
-        proc.terminate()
-        proc.wait(30)
     return 0
 
 

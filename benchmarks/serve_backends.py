@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from served import start_server  # noqa: E402
+from served import served  # noqa: E402
 from serve_load import load  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Tell me a long story about a cat who learns to sail."}]
@@ -133,12 +134,13 @@ def main() -> None:
           f"torch {torch.__version__}; llama-cpp-python {__import__('llama_cpp').__version__}; model {args.model}"
           f" (llama.cpp: {gguf.name}{f', {args.gguf_quant}' if run else ''}); prompt {len(ids)} tokens")
 
-    paths, servers = {}, []
-    try:
+    paths, servers = {}, {}
+    with contextlib.ExitStack() as stack:
         for backend, name in (("torch", TORCH), ("llama-cpp", LLAMA)):
             extra = ("--gguf-quant", args.gguf_quant) if run and backend == "llama-cpp" else ()
-            proc, url = start_server(args.model, "--backend", backend, "--max-batch", str(args.clients), *extra)
-            servers.append((backend, proc, url))
+            url = stack.enter_context(served(args.model, "--backend", backend, "--max-batch", str(args.clients),
+                                             *extra))
+            servers[backend] = url
             paths[name] = over_http(url, args.model, args.max_tokens, ban)
         paths[LLAMA_DIRECT] = llama_cpp_direct(gguf, ids, args.max_tokens, ban)
         paths[ENGINE_DIRECT] = engine_direct(args.model, ids, args.max_tokens, ban, args.gguf_quant)
@@ -149,14 +151,10 @@ def main() -> None:
             rounds.append({name: decode_rate(path()) for name, path in paths.items()})
             print(f"round {i + 1}: " + ", ".join(f"{r:.1f}" for r in rounds[-1].values()) + " tok/s", flush=True)
         concurrent = {}
-        for backend, _, url in servers:
+        for backend, url in servers.items():
             asyncio.run(load(url, args.model, 1, 1, 4, ban))  # warm-up
             concurrent[backend] = asyncio.run(load(url, args.model, args.clients, args.requests,
                                                    args.concurrent_max_tokens, ban))
-    finally:
-        for _, proc, _ in servers:
-            proc.terminate()
-            proc.wait(timeout=30)
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(r[a] / r[b] for r in rounds)

@@ -46,44 +46,77 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 
 import httpx
-from served import start_server
+from served import served
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Say hello in Spanish.",
              "What is a cat?", "Why is the sky blue?", "Count to five.", "What is Python?"]
 
 
-async def one(client: httpx.AsyncClient, model: str, question: str, max_tokens: int,
-              ban: dict[str, float]) -> tuple[float, int]:
-    """(time to first token, completion tokens) of one streamed chat request."""
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": ban}
-    started, first, tokens = time.perf_counter(), None, 0
+@dataclass
+class Streamed:
+    """One streamed chat reply, its times counted from the moment the request was sent."""
+
+    ttft: float  # seconds to the first piece of content
+    last: float  # seconds to the last piece of content
+    tokens: int  # usage.completion_tokens
+    prompt_tokens: int
+    cached_tokens: int  # usage.prompt_tokens_details.cached_tokens (0 where the server does not say)
+    text: str
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second once the reply streams: the first token's time is the prompt's, not decoding's."""
+        return (self.tokens - 1) / max(self.last - self.ttft, 1e-9)
+
+
+async def stream(client: httpx.AsyncClient, body: dict) -> Streamed:
+    """POST `body` to /v1/chat/completions streamed (greedy unless it says otherwise, usage asked for), timed."""
+    body = {"temperature": 0, **body, "stream": True, "stream_options": {"include_usage": True}}
+    started, first, last, usage, text = time.perf_counter(), None, None, {}, []
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"{response.status_code} from {client.base_url}: {(await response.aread())[:500]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - started
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return (first if first is not None else time.perf_counter() - started), tokens
+            if chunk.get("choices") and (piece := chunk["choices"][0]["delta"].get("content")):
+                last = time.perf_counter() - started
+                first = first if first is not None else last
+                text.append(piece)
+            usage = chunk.get("usage") or usage
+    end = time.perf_counter() - started
+    return Streamed(first if first is not None else end, last if last is not None else end,
+                    usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0),
+                    (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0), "".join(text))
 
 
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, ban: dict[str, float]) -> dict:
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, ban: dict[str, float],
+               messages=None) -> dict:
+    """`clients` streaming clients at once, each sending `requests` chat requests one after another: aggregate
+    completion tokens/s, time to first token (median, p90) and the mean prompt and cached tokens of a request.
+    `messages(client, request)` gives each request's messages (default: one of QUESTIONS)."""
+    messages = messages or (lambda c, r: [{"role": "user", "content": QUESTIONS[(c + r) % len(QUESTIONS)]}])
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def worker(c: int):
-            return [await one(client, model, QUESTIONS[(c + r) % len(QUESTIONS)], max_tokens, ban)
-                    for r in range(requests)]
+        async def worker(c: int) -> list[Streamed]:
+            return [await stream(client, {"model": model, "messages": messages(c, r), "max_tokens": max_tokens,
+                                          "logit_bias": ban}) for r in range(requests)]
 
         started = time.perf_counter()
         results = [x for per in await asyncio.gather(*(worker(c) for c in range(clients))) for x in per]
         wall = time.perf_counter() - started
-    ttfts = sorted(t for t, _ in results)
-    return {"tokens_per_s": sum(n for _, n in results) / wall, "ttft_median": statistics.median(ttfts),
-            "ttft_p90": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))], "wall": wall}
+    ttfts = [r.ttft for r in results]
+    return {"tokens_per_s": sum(r.tokens for r in results) / wall, "ttft_median": statistics.median(ttfts),
+            "ttft_p90": p90(ttfts), "wall": wall, "prompt_tokens": statistics.mean(r.prompt_tokens for r in results),
+            "cached_tokens": statistics.mean(r.cached_tokens for r in results)}
 
 
 def main() -> None:
@@ -112,17 +145,13 @@ def main() -> None:
           f"{' (natural length)' if args.natural_length else ' (every reply that long)'}, greedy")
     print(f"{'batching':10} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'wall s':>7}")
     for label, max_batch in (("on (16)", 16), ("off (1)", 1)):
-        proc, url = start_server(args.model, "--max-batch", str(max_batch), threads=args.threads)
-        try:
+        with served(args.model, "--max-batch", str(max_batch), threads=args.threads) as url:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(load(url, model, 1, 1, 4, ban))  # warm-up
             for clients in counts:
                 r = asyncio.run(load(url, model, clients, args.requests, args.max_tokens, ban))
                 print(f"{label:10} {clients:7d} {r['tokens_per_s']:9.1f} {r['ttft_median']:8.2f}s "
                       f"{r['ttft_p90']:8.2f}s {r['wall']:7.1f}", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

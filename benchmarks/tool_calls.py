@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from served import start_server  # noqa: E402
+from served import served  # noqa: E402
 
 ORDER = {"type": "string", "pattern": "^[0-9]{5}$", "description": "The five-digit order number"}
 TOOLS = [{"type": "function", "function": {"name": name, "description": description, "parameters": {
@@ -110,8 +110,7 @@ def main(argv=None) -> int:
     prompts = prompts_of(args.data)
     from openai import OpenAI
 
-    proc, url = start_server(args.model, "--backend", args.backend, "--max-batch", "8")
-    try:
+    with served(args.model, "--backend", args.backend, "--max-batch", "8") as url:
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         first_token(client, model, TOOLS)  # warm up
@@ -126,9 +125,6 @@ def main(argv=None) -> int:
             print(f"  {label:8} prompt {runs[0][1]:4} tokens  TTFT {statistics.median(t for t, _ in runs):.3f} s")
         for parallel in (False, True) if args.samples else ():
             print(json.dumps(forced_calls(client, model, args.samples, args.max_tokens, parallel, prompts)))
-    finally:
-        proc.terminate()
-        proc.wait(30)
     return 0
 
 
