@@ -255,8 +255,10 @@ def tiny(assets):
     return tokenizer, build_tiny_llama(tokenizer, seed=1).train(), build_tiny_llama(tokenizer, seed=2).eval()
 
 
-def ours(objective: str, tiny, records: list[dict], tmp_path, **settings) -> tuple[torch.Tensor, dict, dict]:
-    """(loss, the batch, TRL-named metrics) of tunesmith's trainer on one batch of `records`."""
+def ours(objective: str, tiny, records: list[dict], tmp_path, share: bool = False,
+         **settings) -> tuple[torch.Tensor, dict, dict]:
+    """(loss, the batch, TRL-named metrics) of tunesmith's trainer on one batch of `records`; `share`: the model
+    runs on the batch's prefix tree."""
     from transformers import TrainingArguments
 
     tokenizer, policy, reference = tiny
@@ -269,7 +271,7 @@ def ours(objective: str, tiny, records: list[dict], tmp_path, **settings) -> tup
     trainer = PreferenceTrainer(model=policy, args=TrainingArguments(output_dir=str(tmp_path / "ours"),
                                                                     report_to="none", use_cpu=True),
                                 train_dataset=features, data_collator=collate)
-    configure(trainer, cfg.preference.model_copy(update={"beta": cfg.preference.beta or 0.1}))
+    configure(trainer, cfg.preference.model_copy(update={"beta": cfg.preference.beta or 0.1}), share=share)
     batch = collate(features)
     loss = trainer.compute_loss(policy, batch)
     return loss, batch, {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -354,6 +356,119 @@ def test_simpo_loss_equals_trls_cpo_trainer_with_loss_type_simpo(tiny, tmp_path)
     theirs, trl_metrics = trl.get_batch_loss_metrics(trl.model, _trl_pair_batch(batch))
     assert loss.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert metrics["rewards/margins"] == pytest.approx(trl_metrics["rewards/margins"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# share_prefix: each prompt computed once (data/prefix_tree.py), the same numbers as the padded batches
+# ---------------------------------------------------------------------------------------------------------
+
+def records_of(objective: str, n: int) -> list[dict]:
+    from tunesmith.data.preference import to_unpaired
+
+    pairs = [pair(i) for i in range(n)]
+    return [single for p in pairs for single in to_unpaired(p)] if objective == "kto" else pairs
+
+
+def embedded_shapes(model) -> tuple[list, object]:
+    """(the shapes of the token ids each forward pass of `model` embeds, the hook to remove)."""
+    shapes = []
+    return shapes, model.get_input_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(a[0].shape)))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_step_on_prefix_trees_equals_the_padded_step(objective, tiny, tmp_path):
+    from tunesmith.data.prefix_tree import prefix_tree
+
+    _, policy, _ = tiny
+    results = {}
+    for share in (False, True):
+        policy.zero_grad()
+        shapes, hook = embedded_shapes(policy)
+        loss, batch, metrics = ours(objective, tiny, records_of(objective, 4), tmp_path / str(share), share=share,
+                                    beta=0.1)
+        hook.remove()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results[share] = loss.item(), metrics, grads, shapes
+    assert prefix_tree(batch["input_ids"], batch["attention_mask"]) is not None
+    assert all(s[0] > 1 for s in results[False][3]) and all(s[0] == 1 for s in results[True][3])  # padded, tree
+    assert len(results[True][3]) == (2 if objective == "kto" else 1)  # KTO: its replies, then its KL replies
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, value in results[False][1].items():
+        assert results[True][1][name] == pytest.approx(value, abs=1e-5), name
+    assert results[True][2].keys() == results[False][2].keys() and results[False][2]
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_the_reference_on_prefix_trees_equals_scoring_each_reply_apart(objective, tiny):
+    """The former reference pass scored all chosen replies, then all rejected ones; now a feature's replies share
+    a batch and, with share, one row per batch: the same (sum, count) per reply."""
+    tokenizer, _, reference = tiny
+    cfg = load_config({"task": "preference", "data": {"train": "x"}, "method": "full",
+                       "preference": {"objective": objective}})
+    features, _ = build(cfg, tokenizer, records_of(objective, 6), "records", {})
+    replies = ("completion", "KL") if objective == "kto" else ("chosen", "rejected")
+    keys = {r: ("input_ids", "labels") if r == "completion" else (f"{r}_input_ids", f"{r}_labels") for r in replies}
+    apart = {r: reply_log_probs(reference, [{"input_ids": f[keys[r][0]], "labels": f[keys[r][1]]} for f in features],
+                                tokenizer.pad_token_id, batch_size=4) for r in replies}
+    shapes, hook = embedded_shapes(reference)
+    shared = log_probs(reference, features, tokenizer.pad_token_id, 4, "reference", share=True)
+    hook.remove()
+    padded = log_probs(reference, features, tokenizer.pad_token_id, 4, "reference")
+    # 6 pairs (kto: 12 single replies) in batches of 4 features, their 2 replies each: one row per batch
+    assert len(shapes) == (3 if objective == "kto" else 2) and all(s[0] == 1 for s in shapes)
+    for scores in (shared, padded):
+        assert list(scores) == list(replies)
+        for reply in replies:
+            assert [n for _, n in scores[reply]] == [n for _, n in apart[reply]]
+            assert [s for s, _ in scores[reply]] == pytest.approx([s for s, _ in apart[reply]], abs=1e-5)
+
+
+def test_an_epoch_costs_a_pairs_prompt_once_and_ktos_two_batches_apart():
+    from tunesmith.training.preference_data import epoch_tokens
+
+    system, a, b = [1] * 10, [2] * 8, [3] * 8  # a shared system prompt, two prompts of their own
+    pairs = [{"chosen_input_ids": system + a + [4, 5], "rejected_input_ids": system + a + [6]},
+             {"chosen_input_ids": system + b + [7], "rejected_input_ids": system + b + [8, 9, 9]}]
+    assert epoch_tokens(pairs, batch_size=2) == 10 + (8 + 3) + (8 + 4)  # 57 real tokens
+    assert epoch_tokens(pairs, batch_size=1) == (18 + 3) + (18 + 4)
+    # KTO: its replies and its mismatched (KL) replies are two forward passes, each on its own tree
+    single = [{"input_ids": system + a + [4], "KL_input_ids": system + a + [6]},
+              {"input_ids": system + b + [7], "KL_input_ids": system + b + [8]}]
+    assert epoch_tokens(single, batch_size=2) == 2 * (10 + 9 + 9)
+    assert epoch_tokens([], batch_size=2) == 0
+
+
+def test_a_dpo_run_sharing_prompts_equals_one_padding(assets, pairs, tmp_path, capsys, monkeypatch):
+    """share_prefix (the default) on and off: the same reference, logged losses, held-out scores and weights; the
+    run says what an epoch costs, and its steps ran on prefix trees."""
+    from tunesmith.data import prefix_tree as trees
+
+    made, real = [], trees.prefix_tree
+    monkeypatch.setattr(trees, "prefix_tree", lambda *a, **k: made.append(out := real(*a, **k)) or out)
+    results = {}
+    for share in (True, False):
+        capsys.readouterr()
+        run, _ = run_train(preference(assets, pairs, tmp_path / str(share), share_prefix=share, precision="fp32",
+                                      data={"train": str(pairs), "eval_fraction": 0.25}))
+        err = capsys.readouterr().err
+        metrics = json.loads((run.path / "metrics.json").read_text())["after"]
+        results[share] = ([e["loss"] for e in log_lines(run.path) if "loss" in e], metrics, weights(run.path), err)
+        if share:
+            assert made and all(tree is not None for tree in made)  # reference, 3 steps, held-out: all on trees
+            calls = len(made)
+    assert len(made) == calls  # share_prefix: false never builds one
+    assert "batches: the tokens a batch's replies begin with alike (a pair's prompt, a system prompt) are computed " \
+           "once per batch (share_prefix): an epoch costs " in results[True][3]
+    assert "batches:" not in results[False][3]
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    for name in ("preference_accuracy", "reward_margin", "chosen_reward", "rejected_reward"):
+        assert results[True][1][name] == pytest.approx(results[False][1][name], abs=1e-5), name
+    for key, value in results[False][2].items():
+        torch.testing.assert_close(results[True][2][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -84,8 +84,9 @@ def loss_and_grads(model, inputs, labelled_only: bool):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("variant", ["plain", "labelled_only", "lora", "recompute"])
-def test_a_shared_row_trains_exactly_as_the_padded_batch(variant):
+def tiny_llama(variant: str = "full"):
+    """A tiny random Llama (vocabulary 100) in training mode: with LoRA (its B non-zero, so A gets gradients) for
+    "lora", activation recompute for "recompute", plain otherwise."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -101,7 +102,12 @@ def test_a_shared_row_trains_exactly_as_the_padded_batch(variant):
     if variant == "recompute":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model.train()
+    return model.train()
+
+
+@pytest.mark.parametrize("variant", ["plain", "labelled_only", "lora", "recompute"])
+def test_a_shared_row_trains_exactly_as_the_padded_batch(variant):
+    model = tiny_llama(variant)
     examples = batch_of(owns=(7, 12, 5, 9))
     padded, shared = PaddingCollator(0)(examples), SharedPrefixCollator(0)(examples)
     assert shared["input_ids"].shape == (1, 40 + 7 + 12 + 5 + 9)

@@ -224,7 +224,9 @@ class TrainConfig(Strict):
                                                     "the batches' order stays random")
     share_prefix: bool = Field(True, description="sft: when a batch's examples begin with the same tokens (a system "
                                                  "prompt, tool definitions), compute them once per batch, not once "
-                                                 "per example (same losses and gradients)")
+                                                 "per example; preference: each prompt once for its chosen and "
+                                                 "rejected replies, and a prefix several pairs share once, in "
+                                                 "training and scoring (same losses and gradients)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="LoRA: keep the frozen base weights in bf16 (auto: where the CPU/GPU multiplies bf16 "
                             "natively); the adapter, activations and loss stay fp32")

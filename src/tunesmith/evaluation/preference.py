@@ -10,7 +10,8 @@ For pairs `logprob_accuracy` (the second measure) is reported whatever the objec
 run shows how the model it starts from (its SFT parent) ranks the pairs on its own.
 
 A reply's log-probabilities come from one forward pass of prompt + reply, the LM head applied to the reply's
-learnable positions only (`logits_to_keep`), the tokens and mask as training made them (data/preference.py)."""
+learnable positions only (`logits_to_keep`), the tokens and mask as training made them (data/preference.py); with
+`share`, a batch's replies to one prompt run as one prefix-tree row, the prompt once (data/prefix_tree.py)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ DESCRIBED = {"reward": "implicit reward beta x (log p - log p_ref) of the reply,
              "logprob": "the reply's mean log-probability per token; a tie counts half"}
 
 
-def reply_log_probs(model, features: list[dict], pad_id: int, *, batch_size: int = 8,
-                    progress=None) -> list[tuple[float, int]]:
+def reply_log_probs(model, features: list[dict], pad_id: int, *, batch_size: int = 8, progress=None,
+                    share: bool = False) -> list[tuple[float, int]]:
     """(sum of the log-probabilities of its learnable tokens, their count) per feature {"input_ids", "labels"},
-    in eval mode without gradients; the model's mode is left as it was."""
+    in eval mode without gradients; the model's mode is left as it was. `share`: each batch runs on its prefix-tree
+    row (data/prefix_tree.py) where that saves enough, so features that begin alike share those tokens' pass."""
     import torch
 
     out, was_training = [], model.training
@@ -38,7 +40,7 @@ def reply_log_probs(model, features: list[dict], pad_id: int, *, batch_size: int
         with torch.inference_mode():
             for start in range(0, len(features), batch_size):
                 chunk = features[start:start + batch_size]
-                out += _chunk_log_probs(model, chunk, pad_id)
+                out += _chunk_log_probs(model, chunk, pad_id, share)
                 if progress is not None:
                     progress.update(len(chunk))
     finally:
@@ -46,16 +48,24 @@ def reply_log_probs(model, features: list[dict], pad_id: int, *, batch_size: int
     return out
 
 
-def _chunk_log_probs(model, chunk: list[dict], pad_id: int) -> list[tuple[float, int]]:
+def _chunk_log_probs(model, chunk: list[dict], pad_id: int, share: bool = False) -> list[tuple[float, int]]:
     import torch
+
+    from ..data.prefix_tree import prefix_tree
 
     device = device_of(model)
     ids, mask = pad([f["input_ids"] for f in chunk], pad_id, device=device)
     labels, _ = pad([f["labels"] for f in chunk], IGNORE_INDEX, device=device)
     keep = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX  # t predicts t + 1
     targets = labels[:, 1:][keep[:, :-1]]
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # [N, V]
-    picked = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    tree = prefix_tree(ids, mask) if share else None
+    if tree is None:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # [N, V]
+        picked = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    else:  # the logits of each kept row position once [K, V]; each (b, t) of `keep` reads its own
+        kept, pick = tree.kept(keep)
+        logits = model(**tree.inputs(), logits_to_keep=kept).logits
+        picked = logits.float().log_softmax(-1)[pick, targets]
     rows = torch.arange(len(chunk), device=device)[:, None].expand_as(keep)[keep]
     sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, picked)
     return [(float(s), int(n)) for s, n in zip(sums.cpu(), keep.sum(1).cpu())]

@@ -125,10 +125,13 @@ def build_features(cfg: TrainConfig, tokenizer, records: list[dict], labels: lis
 
 
 def shares_prefix(cfg: TrainConfig, model) -> bool:
-    """Whether this run's sft batches may share their common prefix (data/packing.SharedPrefixCollator): the
-    row's 4-D boolean mask needs sdpa attention (eager adds the mask, flash attention ignores it), and prompt and
-    prefix tuning change the sequence the mask describes."""
-    return (cfg.task == "sft" and cfg.share_prefix and not cfg.packing and cfg.method.name not in ("prompt", "prefix")
+    """Whether this run's batches may compute the tokens their rows share once: an sft batch's common prefix
+    (data/packing.SharedPrefixCollator), a preference batch's prompts and system prompt (data/prefix_tree.py, in
+    training and in the reference's and held-out scoring). The row's 4-D boolean mask needs sdpa attention (eager
+    adds the mask, flash attention ignores it), and prompt and prefix tuning change the sequence the mask
+    describes."""
+    return (cfg.task in ("sft", "preference") and cfg.share_prefix and not cfg.packing
+            and cfg.method.name not in ("prompt", "prefix")
             and getattr(model.config, "_attn_implementation", None) == "sdpa")
 
 
@@ -136,7 +139,7 @@ def collator(cfg: TrainConfig, tokenizer, *, share: bool = False):
     """The Trainer's collator; `share`: sft batches share their common prefix (see `shares_prefix`)."""
     from ..data.packing import PackedCollator, PaddingCollator, SharedPrefixCollator
 
-    if cfg.task == "sft":
+    if cfg.task == "sft":  # preference batches stay padded: the model runs on their prefix tree (loss.py)
         if cfg.packing:
             return PackedCollator(tokenizer.pad_token_id)
         return (SharedPrefixCollator if share else PaddingCollator)(tokenizer.pad_token_id)

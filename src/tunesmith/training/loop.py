@@ -180,16 +180,28 @@ def _sizes(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> dict
     """What the defaults are chosen from (defaults.choose's keywords): the data's and the base model's size."""
     tokens = sum(feature_tokens(f) for f in data.train_features)
     eval_tokens = sum(feature_tokens(f) for f in data.eval_features)
-    if shares_prefix(cfg, model):  # what an epoch costs: the prefix all examples share is computed once per batch
-        shared = shared_tokens(data.train_features, cfg.batch_size)
+    if shares_prefix(cfg, model):  # what an epoch costs: what a batch's rows share is computed once per batch
+        shared = _shared_epoch(cfg, data.train_features)
         if shared < tokens and _is_main():
-            print(f"batches: the {shared_prefix(data.train_features)} tokens every example begins with are computed "
-                  f"once per batch (share_prefix): an epoch costs {shared} tokens, not {tokens}", file=sys.stderr)
+            what = ("the tokens a batch's replies begin with alike (a pair's prompt, a system prompt) are computed "
+                    "once per batch" if cfg.task == "preference" else
+                    f"the {shared_prefix(data.train_features)} tokens every example begins with are computed once "
+                    "per batch")
+            print(f"batches: {what} (share_prefix): an epoch costs {shared} tokens, not {tokens}", file=sys.stderr)
         tokens = shared
-        eval_tokens = shared_tokens(data.eval_features, cfg.batch_size)
+        eval_tokens = _shared_epoch(cfg, data.eval_features)
     return dict(examples=len(data.train_features), tokens=tokens, eval_tokens=eval_tokens,
                 parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.model_task != "sft" and not parent,
                 world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
+
+
+def _shared_epoch(cfg: TrainConfig, features: list[dict]) -> int:
+    """The tokens an epoch of `features` costs with share_prefix (training/data.shares_prefix)."""
+    if cfg.task == "preference":
+        from .preference_data import epoch_tokens
+
+        return epoch_tokens(features, cfg.batch_size)
+    return shared_tokens(features, cfg.batch_size)
 
 
 def _resolve_defaults(cfg: TrainConfig, sizes: dict, *, show: bool = True,
@@ -268,7 +280,7 @@ def _build_trainer(cfg: TrainConfig, model, tokenizer, data: _Data, parent: RunI
     trainer.labelled_only = labelled_only and supports_labelled_only(model, cfg)
     trainer.group_by_length = cfg.group_by_length and not cfg.packing  # packed rows are all max_length long
     if cfg.task == "preference":
-        configure(trainer, cfg.preference)
+        configure(trainer, cfg.preference, share=shares_prefix(cfg, model))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
     return trainer

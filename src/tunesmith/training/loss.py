@@ -14,7 +14,8 @@ and gradients equal the plain loss (tested, packed rows and chunks included).
 Applies to causal LMs trained through their own forward (full, freeze, LoRA-family adapters); prompt and prefix
 tuning change the sequence peft feeds the model, so they keep the plain loss. The preference objectives
 (preference.py) take the same path: `token_log_probs` gives the log-probabilities of the labelled tokens of the
-chosen and rejected replies, in TRL's shape, with the head on those positions alone."""
+chosen and rejected replies, in TRL's shape, with the head on those positions alone, and the model run once on
+each distinct prefix of the batch (their shared prompt) where the prefix tree saves enough."""
 
 from __future__ import annotations
 
@@ -93,16 +94,35 @@ def _head_log_probs(head, hidden, targets):
     return picked, stats
 
 
-def token_log_probs(model, inputs: dict, labels, *, chunk_rows: int | None = None) -> dict:
+TREE_INPUTS = {"input_ids", "attention_mask", "use_cache"}  # a batch the prefix-tree row can stand in for
+
+
+def _tree_hidden(model, inputs: dict, mask):
+    """_labelled_hidden of the padded batch `inputs`, computed on its prefix-tree row (data/prefix_tree.py: each
+    distinct prefix once) when that saves enough: the row's states gathered back to [N, H] in the (b, t) row-major
+    order of `mask`, so a state several sequences share is computed once and its gradient sums theirs."""
+    from ..data.prefix_tree import prefix_tree
+
+    tree = prefix_tree(inputs["input_ids"], inputs["attention_mask"]) if inputs.keys() <= TREE_INPUTS else None
+    if tree is None:
+        return _labelled_hidden(model, inputs, mask)
+    keep, pick = tree.kept(mask)
+    hidden, head, outputs = _labelled_hidden(model, {**inputs, **tree.inputs()}, keep)
+    return hidden[pick], head, outputs
+
+
+def token_log_probs(model, inputs: dict, labels, *, chunk_rows: int | None = None, share: bool = False) -> dict:
     """Per-token log-probabilities of the labelled next tokens, the LM head run on those positions only (chunked and
     recomputed in the backward pass, as the loss above), in the shape of TRL's fused LM head output
     (trl.trainer.utils.FusedCausalLMOutput): "log_probs", "entropy", "mean_logits" and "is_top1", each [B, T-1]
-    (position t: the token at t + 1), zero where the label is -100; only "log_probs" carries a gradient."""
+    (position t: the token at t + 1), zero where the label is -100; only "log_probs" carries a gradient. `share`:
+    the model runs on the batch's prefix-tree row where that saves enough (training/data.shares_prefix says when
+    the model allows it); the values and gradients are the padded batch's."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     mask, targets = labelled_positions(labels)
-    hidden, head, _ = _labelled_hidden(model, inputs, mask)
+    hidden, head, _ = (_tree_hidden if share else _labelled_hidden)(model, inputs, mask)
     rows = _chunk_rows(head, chunk_rows)
     picked, stats = [], []
     for part, part_targets in zip(hidden.split(rows), targets.split(rows)):

@@ -3,7 +3,8 @@
 tunesmith runs the step its way and TRL computes the loss: `PreferenceTrainer` is a `RunTrainer` (atomic checkpoints,
 --resume, log.jsonl, the default plan), the chosen and rejected replies go through the model in one batch with the LM
 head on their learnable positions only (loss.token_log_probs, which hands them over in the shape of TRL's fused LM
-head), the frozen reference's log-probabilities come precomputed with the features (preference_data.py), and then:
+head; with `share_prefix`, on one row holding each prompt once: data/prefix_tree.py), the frozen reference's
+log-probabilities come precomputed with the features (preference_data.py), and then:
 - dpo: `trl.DPOTrainer._compute_loss`, TRL's DPO step on its precomputed-reference path, run on this trainer;
 - kto: `trl.KTOTrainer._compute_loss` (with its KL term from mismatched replies) the same way;
 - orpo: `trl.experimental.orpo.ORPOTrainer.odds_ratio_loss` on the replies' mean log-probabilities, plus the chosen
@@ -26,6 +27,7 @@ import torch
 
 from ..config import PreferenceConfig
 from .callbacks import RunTrainer
+from .data import shares_prefix
 from .loss import token_log_probs
 
 
@@ -45,23 +47,24 @@ OBJECTIVES = {"dpo": Objective(True, True, "reward"), "kto": Objective(True, Fal
 
 class _FusedHead:
     """What TRL's loss steps call as `model(..., labels=labels, fused_lm_head=True)`: tunesmith's labelled-only head
-    (loss.token_log_probs) under TRL's calling convention and output type."""
+    (loss.token_log_probs) under TRL's calling convention and output type; `share`: on the batch's prefix tree."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, share: bool = False):
+        self.model, self.share = model, share
         self.last = None  # the outputs of the latest call
 
     def __call__(self, *, labels, fused_lm_head: bool = True, **inputs):
         from trl.trainer.utils import FusedCausalLMOutput
 
-        self.last = FusedCausalLMOutput(**token_log_probs(self.model, inputs, labels))
+        self.last = FusedCausalLMOutput(**token_log_probs(self.model, inputs, labels, share=self.share))
         return self.last
 
 
-def configure(trainer: "PreferenceTrainer", settings: PreferenceConfig) -> None:
+def configure(trainer: "PreferenceTrainer", settings: PreferenceConfig, *, share: bool = False) -> None:
     """Give `trainer` the attributes TRL's loss steps read from their own trainer (their values: TRL's defaults,
-    but for beta and what `settings` chooses), and the KTO step's KL helper."""
-    trainer.settings = settings
+    but for beta and what `settings` chooses), and the KTO step's KL helper; `share`: the model runs on each
+    batch's prefix tree, each prompt once (training/data.shares_prefix)."""
+    trainer.settings, trainer.share = settings, share
     trainer.beta = settings.beta
     trainer.precompute_ref_logps = True  # the reference's log-probs come with the features
     trainer.aux_loss_enabled = False  # no mixture-of-experts router loss
@@ -85,7 +88,7 @@ def configure(trainer: "PreferenceTrainer", settings: PreferenceConfig) -> None:
 def _dpo(trainer, model, inputs):
     from trl import DPOTrainer
 
-    return DPOTrainer._compute_loss(trainer, _FusedHead(model), inputs, False)
+    return DPOTrainer._compute_loss(trainer, _FusedHead(model, trainer.share), inputs, False)
 
 
 def _kto(trainer, model, inputs):
@@ -93,7 +96,7 @@ def _kto(trainer, model, inputs):
     bad one's below, as held-out accuracy reads single replies (evaluation/preference.py)."""
     from trl import KTOTrainer
 
-    head = _FusedHead(model)
+    head = _FusedHead(model, trainer.share)
     loss = KTOTrainer._compute_loss(trainer, head, inputs, False)
     # TRL scores the KL replies first, then the replies themselves: the last call's log-probs are theirs.
     rewards = trainer.beta * (head.last.log_probs.detach().sum(-1) - inputs["ref_logps"])
@@ -104,12 +107,12 @@ def _kto(trainer, model, inputs):
     return loss
 
 
-def _mean_log_probs(model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mean_log_probs(trainer, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected) mean log-probability per learnable token [B] each, and the chosen replies' NLL per token."""
     mask = inputs["completion_mask"]
     labels = inputs["input_ids"].masked_fill(mask == 0, -100)
     out = token_log_probs(model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
-                          labels)
+                          labels, share=trainer.share)
     sums, counts = out["log_probs"].sum(1), mask[:, 1:].sum(1).clamp(min=1)
     chosen_sums, _ = sums.chunk(2)
     chosen_counts, _ = counts.chunk(2)
@@ -131,7 +134,7 @@ def _record(trainer, chosen, rejected, chosen_rewards, rejected_rewards, **more)
 def _orpo(trainer, model, inputs):
     from trl.experimental.orpo import ORPOTrainer
 
-    chosen, rejected, nll = _mean_log_probs(model, inputs)
+    chosen, rejected, nll = _mean_log_probs(trainer, model, inputs)
     losses, chosen_rewards, rejected_rewards, ratio, log_odds = ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected)
     _record(trainer, chosen, rejected, chosen_rewards, rejected_rewards, nll_loss=nll, log_odds_ratio=ratio,
             log_odds_chosen=log_odds)
@@ -141,7 +144,7 @@ def _orpo(trainer, model, inputs):
 def _simpo(trainer, model, inputs):
     from trl.experimental.cpo import CPOTrainer
 
-    chosen, rejected, _ = _mean_log_probs(model, inputs)
+    chosen, rejected, _ = _mean_log_probs(trainer, model, inputs)
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
     _record(trainer, chosen, rejected, chosen_rewards, rejected_rewards)
     return losses.mean()
@@ -157,6 +160,7 @@ class PreferenceTrainer(RunTrainer):
     # A per-batch mean, as TRL's: the Trainer divides it by the gradient accumulation steps.
     loss_is_scaled_for_ga = False
     settings: PreferenceConfig | None = None
+    share = False  # on each batch's prefix tree (configure)
 
     def reset_metrics(self) -> None:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -196,12 +200,13 @@ def reference_pass(cfg, model, pad_id: int, train_features: list[dict], eval_fea
     and the "before" score. Returns the held-out ones ({reply: [(sum, count)]}), None without an eval split."""
     from .preference_data import attach_reference, log_probs
 
+    share = shares_prefix(cfg, model)
     if OBJECTIVES[cfg.preference.objective].reference:
         attach_reference(train_features, log_probs(model, train_features, pad_id, cfg.batch_size,
-                                                   "reference: training replies"))
+                                                   "reference: training replies", share=share))
     if not eval_features:
         return None
-    held = log_probs(model, eval_features, pad_id, cfg.batch_size, "reference: held-out replies")
+    held = log_probs(model, eval_features, pad_id, cfg.batch_size, "reference: held-out replies", share=share)
     attach_reference(eval_features, held)
     return held
 
@@ -214,7 +219,8 @@ def held_out(cfg, model, pad_id: int, features: list[dict], records: list[dict],
     from .preference_data import log_probs, records_for
 
     objective = OBJECTIVES[cfg.preference.objective]
-    scores = scores or log_probs(model, features, pad_id, cfg.batch_size, "after (trained): held-out replies")
+    scores = scores or log_probs(model, features, pad_id, cfg.batch_size, "after (trained): held-out replies",
+                                 share=shares_prefix(cfg, model))
     settings = {"measure": objective.measure, "beta": cfg.preference.beta}
     if "chosen" in scores:
         metrics, rows = pair_metrics(scores["chosen"], scores["rejected"], reference["chosen"], reference["rejected"],

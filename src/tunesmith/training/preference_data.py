@@ -125,15 +125,30 @@ class PreferenceCollator:
         return batch
 
 
-def log_probs(model, features: list[dict], pad_id: int, batch_size: int, desc: str) -> dict[str, list]:
-    """{reply: [(log-prob sum, learnable tokens)] per feature} of every reply of `features` under `model`."""
-    out = {}
-    with Progress(desc, len(features) * len(replies_of(features[0]))) as progress:
-        for reply in replies_of(features[0]):
-            ids, labels = _keys(reply)
-            out[reply] = reply_log_probs(model, [{"input_ids": f[ids], "labels": f[labels]} for f in features],
-                                         pad_id, batch_size=batch_size, progress=progress)
-    return out
+def log_probs(model, features: list[dict], pad_id: int, batch_size: int, desc: str, *,
+              share: bool = False) -> dict[str, list]:
+    """{reply: [(log-prob sum, learnable tokens)] per feature} of every reply of `features` under `model`. A
+    feature's replies go through the model in the same batch (`batch_size` features, so all their replies, as a
+    training step batches them), so that with `share` (each batch on its prefix tree) they share their prompt."""
+    replies = replies_of(features[0])
+    rows = [{"input_ids": f[_keys(r)[0]], "labels": f[_keys(r)[1]]} for f in features for r in replies]
+    with Progress(desc, len(rows)) as progress:
+        scores = reply_log_probs(model, rows, pad_id, batch_size=batch_size * len(replies), progress=progress,
+                                 share=share)
+    return {reply: scores[n::len(replies)] for n, reply in enumerate(replies)}
+
+
+def epoch_tokens(features: list[dict], batch_size: int) -> int:
+    """The tokens an epoch of `features` puts through the model in batches of `batch_size` when each batch runs
+    on its prefix tree (share_prefix): a pair's replies go through in one pass, sharing their prompt; KTO's
+    replies and its mismatched replies in two, one each."""
+    from ..data.prefix_tree import tree_tokens
+
+    if not features:
+        return 0
+    if replies_of(features[0]) == PAIR:
+        return tree_tokens([[f[_keys(r)[0]] for r in PAIR] for f in features], batch_size)
+    return sum(tree_tokens([[f[_keys(r)[0]]] for f in features], batch_size) for r in SINGLE)
 
 
 def attach_reference(features: list[dict], scores: dict[str, list]) -> None:
