@@ -45,8 +45,8 @@ def pairs(tmp_path_factory) -> Path:
 
 def preference(assets, pairs, out: Path, objective: str = "dpo", **overrides) -> dict:
     """A 3-step preference run on the pairs (test_train.config's settings: no eval split, no 'before')."""
-    return config(assets, out, task="preference", preference={"objective": objective},
-                  **{"data": {"train": str(pairs), "eval_fraction": 0}, **overrides})
+    return config(assets, out, task="preference", **{"preference": {"objective": objective},
+                                                      "data": {"train": str(pairs), "eval_fraction": 0}, **overrides})
 
 
 def log_lines(run_dir: Path) -> list[dict]:
@@ -130,6 +130,7 @@ def sft_then_dpo(request, assets, pairs, tmp_path_factory):
                  evaluate_before=False, eval_max_new_tokens=4, precision="fp32"))
     before = probe_logits(sft)
     run, trainer = run_train(preference(assets, pairs, root / "dpo", continue_from=str(sft), method=method,
+                                        preference={"objective": "dpo", "sft_weight": 0},  # plain DPO: loss log 2
                                         data={"train": str(pairs), "eval_fraction": 0.25},
                                         evaluate_before=True, eval_max_new_tokens=4, precision="fp32"))
     return sft, run, trainer, before
@@ -207,9 +208,11 @@ def test_defaults_for_preference_objectives(assets, pairs):
     assert chosen.reasons["learning_rate"].startswith("learning_rate 5e-5: dpo with lora on a 135M-parameter model: "
                                                       "1/20 of the sft rate 1e-3")
     assert chosen.reasons["beta"].startswith("beta 0.1: DPO's beta (TRL's default")
+    assert cfg.preference.sft_weight == 1.0 and chosen.reasons["sft_weight"].startswith("sft_weight 1: the chosen")
     cfg, chosen = resolve(load_config({"task": "preference", "data": {"train": "x"}, "method": "full",
                                        "preference": {"objective": "orpo"}}), **{**sizes, "examples": 40})
     assert (cfg.learning_rate, cfg.preference.beta, cfg.epochs) == (1e-5, 0.1, 3.0)
+    assert cfg.preference.sft_weight is None and "sft_weight" not in chosen.reasons  # orpo has its own sft term
     assert "at most 3 passes over preference pairs" in chosen.reasons["epochs"]
     cfg, _ = resolve(load_config({"task": "preference", "data": {"train": "x"}, "preference": {"objective": "simpo",
                                                                                                 "beta": 2.5}}), **sizes)
@@ -292,6 +295,23 @@ def test_dpo_loss_equals_trls_dpo_trainer(tiny, tmp_path):
                      args=trl_args(DPOConfig, tmp_path, beta=0.1), train_dataset=Dataset.from_list(records))
     theirs = trl.compute_loss(trl.model, {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")})
     assert loss.item() == pytest.approx(theirs.item(), abs=1e-5) and abs(loss.item() - math.log(2)) > 1e-3
+    for name in REWARDS:
+        assert metrics[name] == pytest.approx(trl._metrics["train"][name][-1], abs=1e-5)
+
+
+def test_dpo_with_its_sft_term_equals_trls_dpo_trainer_with_loss_types_sigmoid_and_sft(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    records = [pair(i) for i in range(4)]
+    plain, _, _ = ours("dpo", tiny, records, tmp_path, beta=0.1)
+    loss, batch, metrics = ours("dpo", tiny, records, tmp_path, beta=0.1, sft_weight=0.5)
+    tokenizer, policy, reference = tiny
+    args = trl_args(DPOConfig, tmp_path, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    trl = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), processing_class=tokenizer,
+                     args=args, train_dataset=Dataset.from_list(records))
+    theirs = trl.compute_loss(trl.model, {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")})
+    assert loss.item() == pytest.approx(theirs.item(), abs=1e-5) and loss.item() - plain.item() > 0.1
     for name in REWARDS:
         assert metrics[name] == pytest.approx(trl._metrics["train"][name][-1], abs=1e-5)
 

@@ -185,6 +185,10 @@ class PreferenceConfig(Strict):
                                                        "simpo: the reward scale (default: per objective)")
     loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="dpo: TRL's loss_type (sigmoid: DPO; ipo, hinge, "
                                                                   "... its variants)")
+    sft_weight: float | None = Field(None, ge=0, description="dpo: weight of an SFT term on the chosen replies "
+                                                             "beside the preference loss (TRL's loss_type sft; RPO, "
+                                                             "Pang et al. 2024): keeps the task the run learned "
+                                                             "(default: 1 for dpo; 0 turns it off)")
     simpo_gamma: float = Field(1.0, ge=0, description="simpo: the target reward margin gamma (SimPO's gamma / "
                                                       "beta = 0.5 at beta 2)")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the good replies' loss (raise it when "

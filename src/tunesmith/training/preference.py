@@ -70,7 +70,9 @@ def configure(trainer: "PreferenceTrainer", settings: PreferenceConfig, *, share
     trainer.aux_loss_enabled = False  # no mixture-of-experts router loss
     trainer.label_smoothing = 0.0
     # DPO
-    trainer.loss_types, trainer.loss_weights = [settings.loss_type], [1.0]
+    sft = settings.sft_weight if settings.objective == "dpo" else 0.0
+    trainer.loss_types = [settings.loss_type] + (["sft"] if sft else [])  # TRL sums them, weighted
+    trainer.loss_weights = [1.0] + ([sft] if sft else [])
     trainer.ld_alpha, trainer.use_weighting = None, False
     trainer.f_divergence_type, trainer.f_alpha_divergence_coef = "reverse_kl", 1.0
     # KTO: its KL term from mismatched replies, as TRL's loss_type "kto" does
