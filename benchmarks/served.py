@@ -49,6 +49,10 @@ def running(command: Sequence[str], url: str, env: dict | None = None, timeout: 
                 time.sleep(0.25)
             yield url
         finally:
+            if proc.poll() is not None:  # it died while being measured: say how, with the end of its output
+                log.seek(0)
+                print(f"{command[0]} exited with status {proc.returncode} while measured:\n"
+                      + log.read().decode(errors="replace")[-3000:], file=sys.stderr)
             proc.terminate()
             try:
                 proc.wait(timeout=30)
