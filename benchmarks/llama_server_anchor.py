@@ -82,8 +82,11 @@ def one_round(i: int, urls: dict, model: str, ban: dict, args) -> dict:
         done = asyncio.run(load(url, model, args.clients, args.requests, args.concurrent_max_tokens, ban, messages))
         out["clients tok/s"][server], out["clients p90 TTFT s"][server] = done["tokens_per_s"], done["ttft_p90"]
     for server, url in order:
-        turns = asyncio.run(conversation(url, model, f"{i}-{server}", args.turns, args.turn_tokens, ban,
-                                         server_side=server == "tunesmith"))
+        try:
+            turns = asyncio.run(conversation(url, model, f"{i}-{server}", args.turns, args.turn_tokens, ban,
+                                             server_side=server == "tunesmith"))
+        except httpx.TransportError as err:  # say whose connection it was (seen twice, unexplained yet)
+            raise SystemExit(f"round {i + 1}: {server} broke the conversation's connection: {err!r}") from err
         out["conversation turn 1 TTFT s"][server] = turns[0].ttft
         out["conversation last turn TTFT s"][server] = turns[-1].ttft
         out["conversation last / first"][server] = turns[-1].ttft / turns[0].ttft
