@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenize import IGNORE_INDEX
+from .tokenize import IGNORE_INDEX, common_prefix
 
 
 def pack(examples: Sequence[Mapping], max_length: int) -> list[dict[str, list[int]]]:
@@ -155,11 +155,7 @@ def shared_prefix(examples: Sequence[Mapping]) -> int:
     for e in examples:
         ids, labels = e["input_ids"], e["labels"]
         learned = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-        shared = min(shared, learned - 1)
-        common = 0
-        while common < shared and ids[common] == first[common]:
-            common += 1
-        shared = common
+        shared = min(shared, learned - 1, common_prefix(list(ids), list(first)))
     return max(shared, 0)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .packing import MAX_SHARED_ROW
+from .tokenize import common_prefix
 
 WORTH = 0.8  # a row of at most this fraction of the batch's real tokens; above it, the padded batch is as good
 
@@ -50,15 +51,6 @@ class PrefixTree:
         return keep[None], (keep.cumsum(0) - 1)[rows]
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _paths(sequences: list[list[int]]) -> tuple[list[int], list[int], list[tuple[list[int], int]]]:
     """(the row's token ids, their depths, per sequence (its row positions, how many of them it shares with an
     earlier sequence in the sort))."""
@@ -66,7 +58,7 @@ def _paths(sequences: list[list[int]]) -> tuple[list[int], list[int], list[tuple
     previous, previous_path = [], []
     for b in sorted(range(len(sequences)), key=sequences.__getitem__):
         sequence = sequences[b]
-        shared = _common(previous, sequence)
+        shared = common_prefix(previous, sequence)
         path = previous_path[:shared] + list(range(len(ids), len(ids) + len(sequence) - shared))
         ids += sequence[shared:]
         depths += range(shared, len(sequence))

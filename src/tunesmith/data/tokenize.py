@@ -470,3 +470,17 @@ def encode_tagging(tokenizer, records, label2id, max_length) -> list[dict]:
                 labels.append(-100)
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
     return out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share (binary search over list slices: C-speed comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    if not hi or a[0] != b[0]:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

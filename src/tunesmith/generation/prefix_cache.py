@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from ..data.tokenize import common_prefix
+
 DEFAULT_MB = 256  # `--prefix-cache-mb`: see ServeConfig.prefix_cache_mb for why
 
 
@@ -24,20 +26,6 @@ class Entry:
     ids: list[int]
     payload: object
     size: int  # bytes
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` share (binary search over list slices: C-speed comparisons)."""
-    lo, hi = 0, min(len(a), len(b))
-    if not hi or a[0] != b[0]:
-        return 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class PrefixCache:
