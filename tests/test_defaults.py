@@ -135,6 +135,15 @@ def test_a_step_timed_on_this_cpu_bounds_the_plan_to_its_minutes():
         "epochs 0.96: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 optimizer steps): an epoch "
         "is 59.5k tokens through 134.5M parameters, and ~8 min of training on this CPU is 8e12 parameter-tokens (one "
         "step of 8 examples took 10.0 s here: 120 tokens/s); set epochs or max_steps to train longer")
+    # A preference run's reference pass counts against the minutes: 240 s of 480 spent halve what trains.
+    spent = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
+                   speed=Speed(seconds=10.0, tokens=1200, examples=8, spent=240.0))
+    assert spent.values["epochs"] == 0.48 and spent.total_steps == 24
+    assert "(one step of 8 examples took 10.0 s here: 120 tokens/s; the reference pass took 240 s of them)" in \
+        spent.reasons["epochs"]
+    spent_all = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
+                       speed=Speed(seconds=10.0, tokens=1200, examples=8, spent=600.0))
+    assert spent_all.values["epochs"] == 0.01 and spent_all.total_steps == 1
     # On a GPU (budget None) nothing bounds the plan, however slow a step.
     gpu = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False, budget=None,
                  speed=Speed(seconds=100.0, tokens=1200, examples=8))
@@ -157,7 +166,7 @@ def test_a_default_run_plans_from_a_step_it_timed_and_a_resumed_one_from_the_sam
     with pytest.raises(RunError, match="interrupted at step 4"):
         run_train(cfg, callbacks=[CtrlC(4)])
     kept = json.loads((run_dir / "step_time.json").read_text())
-    assert kept == {"seconds": 1.0, "tokens": 1, "examples": 4} and timed == [4]
+    assert kept == {"seconds": 1.0, "tokens": 1, "examples": 4, "spent": 0.0} and timed == [4]
     monkeypatch.setattr(tunesmith.training.loop, "time_one_step", lambda *a: pytest.fail("timed again on resume"))
     run, trainer = run_train(cfg, resume=True)
     info = json.loads((run.path / "run.json").read_text())

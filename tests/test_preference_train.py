@@ -219,6 +219,35 @@ def test_defaults_for_preference_objectives(assets, pairs):
     assert cfg.preference.beta == 2.5  # set, so kept
 
 
+def test_a_cpu_plan_counts_the_reference_pass_against_its_minutes(assets, pairs, tmp_path, monkeypatch):
+    """epochs unset on a CPU: the reference pass (made to take over a second here) is timed, kept beside the timed
+    step for --resume, and named in the epochs reason (defaults.Speed.budget subtracts it: test_defaults)."""
+    import time
+
+    import tunesmith.training.loop as loop
+    from tunesmith.training.defaults import Speed
+
+    real = loop.reference_pass
+
+    def slow_reference(*args, **kwargs):
+        time.sleep(1.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "reference_pass", slow_reference)
+    monkeypatch.setattr(loop, "time_one_step", lambda trainer, features, size: Speed(seconds=1.0, tokens=1,
+                                                                                      examples=size))
+    cfg = preference(assets, pairs, tmp_path / "run", save_steps=2)
+    del cfg["max_steps"]
+    with pytest.raises(RunError, match="interrupted at step 3"):
+        run_train(cfg, callbacks=[CtrlC(3)])
+    kept = json.loads((tmp_path / "run" / "step_time.json").read_text())
+    assert kept["seconds"] == 1.0 and 1.2 <= kept["spent"] < 60
+    monkeypatch.setattr(loop, "time_one_step", lambda *a: pytest.fail("timed again on resume"))
+    run, _ = run_train(cfg, resume=True)
+    reason = json.loads((run.path / "run.json").read_text())["defaults"]["epochs"]
+    assert f"1 tokens/s; the reference pass took {kept['spent']:.0f} s of them)" in reason
+
+
 def test_preference_settings_are_checked(assets):
     from tunesmith.config import ConfigError
 

@@ -143,14 +143,17 @@ class Speed:
     seconds: float  # its forward and backward
     tokens: int  # the tokens it trained on (padding not counted; a shared prefix once)
     examples: int
+    spent: float = 0.0  # seconds the run spent before training that count against CPU_SECONDS (preference: the
+    # reference pass, which a default run on a CPU would otherwise add to its minutes)
 
     def budget(self, parameters: int) -> float:
-        """The parameter-tokens CPU_SECONDS of training at this speed come to."""
-        return CPU_SECONDS * self.tokens / self.seconds * parameters
+        """The parameter-tokens CPU_SECONDS of training, less what was spent before it, come to at this speed."""
+        return max(0.0, CPU_SECONDS - self.spent) * self.tokens / self.seconds * parameters
 
     def __str__(self) -> str:
+        spent = f"; the reference pass took {self.spent:.0f} s of them" if self.spent else ""
         return (f"one step of {self.examples} examples took {self.seconds:.1f} s here: "
-                f"{self.tokens / self.seconds:.0f} tokens/s")
+                f"{self.tokens / self.seconds:.0f} tokens/s{spent}")
 
 
 def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int, tokens: int, parameters: int,
@@ -172,7 +175,7 @@ def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int
         why = f"{per_epoch}; {wanted} epochs give at least {MIN_STEPS} optimizer steps"
     if speed and budget:
         budget = speed.budget(parameters)
-    affordable = budget / (tokens * parameters) if budget else math.inf
+    affordable = budget / (tokens * parameters) if budget is not None else math.inf
     if wanted <= affordable:
         return float(wanted), f"epochs {wanted}: {why}"
     # What the budget allows, to a tenth of a pass (a hundredth below one): with the bound measured in minutes on

@@ -92,8 +92,10 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     planned, timed, sizes = cfg, _plans_by_speed(cfg), _sizes(cfg, data, model, parent)
     cfg, chosen = _resolve_defaults(cfg, sizes, show=not timed)  # planned again once a step is timed, if `timed`
     metrics = {}
+    started = time.perf_counter()
     reference = reference_pass(cfg, model, tokenizer.pad_token_id, data.train_features, data.eval_features) \
         if cfg.task == "preference" else None
+    spent = time.perf_counter() - started if cfg.task == "preference" else 0.0  # counts against a CPU plan
     if cfg.evaluate_before and _is_main():
         metrics["before"] = _score_before(cfg, model, tokenizer, data, parent, reference)
     # The method's fresh weights (LoRA, heads) start from the run's seed, whatever scoring "before" drew.
@@ -103,7 +105,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] = (), *,
     trainer = _build_trainer(cfg, model, tokenizer, data, parent, labelled_only)
     cfg, lowered = _lower_precision(cfg, trainer, chosen)
     if timed:
-        cfg, chosen = _plan_by_speed(planned, cfg, chosen, trainer, data, sizes)
+        cfg, chosen = _plan_by_speed(planned, cfg, chosen, trainer, data, sizes, spent)
     fit = _fit(cfg, trainer, resume)
     if lowered:  # the base's own fp32 weights back: the run is saved and scored as a user will load it
         precision.restore_frozen_linears(trainer.model, lowered,
@@ -215,13 +217,14 @@ def _resolve_defaults(cfg: TrainConfig, sizes: dict, *, show: bool = True,
 
 
 def _plan_by_speed(planned: TrainConfig, cfg: TrainConfig, chosen: Chosen, trainer: RunTrainer, data: _Data,
-                   sizes: dict) -> tuple[TrainConfig, Chosen]:
+                   sizes: dict, spent: float) -> tuple[TrainConfig, Chosen]:
     """The defaults chosen again with one step of this run timed on this machine (kept in the run directory, so a
-    resumed run plans the same), and the Trainer's schedule set to them."""
+    resumed run plans the same), less the `spent` seconds before training that count against the plan's minutes,
+    and the Trainer's schedule set to them."""
     kept = Path(cfg.output_dir) / runs.STEP_TIME
     speed = runs.read_json(kept)
     if speed is None:
-        speed = time_one_step(trainer, data.train_features, cfg.batch_size).__dict__
+        speed = {**time_one_step(trainer, data.train_features, cfg.batch_size).__dict__, "spent": round(spent, 1)}
         if _is_main():
             runs.write_json(kept, speed)
     done = {"precision": cfg.precision, "recompute": cfg.recompute}
