@@ -155,9 +155,9 @@ def test_a_default_run_plans_from_a_step_it_timed_and_a_resumed_one_from_the_sam
     of it trains, the timing is kept for --resume (which times nothing) and goes when the run is done."""
     timed = []
 
-    def slow(trainer, features, batch_size):
-        timed.append(batch_size)
-        return Speed(seconds=1.0, tokens=1, examples=batch_size)
+    def slow(trainer, examples, tokens):
+        timed.append(len(examples))
+        return Speed(seconds=1.0, tokens=1, examples=len(examples))
 
     monkeypatch.setattr(tunesmith.training.loop, "time_one_step", slow)
     run_dir = tmp_path / "run"

@@ -221,27 +221,36 @@ def test_defaults_for_preference_objectives(assets, pairs):
 
 def test_a_cpu_plan_counts_the_reference_pass_against_its_minutes(assets, pairs, tmp_path, monkeypatch):
     """epochs unset on a CPU: the reference pass (made to take over a second here) is timed, kept beside the timed
-    step for --resume, and named in the epochs reason (defaults.Speed.budget subtracts it: test_defaults)."""
+    step for --resume, and named in the epochs reason (defaults.Speed.budget subtracts it: test_defaults). The
+    timed step's tokens are counted as the epoch's are: a batch's prompts once (its padded collation holds each
+    pair's prompt twice, which made the plan's tokens/s several times too high)."""
     import time
 
     import tunesmith.training.loop as loop
+    from tunesmith.training.data import feature_tokens
     from tunesmith.training.defaults import Speed
+    from tunesmith.training.preference_data import epoch_tokens
 
-    real = loop.reference_pass
+    real, timed = loop.reference_pass, []
 
     def slow_reference(*args, **kwargs):
         time.sleep(1.2)
         return real(*args, **kwargs)
 
+    def timing(trainer, examples, tokens):
+        timed.append((examples, tokens))
+        return Speed(seconds=1.0, tokens=1, examples=len(examples))
+
     monkeypatch.setattr(loop, "reference_pass", slow_reference)
-    monkeypatch.setattr(loop, "time_one_step", lambda trainer, features, size: Speed(seconds=1.0, tokens=1,
-                                                                                      examples=size))
+    monkeypatch.setattr(loop, "time_one_step", timing)
     cfg = preference(assets, pairs, tmp_path / "run", save_steps=2)
     del cfg["max_steps"]
     with pytest.raises(RunError, match="interrupted at step 3"):
         run_train(cfg, callbacks=[CtrlC(3)])
     kept = json.loads((tmp_path / "run" / "step_time.json").read_text())
     assert kept["seconds"] == 1.0 and 1.2 <= kept["spent"] < 60
+    [(examples, tokens)] = timed
+    assert len(examples) == 4 and tokens == epoch_tokens(examples, 4) < sum(feature_tokens(f) for f in examples)
     monkeypatch.setattr(loop, "time_one_step", lambda *a: pytest.fail("timed again on resume"))
     run, _ = run_train(cfg, resume=True)
     reason = json.loads((run.path / "run.json").read_text())["defaults"]["epochs"]

@@ -180,10 +180,10 @@ def _plans_by_speed(cfg: TrainConfig) -> bool:
 
 def _sizes(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> dict:
     """What the defaults are chosen from (defaults.choose's keywords): the data's and the base model's size."""
-    tokens = sum(feature_tokens(f) for f in data.train_features)
-    eval_tokens = sum(feature_tokens(f) for f in data.eval_features)
+    tokens = _epoch_tokens(cfg, data.train_features, share=False)
+    eval_tokens = _epoch_tokens(cfg, data.eval_features, share=False)
     if shares_prefix(cfg, model):  # what an epoch costs: what a batch's rows share is computed once per batch
-        shared = _shared_epoch(cfg, data.train_features)
+        shared = _epoch_tokens(cfg, data.train_features, share=True)
         if shared < tokens and _is_main():
             what = ("the tokens a batch's replies begin with alike (a pair's prompt, a system prompt) are computed "
                     "once per batch" if cfg.task == "preference" else
@@ -191,14 +191,18 @@ def _sizes(cfg: TrainConfig, data: _Data, model, parent: RunInfo | None) -> dict
                     "per batch")
             print(f"batches: {what} (share_prefix): an epoch costs {shared} tokens, not {tokens}", file=sys.stderr)
         tokens = shared
-        eval_tokens = _shared_epoch(cfg, data.eval_features)
+        eval_tokens = _epoch_tokens(cfg, data.eval_features, share=True)
     return dict(examples=len(data.train_features), tokens=tokens, eval_tokens=eval_tokens,
                 parameters=sum(p.numel() for p in model.parameters()), fresh_head=cfg.model_task != "sft" and not parent,
                 world_size=_world_size(), budget=None if _cuda() else CPU_BUDGET)
 
 
-def _shared_epoch(cfg: TrainConfig, features: list[dict]) -> int:
-    """The tokens an epoch of `features` costs with share_prefix (training/data.shares_prefix)."""
+def _epoch_tokens(cfg: TrainConfig, features: list[dict], *, share: bool) -> int:
+    """The tokens an epoch of `features` costs: every feature's, or with share_prefix (training/data.shares_prefix)
+    what a batch's rows share once. The timed step (_plan_by_speed) is counted the same way, so the plan's tokens/s
+    and an epoch's tokens are in one unit."""
+    if not share:
+        return sum(feature_tokens(f) for f in features)
     if cfg.task == "preference":
         from .preference_data import epoch_tokens
 
@@ -224,7 +228,9 @@ def _plan_by_speed(planned: TrainConfig, cfg: TrainConfig, chosen: Chosen, train
     kept = Path(cfg.output_dir) / runs.STEP_TIME
     speed = runs.read_json(kept)
     if speed is None:
-        speed = {**time_one_step(trainer, data.train_features, cfg.batch_size).__dict__, "spent": round(spent, 1)}
+        batch = data.train_features[:cfg.batch_size]
+        tokens = _epoch_tokens(cfg, batch, share=shares_prefix(cfg, trainer.model))
+        speed = {**time_one_step(trainer, batch, tokens).__dict__, "spent": round(spent, 1)}
         if _is_main():
             runs.write_json(kept, speed)
     done = {"precision": cfg.precision, "recompute": cfg.recompute}

@@ -11,21 +11,13 @@ import time
 from .defaults import Speed
 
 
-def batch_tokens(batch: dict) -> int:
-    """The tokens a collated batch trains on: real tokens of a padded batch; every token of a shared-prefix or
-    packed row (a shared row has no padding; a packed row's padding is at most one short example)."""
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        return int(mask.sum())
-    return int(batch["input_ids"].numel())
-
-
-def time_one_step(trainer, features: list[dict], batch_size: int) -> Speed:
-    """Forward and backward of the run's loss on `features[:batch_size]`, timed after one untimed pass (the first
-    builds kernels and fills the allocator)."""
+def time_one_step(trainer, examples: list[dict], tokens: int) -> Speed:
+    """Forward and backward of the run's loss on the batch of `examples`, timed after one untimed pass (the first
+    builds kernels and fills the allocator). `tokens`: what the batch costs, counted as the plan counts an
+    epoch's (a prefix its rows share once: a preference batch is collated padded and shares its prompts only in
+    the loss, so its padded size would overstate the speed several times)."""
     import torch
 
-    examples = features[:batch_size]
     batch = trainer.data_collator(examples)
     model = trainer.model
     device = next(model.parameters()).device
@@ -41,4 +33,4 @@ def time_one_step(trainer, features: list[dict], batch_size: int) -> Speed:
         model.zero_grad(set_to_none=True)
         torch.set_rng_state(state)
         model.train(was_training)
-    return Speed(seconds=seconds, tokens=batch_tokens(batch), examples=len(examples))
+    return Speed(seconds=seconds, tokens=tokens, examples=len(examples))
