@@ -73,8 +73,11 @@ async def conversation(url: str, model: str, tag: str, turns: int, max_tokens: i
                        server_side: bool = True) -> list[Streamed]:
     """Each turn of a `turns`-turn conversation, streamed one after another. `server_side`: tunesmith keeps the
     history (`"conversation": id`, only the new turn is sent); otherwise the client resends it every turn, as any
-    OpenAI client does (and as llama-server's `cache_prompt` expects)."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    OpenAI client does (and as llama-server's `cache_prompt` expects). Each turn on a connection of its own:
+    llama-server (cpp-httplib) closes a kept-alive connection after a few requests, and a streamed turn sent on it
+    then broke with RemoteProtocolError in some rounds (llama_server_anchor.py)."""
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=fresh) as client:
         if server_side:
             created = await client.post("/v1/conversations", json={"model": model})
             created.raise_for_status()

@@ -122,25 +122,35 @@ def test_each_choice_is_one_readable_line():
 
 
 def test_a_step_timed_on_this_cpu_bounds_the_plan_to_its_minutes():
-    # 600 tokens/s: 8 min train 288k tokens, 4.8 epochs of the support chat data: the 3 wanted fit.
+    # A step in training takes STEP_OVERHEAD (1.2x) the timed one: 1200 tokens in 2 s are 500 tokens/s, 8 min
+    # 240k tokens; five evaluations of 11.9k tokens cost a third of that each (19.8k): 3.7 epochs, the 3 wanted fit.
     fast = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
                   speed=Speed(seconds=2.0, tokens=1200, examples=8))
     assert fast.values["epochs"] == 3.0 and fast.total_steps == 150
-    # 120 tokens/s: 57.6k tokens, 0.96 of an epoch.
+    # 100 tokens/s: 48k tokens. Five evaluations would take 19.8k, but a short run evaluates less (at most half
+    # the tokens it trains, at a third of the cost each): epochs x 59.5k x (1 + 1/6) = 48k: 0.69 of an epoch.
     slow = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
                   speed=Speed(seconds=10.0, tokens=1200, examples=8))
-    assert slow.values["epochs"] == 0.96 and slow.total_steps == 48
-    assert CPU_SECONDS * 120 / SUPPORT_CHAT["tokens"] == pytest.approx(0.9687, abs=1e-4)
+    assert slow.values["epochs"] == 0.69 and slow.total_steps == 35
+    assert CPU_SECONDS * 100 / (SUPPORT_CHAT["tokens"] * (1 + 1 / 6)) == pytest.approx(0.6918, abs=1e-4)
     assert slow.reasons["epochs"] == (
-        "epochs 0.96: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 optimizer steps): an epoch "
-        "is 59.5k tokens through 134.5M parameters, and ~8 min of training on this CPU is 8e12 parameter-tokens (one "
-        "step of 8 examples took 10.0 s here: 120 tokens/s); set epochs or max_steps to train longer")
+        "epochs 0.69: not 3 (400 examples make 50 steps of 8; 3 epochs give at least 150 optimizer steps): an epoch "
+        "is 59.5k tokens through 134.5M parameters, and ~8 min of training and evaluation on this CPU is 6e12 "
+        "parameter-tokens (one step of 8 examples took 10.0 s here, 1.2x that in training: 100 tokens/s); set "
+        "epochs or max_steps to train longer")
+    # The evaluations the plan pays for are the ones it then chooses: at most half the tokens trained on.
+    trained = slow.values["epochs"] * SUPPORT_CHAT["tokens"]
+    evaluations = -(-slow.total_steps // slow.values["eval_steps"])
+    assert evaluations * SUPPORT_CHAT["eval_tokens"] <= 0.5 * trained + SUPPORT_CHAT["eval_tokens"]
+    # Without an eval split all of it trains: 48k / 59.5k = 0.80 of an epoch.
+    alone = chosen({}, **{**SUPPORT_CHAT, "eval_tokens": 0}, parameters=SMOLLM2, fresh_head=False,
+                   speed=Speed(seconds=10.0, tokens=1200, examples=8))
+    assert alone.values["epochs"] == 0.8
     # A preference run's reference pass counts against the minutes: 240 s of 480 spent halve what trains.
     spent = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
                    speed=Speed(seconds=10.0, tokens=1200, examples=8, spent=240.0))
-    assert spent.values["epochs"] == 0.48 and spent.total_steps == 24
-    assert "(one step of 8 examples took 10.0 s here: 120 tokens/s; the reference pass took 240 s of them)" in \
-        spent.reasons["epochs"]
+    assert spent.values["epochs"] == 0.34 and spent.total_steps == 17
+    assert "1.2x that in training: 100 tokens/s; the reference pass took 240 s of them)" in spent.reasons["epochs"]
     spent_all = chosen({}, **SUPPORT_CHAT, parameters=SMOLLM2, fresh_head=False,
                        speed=Speed(seconds=10.0, tokens=1200, examples=8, spent=600.0))
     assert spent_all.values["epochs"] == 0.01 and spent_all.total_steps == 1
@@ -173,7 +183,7 @@ def test_a_default_run_plans_from_a_step_it_timed_and_a_resumed_one_from_the_sam
     epochs = yaml.safe_load((run.path / "train_config.yaml").read_text())["epochs"]
     # 8 min at 1 token/s is 480 tokens: fewer than 10 epochs of this data (~200 tokens each), more than one
     assert 1 <= epochs < 10 and trainer.state.max_steps == round(epochs * 4)
-    assert "took 1.0 s here: 1 tokens/s" in info["defaults"]["epochs"]
+    assert "took 1.0 s here, 1.2x that in training: 1 tokens/s" in info["defaults"]["epochs"]
     assert [step for step, _ in logged_losses(run_dir)] == list(range(1, trainer.state.max_steps + 1))
     assert not (run_dir / "step_time.json").exists()
 

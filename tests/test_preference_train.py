@@ -254,7 +254,7 @@ def test_a_cpu_plan_counts_the_reference_pass_against_its_minutes(assets, pairs,
     monkeypatch.setattr(loop, "time_one_step", lambda *a: pytest.fail("timed again on resume"))
     run, _ = run_train(cfg, resume=True)
     reason = json.loads((run.path / "run.json").read_text())["defaults"]["epochs"]
-    assert f"1 tokens/s; the reference pass took {kept['spent']:.0f} s of them)" in reason
+    assert f"1.2x that in training: 1 tokens/s; the reference pass took {kept['spent']:.0f} s of them)" in reason
 
 
 def test_preference_settings_are_checked(assets):

@@ -35,7 +35,7 @@ def test_no_flags_give_the_documented_defaults():
     assert config == ServeConfig()
     assert (config.model, config.host, config.port, config.max_batch, config.max_queue, config.max_body_bytes,
             config.conversations, config.backend, config.device, config.adapters) == (
-        "smollm2-135m-instruct", "127.0.0.1", 8000, 8, 64, 1_000_000, "tunesmith-conversations.sqlite", "torch",
+        "smollm2-135m-instruct", "127.0.0.1", 8000, 16, 64, 1_000_000, "tunesmith-conversations.sqlite", "torch",
         "auto", {})
 
 

@@ -37,6 +37,12 @@ from .text import Detokenizer, StopScanner
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # prompt tokens a row reads per step: a step that also decodes others stays short
+# Rows decoded together by default. 16 clients streaming 64-token replies on a 2-core CPU (benchmarks/serve_load.py,
+# llama_server_anchor.py; docs/benchmarks.md): at 8, half the clients wait for the first half's replies (p90 time to
+# first token 7.9 s on the AMD EPYC, 4.3 s on the Xeon with llama.cpp; llama-server serves 16 slots at once); at 16
+# the same load's p90 was 1.09 s and its throughput 6.7x one client rather than 4.0x. One more row costs a torch
+# row's KV (SmolLM2: 46 KB a token) and nothing on llama.cpp (one unified cache of the context window).
+MAX_BATCH = 16
 _UIDS = count()
 
 
@@ -253,7 +259,7 @@ class Engine:
     computing the logits (default: a TorchDecoder whose prefix cache holds `prefix_cache_mb`)."""
 
     def __init__(self, models: dict[str, Served], tokenizer, *, decoder: Decoder | None = None,
-                 context_window: int | None = None, chat_template: str | None = None, max_batch: int = 8,
+                 context_window: int | None = None, chat_template: str | None = None, max_batch: int = MAX_BATCH,
                  max_queue: int = 64, batch_wait_s: float = 0.005, device: str | None = None,
                  prefix_cache_mb: float = DEFAULT_MB, prefill_chunk: int = PREFILL_CHUNK):
         from .device import place

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..data.tokenize import stop_token_ids
 from ..errors import TunesmithError
+from .engine import MAX_BATCH
 from .prefix_cache import DEFAULT_MB, PrefixCache
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids per context
@@ -74,7 +75,7 @@ class GGUFModel:
     (llama.cpp rounds it up to a multiple of 256): `max_batch` sequences for running rows, as many again for
     cached prefixes."""
 
-    def __init__(self, path: str | Path, tokenizer, *, max_batch: int = 8, context_window: int | None = None,
+    def __init__(self, path: str | Path, tokenizer, *, max_batch: int = MAX_BATCH, context_window: int | None = None,
                  threads: int | None = None, generation_config=None, batch_invariant: bool = False):
         import numpy as np
 

@@ -24,6 +24,7 @@ from ..export.cache import GGUF_QUANT
 from ..export.quants import QUANTS
 from .adapters import ServeError, cannot_load, check_template, load_engine, load_served, open_served_run
 from ..generation import Served
+from ..generation.engine import MAX_BATCH
 from ..generation.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 
 
@@ -115,7 +116,7 @@ def _run_gguf(name: str, run: str | Path, fingerprint: str, quant: str) -> tuple
 
 
 def load_gguf_engine(model: str, adapters: dict[str, str] | None = None, *, chat_template: str | None = None,
-                     context_window: int | None = None, max_batch: int = 8, max_queue: int = 64,
+                     context_window: int | None = None, max_batch: int = MAX_BATCH, max_queue: int = 64,
                      device: str = "auto", threads: int | None = None, gguf_quant: str = GGUF_QUANT,
                      prefix_cache_mb: float = PREFIX_CACHE_MB, batch_invariance: str = "off"):
     """An `Engine` on llama.cpp serving `model` under its own name and each run of `adapters` ({name: run dir}), with

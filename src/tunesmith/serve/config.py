@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..generation.device import DEVICES
 from ..export import QUANTS
+from ..generation.engine import MAX_BATCH
 from ..generation.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 from ..models import DEFAULT_CHAT_MODEL
 from .adapters import ServeError, parse_adapters
@@ -50,7 +51,7 @@ class ServeConfig(ModelOptions):
                                 "but /health (visible in `ps`: prefer --api-key-file or $TUNESMITH_API_KEY)")
     api_key_file: str | None = Field(None, json_schema_extra={"metavar": "FILE"},
                                      description="read the API key from FILE (surrounding whitespace ignored)")
-    max_batch: int = Field(8, ge=1, description="rows decoded together (1 = batching off)")
+    max_batch: int = Field(MAX_BATCH, ge=1, description=f"rows decoded together (1 = batching off; default: {MAX_BATCH})")
     max_queue: int = Field(64, ge=0, description="waiting requests before answering 429 (0 = no bound)")
     # 256 MB: on the embedded Qwen2.5-0.5B, ~10,000 tokens of torch's float32 KV (24 KB a token; ~20,000 of
     # llama.cpp's f16), the histories of dozens of conversations, beside ~2 GB of weights.

@@ -65,6 +65,13 @@ MAX_PREFERENCE_EPOCHS = 3
 # half that on the Intel Xeon with AMX. A GPU run has no such bound.
 CPU_SECONDS = 480
 CPU_BUDGET = 1e13
+# What the timed forward and backward leave out of a step in training (collation, gradient clipping, the
+# optimizer, logging, batches unlike the first): the DPO demo's 120 steps took 3.84 s each against 3.26 s
+# predicted from its timed step (Intel Xeon, 2 cores, 2026-12-08): 1.18x.
+STEP_OVERHEAD = 1.2
+# An evaluation's token against a training step's (forward only; training runs forward, backward and, with
+# recompute, forward again): the DPO demo's evaluations read 740 tokens/s where its steps trained 195.
+EVAL_COST = 1 / 3
 WARMUP_RATIO, MAX_WARMUP_STEPS = 0.1, 100
 # Evaluations while training, to keep the best checkpoint: at most this many, and all of them together at most
 # EVAL_SHARE of the tokens trained on (an eval pass is forward only, about a third of a training step's cost).
@@ -147,17 +154,30 @@ class Speed:
     # reference pass, which a default run on a CPU would otherwise add to its minutes)
 
     def budget(self, parameters: int) -> float:
-        """The parameter-tokens CPU_SECONDS of training, less what was spent before it, come to at this speed."""
-        return max(0.0, CPU_SECONDS - self.spent) * self.tokens / self.seconds * parameters
+        """The parameter-tokens CPU_SECONDS of training, less what was spent before it, come to at this speed
+        (a step in training taking STEP_OVERHEAD times the timed one)."""
+        return max(0.0, CPU_SECONDS - self.spent) * self.tokens / (self.seconds * STEP_OVERHEAD) * parameters
 
     def __str__(self) -> str:
         spent = f"; the reference pass took {self.spent:.0f} s of them" if self.spent else ""
-        return (f"one step of {self.examples} examples took {self.seconds:.1f} s here: "
-                f"{self.tokens / self.seconds:.0f} tokens/s{spent}")
+        return (f"one step of {self.examples} examples took {self.seconds:.1f} s here, {STEP_OVERHEAD:g}x that "
+                f"in training: {self.tokens / self.seconds / STEP_OVERHEAD:.0f} tokens/s{spent}")
+
+
+def _affordable(budget: float, tokens: int, eval_tokens: int, parameters: int) -> float:
+    """The epochs `budget` parameter-tokens pay for, the default evaluations included (choose: at most
+    MAX_EVALUATIONS, together at most EVAL_SHARE of the tokens trained on, each token EVAL_COST of a trained one)."""
+    total = budget / parameters
+    if not eval_tokens:
+        return total / tokens
+    capped = (total - EVAL_COST * MAX_EVALUATIONS * eval_tokens) / tokens  # as many evaluations as allowed
+    if EVAL_SHARE * capped * tokens >= MAX_EVALUATIONS * eval_tokens:
+        return capped
+    return total / (tokens * (1 + EVAL_COST * EVAL_SHARE))  # fewer: a share of what trains
 
 
 def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int, tokens: int, parameters: int,
-            budget: float | None, speed: Speed | None = None) -> tuple[float, str]:
+            budget: float | None, speed: Speed | None = None, eval_tokens: int = 0) -> tuple[float, str]:
     per_epoch = f"{examples} examples make {steps_per_epoch} steps of {per_step}"
     if cfg.max_steps > 0:
         epochs = round(cfg.max_steps / steps_per_epoch, 2)
@@ -173,15 +193,19 @@ def _epochs(cfg: TrainConfig, examples: int, steps_per_epoch: int, per_step: int
         why = f"{per_epoch}; at most {MAX_EPOCHS} passes over so little data ({MAX_EPOCHS * steps_per_epoch} steps)"
     else:
         why = f"{per_epoch}; {wanted} epochs give at least {MIN_STEPS} optimizer steps"
-    if speed and budget:
+    if speed and budget:  # minutes on this CPU: the default evaluations count against them too
         budget = speed.budget(parameters)
-    affordable = budget / (tokens * parameters) if budget is not None else math.inf
+        evaluated = eval_tokens if cfg.eval_steps is None else 0
+        affordable = _affordable(budget, tokens, evaluated, parameters)
+    else:
+        affordable = budget / (tokens * parameters) if budget is not None else math.inf
     if wanted <= affordable:
         return float(wanted), f"epochs {wanted}: {why}"
     # What the budget allows, to a tenth of a pass (a hundredth below one): with the bound measured in minutes on
     # this machine, whole passes would throw away up to half of it (2.8 affordable passes trained 2).
     epochs = math.floor(affordable * 10) / 10 if affordable >= 1 else math.floor(affordable * 100) / 100 or 0.01
-    bound = (f"~{CPU_SECONDS // 60} min of training on this CPU is {_e(budget)} parameter-tokens ({speed})" if speed else
+    bound = (f"~{CPU_SECONDS // 60} min of training and evaluation on this CPU is {_e(budget)} parameter-tokens "
+             f"({speed})" if speed else
              f"a default run on a CPU is bounded at {_e(budget)} parameter-tokens (~8 min on 2 cores without bf16)")
     return epochs, (f"epochs {epochs:g}: not {wanted} ({why}): an epoch is {_count(tokens)} tokens through "
                     f"{_count(parameters)} parameters, and {bound}; set epochs or max_steps to train longer")
@@ -217,7 +241,7 @@ def choose(cfg: TrainConfig, *, examples: int, tokens: int, eval_tokens: int, pa
         values["learning_rate"], reasons["learning_rate"] = _learning_rate(cfg, parameters, fresh_head)
     if cfg.epochs is None:
         values["epochs"], reasons["epochs"] = _epochs(cfg, examples, steps_per_epoch, per_step, tokens, parameters,
-                                                      budget, speed)
+                                                      budget, speed, eval_tokens)
     if cfg.task == "preference" and cfg.preference.beta is None:
         values["preference"], reasons["beta"] = _beta(cfg)
     settings = values.get("preference", cfg.preference)
