@@ -197,7 +197,7 @@ class PreferenceTrainer(RunTrainer):
 # ---------------------------------------------------------------------------------------------------------
 
 def reference_pass(cfg, model, pad_id: int, train_features: list[dict], eval_features: list[dict]) -> dict | None:
-    """The model the run starts from (as loaded, before the method), scored once: its log-probabilities of every
+    """The model the run starts from (the policy before its first step), scored once: its log-probabilities of every
     training reply become the frozen reference (dpo, kto), and those of the held-out replies both the reference
     and the "before" score. Returns the held-out ones ({reply: [(sum, count)]}), None without an eval split."""
     from .preference_data import attach_reference, log_probs
