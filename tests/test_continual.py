@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import tunesmith.training
@@ -70,6 +71,14 @@ def test_continued_lora_run_starts_from_the_parents_adapter_and_records_its_line
     assert info["data"]["eval"] is None and info["replay"] is None
     assert info["base_model"] == str(assets.lm.resolve())  # loadable by its path alone, on the same base
 
+    # The config names only the method: the child's train_config.yaml records the adapter it trained (the
+    # parent's r 4 and alpha, not LoRA's defaults r 8, alpha 16).
+    parent_method = yaml.safe_load((parent / "train_config.yaml").read_text())["method"]
+    cfg["method"] = "lora"
+    named_only, _ = trained({**cfg, "output_dir": str(tmp_path / "named-only")})
+    assert yaml.safe_load((named_only / "train_config.yaml").read_text())["method"] == parent_method
+    assert parent_method["r"] == 4 and json.loads((named_only / "adapter_config.json").read_text())["r"] == 4
+
     # A grandchild's lineage is the whole chain, oldest first.
     grand, _ = trained({**cfg, "continue_from": str(child), "output_dir": str(tmp_path / "grand")})
     chain = json.loads((grand / "run.json").read_text())["lineage"]
@@ -91,6 +100,10 @@ def test_continued_full_run_starts_from_the_parents_weights(assets, tmp_path):
 def test_continuing_needs_a_compatible_finished_run(assets, parent, tmp_path):
     with pytest.raises(ConfigError, match="trained a lora adapter; continuing it needs method.name: lora"):
         tunesmith.training.train(config(assets, tmp_path / "a", method={"name": "ia3"}, continue_from=str(parent)))
+    with pytest.raises(ConfigError, match="method.r: 16 cannot apply: continue_from: .* trains its lora adapter "
+                                          "further, made with r 4"):
+        tunesmith.training.train(config(assets, tmp_path / "r", method={"name": "lora", "r": 16},
+                                        continue_from=str(parent)))
     with pytest.raises(tunesmith.training.RunError, match="is not a finished tunesmith run"):
         tunesmith.training.train(config(assets, tmp_path / "b", continue_from=str(tmp_path)))
     with pytest.raises(ConfigError, match="set continue_from too"):

@@ -13,8 +13,11 @@ import logging
 import random
 from pathlib import Path
 
+import yaml
+from pydantic import TypeAdapter
+
 from .. import runs
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, Method, TrainConfig
 from ..runs import NotARunError, RunInfo
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,26 @@ def parent_info(cfg: TrainConfig) -> RunInfo | None:
         raise ConfigError(f"continue_from: {cfg.continue_from} was trained on {parent.base_model}; leave `model` "
                           f"unset (this config says {cfg.model})")
     return parent
+
+
+def adapter_method(cfg: TrainConfig, parent: RunInfo | None) -> TrainConfig:
+    """`cfg` with a PEFT parent's method settings (r, alpha, target modules, ...): its adapter is trained further as
+    it is, so the run's train_config.yaml records what trained, not the method's defaults. Settings the config
+    gives that differ from the adapter's are a ConfigError (they cannot apply)."""
+    if not (parent and parent.peft):
+        return cfg
+    raw = (yaml.safe_load((parent.path / runs.CONFIG).read_text(encoding="utf-8")) or {}).get("method")
+    if not isinstance(raw, dict):
+        return cfg
+    inherited = TypeAdapter(Method).validate_python(raw)
+    given = cfg.method.model_dump(include=cfg.method.model_fields_set - {"name"})
+    differ = {key: value for key, value in given.items() if getattr(inherited, key, value) != value}
+    if differ:
+        key, value = next(iter(differ.items()))
+        raise ConfigError(f"method.{key}: {value} cannot apply: continue_from: {cfg.continue_from} trains its "
+                          f"{parent.method} adapter further, made with {key} {getattr(inherited, key)} (leave "
+                          f"method.{key} unset)")
+    return cfg.model_copy(update={"method": inherited})
 
 
 def parent_labels(parent: RunInfo | None, labels: list[str] | None, source: str) -> list[str] | None:

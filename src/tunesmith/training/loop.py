@@ -126,7 +126,7 @@ def _start(config, overrides, resume: bool) -> tuple[TrainConfig, RunInfo | None
     cfg = config if isinstance(config, TrainConfig) else load_config(config, list(overrides))
     parent = lineage.parent_info(cfg)
     if parent:  # the parent's base (or, for a full parent, its weights) is where this run starts
-        cfg = cfg.model_copy(update={"model": parent.starts_from})
+        cfg = lineage.adapter_method(cfg.model_copy(update={"model": parent.starts_from}), parent)
     run_dir = Path(cfg.output_dir)
     if resume and cfg.method.name == "adalora":
         raise RunError(f"{run_dir}: {_NO_ADALORA_RESUME}")
