@@ -194,9 +194,12 @@ class Row:
         return False
 
     def _scan(self, piece: str, info: Token | None = None) -> str:
-        """Give a token's text to the stop scanner (its logprobs held with it); what may be passed on now."""
+        """Give a token's text to the stop scanner (its logprobs held with it); what may be passed on now. A piece
+        may begin with text the detokenizer held back for earlier tokens (bytes of an unfinished character): the
+        token's own text starts where its piece ends with it, so a stop string on it does not report them as it."""
         if info is not None:
-            self.held.append((self.scanned, info))
+            own = len(info.text) if info.text and piece.endswith(info.text) else len(piece)
+            self.held.append((self.scanned + len(piece) - own, info))
         self.scanned += len(piece)
         return self.scanner.feed(piece)
 

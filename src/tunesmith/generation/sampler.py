@@ -82,7 +82,7 @@ class Sampler:
             drop[0] = False  # a top_p below float32's resolution (1e-300 rounds to 0) keeps the top token
             probs = probs.clone()
             probs[order[drop]] = 0
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return draw(probs, self.generator)
 
     def _logprobs(self, logits, token: int) -> Token:
         """Logprobs of the distribution after penalties, logit_bias and the mask, before temperature and top-k/p."""
@@ -101,6 +101,21 @@ class Sampler:
             self.seen[token] = True
         if self.mask is not None:
             self.mask.advance(token)
+
+
+def draw(probs, generator) -> int:
+    """One token drawn from `probs` [V] (not necessarily summing to 1; zeros never drawn) with one uniform number
+    from `generator`: the first token whose cumulative probability (float64) passes it. torch.multinomial draws V
+    exponential numbers for one sample: 0.93 ms a token over SmolLM2's 49k vocabulary on this project's 2-core CPU
+    against 0.03 ms, 7 % of a llama.cpp batch-1 decode step."""
+    import torch
+
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cdf[-1])
+    token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
+    if token >= len(probs) or not probs[token] > 0:  # u rounded onto the total: the last token that can be drawn
+        token = int(probs.nonzero()[-1])
+    return token
 
 
 def prompt_logprobs(logits, ids: list[int], top: int, tokenizer, start: int = 0) -> list[Token | None]:
