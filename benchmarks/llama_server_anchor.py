@@ -6,8 +6,8 @@ in interleaved rounds: the bar the backend is held to.
         [--llama-server PATH] [--threads N] [--clients 16] [--turns 10] [--json FILE]
 
 Per round, on each server (one computing at a time, alternating which goes first):
-- batch 1: one streamed greedy chat reply of --max-tokens tokens; decode tokens/s = (tokens - 1) / (time of the
-  last token - time of the first);
+- batch 1: one streamed chat reply of --max-tokens tokens at each server's default sampling; decode tokens/s =
+  (tokens - 1) / (time of the last token - time of the first);
 - --clients clients at once, --requests streamed requests each (replies of --concurrent-max-tokens): aggregate
   tokens/s and p90 time to first token;
 - a --turns-turn conversation (~60-token turns, replies of --turn-tokens): tunesmith keeps it server-side
