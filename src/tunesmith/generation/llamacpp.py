@@ -9,18 +9,22 @@ cache is unified (any sequence may use any cell) and holds one context window; a
 its prompt plus max_tokens fits beside what the running rows may still take, so no reply runs out of cache
 halfway.
 
-Prefix reuse: a finished request's sequence is not emptied but kept (and a prompt, once read, copied) as a
-cached prefix, under its own sequence id; a new request that begins with its tokens gets those cells with
-`llama_memory_seq_cp`, which in a unified cache only marks the cells as shared (no copy), and reads only the
-rest of its prompt. Cached prefixes give their cells back, least recently used first, when a request needs the
-room, or beyond `--prefix-cache-mb`. Each GGUF file is its own model and context, so KV is never shared across
-adapters. Models with a sliding-window or recurrent cache keep no prefixes (their cells cannot be shared by
-position range).
+Prefix reuse: a finished request's sequence (and a prompt, once read) is copied out of the KV cache into host
+memory (`llama_state_seq_get_data`) as a cached prefix, and its cells are emptied; a new request that begins with
+its tokens has it written back into its own sequence (`llama_state_seq_set_data`, then cut to the shared part) and
+reads only the rest of its prompt. Kept in the pool instead, cached prefixes made every later decode slower:
+llama.cpp's attention spans every used cell of a unified cache, so a batch-1 decode of the 135M model ran at
+0.82-0.85x llama-server's once earlier conversations sat in the pool, 0.96x with none (docs/benchmarks.md);
+llama-server likewise saves idle slots to host memory and clears them (`--cache-ram`). Least recently used out
+first beyond `--prefix-cache-mb`. Each GGUF file is its own model and context, so KV is never shared across
+adapters. Models with a sliding-window or recurrent cache keep no prefixes (their cells cannot be cut by position
+range).
 
 Imports llama_cpp (llama-cpp-python, `make setup-fast`) only when a model is loaded."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +116,9 @@ class GGUFModel:
         self.n_seq_max, self.scratch = usable, usable
         self.free_seqs = list(range(self.n_seq_max))
         self.reserved = 0  # cells the running sequences may take (prompt + max_tokens each)
-        # Cached prefixes: payload a sequence id, size in bytes of f16 keys and values (llama.cpp's default types).
-        # The decoder sets the budget; 0 where cells cannot be shared by position range.
-        self.prefixes = PrefixCache(0, evict=self._forget)
+        # Cached prefixes: payload a sequence's state as llama_state_seq_get_data writes it (bytes in host memory),
+        # size its length. The decoder sets the budget; 0 where cells cannot be cut by position range.
+        self.prefixes = PrefixCache(0)
         self.reusable = not (lib.llama_model_is_recurrent(self.model) or lib.llama_model_is_hybrid(self.model)
                              or lib.llama_model_n_swa(self.model) > 0)
         heads = lib.llama_model_n_head(self.model)
@@ -155,54 +159,60 @@ class GGUFModel:
                 k += 1
         return torch.from_numpy(logits)
 
-    @property
-    def held(self) -> int:
-        """Cells the cached prefixes hold (counted as if none were shared with a running row: an upper bound)."""
-        return self.prefixes.tokens
-
     def room(self, cells: int) -> bool:
-        """Whether `cells` more fit beside the running rows, dropping cached prefixes (oldest first) to make room."""
-        while self.reserved + self.held + cells > self.cells and self.prefixes.pop_oldest():
-            pass
-        return self.reserved + self.held + cells <= self.cells
+        """Whether `cells` more fit beside what the running rows may take."""
+        return self.reserved + cells <= self.cells
 
     def take(self, ids: list[int], cells: int, reuse: bool) -> tuple[int, int]:
         """(a free sequence id with `cells` of the cache reserved for it, how many leading tokens of `ids` it
         already holds: those of the longest cached prefix, with `reuse`, leaving the last token to compute)."""
-        if not self.free_seqs:
-            self.prefixes.pop_oldest()
         seq = self.free_seqs.pop()
         self.reserved += cells
         entry, n = self.prefixes.longest(None, ids, len(ids) - 1) if reuse and self.reusable else (None, 0)
-        if n:  # the entry's cells [0, n) now belong to `seq` too: shared, not copied (a unified cache)
-            self.lib.llama_memory_seq_cp(self.memory, entry.payload, seq, 0, n)
+        if n and not self._restore(seq, entry.payload, n):
+            n = 0
         return seq, n
 
+    def _restore(self, seq: int, state: bytes, n: int) -> bool:
+        """Write a cached prefix's state into `seq` and keep its first `n` tokens; False (and `seq` empty) when
+        llama.cpp finds no room for all of its cells at once."""
+        lib = self.lib
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if lib.llama_state_seq_set_data(self.ctx, buffer, len(state), seq) == 0:
+            lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            return False
+        lib.llama_memory_seq_rm(self.memory, seq, n, -1)
+        return True
+
+    def _state(self, seq: int) -> bytes:
+        """`seq`'s cells (keys, values, positions) as llama_state_seq_get_data writes them."""
+        lib = self.lib
+        size = lib.llama_state_seq_get_size(self.ctx, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(self.ctx, buffer, size, seq)
+        return bytes(memoryview(buffer)[:written])
+
+    def _keep(self, seq: int, ids: list[int]) -> None:
+        """Cache the state of `seq`, which holds the KV of exactly `ids`, unless it would add nothing."""
+        if ids and self.reusable and not self.prefixes.covers(None, ids) \
+                and len(ids) * self.cell_bytes <= self.prefixes.budget:
+            state = self._state(seq)
+            self.prefixes.put(None, ids, state, len(state))
+
     def remember(self, seq: int, ids: list[int]) -> None:
-        """Keep the first len(ids) cells of a running sequence as a cached prefix (its prompt, once read)."""
-        if not self.reusable or self.prefixes.covers(None, ids) or len(ids) * self.cell_bytes > self.prefixes.budget:
-            return
-        if not self.free_seqs and not self.prefixes.pop_oldest():
-            return
-        copy = self.free_seqs.pop()
-        self.lib.llama_memory_seq_cp(self.memory, seq, copy, 0, len(ids))
-        if not self.prefixes.put(None, ids, copy, len(ids) * self.cell_bytes):
-            self._forget(copy)
+        """Cache a running sequence's first len(ids) cells, which are all it holds yet (its prompt, once read)."""
+        self._keep(seq, ids)
 
     def release(self, seq: int, cells: int, ids: list[int] | None = None) -> None:
-        """Give a sequence id back, its `cells` reservation with it; with `ids` (the tokens its cells hold) the
-        sequence stays as a cached prefix, else its cells are emptied."""
+        """Give a sequence id back, its `cells` reservation with it, and empty its cells; with `ids` (the tokens
+        its cells hold) their state is cached first."""
         self.reserved -= cells
-        kept = False
         try:
-            kept = bool(ids) and self.reusable and self.prefixes.put(None, ids, seq, len(ids) * self.cell_bytes)
+            if ids:
+                self._keep(seq, ids)
         finally:
-            if not kept:
-                self._forget(seq)
-
-    def _forget(self, seq: int) -> None:
-        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
-        self.free_seqs.append(seq)
+            self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.free_seqs.append(seq)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
