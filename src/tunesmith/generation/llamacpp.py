@@ -76,8 +76,8 @@ def import_llama_cpp():
 
 class GGUFModel:
     """One GGUF file loaded by llama.cpp, with a decoding context over a unified KV cache of `context_window` cells
-    (llama.cpp rounds it up to a multiple of 256): `max_batch` sequences for running rows, as many again for
-    cached prefixes."""
+    (llama.cpp rounds it up to a multiple of 256): `max_batch` sequences for running rows (cached prefixes live in
+    host memory, not in sequences)."""
 
     def __init__(self, path: str | Path, tokenizer, *, max_batch: int = MAX_BATCH, context_window: int | None = None,
                  threads: int | None = None, generation_config=None, batch_invariant: bool = False):
@@ -99,7 +99,7 @@ class GGUFModel:
         self.batch_invariant = batch_invariant
         self.call_tokens = CALL_TOKENS if batch_invariant else min(N_BATCH, self.window)
         params.n_batch = params.n_ubatch = self.call_tokens + MIN_TOKENS  # a call's tokens and scratch tokens
-        usable = min(2 * max(max_batch, 1), max(max_batch, MAX_SEQ - 1))
+        usable = min(max(max_batch, 1), MAX_SEQ - 1)
         params.n_seq_max = usable + 1  # and the scratch sequence (see `forward`)
         params.kv_unified = True  # one pool of cells for every sequence, instead of window / max_batch each
         params.n_outputs_max_per_seq = 0  # prompt logprobs want every position of one sequence
@@ -116,8 +116,8 @@ class GGUFModel:
         self.n_seq_max, self.scratch = usable, usable
         self.free_seqs = list(range(self.n_seq_max))
         self.reserved = 0  # cells the running sequences may take (prompt + max_tokens each)
-        # Cached prefixes: payload a sequence's state as llama_state_seq_get_data writes it (bytes in host memory),
-        # size its length. The decoder sets the budget; 0 where cells cannot be cut by position range.
+        # Cached prefixes: payload a sequence's state as llama_state_seq_get_data writes it (a ctypes buffer in host
+        # memory), size its length. The decoder sets the budget; 0 where cells cannot be cut by position range.
         self.prefixes = PrefixCache(0)
         self.pending: dict[int, list[int]] = {}  # sequence -> the prompt to cache at the next forward (remember)
         self.reusable = not (lib.llama_model_is_recurrent(self.model) or lib.llama_model_is_hybrid(self.model)

@@ -13,11 +13,8 @@ import logging
 import random
 from pathlib import Path
 
-import yaml
-from pydantic import TypeAdapter
-
 from .. import runs
-from ..config import ConfigError, Method, TrainConfig
+from ..config import ConfigError, TrainConfig, load_config
 from ..runs import NotARunError, RunInfo
 
 log = logging.getLogger(__name__)
@@ -57,12 +54,9 @@ def adapter_method(cfg: TrainConfig, parent: RunInfo | None) -> TrainConfig:
     """`cfg` with a PEFT parent's method settings (r, alpha, target modules, ...): its adapter is trained further as
     it is, so the run's train_config.yaml records what trained, not the method's defaults. Settings the config
     gives that differ from the adapter's are a ConfigError (they cannot apply)."""
-    if not (parent and parent.peft):
+    if not (parent and parent.peft and (parent.path / runs.CONFIG).is_file()):
         return cfg
-    raw = (yaml.safe_load((parent.path / runs.CONFIG).read_text(encoding="utf-8")) or {}).get("method")
-    if not isinstance(raw, dict):
-        return cfg
-    inherited = TypeAdapter(Method).validate_python(raw)
+    inherited = load_config(parent.path / runs.CONFIG).method
     given = cfg.method.model_dump(include=cfg.method.model_fields_set - {"name"})
     differ = {key: value for key, value in given.items() if getattr(inherited, key, value) != value}
     if differ:
